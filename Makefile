@@ -1,0 +1,54 @@
+# Two entry points, each self-sufficient on a fresh machine:
+#   make demo   - install everything, then run the main job on the embedded offline corpus
+#   make test   - install everything, then run the test suite
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEMO_OUT ?= demo
+# Debian packages the offline corpus is rendered from (see docs/corpus.md).
+DEB_PACKAGES := fonts-noto-color-emoji unicode-data
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint setup system-packages sources clean
+
+setup: $(VENV)/.installed system-packages sources
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3'"; exit 1; }
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned to the release this project is tested with; it pulls a matching torchvision.
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+system-packages:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+sources: node_modules/.installed
+
+node_modules/.installed: package.json
+	@command -v npm >/dev/null || { echo "error: npm not found; install Node.js (Debian: apt-get install npm)"; exit 1; }
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+demo: setup
+	$(VENV)/bin/clipcid demo --out $(DEMO_OUT)
+
+test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) node_modules $(DEMO_OUT)

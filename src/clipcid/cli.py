@@ -1,0 +1,160 @@
+"""`clipcid STAGE ...`: a thin argparse layer over the stage functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from clipcid.errors import ClipcidError
+from clipcid.progress import setup_logging
+
+log = logging.getLogger("clipcid")
+
+
+def _default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="build the offline corpus and the held-out evaluation suite")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    demo = data_sub.add_parser("build-demo", help="render the training corpus into webdataset shards")
+    demo.add_argument("--out", required=True, help="output folder for the shards")
+    demo.add_argument("--image-size", type=int, default=64)
+    demo.add_argument("--limit", type=int, default=None, help="build only the first N planned samples")
+    demo.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    demo.add_argument("--workers", type=int, default=_default_workers())
+    demo.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    demo.add_argument(
+        "--npm-root", default="node_modules", help="where `make sources` installed the npm sets"
+    )
+    demo.add_argument("--allow-missing", action="store_true", help="build even if some sources are missing")
+
+    ev = data_sub.add_parser(
+        "build-eval", help="render the held-out evaluation suite (CLIP_benchmark wds layout)"
+    )
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--image-size", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=_default_workers())
+    ev.add_argument("--npm-root", default="node_modules")
+
+
+def _add_embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="compute teacher image and text embeddings once, offline")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="shards (folder, brace pattern or glob), img2dataset output, or a CSV/parquet table",
+    )
+    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-bigG-14 or clipcid-small")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--out", required=True, help="output folder (clip-retrieval layout)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="data loading processes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--rows-per-part", type=int, default=10000, help="table input: rows per part")
+    p.add_argument("--image-column", default=None, help="table input: column holding image paths")
+    p.add_argument("--caption-column", default=None, help="table input: column holding captions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --pretrained")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipcid", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_parser(sub)
+    _add_embed_parser(sub)
+    models = sub.add_parser("models", help="list the project's model configs with parameter counts")
+    models.add_argument("--all", action="store_true", help="list every open_clip architecture too")
+    demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded offline corpus")
+    demo.add_argument("--out", default="demo")
+    demo.add_argument("--quick", action="store_true", help="a small slice, for a smoke run")
+    demo.add_argument("--workers", type=int, default=_default_workers())
+    demo.add_argument("--npm-root", default="node_modules")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "data" and args.data_command == "build-demo":
+        from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, summary_table
+
+        summary = build_demo_corpus(
+            BuildDemoConfig(
+                args.out,
+                args.image_size,
+                args.limit,
+                args.shard_size,
+                args.workers,
+                args.seed,
+                args.npm_root,
+                args.allow_missing,
+            )
+        )
+        print(summary_table(summary))
+        print(f"{summary['written']} pairs in {summary['shards']} shards at {args.out}")
+    elif args.command == "data" and args.data_command == "build-eval":
+        from clipcid.corpus.build import format_table
+        from clipcid.corpus.eval_suite import build_eval_suite
+
+        infos = build_eval_suite(args.out, args.image_size, args.npm_root, args.workers)
+        rows = [
+            [
+                i["name"],
+                ",".join(i["tasks"]),
+                i["classes"] or "",
+                " ".join(f"{k}={v}" for k, v in i["splits"].items()),
+                i["failed_to_render"],
+            ]
+            for i in infos
+        ]
+        print(format_table(["dataset", "tasks", "classes", "images", "failed"], rows))
+    elif args.command == "embed":
+        from clipcid.embed import EmbedConfig, embed
+
+        summary = embed(
+            EmbedConfig(
+                data=args.data,
+                model=args.model,
+                out=args.out,
+                pretrained=args.pretrained,
+                batch_size=args.batch_size,
+                precision=args.precision,
+                workers=args.workers,
+                device=args.device,
+                rows_per_part=args.rows_per_part,
+                image_column=args.image_column,
+                caption_column=args.caption_column,
+                seed=args.seed,
+            )
+        )
+        if summary:
+            print(
+                f"{summary['rows']} rows, {summary['invalid']} invalid, dim {summary['dim']}, "
+                f"{summary['parts']} part(s) in {args.out}"
+            )
+    elif args.command == "models":
+        from clipcid.models import describe_models
+
+        print(describe_models(include_all=args.all))
+    elif args.command == "demo":
+        from clipcid.demo import DemoConfig, run_demo
+
+        run_demo(DemoConfig(out=args.out, quick=args.quick, workers=args.workers, npm_root=args.npm_root))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return run(args)
+    except ClipcidError as e:
+        print(f"clipcid: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipcid: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

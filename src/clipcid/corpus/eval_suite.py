@@ -1,0 +1,272 @@
+"""`clipcid data build-eval`: the held-out evaluation suite in CLIP_benchmark's `wds/` layout.
+
+OUT/NAME/{train,test}/{0..n-1}.tar with nshards.txt, classnames.txt,
+zeroshot_classification_templates.txt, dataset_type.txt; OUT/suite.json lists the datasets and the
+tasks each one is for. None of the styles here is in the training corpus (shared/DATA.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clipcid.corpus import sources as S
+from clipcid.corpus.build import DEFAULT_NPM_ROOT, run_pool
+from clipcid.corpus.render import RenderError, render_png
+from clipcid.errors import ClipcidError
+from clipcid.fileio import save_json_atomic
+from clipcid.shards import write_tar_atomic
+
+log = logging.getLogger("clipcid")
+
+SHARD_SIZE = 1000
+EMOJI_TEMPLATES = ["an emoji of {c}.", "a {c} emoji.", "an icon of {c}."]
+FLAG_TEMPLATES = ["the flag of {c}."]
+DIGIT_TEMPLATES = ["the digit {c}.", "a drawing of the digit {c}.", "the number {c}."]
+EVAL_STYLES = {"fluent3d": "fluent-emoji", "fluenthc": "fluent-emoji-high-contrast"}
+
+
+@dataclass
+class EvalDataset:
+    name: str
+    tasks: list[str]
+    dataset_type: str  # "classification" | "retrieval"
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    # split -> list of (render spec or ready PNG bytes, label int or captions list, metadata)
+    splits: dict[str, list[tuple[tuple[str, str] | bytes, int | list[str], dict]]] = field(
+        default_factory=dict
+    )
+    failed_to_render: int = 0  # artwork dropped before the dataset was assembled
+
+
+def _in_test_split(style: str, name: str) -> bool:
+    return hashlib.sha256(f"{style}\x1f{name}".encode()).digest()[0] % 2 == 0
+
+
+def _group_classname(group: str) -> str:
+    return group.replace("&", "and").lower()
+
+
+def _subgroup_classname(subgroup: str) -> str:
+    return subgroup.replace("-", " ")
+
+
+def _render_batch(job: tuple[int, list[tuple[str, str]], int]) -> dict:
+    index, specs, image_size = job
+    pngs: list[bytes | None] = []
+    for spec in specs:
+        try:
+            pngs.append(render_png(spec, image_size))
+        except RenderError:
+            pngs.append(None)
+    return {"count": len(specs), "index": index, "pngs": pngs}
+
+
+def prerender(arts: list[S.Artwork], image_size: int, workers: int, desc: str) -> tuple[list[S.Artwork], int]:
+    """Render once, in parallel, the artwork that several datasets share; drop what fails to render."""
+    batches = [arts[i : i + 200] for i in range(0, len(arts), 200)]
+    jobs = [(i, [a.render for a in batch], image_size) for i, batch in enumerate(batches)]
+    pngs_of = {r["index"]: r["pngs"] for r in run_pool(_render_batch, jobs, workers, desc, "img", len(arts))}
+    out = []
+    for i, batch in enumerate(batches):
+        for art, png in zip(batch, pngs_of[i], strict=True):
+            if png is None:
+                log.warning("%s: %s did not render", desc, art.name)
+            else:
+                out.append(dataclasses.replace(art, render=("png", png)))
+    return out, len(arts) - len(out)
+
+
+def emoji_classification(
+    rendered: tuple[list[S.Artwork], int], index: S.EmojiIndex, tag: str, level: str
+) -> EvalDataset:
+    """Emoji of one held-out style labelled by Unicode group or subgroup; half train, half test."""
+    arts, failed = rendered
+    label_of = (lambda a: a.group) if level == "groups" else (lambda a: a.subgroup)
+    to_name = _group_classname if level == "groups" else _subgroup_classname
+    # Classes in Unicode order, which groups related subgroups together.
+    order = {}
+    for e in index.entries:
+        order.setdefault(e.group if level == "groups" else e.subgroup, len(order))
+    labels = sorted({label_of(a) for a in arts}, key=order.__getitem__)
+    class_id = {lab: i for i, lab in enumerate(labels)}
+    ds = EvalDataset(
+        f"emoji_{level}_{tag}",
+        ["zeroshot_classification", "linear_probe"],
+        "classification",
+        [to_name(lab) for lab in labels],
+        EMOJI_TEMPLATES,
+        {"train": [], "test": []},
+        failed,
+    )
+    for a in arts:
+        split = "test" if _in_test_split(a.style, a.name) else "train"
+        ds.splits[split].append((a.render, class_id[label_of(a)], {"name": a.name, "style": a.style}))
+    return ds
+
+
+def emoji_retrieval(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalDataset:
+    """Every emoji of one held-out style with three captions naming it."""
+    arts, failed = rendered
+    ds = EvalDataset(
+        f"retrieval_emoji_{tag}",
+        ["zeroshot_retrieval"],
+        "retrieval",
+        splits={"test": []},
+        failed_to_render=failed,
+    )
+    for a in arts:
+        name = a.name.replace(": ", ", ")
+        captions = [name, f"an emoji of {name}", f"{name}, {_subgroup_classname(a.subgroup)}"]
+        ds.splits["test"].append((a.render, captions, {"name": a.name, "style": a.style}))
+    return ds
+
+
+def circle_flags(npm_root: Path, index: S.EmojiIndex) -> EvalDataset:
+    arts = S.read_iconify_flags(npm_root, S.EVAL_FLAG_SET, index)
+    names = sorted({a.name for a in arts})
+    class_id = {n: i for i, n in enumerate(names)}
+    ds = EvalDataset(
+        "flags_circle", ["zeroshot_classification"], "classification", names, FLAG_TEMPLATES, {"test": []}
+    )
+    for a in arts:
+        ds.splits["test"].append((a.render, class_id[a.name], {"name": a.name, "style": a.style}))
+    return ds
+
+
+def sklearn_digits(image_size: int) -> EvalDataset:
+    """scikit-learn's 8x8 digits, drawn dark on white like the rest of the suite; stratified halves."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    idx_train, idx_test = train_test_split(
+        np.arange(len(digits.target)), test_size=0.5, stratify=digits.target, random_state=0
+    )
+    ds = EvalDataset(
+        "digits",
+        ["zeroshot_classification", "linear_probe"],
+        "classification",
+        [str(d) for d in range(10)],
+        DIGIT_TEMPLATES,
+        {"train": [], "test": []},
+    )
+    for split, idx in (("train", idx_train), ("test", idx_test)):
+        for i in sorted(idx):
+            pixels = (255 - digits.images[i] * (255 / 16)).clip(0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels, "L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="PNG")
+            ds.splits[split].append((buf.getvalue(), int(digits.target[i]), {"index": int(i)}))
+    return ds
+
+
+def _render_eval_shard(job: tuple[str, str, int, int, list]) -> dict:
+    folder, dataset_type, shard, image_size, entries = job
+    samples, failed = [], 0
+    for row, (spec, target, meta) in enumerate(entries):
+        try:
+            png = spec if isinstance(spec, bytes) else render_png(spec, image_size)
+        except RenderError:
+            failed += 1
+            continue
+        sample = {"__key__": f"s{shard:04d}r{row:05d}", "png": png, "json": meta}
+        if dataset_type == "retrieval":
+            sample["txt"] = "\n".join(target)
+        else:
+            sample["cls"] = str(target)
+        samples.append(sample)
+    write_tar_atomic(Path(folder) / f"{shard}.tar", samples)
+    return {"count": len(entries), "failed": failed, "written": len(samples)}
+
+
+def write_wds_dataset(ds: EvalDataset, out: Path, image_size: int, workers: int) -> dict:
+    """Write one dataset into a temporary folder and rename it into place when complete."""
+    final, tmp = out / ds.name, out / f"{ds.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    jobs, total = [], 0
+    for split, entries in ds.splits.items():
+        (tmp / split).mkdir(parents=True)
+        n_shards = max(1, (len(entries) + SHARD_SIZE - 1) // SHARD_SIZE)
+        (tmp / split / "nshards.txt").write_text(f"{n_shards}\n")
+        for shard in range(n_shards):
+            chunk = entries[shard * SHARD_SIZE : (shard + 1) * SHARD_SIZE]
+            jobs.append((str(tmp / split), ds.dataset_type, shard, image_size, chunk))
+            total += len(chunk)
+    results = list(run_pool(_render_eval_shard, jobs, workers, ds.name, "img", total))
+    (tmp / "dataset_type.txt").write_text(ds.dataset_type + "\n")
+    if ds.classnames:
+        (tmp / "classnames.txt").write_text("\n".join(ds.classnames) + "\n")
+        (tmp / "zeroshot_classification_templates.txt").write_text("\n".join(ds.templates) + "\n")
+    info = {
+        "name": ds.name,
+        "tasks": ds.tasks,
+        "dataset_type": ds.dataset_type,
+        "classes": len(ds.classnames),
+        "splits": {split: len(entries) for split, entries in ds.splits.items()},
+        "written": sum(r["written"] for r in results),
+        "failed_to_render": ds.failed_to_render + sum(r["failed"] for r in results),
+    }
+    save_json_atomic(tmp / "info.json", info)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return info
+
+
+def build_eval_suite(
+    out: str, image_size: int = 64, npm_root: str = DEFAULT_NPM_ROOT, workers: int = 2
+) -> list[dict]:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite_file = out_dir / "suite.json"
+    if suite_file.is_file() and json.loads(suite_file.read_text())["image_size"] != image_size:
+        raise ClipcidError(
+            f"{out_dir} holds a suite built at another image size; use another --out or delete it"
+        )
+    root = Path(npm_root)
+    try:
+        index = S.EmojiIndex(S.read_unicode_emoji())
+    except S.SourceMissing as e:
+        raise ClipcidError(f"missing {e}: run `make setup`") from e
+
+    @functools.cache
+    def style_artwork(tag: str) -> tuple[list[S.Artwork], int]:
+        # Only emoji matched to a Unicode subgroup have labels; render each once for three datasets.
+        arts = [a for a in S.read_iconify_emoji(root, EVAL_STYLES[tag], index) if a.subgroup]
+        return prerender(arts, image_size, workers, f"render {tag}")
+
+    builders = {}
+    for tag in EVAL_STYLES:
+        for level in ("subgroups", "groups"):
+            builders[f"emoji_{level}_{tag}"] = lambda lv=level, t=tag: emoji_classification(
+                style_artwork(t), index, t, lv
+            )
+        builders[f"retrieval_emoji_{tag}"] = lambda t=tag: emoji_retrieval(style_artwork(t), t)
+    builders["flags_circle"] = lambda: circle_flags(root, index)
+    builders["digits"] = lambda: sklearn_digits(image_size)
+
+    infos = []
+    for name, build in builders.items():
+        info_file = out_dir / name / "info.json"
+        if info_file.is_file():
+            info = json.loads(info_file.read_text())
+            log.info("%s: already built (%d images)", name, info["written"])
+        else:
+            try:
+                info = write_wds_dataset(build(), out_dir, image_size, workers)
+            except S.SourceMissing as e:
+                raise ClipcidError(f"{name}: missing {e}") from e
+        infos.append(info)
+    save_json_atomic(suite_file, {"image_size": image_size, "datasets": infos})
+    return infos

@@ -1,0 +1,49 @@
+"""Small file helpers shared by every stage: atomic writes, so that a crash never leaves a half file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # The pid keeps two processes that race on the same output from writing into one temp file.
+    tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporaries left by a crashed run; returns how many were removed."""
+    removed = 0
+    for tmp in Path(folder).rglob(f"*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed += 1
+    return removed
