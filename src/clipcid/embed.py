@@ -97,14 +97,16 @@ class PartBatches(torch.utils.data.IterableDataset):
 
     def _part_batches(self, index: int, part: Part) -> Iterator[dict]:
         rows = iter_rows(part)
-        row_number, pending, finished = 0, [], False
-        while not finished:
+        row_number, pending = 0, []
+        while True:
             try:
                 pending.append(next(rows))
             except StopIteration:
-                finished = True
-            if len(pending) == self.batch_size or (finished and (pending or row_number == 0)):
-                yield self._collate(index, part, row_number, pending, last=finished)
+                # Always close a part with a batch marked last, even an empty one.
+                yield self._collate(index, part, row_number, pending, last=True)
+                return
+            if len(pending) == self.batch_size:
+                yield self._collate(index, part, row_number, pending, last=False)
                 row_number += len(pending)
                 pending = []
 

@@ -1,0 +1,282 @@
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO_ROOT, make_shards, shape_png
+from PIL import Image
+
+import clipcid.embed as embed_module
+from clipcid.embed import EmbedConfig, embed
+from clipcid.errors import ClipcidError
+from clipcid.shards import iter_tar_samples, write_tar_atomic
+
+
+def _load(root: Path, i: int):
+    img = np.load(root / "img_emb" / f"img_emb_{i}.npy")
+    txt = np.load(root / "text_emb" / f"text_emb_{i}.npy")
+    meta = pq.read_table(root / "metadata" / f"metadata_{i}.parquet").to_pydict()
+    return img, txt, meta
+
+
+def _cfg(data, out, ckpt, **kw) -> EmbedConfig:
+    return EmbedConfig(
+        data=str(data),
+        model="clipcid-tiny",
+        out=str(out),
+        pretrained=str(ckpt),
+        batch_size=kw.pop("batch_size", 4),
+        workers=kw.pop("workers", 0),
+        **kw,
+    )
+
+
+def test_rows_keys_norms_dtype(shards, tmp_path, tiny_checkpoint):
+    folder, keys = shards
+    out = tmp_path / "emb"
+    summary = embed(_cfg(folder, out, tiny_checkpoint, workers=2))
+    assert summary["parts"] == 3 and summary["rows"] == 30 and summary["invalid"] == 0
+    assert summary["dim"] == 256
+    for i in range(3):
+        img, txt, meta = _load(out, i)
+        assert img.dtype == np.float16 and txt.dtype == np.float16
+        assert img.shape == txt.shape == (10, 256)
+        assert meta["key"] == keys[i]
+        assert meta["row"] == list(range(10))
+        assert set(meta["shard"]) == {f"{i:05d}.tar"}
+        assert all(meta["valid"])
+        np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        np.testing.assert_allclose(np.linalg.norm(txt.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_embeddings_equal_direct_encode(shards, tmp_path, tiny_checkpoint):
+    """Row j of part i is the teacher's embedding of sample j of shard i (nothing shuffled)."""
+    folder, _ = shards
+    out = tmp_path / "emb"
+    embed(_cfg(folder, out, tiny_checkpoint, batch_size=3))
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "clipcid-tiny", pretrained=str(tiny_checkpoint)
+    )
+    tokenizer = open_clip.get_tokenizer("clipcid-tiny")
+    model.eval()
+    samples = list(iter_tar_samples(folder / "00001.tar"))
+    images = torch.stack([preprocess(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in samples])
+    with torch.no_grad():
+        want_img = F.normalize(model.encode_image(images), dim=-1).numpy()
+        want_txt = F.normalize(
+            model.encode_text(tokenizer([s["txt"].decode() for s in samples])), dim=-1
+        ).numpy()
+    img, txt, meta = _load(out, 1)
+    assert meta["caption"] == [s["txt"].decode() for s in samples]
+    np.testing.assert_allclose(img.astype(np.float32), want_img, atol=2e-3)
+    np.testing.assert_allclose(txt.astype(np.float32), want_txt, atol=2e-3)
+
+
+def test_corrupt_image_and_missing_caption_are_marked_not_shifted(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "shards"
+    samples = [
+        {"__key__": "000000000", "png": shape_png("red", "circle"), "txt": "a red circle"},
+        {"__key__": "000000001", "png": b"\x89PNG\r\n\x1a\nnot really a png", "txt": "broken"},
+        {"__key__": "000000002", "png": shape_png("blue", "square"), "txt": "a blue square"},
+        {"__key__": "000000003", "png": shape_png("green", "cross")},  # no caption
+        {"__key__": "000000004", "txt": "no image at all"},
+        {"__key__": "000000005", "png": shape_png("black", "triangle"), "txt": "a black triangle"},
+    ]
+    write_tar_atomic(folder / "00000.tar", samples)
+    out = tmp_path / "emb"
+    summary = embed(_cfg(folder, out, tiny_checkpoint, batch_size=4))
+    assert summary["rows"] == 6 and summary["invalid"] == 3
+    img, txt, meta = _load(out, 0)
+    assert meta["key"] == [s["__key__"] for s in samples]
+    assert meta["valid"] == [True, False, True, False, False, True]
+    assert meta["error"][1].startswith("undecodable image")
+    assert meta["error"][3] == "no caption" and meta["error"][4] == "no image"
+    assert not img[[1, 3, 4]].any() and not txt[[1, 3, 4]].any()
+    # The valid rows hold the same vectors as a shard without the bad samples.
+    clean = tmp_path / "clean"
+    write_tar_atomic(clean / "00000.tar", [samples[i] for i in (0, 2, 5)])
+    embed(_cfg(clean, tmp_path / "emb_clean", tiny_checkpoint, batch_size=4))
+    clean_img, _, _ = _load(tmp_path / "emb_clean", 0)
+    np.testing.assert_allclose(img[[0, 2, 5]].astype(np.float32), clean_img.astype(np.float32), atol=2e-3)
+
+
+def test_resume_after_crash_skips_finished_parts(shards, tmp_path, tiny_checkpoint, monkeypatch):
+    folder, _ = shards
+    reference = tmp_path / "reference"
+    embed(_cfg(folder, reference, tiny_checkpoint))
+
+    out = tmp_path / "emb"
+    real_write = embed_module._write_part
+    calls = []
+
+    def crash_on_second_part(root, index, chunks, dim):
+        calls.append(index)
+        if len(calls) == 2:
+            # Leave a half-written temporary behind, as a killed process would.
+            (root / "img_emb" / f"img_emb_{index}.npy.999.tmp").write_bytes(b"partial")
+            raise RuntimeError("simulated crash")
+        return real_write(root, index, chunks, dim)
+
+    monkeypatch.setattr(embed_module, "_write_part", crash_on_second_part)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        embed(_cfg(folder, out, tiny_checkpoint))
+    done_before = sorted(p.name for p in (out / "metadata").glob("*.parquet"))
+    assert done_before == ["metadata_0.parquet"]
+    first_mtime = (out / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns
+
+    monkeypatch.setattr(embed_module, "_write_part", real_write)
+    calls.clear()
+    summary = embed(_cfg(folder, out, tiny_checkpoint))
+    assert summary["rows"] == 30
+    assert (out / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns == first_mtime  # not recomputed
+    assert not list(out.rglob("*.tmp"))
+    for i in range(3):
+        for got, want in zip(_load(out, i)[:2], _load(reference, i)[:2], strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert _load(out, i)[2]["key"] == _load(reference, i)[2]["key"]
+
+
+def test_killed_process_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "shards"
+    keys = make_shards(folder, n_shards=6, per_shard=24)
+    out = tmp_path / "emb"
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipcid",
+        "embed",
+        "--data",
+        str(folder),
+        "--model",
+        "clipcid-tiny",
+        "--pretrained",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "metadata" / "metadata_0.parquet").exists() and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, capture_output=True)
+    total = 0
+    for i in range(6):
+        _, _, meta = _load(out, i)
+        assert meta["key"] == keys[i]
+        total += len(meta["key"])
+    assert total == 6 * 24
+
+
+def test_table_inputs(tmp_path, tiny_checkpoint):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "cross")] * 3):
+        (images / f"{i}.png").write_bytes(shape_png(colour, shape))
+        rows.append({"filepath": f"images/{i}.png", "title": f"a {colour} {shape}"})
+    rows.append({"filepath": "images/missing.png", "title": "gone"})
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("filepath,title\n" + "".join(f"{r['filepath']},{r['title']}\n" for r in rows))
+    summary = embed(_cfg(csv, tmp_path / "emb_csv", tiny_checkpoint, rows_per_part=4))
+    assert summary["parts"] == 3 and summary["rows"] == 10 and summary["invalid"] == 1
+    _, _, last = _load(tmp_path / "emb_csv", 2)
+    assert last["valid"] == [True, False] and last["caption"] == ["a green cross", "gone"]
+
+    # img2dataset parquet output (bytes inside) and `files` output give the same vectors as the CSV.
+    pq_dir = tmp_path / "i2d_parquet"
+    pq_dir.mkdir()
+    table = pa.table(
+        {
+            "key": [f"{i:09d}" for i in range(9)],
+            "jpg": [(images / f"{i}.png").read_bytes() for i in range(9)],
+            "caption": [r["title"] for r in rows[:9]],
+        }
+    )
+    pq.write_table(table, pq_dir / "00000.parquet")
+    embed(_cfg(pq_dir, tmp_path / "emb_pq", tiny_checkpoint))
+    files_dir = tmp_path / "i2d_files" / "00000"
+    files_dir.mkdir(parents=True)
+    for i in range(9):
+        shutil.copy(images / f"{i}.png", files_dir / f"{i:09d}.png")
+        (files_dir / f"{i:09d}.txt").write_text(rows[i]["title"])
+    embed(_cfg(tmp_path / "i2d_files", tmp_path / "emb_files", tiny_checkpoint))
+    csv_img = np.concatenate([_load(tmp_path / "emb_csv", i)[0] for i in range(3)])[:9]
+    np.testing.assert_array_equal(_load(tmp_path / "emb_pq", 0)[0], csv_img)
+    np.testing.assert_array_equal(_load(tmp_path / "emb_files", 0)[0], csv_img)
+    assert _load(tmp_path / "emb_files", 0)[2]["key"] == [f"{i:09d}" for i in range(9)]
+
+
+def test_refuses_to_mix_models_in_one_folder(shards, tmp_path, tiny_checkpoint):
+    folder, _ = shards
+    out = tmp_path / "emb"
+    embed(_cfg(folder, out, tiny_checkpoint))
+    with pytest.raises(ClipcidError, match="other settings"):
+        embed(EmbedConfig(data=str(folder), model="clipcid-small", out=str(out), workers=0))
+
+
+def test_two_gloo_processes_equal_one(shards, tmp_path, tiny_checkpoint):
+    folder, _ = shards
+    single = tmp_path / "single"
+    embed(_cfg(folder, single, tiny_checkpoint))
+    double = tmp_path / "double"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "clipcid",
+            "embed",
+            "--data",
+            str(folder),
+            "--model",
+            "clipcid-tiny",
+            "--pretrained",
+            str(tiny_checkpoint),
+            "--out",
+            str(double),
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for i in range(3):
+        for got, want in zip(_load(double, i), _load(single, i), strict=True):
+            if isinstance(got, np.ndarray):
+                np.testing.assert_array_equal(got, want)
+            else:
+                assert got == want
