@@ -40,6 +40,7 @@ def _add_data_parser(sub) -> None:
     ev.add_argument("--image-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=_default_workers())
     ev.add_argument("--npm-root", default="node_modules")
+    ev.add_argument("--only", nargs="+", default=None, help="build only these datasets")
 
 
 def _add_embed_parser(sub) -> None:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         from clipcid.corpus.build import format_table
         from clipcid.corpus.eval_suite import build_eval_suite
 
-        infos = build_eval_suite(args.out, args.image_size, args.npm_root, args.workers)
+        infos = build_eval_suite(args.out, args.image_size, args.npm_root, args.workers, args.only)
         rows = [
             [
                 i["name"],

@@ -225,8 +225,13 @@ def write_wds_dataset(ds: EvalDataset, out: Path, image_size: int, workers: int)
 
 
 def build_eval_suite(
-    out: str, image_size: int = 64, npm_root: str = DEFAULT_NPM_ROOT, workers: int = 2
+    out: str,
+    image_size: int = 64,
+    npm_root: str = DEFAULT_NPM_ROOT,
+    workers: int = 2,
+    only: list[str] | None = None,
 ) -> list[dict]:
+    """Build every dataset of the suite (or those named in `only`); finished datasets are kept."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     suite_file = out_dir / "suite.json"
@@ -256,6 +261,11 @@ def build_eval_suite(
     builders["flags_circle"] = lambda: circle_flags(root, index)
     builders["digits"] = lambda: sklearn_digits(image_size)
 
+    if only:
+        unknown = sorted(set(only) - set(builders))
+        if unknown:
+            raise ClipcidError(f"unknown eval dataset(s) {', '.join(unknown)}; known: {', '.join(builders)}")
+        builders = {name: build for name, build in builders.items() if name in only}
     infos = []
     for name, build in builders.items():
         info_file = out_dir / name / "info.json"
@@ -268,5 +278,7 @@ def build_eval_suite(
             except S.SourceMissing as e:
                 raise ClipcidError(f"{name}: missing {e}") from e
         infos.append(info)
-    save_json_atomic(suite_file, {"image_size": image_size, "datasets": infos})
+    # The suite file lists every dataset present, including ones built by an earlier `--only` run.
+    present = [json.loads(f.read_text()) for f in sorted(out_dir.glob("*/info.json"))]
+    save_json_atomic(suite_file, {"image_size": image_size, "datasets": present})
     return infos

@@ -73,8 +73,8 @@ def slugify(text: str) -> str:
 
 def _codepoint_key(codepoints: str) -> str:
     """Normalise for matching: lower-case, no variation selector FE0F."""
-    parts = [p.lower() for p in re.split(r"[-\s]+", codepoints) if p and p.lower() != "fe0f"]
-    return "-".join(parts)
+    values = [int(p, 16) for p in re.split(r"[-\s_]+", codepoints) if p]
+    return "-".join(f"{v:x}" for v in values if v != 0xFE0F)
 
 
 def read_unicode_emoji(path: Path = UNICODE_EMOJI_TEST) -> list[EmojiInfo]:
