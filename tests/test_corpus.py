@@ -23,7 +23,7 @@ EMOJI_TEST_SAMPLE = """\
 # subgroup: face-smiling
 1F600                                                  ; fully-qualified     # 😀 E1.0 grinning face
 # subgroup: hand-fingers-open
-1F44B 1F3FF                                            ; fully-qualified     # 👋🏿 E1.0 waving hand: dark skin tone
+1F44B 1F3FF ; fully-qualified # 👋🏿 E1.0 waving hand: dark skin tone
 # group: Component
 # subgroup: skin-tone
 1F3FB                                                  ; fully-qualified     # 🏻 E1.0 light skin tone

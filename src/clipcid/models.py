@@ -57,15 +57,10 @@ def load_model(
     if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not Path(pretrained).is_file():
             raise ClipcidError(f"checkpoint not found: {pretrained}")
+    if pretrained and Path(pretrained).is_file():
+        check_checkpoint(name, pretrained)
     torch.manual_seed(seed)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
-    except RuntimeError as e:
-        msg = str(e)
-        if "state_dict" in msg or "size mismatch" in msg or "Missing key" in msg or "Unexpected key" in msg:
-            first = " ".join(msg.split())[:400]
-            raise ClipcidError(f"checkpoint {pretrained} does not match architecture {name}: {first}") from e
-        raise
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name)
     embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
@@ -73,6 +68,25 @@ def load_model(
         with torch.no_grad():
             embed_dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
     return LoadedModel(model, preprocess, tokenizer, name, embed_dim)
+
+
+def check_checkpoint(name: str, path: str) -> None:
+    """Raise a ClipcidError naming the keys that differ when `path` was not saved from `name`."""
+    state = open_clip.factory.load_state_dict(path)
+    expected = open_clip.create_model(name).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {label} key(s), e.g. {', '.join(keys[:3])}")
+    if problems:
+        raise ClipcidError(f"checkpoint {path} does not match architecture {name}: {'; '.join(problems)}")
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
