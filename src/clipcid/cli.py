@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from clipcid.errors import ClipcidError
 from clipcid.progress import setup_logging
@@ -63,12 +65,56 @@ def _add_embed_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --pretrained")
 
 
+def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="zero-shot classification, linear probe or retrieval on one dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="a CLIP_benchmark wds folder (or wds:PATH), imagefolder:PATH, or a held-out suite name",
+    )
+    p.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", "zeroshot_classification", "linear_probe", "zeroshot_retrieval"],
+    )
+    p.add_argument(
+        "--output", default=None, help="result JSON; may use {dataset} {model} {pretrained} {task}"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--templates", default=None, help="file with one prompt template per line, {c} = class")
+    p.add_argument("--classnames", default=None, help="file with one class name per line")
+    p.add_argument("--fewshot-k", type=int, default=None, help="linear probe: k training samples per class")
+    p.add_argument("--feature-root", default=None, help="cache image features here")
+    p.add_argument(
+        "--suite-root", default="demo/eval", help="where `clipcid data build-eval` wrote the suite"
+    )
+    p.add_argument("--workers", type=int, default=_default_workers())
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("eval-suite", help="every task of the held-out suite, with summary.md and summary.csv")
+    s.add_argument("--model", required=True)
+    s.add_argument("--pretrained", default=None)
+    s.add_argument("--out", required=True)
+    s.add_argument("--suite-root", default="demo/eval")
+    s.add_argument("--only", nargs="+", default=None, help="only these datasets")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--feature-root", default=None)
+    s.add_argument("--workers", type=int, default=_default_workers())
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcid", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_parser(sub)
     _add_embed_parser(sub)
+    _add_eval_parsers(sub)
     models = sub.add_parser("models", help="list the project's model configs with parameter counts")
     models.add_argument("--all", action="store_true", help="list every open_clip architecture too")
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded offline corpus")
@@ -137,6 +183,48 @@ def run(args: argparse.Namespace) -> int:
                 f"{summary['rows']} rows, {summary['invalid']} invalid, dim {summary['dim']}, "
                 f"{summary['parts']} part(s) in {args.out}"
             )
+    elif args.command == "eval":
+        from clipcid.evaluation.run import EvalConfig, run_eval
+
+        if args.fewshot_k is not None and args.fewshot_k < 1:
+            raise ClipcidError("--fewshot-k must be at least 1")
+        records = run_eval(
+            EvalConfig(
+                model=args.model,
+                pretrained=args.pretrained,
+                dataset=args.dataset,
+                task=args.task,
+                output=args.output,
+                batch_size=args.batch_size,
+                templates=args.templates,
+                classnames=args.classnames,
+                fewshot_k=args.fewshot_k,
+                feature_root=args.feature_root,
+                suite_root=args.suite_root,
+                workers=args.workers,
+                device=args.device,
+                precision=args.precision,
+                seed=args.seed,
+            )
+        )
+        for record in records:
+            print(json.dumps(record))
+    elif args.command == "eval-suite":
+        from clipcid.evaluation.run import run_eval_suite
+
+        run_eval_suite(
+            args.model,
+            args.pretrained,
+            args.out,
+            args.suite_root,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            precision=args.precision,
+            feature_root=args.feature_root,
+            only=args.only,
+        )
+        print((Path(args.out) / "summary.md").read_text())
     elif args.command == "models":
         from clipcid.models import describe_models
 

@@ -1,0 +1,1 @@
+"""Zero-shot classification, linear probe and retrieval, the way CLIP_benchmark measures them."""

@@ -1,0 +1,138 @@
+"""Evaluation datasets behind one builder: CLIP_benchmark `wds/` folders, image folders, suite names.
+
+A dataset yields (image bytes, target) per split, where the target is a class index
+(classification) or a list of captions (retrieval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipcid.datasource import IMAGE_EXTENSIONS
+from clipcid.errors import ClipcidError
+from clipcid.shards import iter_tar_samples
+
+DEFAULT_SUITE_ROOT = "demo/eval"
+DEFAULT_TEMPLATES = ["a photo of a {c}."]
+
+
+@dataclass
+class EvalDataset:
+    name: str
+    kind: str  # "classification" | "retrieval"
+    root: Path
+    layout: str  # "wds" | "imagefolder"
+    splits: list[str]
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    _folder_classes: list[str] = field(default_factory=list)  # imagefolder: folder name per class index
+
+    def sources(self, split: str) -> list[Path]:
+        """Independent pieces of a split (tar shards or class folders), for parallel reading."""
+        self.require_split(split)
+        if self.layout == "wds":
+            return sorted((self.root / split).glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
+        return sorted(d for d in (self.root / split).iterdir() if d.is_dir())
+
+    def require_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ClipcidError(
+                f"dataset {self.name} has no '{split}' split (it has: {', '.join(self.splits) or 'none'})"
+            )
+
+    def iter_source(self, source: Path) -> Iterator[tuple[bytes, int | list[str]]]:
+        if self.layout == "wds":
+            for sample in iter_tar_samples(source):
+                image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                if image is None:
+                    raise ClipcidError(f"{source}: sample {sample['__key__']} has no image")
+                if self.kind == "retrieval":
+                    yield image, sample["txt"].decode("utf-8").splitlines()
+                else:
+                    yield image, int(sample["cls"])
+        else:
+            label = self._folder_classes.index(source.name)
+            for f in sorted(source.iterdir()):
+                if f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                    yield f.read_bytes(), label
+
+    def iter_split(self, split: str) -> Iterator[tuple[bytes, int | list[str]]]:
+        for source in self.sources(split):
+            yield from self.iter_source(source)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_wds(root: Path, name: str) -> EvalDataset:
+    kind_file = root / "dataset_type.txt"
+    kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"
+    if kind not in ("classification", "retrieval"):
+        raise ClipcidError(f"{root}: dataset type '{kind}' is not supported (classification or retrieval)")
+    splits = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+    ds = EvalDataset(name, kind, root, "wds", splits)
+    if kind == "classification":
+        if (root / "classnames.txt").is_file():
+            ds.classnames = _read_lines(root / "classnames.txt")
+        templates = root / "zeroshot_classification_templates.txt"
+        ds.templates = _read_lines(templates) if templates.is_file() else list(DEFAULT_TEMPLATES)
+    return ds
+
+
+def load_imagefolder(root: Path, name: str) -> EvalDataset:
+    if not root.is_dir():
+        raise ClipcidError(f"image folder not found: {root}")
+    splits = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not splits:
+        raise ClipcidError(f"{root}: expected split folders such as train/ and test/ holding CLASS/ folders")
+    classes = sorted({c.name for s in splits for c in (root / s).iterdir() if c.is_dir()})
+    ds = EvalDataset(name, "classification", root, "imagefolder", splits)
+    ds._folder_classes = classes
+    if (root / "classnames.txt").is_file():
+        ds.classnames = _read_lines(root / "classnames.txt")
+        if len(ds.classnames) != len(classes):
+            raise ClipcidError(
+                f"{root}/classnames.txt has {len(ds.classnames)} names for {len(classes)} class folders"
+            )
+    else:
+        ds.classnames = [c.replace("_", " ") for c in classes]
+    templates = root / "templates.txt"
+    ds.templates = _read_lines(templates) if templates.is_file() else list(DEFAULT_TEMPLATES)
+    return ds
+
+
+def suite_datasets(suite_root: str | os.PathLike) -> list[dict]:
+    suite_file = Path(suite_root) / "suite.json"
+    if not suite_file.is_file():
+        raise ClipcidError(
+            f"no evaluation suite at {suite_root}; build it with `clipcid data build-eval --out {suite_root}`"
+        )
+    return json.loads(suite_file.read_text())["datasets"]
+
+
+def build_dataset(spec: str, suite_root: str | os.PathLike = DEFAULT_SUITE_ROOT) -> EvalDataset:
+    """`wds:PATH` or a CLIP_benchmark wds folder, `imagefolder:PATH`, or a held-out suite name."""
+    if spec.startswith("imagefolder:"):
+        path = Path(spec.split(":", 1)[1])
+        return load_imagefolder(path, path.name)
+    if spec.startswith("wds:"):
+        path = Path(spec.split(":", 1)[1])
+        if not path.is_dir():
+            raise ClipcidError(f"wds dataset folder not found: {path}")
+        return load_wds(path, path.name)
+    path = Path(spec)
+    if path.is_dir():
+        return load_wds(path, path.name)
+    suite_path = Path(suite_root) / spec
+    if suite_path.is_dir():
+        return load_wds(suite_path, spec)
+    known = []
+    if (Path(suite_root) / "suite.json").is_file():
+        known = [d["name"] for d in suite_datasets(suite_root)]
+    hint = f"; suite datasets: {', '.join(known)}" if known else f" (no suite built at {suite_root})"
+    raise ClipcidError(f"unknown dataset '{spec}': not a folder, wds:PATH or imagefolder:PATH{hint}")

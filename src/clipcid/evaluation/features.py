@@ -1,0 +1,126 @@
+"""Encoders and feature extraction for evaluation, with an optional on-disk feature cache."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipcid.evaluation.datasets import EvalDataset
+from clipcid.fileio import atomic_path, save_json_atomic
+from clipcid.progress import progress_bar
+
+
+class Encoder(Protocol):
+    """What evaluation needs of a model. Outputs are L2-normalised float32 tensors on the CPU."""
+
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    cache_id: str
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
+
+
+class OpenClipEncoder:
+    def __init__(
+        self, model, preprocess, tokenizer, device: torch.device, precision: str = "fp32", cache_id: str = ""
+    ):
+        self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
+        self.device, self.precision, self.cache_id = device, precision, cache_id
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            out = self.model.encode_image(images.to(self.device))
+        return F.normalize(out.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        with self._autocast():
+            out = self.model.encode_text(self.tokenizer(texts).to(self.device))
+        return F.normalize(out.float(), dim=-1).cpu()
+
+
+def checkpoint_cache_id(model: str, pretrained: str | None) -> str:
+    """Names a model's features in the cache; a checkpoint file is identified by size and mtime too,
+    so features of a retrained checkpoint at the same path are not reused."""
+    if pretrained and os.path.isfile(pretrained):
+        st = os.stat(pretrained)
+        digest = hashlib.sha1(
+            f"{os.path.abspath(pretrained)}:{st.st_size}:{st.st_mtime_ns}".encode()
+        ).hexdigest()
+        return f"{model}__{Path(pretrained).stem}-{digest[:10]}"
+    return f"{model}__{pretrained or 'random'}"
+
+
+class _SplitImages(torch.utils.data.IterableDataset):
+    def __init__(self, dataset: EvalDataset, split: str, preprocess):
+        self.dataset, self.split, self.preprocess = dataset, split, preprocess
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, object]]:
+        sources = self.dataset.sources(self.split)
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            sources = sources[info.id :: info.num_workers]
+        for source in sources:
+            for image, target in self.dataset.iter_source(source):
+                with Image.open(io.BytesIO(image)) as im:
+                    yield self.preprocess(im.convert("RGB")), target
+
+
+def _collate(batch: list[tuple[torch.Tensor, object]]) -> tuple[torch.Tensor, list]:
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def image_features(
+    encoder: Encoder,
+    dataset: EvalDataset,
+    split: str,
+    batch_size: int = 256,
+    workers: int = 2,
+    feature_root: str | None = None,
+) -> tuple[np.ndarray, list]:
+    """(N x D float32 normalised features, N targets) for one split, read from the cache if there."""
+    dataset.require_split(split)
+    cache = Path(feature_root) / encoder.cache_id / dataset.name if feature_root else None
+    if cache is not None and (cache / f"{split}.json").is_file():
+        return np.load(cache / f"{split}.npy"), json.loads((cache / f"{split}.json").read_text())["targets"]
+    n_sources = len(dataset.sources(split))
+    loader = torch.utils.data.DataLoader(
+        _SplitImages(dataset, split, encoder.preprocess),
+        batch_size=batch_size,
+        num_workers=min(workers, n_sources),
+        collate_fn=_collate,
+    )
+    feats, targets = [], []
+    with progress_bar(None, f"features {dataset.name}/{split}", "img") as bar:
+        for images, batch_targets in loader:
+            feats.append(encoder.encode_images(images).numpy())
+            targets.extend(batch_targets)
+            bar.update(len(batch_targets))
+    features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    if cache is not None:
+        with atomic_path(cache / f"{split}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, features)
+        save_json_atomic(cache / f"{split}.json", {"targets": targets})  # written last: marks the entry done
+    return features, targets
+
+
+def text_features(encoder: Encoder, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    out = [encoder.encode_texts(texts[i : i + batch_size]).numpy() for i in range(0, len(texts), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -1,0 +1,302 @@
+"""`clipcid eval` and `clipcid eval-suite`: tasks on datasets, results in CLIP_benchmark's JSON schema."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clipcid.errors import ClipcidError
+from clipcid.evaluation import linear_probe as lp
+from clipcid.evaluation import zeroshot_classification as zsc
+from clipcid.evaluation import zeroshot_retrieval as zsr
+from clipcid.evaluation.datasets import DEFAULT_SUITE_ROOT, EvalDataset, build_dataset, suite_datasets
+from clipcid.evaluation.features import (
+    Encoder,
+    OpenClipEncoder,
+    checkpoint_cache_id,
+    image_features,
+    text_features,
+)
+from clipcid.fileio import atomic_path, save_json_atomic
+
+log = logging.getLogger("clipcid")
+
+TASKS = ("zeroshot_classification", "linear_probe", "zeroshot_retrieval")
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    dataset: str
+    pretrained: str | None = None
+    task: str = "auto"
+    output: str | None = None
+    batch_size: int = 256
+    templates: str | None = None
+    classnames: str | None = None
+    fewshot_k: int | None = None
+    feature_root: str | None = None
+    suite_root: str = DEFAULT_SUITE_ROOT
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+def load_encoder(
+    model: str, pretrained: str | None, device: str = "auto", precision: str = "fp32"
+) -> Encoder:
+    from clipcid.distributed import pick_device
+    from clipcid.models import load_model
+
+    dev = pick_device(device)
+    loaded = load_model(model, pretrained, dev)
+    return OpenClipEncoder(
+        loaded.model,
+        loaded.preprocess,
+        loaded.tokenizer,
+        dev,
+        precision,
+        checkpoint_cache_id(model, pretrained),
+    )
+
+
+def auto_tasks(dataset: EvalDataset) -> list[str]:
+    if dataset.kind == "retrieval":
+        return ["zeroshot_retrieval"]
+    tasks = ["zeroshot_classification"]
+    if "train" in dataset.splits:
+        tasks.append("linear_probe")
+    return tasks
+
+
+def _read_lines(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ClipcidError(f"file not found: {path}")
+    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class TaskRunner:
+    """Runs tasks on one dataset with one encoder, computing each split's features once."""
+
+    def __init__(self, encoder: Encoder, dataset: EvalDataset, cfg: EvalConfig):
+        self.encoder, self.dataset, self.cfg = encoder, dataset, cfg
+        self._features: dict[str, tuple[np.ndarray, list]] = {}
+
+    def features(self, split: str) -> tuple[np.ndarray, list]:
+        if split not in self._features:
+            self._features[split] = image_features(
+                self.encoder,
+                self.dataset,
+                split,
+                self.cfg.batch_size,
+                self.cfg.workers,
+                self.cfg.feature_root,
+            )
+        return self._features[split]
+
+    def _classnames(self) -> list[str]:
+        names = _read_lines(self.cfg.classnames) if self.cfg.classnames else self.dataset.classnames
+        if not names:
+            raise ClipcidError(f"dataset {self.dataset.name} has no class names; pass --classnames FILE")
+        return names
+
+    def run(self, task: str) -> dict:
+        if task not in TASKS:
+            raise ClipcidError(f"unknown task '{task}'; choose one of {', '.join(TASKS)} or auto")
+        if (task == "zeroshot_retrieval") != (self.dataset.kind == "retrieval"):
+            raise ClipcidError(
+                f"task {task} does not apply to {self.dataset.kind} dataset {self.dataset.name}"
+            )
+        start = time.monotonic()
+        if task == "zeroshot_classification":
+            classnames = self._classnames()
+            templates = _read_lines(self.cfg.templates) if self.cfg.templates else self.dataset.templates
+            feats, targets = self.features(self.cfg.test_split)
+            self._check_labels(targets, classnames)
+            classifier = zsc.zeroshot_classifier(self.encoder, classnames, templates, self.cfg.batch_size)
+            metrics = zsc.evaluate(feats, targets, classifier)
+        elif task == "linear_probe":
+            classnames = self._classnames()
+            train_x, train_y = self.features(self.cfg.train_split)
+            test_x, test_y = self.features(self.cfg.test_split)
+            self._check_labels(list(train_y) + list(test_y), classnames)
+            metrics = lp.linear_probe(
+                train_x,
+                np.asarray(train_y),
+                test_x,
+                np.asarray(test_y),
+                len(classnames),
+                fewshot_k=self.cfg.fewshot_k,
+                seed=self.cfg.seed,
+                classnames=classnames,
+                device=getattr(self.encoder, "device", "cpu"),
+            )
+        else:
+            feats, captions = self.features(self.cfg.test_split)
+            texts = [c for caps in captions for c in caps]
+            metrics = zsr.evaluate(feats, captions, text_features(self.encoder, texts, self.cfg.batch_size))
+        log.info(
+            "%s %s: %s (%.1f s)", self.dataset.name, task, _headline(task, metrics), time.monotonic() - start
+        )
+        return metrics
+
+    def _check_labels(self, targets: list, classnames: list[str]) -> None:
+        if targets and max(targets) >= len(classnames):
+            raise ClipcidError(
+                f"dataset {self.dataset.name} has label {max(targets)} but only {len(classnames)} class names"
+            )
+
+
+def _headline(task: str, metrics: dict) -> str:
+    if task == "zeroshot_classification":
+        return f"acc1 {metrics['acc1']:.4f}"
+    if task == "linear_probe":
+        return f"lp_acc1 {metrics['lp_acc1']:.4f} (wd {metrics['lp_weight_decay']:.2g})"
+    image_r1, text_r1 = metrics["image_retrieval_recall@1"], metrics["text_retrieval_recall@1"]
+    return f"image R@1 {image_r1:.4f}, text R@1 {text_r1:.4f}"
+
+
+def result_record(dataset: str, model: str, pretrained: str | None, task: str, metrics: dict) -> dict:
+    """CLIP_benchmark's result schema (NaN metrics are written as null, which JSON can hold)."""
+    return {
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained,
+        "task": task,
+        "metrics": metrics,
+        "language": "en",
+    }
+
+
+def output_path(
+    template: str, dataset: str, model: str, pretrained: str | None, task: str, n_tasks: int
+) -> Path:
+    name = template.format(
+        dataset=dataset, model=model, pretrained=Path(pretrained or "none").stem, task=task
+    )
+    path = Path(name)
+    if n_tasks > 1 and "{task}" not in template:
+        path = path.with_name(f"{path.stem}_{task}{path.suffix or '.json'}")
+    return path
+
+
+def run_eval(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
+    dataset = build_dataset(cfg.dataset, cfg.suite_root)
+    tasks = auto_tasks(dataset) if cfg.task == "auto" else [cfg.task]
+    if cfg.task == "linear_probe" and "train" not in dataset.splits and cfg.train_split == "train":
+        dataset.require_split("train")
+    if encoder is None:
+        encoder = load_encoder(cfg.model, cfg.pretrained, cfg.device, cfg.precision)
+    runner = TaskRunner(encoder, dataset, cfg)
+    records = []
+    for task in tasks:
+        record = result_record(dataset.name, cfg.model, cfg.pretrained, task, runner.run(task))
+        records.append(record)
+        if cfg.output:
+            save_json_atomic(
+                output_path(cfg.output, dataset.name, cfg.model, cfg.pretrained, task, len(tasks)), record
+            )
+    return records
+
+
+def summarise(records: list[dict]) -> dict:
+    """Averages over the suite: zero-shot acc1, linear-probe acc1, retrieval recall@5 (both ways)."""
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    zs = [r["metrics"]["acc1"] for r in records if r["task"] == "zeroshot_classification"]
+    lpr = [r["metrics"]["lp_acc1"] for r in records if r["task"] == "linear_probe"]
+    ret = [
+        (r["metrics"]["image_retrieval_recall@5"] + r["metrics"]["text_retrieval_recall@5"]) / 2
+        for r in records
+        if r["task"] == "zeroshot_retrieval"
+    ]
+    return {
+        "zeroshot_mean_acc1": mean(zs),
+        "linear_probe_mean_acc1": mean(lpr),
+        "retrieval_mean_recall@5": mean(ret),
+    }
+
+
+def _main_metric(record: dict) -> tuple[str, float]:
+    m = record["metrics"]
+    if record["task"] == "zeroshot_classification":
+        return "acc1", m["acc1"]
+    if record["task"] == "linear_probe":
+        return "lp_acc1", m["lp_acc1"]
+    return "mean recall@5", (m["image_retrieval_recall@5"] + m["text_retrieval_recall@5"]) / 2
+
+
+def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> None:
+    rows = [[r["dataset"], r["task"], *_main_metric(r)] for r in records]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["dataset", "task", "metric", "value"])
+    for row in rows:
+        writer.writerow([row[0], row[1], row[2], f"{row[3]:.4f}"])
+    for key, value in summary.items():
+        writer.writerow(["average", key, key, "" if value is None else f"{value:.4f}"])
+    with atomic_path(out / "summary.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    lines = [f"# {title}", "", "| dataset | task | metric | value |", "|---|---|---|---:|"]
+    lines += [f"| {d} | {t} | {m} | {v * 100:.2f} |" for d, t, m, v in rows]
+    lines += ["", "| average | value |", "|---|---:|"]
+    lines += [f"| {k} | {'–' if v is None else f'{v * 100:.2f}'} |" for k, v in summary.items()]
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def run_eval_suite(
+    model: str,
+    pretrained: str | None,
+    out: str | None,
+    suite_root: str = DEFAULT_SUITE_ROOT,
+    encoder: Encoder | None = None,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    precision: str = "fp32",
+    feature_root: str | None = None,
+    only: list[str] | None = None,
+) -> dict:
+    """Every task of the held-out suite; one JSON per task plus summary.md and summary.csv in `out`."""
+    entries = suite_datasets(suite_root)
+    if only:
+        entries = [e for e in entries if e["name"] in only]
+    if encoder is None:
+        encoder = load_encoder(model, pretrained, device, precision)
+    records = []
+    out_dir = Path(out) if out else None
+    for entry in entries:
+        cfg = EvalConfig(
+            model=model,
+            pretrained=pretrained,
+            dataset=entry["name"],
+            suite_root=suite_root,
+            batch_size=batch_size,
+            workers=workers,
+            feature_root=feature_root,
+        )
+        dataset = build_dataset(entry["name"], suite_root)
+        runner = TaskRunner(encoder, dataset, cfg)
+        for task in entry["tasks"]:
+            record = result_record(dataset.name, model, pretrained, task, runner.run(task))
+            records.append(record)
+            if out_dir:
+                save_json_atomic(out_dir / f"{dataset.name}_{task}.json", record)
+    summary = summarise(records)
+    if out_dir:
+        write_summary(records, summary, out_dir, f"{model} ({pretrained or 'random init'})")
+        save_json_atomic(out_dir / "summary.json", {"model": model, "pretrained": pretrained, **summary})
+    return {"records": records, "summary": summary}
