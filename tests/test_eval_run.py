@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import NPM_ROOT, needs_sources
+from eval_stubs import StubEncoder, solid_png, write_classification_wds
+
+from clipcid.cli import main
+from clipcid.errors import ClipcidError
+from clipcid.evaluation.datasets import build_dataset
+from clipcid.evaluation.run import EvalConfig, run_eval, run_eval_suite
+from clipcid.shards import write_tar_atomic
+
+TRAIN = [("red", 0), ("green", 1), ("blue", 2)] * 6
+TEST = [("red", 0), ("green", 1), ("blue", 2), ("purple", 2)]
+
+
+def test_imagefolder_spec_and_auto_tasks(tmp_path):
+    root = tmp_path / "folder"
+    for split, items in (("train", TRAIN), ("test", TEST)):
+        for i, (colour, label) in enumerate(items):
+            cls = ["red_thing", "green_thing", "blue_thing"][label]
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            (root / split / cls / f"{i}.png").write_bytes(solid_png(colour))
+    (root / "templates.txt").write_text("a {c}.\n")
+    ds = build_dataset(f"imagefolder:{root}")
+    assert ds.classnames == ["blue thing", "green thing", "red thing"]  # sorted folders, '_' read as space
+    records = run_eval(
+        EvalConfig(
+            model="stub",
+            dataset=f"imagefolder:{root}",
+            workers=0,
+            output=str(tmp_path / "res_{dataset}.json"),
+        ),
+        encoder=StubEncoder(),
+    )
+    assert [r["task"] for r in records] == ["zeroshot_classification", "linear_probe"]
+    # Folder order is blue, green, red; the stub encodes purple like red, so 3 of 4 are right.
+    assert records[0]["metrics"]["acc1"] == pytest.approx(3 / 4)
+    assert records[1]["metrics"]["lp_acc1"] == pytest.approx(3 / 4)
+    assert (tmp_path / "res_folder_zeroshot_classification.json").is_file()
+    assert (tmp_path / "res_folder_linear_probe.json").is_file()
+
+
+def test_classnames_and_templates_override(tmp_path):
+    root = write_classification_wds(tmp_path / "c", {"test": TEST}, ["x", "y", "z"], ["{c}"])
+    (tmp_path / "names.txt").write_text("red\ngreen\nblue\n")
+    (tmp_path / "templates.txt").write_text("a {c} square.\n")
+    (record,) = run_eval(
+        EvalConfig(
+            model="stub",
+            dataset=str(root),
+            task="zeroshot_classification",
+            workers=0,
+            classnames=str(tmp_path / "names.txt"),
+            templates=str(tmp_path / "templates.txt"),
+        ),
+        encoder=StubEncoder(),
+    )
+    assert record["metrics"]["acc1"] == pytest.approx(3 / 4)
+
+
+def test_retrieval_dataset_through_run_eval(tmp_path):
+    root = tmp_path / "ret"
+    (root / "test").mkdir(parents=True)
+    samples = [
+        {"__key__": f"{i}", "png": solid_png(c), "txt": f"{c}\na {c} square"}
+        for i, c in enumerate(["red", "green", "blue"])
+    ]
+    write_tar_atomic(root / "test" / "0.tar", samples)
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    (record,) = run_eval(EvalConfig(model="stub", dataset=str(root), workers=0), encoder=StubEncoder())
+    assert record["task"] == "zeroshot_retrieval"
+    assert record["metrics"]["image_retrieval_recall@1"] == 1.0
+    assert record["metrics"]["text_retrieval_recall@1"] == 1.0
+
+
+def test_clear_errors(tmp_path):
+    root = write_classification_wds(tmp_path / "c", {"test": TEST}, ["red", "green", "blue"], ["{c}"])
+    with pytest.raises(ClipcidError, match="has no 'train' split"):
+        run_eval(
+            EvalConfig(model="stub", dataset=str(root), task="linear_probe", workers=0), encoder=StubEncoder()
+        )
+    with pytest.raises(ClipcidError, match="unknown dataset 'cifar10'"):
+        build_dataset("cifar10", suite_root=str(tmp_path / "nowhere"))
+    with pytest.raises(ClipcidError, match="does not apply"):
+        run_eval(
+            EvalConfig(model="stub", dataset=str(root), task="zeroshot_retrieval", workers=0),
+            encoder=StubEncoder(),
+        )
+    train = write_classification_wds(
+        tmp_path / "few", {"train": TRAIN[:4], "test": TEST}, ["red", "green", "blue"], ["{c}"]
+    )
+    with pytest.raises(ClipcidError, match="fewer than --fewshot-k 5"):
+        run_eval(
+            EvalConfig(model="stub", dataset=str(train), task="linear_probe", fewshot_k=5, workers=0),
+            encoder=StubEncoder(),
+        )
+
+
+def test_cli_names_the_keys_of_a_mismatched_checkpoint(tmp_path, capsys, tiny_checkpoint):
+    root = write_classification_wds(tmp_path / "c", {"test": TEST}, ["red", "green", "blue"], ["{c}"])
+    code = main(
+        ["eval", "--model", "clipcid-small", "--pretrained", str(tiny_checkpoint), "--dataset", str(root)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "does not match architecture clipcid-small" in err and "shape key(s)" in err
+
+
+@needs_sources()
+def test_eval_suite_on_a_real_model(tmp_path, tiny_checkpoint):
+    from clipcid.corpus.eval_suite import build_eval_suite
+
+    suite = tmp_path / "suite"
+    build_eval_suite(str(suite), npm_root=str(NPM_ROOT), workers=2, only=["digits"])
+    result = run_eval_suite(
+        "clipcid-tiny", str(tiny_checkpoint), str(tmp_path / "out"), str(suite), workers=0
+    )
+    assert [(r["dataset"], r["task"]) for r in result["records"]] == [
+        ("digits", "zeroshot_classification"),
+        ("digits", "linear_probe"),
+    ]
+    lp = result["records"][1]["metrics"]["lp_acc1"]
+    assert 0.3 < lp <= 1.0  # random features still separate digits far above chance
+    assert result["summary"]["linear_probe_mean_acc1"] == pytest.approx(lp)
+    saved = json.loads((tmp_path / "out" / "digits_linear_probe.json").read_text())
+    assert saved["metrics"]["lp_acc1"] == pytest.approx(lp)
+    assert "linear_probe_mean_acc1" in (tmp_path / "out" / "summary.csv").read_text()
+    assert "| digits | linear_probe | lp_acc1 |" in (tmp_path / "out" / "summary.md").read_text()

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from eval_stubs import StubEncoder, write_classification_wds
+
+from clipcid.evaluation.datasets import build_dataset
+from clipcid.evaluation.features import image_features
+from clipcid.evaluation.run import EvalConfig, run_eval
+from clipcid.evaluation.zeroshot_classification import classification_metrics, zeroshot_classifier
+
+# 4 red, 3 green, 3 blue-labelled images; one "blue" image is purple, which the stub encodes as red:
+# acc1 = 9/10, recall per class 1, 1, 2/3.
+TEST_ITEMS = [("red", 0)] * 4 + [("green", 1)] * 3 + [("blue", 2)] * 2 + [("purple", 2)]
+
+
+def test_classifier_is_renormalised_mean_of_templates():
+    classifier = zeroshot_classifier(StubEncoder(), ["red", "green"], ["a {c} thing.", "a photo."])
+    # Each class: mean of its axis and the "no colour" axis, renormalised.
+    want = np.array([[1, 0, 0, 1], [0, 1, 0, 1]], dtype=np.float32) / np.sqrt(2)
+    np.testing.assert_allclose(classifier, want, atol=1e-6)
+
+
+def test_known_answers_through_run_eval(tmp_path):
+    root = write_classification_wds(
+        tmp_path / "colours", {"test": TEST_ITEMS}, ["red", "green", "blue"], ["a {c} square.", "{c}"]
+    )
+    (record,) = run_eval(
+        EvalConfig(
+            model="stub",
+            dataset=str(root),
+            task="zeroshot_classification",
+            output=str(tmp_path / "out.json"),
+            workers=0,
+        ),
+        encoder=StubEncoder(),
+    )
+    m = record["metrics"]
+    assert m["acc1"] == pytest.approx(9 / 10)
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert m["acc5"] is None  # fewer than 5 classes
+    assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert (tmp_path / "out.json").is_file()
+
+
+def test_topk_and_recall_on_handmade_logits():
+    logits = np.array([[5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 9, 1, 1, 1, 1]], dtype=np.float32)
+    m = classification_metrics(logits, np.array([0, 0, 2]))
+    assert m["acc1"] == pytest.approx(1 / 3)
+    assert m["acc5"] == pytest.approx(2 / 3)  # class 0 is last for sample 1
+    assert m["mean_per_class_recall"] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_feature_cache_round_trip(tmp_path):
+    root = write_classification_wds(
+        tmp_path / "colours", {"test": TEST_ITEMS}, ["red", "green", "blue"], ["{c}"]
+    )
+    ds = build_dataset(str(root))
+    first = image_features(StubEncoder(), ds, "test", workers=0, feature_root=str(tmp_path / "cache"))
+    assert (tmp_path / "cache" / "stub" / "colours" / "test.npy").is_file()
+
+    class Exploding(StubEncoder):
+        def encode_images(self, images):
+            raise AssertionError("features should have come from the cache")
+
+    second = image_features(Exploding(), ds, "test", workers=0, feature_root=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[1] == second[1] == [label for _, label in TEST_ITEMS]
