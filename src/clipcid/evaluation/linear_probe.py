@@ -56,7 +56,7 @@ def fit_logistic_regression(
         lr=1,
         max_iter=max_iter,
         history_size=20,
-        tolerance_grad=1e-6,
+        tolerance_grad=1e-5,
         tolerance_change=1e-9,
         line_search_fn="strong_wolfe",
     )
@@ -103,6 +103,13 @@ def fewshot_indices(y: np.ndarray, k: int, seed: int, classnames: list[str] | No
     return np.sort(np.concatenate(chosen))
 
 
+def validation_split(y: np.ndarray, proportion: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of (train, val) carved from train; stratified when every class has two samples."""
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    return train_test_split(np.arange(len(y)), test_size=proportion, random_state=seed, stratify=stratify)
+
+
 def linear_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -119,11 +126,7 @@ def linear_probe(
     if fewshot_k:
         idx = fewshot_indices(train_y, fewshot_k, seed, classnames)
         train_x, train_y = train_x[idx], train_y[idx]
-    counts = np.bincount(train_y, minlength=n_classes)
-    stratify = train_y if counts[counts > 0].min() >= 2 else None
-    tr, va = train_test_split(
-        np.arange(len(train_y)), test_size=val_proportion, random_state=seed, stratify=stratify
-    )
+    tr, va = validation_split(train_y, val_proportion, seed)
     last: dict[str, Probe | None] = {"probe": None}
 
     def val_accuracy(i: int) -> float:
