@@ -31,6 +31,25 @@ def _load(root: Path, i: int):
     return img, txt, meta
 
 
+def _embed_args(data, out, ckpt, batch_size: int) -> list[str]:
+    """`clipcid embed` arguments for the tiny checkpoint, data loading in the main process."""
+    return [
+        "embed",
+        "--data",
+        str(data),
+        "--model",
+        "clipcid-tiny",
+        "--pretrained",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        "0",
+    ]
+
+
 def _cfg(data, out, ckpt, **kw) -> EmbedConfig:
     return EmbedConfig(
         data=str(data),
@@ -152,24 +171,7 @@ def test_killed_process_resumes_without_losing_or_duplicating_rows(tmp_path, tin
     folder = tmp_path / "shards"
     keys = make_shards(folder, n_shards=6, per_shard=24)
     out = tmp_path / "emb"
-    cmd = [
-        sys.executable,
-        "-m",
-        "clipcid",
-        "embed",
-        "--data",
-        str(folder),
-        "--model",
-        "clipcid-tiny",
-        "--pretrained",
-        str(tiny_checkpoint),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-    ]
+    cmd = [sys.executable, "-m", "clipcid", *_embed_args(folder, out, tiny_checkpoint, batch_size=2)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (out / "metadata" / "metadata_0.parquet").exists() and time.monotonic() < deadline:
@@ -251,19 +253,7 @@ def test_two_gloo_processes_equal_one(shards, tmp_path, tiny_checkpoint):
             "29517",
             "-m",
             "clipcid",
-            "embed",
-            "--data",
-            str(folder),
-            "--model",
-            "clipcid-tiny",
-            "--pretrained",
-            str(tiny_checkpoint),
-            "--out",
-            str(double),
-            "--batch-size",
-            "4",
-            "--workers",
-            "0",
+            *_embed_args(folder, double, tiny_checkpoint, batch_size=4),
             "--device",
             "cpu",
         ],

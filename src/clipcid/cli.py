@@ -65,10 +65,23 @@ def _add_embed_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --pretrained")
 
 
+def _add_model_and_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Flags every evaluating command shares: which model, and how to run it."""
+    p.add_argument("--model", required=True, help="open_clip architecture")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path")
+    p.add_argument(
+        "--suite-root", default="demo/eval", help="where `clipcid data build-eval` wrote the suite"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--feature-root", default=None, help="cache image features here")
+    p.add_argument("--workers", type=int, default=_default_workers())
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+
+
 def _add_eval_parsers(sub) -> None:
     p = sub.add_parser("eval", help="zero-shot classification, linear probe or retrieval on one dataset")
-    p.add_argument("--model", required=True)
-    p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path")
+    _add_model_and_runtime_args(p)
     p.add_argument(
         "--dataset",
         required=True,
@@ -82,30 +95,15 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument(
         "--output", default=None, help="result JSON; may use {dataset} {model} {pretrained} {task}"
     )
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--templates", default=None, help="file with one prompt template per line, {c} = class")
     p.add_argument("--classnames", default=None, help="file with one class name per line")
     p.add_argument("--fewshot-k", type=int, default=None, help="linear probe: k training samples per class")
-    p.add_argument("--feature-root", default=None, help="cache image features here")
-    p.add_argument(
-        "--suite-root", default="demo/eval", help="where `clipcid data build-eval` wrote the suite"
-    )
-    p.add_argument("--workers", type=int, default=_default_workers())
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
 
     s = sub.add_parser("eval-suite", help="every task of the held-out suite, with summary.md and summary.csv")
-    s.add_argument("--model", required=True)
-    s.add_argument("--pretrained", default=None)
+    _add_model_and_runtime_args(s)
     s.add_argument("--out", required=True)
-    s.add_argument("--suite-root", default="demo/eval")
     s.add_argument("--only", nargs="+", default=None, help="only these datasets")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--feature-root", default=None)
-    s.add_argument("--workers", type=int, default=_default_workers())
-    s.add_argument("--device", default="auto")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
