@@ -106,6 +106,47 @@ def _add_eval_parsers(sub) -> None:
     s.add_argument("--only", nargs="+", default=None, help="only these datasets")
 
 
+def _add_balance_parsers(sub) -> None:
+    p = sub.add_parser(
+        "balance",
+        help="Image Semantic Balance: drop semantic near-duplicates "
+        "(`clipcid balance inspect` shows the largest groups)",
+    )
+    p.add_argument("--emb", required=True, help="teacher embeddings folder (clipcid embed)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=0.07, help="distance below which two images merge")
+    p.add_argument(
+        "--metric",
+        choices=["l2", "sql2", "cosine"],
+        default="l2",
+        help="what the threshold bounds: |a-b|, |a-b|^2, or 1 - cos",
+    )
+    p.add_argument(
+        "--target-removal",
+        type=float,
+        default=None,
+        help="pick the threshold that removes this fraction instead",
+    )
+    p.add_argument("--search", choices=["exact", "ivf"], default="exact")
+    p.add_argument("--nlist", type=int, default=None, help="ivf: number of cells (default 4*sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=16, help="ivf: cells visited per query")
+    p.add_argument("--memory-gb", type=float, default=2.0, help="memory for one block of the search")
+    p.add_argument(
+        "--recall-sample", type=int, default=1000, help="ivf: queries checked against exact search"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-plots", action="store_true")
+
+    i = sub.add_parser("balance-inspect", help="a page of the largest merged groups (= `balance inspect`)")
+    i.add_argument("--balance", required=True, help="balance output folder")
+    i.add_argument("--data", required=True, help="the shards the embeddings were made from")
+    i.add_argument("--out", required=True, help="HTML file to write")
+    i.add_argument("--emb", default=None, help="embeddings folder (default: the one balance used)")
+    i.add_argument("--top", type=int, default=24, help="how many groups")
+    i.add_argument("--per-group", type=int, default=12, help="images shown per group")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcid", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -113,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_embed_parser(sub)
     _add_eval_parsers(sub)
+    _add_balance_parsers(sub)
     models = sub.add_parser("models", help="list the project's model configs with parameter counts")
     models.add_argument("--all", action="store_true", help="list every open_clip architecture too")
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded offline corpus")
@@ -223,6 +265,33 @@ def run(args: argparse.Namespace) -> int:
             only=args.only,
         )
         print((Path(args.out) / "summary.md").read_text())
+    elif args.command == "balance":
+        from clipcid.balance import BalanceConfig, balance, summary_text
+
+        stats = balance(
+            BalanceConfig(
+                emb=args.emb,
+                out=args.out,
+                threshold=args.threshold,
+                metric=args.metric,
+                target_removal=args.target_removal,
+                search=args.search,
+                nlist=args.nlist,
+                nprobe=args.nprobe,
+                memory_gb=args.memory_gb,
+                recall_sample=args.recall_sample,
+                seed=args.seed,
+                device=args.device,
+                plots=not args.no_plots,
+            )
+        )
+        if stats:
+            print(summary_text(stats))
+    elif args.command == "balance-inspect":
+        from clipcid.balance_inspect import inspect_balance
+
+        n = inspect_balance(args.balance, args.data, args.out, args.emb, args.top, args.per_group)
+        print(f"{n} groups written to {args.out}")
     elif args.command == "models":
         from clipcid.models import describe_models
 
@@ -235,6 +304,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["balance", "inspect"]:  # `clipcid balance inspect` reads better than a separate name
+        argv = ["balance-inspect", *argv[2:]]
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:

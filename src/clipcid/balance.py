@@ -1,0 +1,502 @@
+"""`clipcid balance`: Image Semantic Balance (CLIP-CID §3.1).
+
+Join every two valid images whose normalised teacher embeddings are closer than a threshold, take the
+connected components of that graph (the paper's union-find, here scipy.sparse.csgraph), keep in each
+component the member nearest to the component's mean, drop the rest.
+
+Every threshold is turned into one on the dot product s of unit vectors, and an edge needs s > s*:
+  l2:      |a - b|   < t  <=>  s > 1 - t^2 / 2
+  sql2:    |a - b|^2 < t  <=>  s > 1 - t / 2
+  cosine:  1 - s     < t  <=>  s > 1 - t
+
+Search: exact (blocked matrix products against a threshold, the upper triangle only, blocks sized to
+--memory-gb, embeddings read by memmap) or faiss IVF (range search, its pair recall measured against
+exact search on a sample). Edges are found once at a looser threshold and kept with their
+similarities, so the removal curve and --target-removal need no second search.
+
+Outputs in OUT: keep/keep_{i}.npy (bool per embedding row), groups/groups_{i}.npy (group id per row,
+-1 for invalid rows), stats.json, group_sizes.png, removal_curve.png; edges/ holds the per-block
+edge files that make a crashed run resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
+from clipcid.embeddings import EmbeddingStore
+from clipcid.errors import ClipcidError
+from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.progress import progress_bar
+
+log = logging.getLogger("clipcid")
+
+METRICS = ("l2", "sql2", "cosine")
+# Edges are collected up to this multiple of the threshold, for the removal curve.
+CURVE_REACH = 1.5
+
+
+@dataclass
+class BalanceConfig:
+    emb: str
+    out: str
+    threshold: float = 0.07
+    metric: str = "l2"
+    target_removal: float | None = None
+    search: str = "exact"
+    nlist: int | None = None
+    nprobe: int = 16
+    memory_gb: float = 2.0
+    recall_sample: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    plots: bool = True
+
+
+def to_similarity(threshold: float, metric: str) -> float:
+    if metric == "l2":
+        return 1.0 - threshold * threshold / 2.0
+    if metric == "sql2":
+        return 1.0 - threshold / 2.0
+    if metric == "cosine":
+        return 1.0 - threshold
+    raise ClipcidError(f"--metric must be one of {', '.join(METRICS)}, not {metric}")
+
+
+def from_similarity(similarity: float, metric: str) -> float:
+    if metric == "l2":
+        return math.sqrt(max(0.0, 2.0 * (1.0 - similarity)))
+    if metric == "sql2":
+        return 2.0 * (1.0 - similarity)
+    if metric == "cosine":
+        return 1.0 - similarity
+    raise ClipcidError(f"--metric must be one of {', '.join(METRICS)}, not {metric}")
+
+
+def thresholds_in_all_metrics(similarity: float) -> dict[str, float]:
+    return {"similarity": similarity, **{m: from_similarity(similarity, m) for m in METRICS}}
+
+
+def block_size_for(memory_gb: float, dim: int) -> int:
+    """Largest B whose B x B float32 score block plus two B x D operand blocks fit half the budget."""
+    budget = memory_gb * 1e9 / 2
+    b = int((-8 * dim + math.sqrt(64 * dim * dim + 16 * budget)) / 8)
+    return max(256, min(b, 65536))
+
+
+class ValidEmbeddings:
+    """The valid rows of an embedding store as one matrix of unit vectors, by position 0..n-1.
+
+    Held in memory when it fits the budget, else read block by block from the memmapped parts.
+    """
+
+    def __init__(self, store: EmbeddingStore, memory_gb: float):
+        self.store = store
+        valid = store.valid_mask()
+        self.global_rows = np.flatnonzero(valid)
+        self.n = len(self.global_rows)
+        self._all = None
+        if self.n * store.dim * 4 <= memory_gb * 1e9 / 4:
+            self._all = self._read(0, self.n)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        x = self.store.rows(self.global_rows[start:stop])
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.maximum(norms, 1e-12)  # float16 storage is only nearly unit length
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        return self._all[start:stop] if self._all is not None else self._read(start, stop)
+
+
+def _blocks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def exact_block_edges(
+    data: ValidEmbeddings, blocks: list[tuple[int, int]], i: int, sim_min: float, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (a < b) with similarity > sim_min, a in block i and b in block i or a later one."""
+    a0, a1 = blocks[i]
+    q = torch.from_numpy(data.block(a0, a1)).to(device)
+    rows, cols, sims = [], [], []
+    for b0, b1 in blocks[i:]:
+        k = q if b0 == a0 else torch.from_numpy(data.block(b0, b1)).to(device)
+        scores = q @ k.T
+        if b0 == a0:
+            scores = torch.triu(scores, diagonal=1)  # each pair once, no self pairs
+        r, c = torch.nonzero(scores > sim_min, as_tuple=True)
+        sims.append(scores[r, c].float().cpu().numpy())
+        rows.append(r.cpu().numpy() + a0)
+        cols.append(c.cpu().numpy() + b0)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+
+
+def _ivf_index(data: ValidEmbeddings, nlist: int, nprobe: int, seed: int):
+    import faiss
+
+    quantizer = faiss.IndexFlatIP(data.store.dim)
+    index = faiss.IndexIVFFlat(quantizer, data.store.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train_n = min(data.n, nlist * 64)
+    sample = np.sort(rng.choice(data.n, size=train_n, replace=False))
+    train = _gather(data, sample)
+    index.cp.seed = seed
+    index.train(np.ascontiguousarray(train))
+    for s, e in _blocks(data.n, 65536):
+        index.add(np.ascontiguousarray(data.block(s, e)))
+    index.nprobe = nprobe
+    return index
+
+
+def ivf_block_edges(index, data: ValidEmbeddings, blocks, i: int, sim_min: float):
+    a0, a1 = blocks[i]
+    lims, dists, ids = index.range_search(np.ascontiguousarray(data.block(a0, a1)), sim_min)
+    query = np.repeat(np.arange(a0, a1), np.diff(lims))
+    # IVF may find a pair from one side only: keep every found pair once, as (smaller, larger).
+    keep = ids != query
+    a, b = np.minimum(query[keep], ids[keep]), np.maximum(query[keep], ids[keep])
+    return a.astype(np.int64), b.astype(np.int64), dists[keep].astype(np.float32)
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int):
+    key = a * n + b
+    _, first = np.unique(key, return_index=True)
+    return a[first], b[first], s[first]
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def removed_fraction(n: int, a, b, s, similarity: float) -> float:
+    if n == 0:
+        return 0.0
+    sel = s > similarity
+    labels = components(n, a[sel], b[sel])
+    return 1.0 - (labels.max() + 1) / n
+
+
+def most_central_members(data: ValidEmbeddings, labels: np.ndarray, device: torch.device) -> np.ndarray:
+    """keep[i]: whether position i is its component's member nearest the component mean."""
+    sizes = np.bincount(labels)
+    multi = sizes[labels] > 1
+    keep = ~multi
+    if not multi.any():
+        return keep
+    comp_ids = np.unique(labels[multi])
+    compact = np.full(len(sizes), -1, dtype=np.int64)
+    compact[comp_ids] = np.arange(len(comp_ids))
+    members = np.flatnonzero(multi)
+    sums = torch.zeros(len(comp_ids), data.store.dim, dtype=torch.float64, device=device)
+    spans = _blocks(len(members), 65536)
+    for s, e in spans:  # pass 1: component sums (the mean's direction)
+        pos = members[s:e]
+        x = torch.from_numpy(_gather(data, pos)).to(device, torch.float64)
+        sums.index_add_(0, torch.from_numpy(compact[labels[pos]]).to(device), x)
+    scores = np.empty(len(members), dtype=np.float64)
+    for s, e in spans:  # pass 2: each member's similarity to its component's mean direction
+        pos = members[s:e]
+        x = torch.from_numpy(_gather(data, pos)).to(device, torch.float64)
+        c = torch.from_numpy(compact[labels[pos]]).to(device)
+        scores[s:e] = (x * sums[c]).sum(dim=1).cpu().numpy()
+    # Per component, the highest score; ties go to the earliest row.
+    order = np.lexsort((members, -scores, labels[members]))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = labels[members[order[1:]]] != labels[members[order[:-1]]]
+    keep[members[order[first]]] = True
+    return keep
+
+
+def _gather(data: ValidEmbeddings, positions: np.ndarray) -> np.ndarray:
+    if data._all is not None:
+        return data._all[positions]
+    x = data.store.rows(data.global_rows[positions])
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _size_histogram(labels: np.ndarray) -> dict[str, int]:
+    """Number of groups by size, in power-of-two bins: '1', '2', '3-4', '5-8', ..."""
+    sizes = np.bincount(labels) if len(labels) else np.zeros(0, dtype=np.int64)
+    hist: dict[str, int] = {}
+    lo = 1
+    while lo <= (sizes.max() if len(sizes) else 0):
+        hi = lo if lo <= 2 else 2 * lo - 1
+        label = str(lo) if lo == hi else f"{lo}-{hi}"
+        count = int(((sizes >= lo) & (sizes <= hi)).sum())
+        if count:
+            hist[label] = count
+        lo = hi + 1
+    return hist
+
+
+class EdgeSearch:
+    """Finds (and caches on disk, block by block) every pair above a similarity floor."""
+
+    def __init__(self, cfg: BalanceConfig, data: ValidEmbeddings, env: DistEnv, device: torch.device):
+        self.cfg, self.data, self.env, self.device = cfg, data, env, device
+        self.block = block_size_for(cfg.memory_gb, data.store.dim)
+        self.blocks = _blocks(data.n, self.block)
+        self.folder = Path(cfg.out) / "edges"
+        self.nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(max(data.n, 1))), data.n // 39 or 1))
+
+    def _settings(self, sim_min: float) -> dict:
+        return {
+            "n_valid": self.data.n,
+            "sizes": self.data.store.sizes,
+            "block": self.block,
+            "sim_min": sim_min,
+            "search": self.cfg.search,
+            "nlist": self.nlist,
+            "nprobe": self.cfg.nprobe,
+            "seed": self.cfg.seed,
+        }
+
+    def run(self, sim_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        settings = self._settings(sim_min)
+        settings_file = self.folder / "settings.json"
+        if self.env.is_main:
+            if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+                shutil.rmtree(self.folder)  # edges of another search: not reusable
+            save_json_atomic(settings_file, settings)
+        barrier(self.env)
+        mine = [i for i in range(len(self.blocks)) if i % self.env.world_size == self.env.rank]
+        todo = [i for i in mine if not (self.folder / f"block_{i:06d}.npz").is_file()]
+        if len(todo) < len(mine):
+            log.info(
+                "rank %d: %d of %d edge blocks already done", self.env.rank, len(mine) - len(todo), len(mine)
+            )
+        index = (
+            _ivf_index(self.data, self.nlist, self.cfg.nprobe, self.cfg.seed)
+            if (self.cfg.search == "ivf" and todo)
+            else None
+        )
+        with progress_bar(
+            len(todo), f"{self.cfg.search} search (rank {self.env.rank})", "block", self.env.is_main
+        ) as bar:
+            for i in todo:
+                if index is None:
+                    a, b, s = exact_block_edges(self.data, self.blocks, i, sim_min, self.device)
+                else:
+                    a, b, s = ivf_block_edges(index, self.data, self.blocks, i, sim_min)
+                with atomic_path(self.folder / f"block_{i:06d}.npz") as tmp, open(tmp, "wb") as f:
+                    np.savez(f, a=a, b=b, s=s)
+                bar.update(1)
+        barrier(self.env)
+        parts = [np.load(self.folder / f"block_{i:06d}.npz") for i in range(len(self.blocks))]
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        a = np.concatenate([p["a"] for p in parts]).astype(np.int64)
+        b = np.concatenate([p["b"] for p in parts]).astype(np.int64)
+        s = np.concatenate([p["s"] for p in parts]).astype(np.float32)
+        if self.cfg.search == "ivf":  # a pair can come from both of its blocks
+            a, b, s = _unique_pairs(a, b, s, self.data.n)
+        return a, b, s
+
+
+def ivf_pair_recall(data: ValidEmbeddings, a, b, similarity: float, sample: int, seed: int) -> dict:
+    """Share of the exact pairs (above `similarity`) of random query rows that IVF search found."""
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(data.n, size=min(sample, data.n), replace=False))
+    q = torch.from_numpy(_gather(data, queries))
+    exact = set()
+    for s, e in _blocks(data.n, 65536):
+        scores = q @ torch.from_numpy(data.block(s, e)).T
+        r, c = torch.nonzero(scores > similarity, as_tuple=True)
+        for qi, j in zip(queries[r.numpy()], c.numpy() + s, strict=True):
+            if qi != j:
+                exact.add((min(qi, j), max(qi, j)))
+    found = set(zip(a.tolist(), b.tolist(), strict=True))
+    hits = sum(1 for pair in exact if pair in found)
+    return {
+        "sample_queries": len(queries),
+        "exact_pairs": len(exact),
+        "pair_recall": hits / len(exact) if exact else 1.0,
+    }
+
+
+def choose_threshold_for_removal(n, a, b, s, target: float, metric: str, upper: float) -> float:
+    """Bisection on the threshold (in `metric` units) so that the removed fraction reaches `target`."""
+    lo, hi = 0.0, upper
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if removed_fraction(n, a, b, s, to_similarity(mid, metric)) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def balance(cfg: BalanceConfig) -> dict:
+    if cfg.metric not in METRICS:
+        raise ClipcidError(f"--metric must be one of {', '.join(METRICS)}, not {cfg.metric}")
+    if cfg.search not in ("exact", "ivf"):
+        raise ClipcidError(f"--search must be exact or ivf, not {cfg.search}")
+    if cfg.target_removal is not None and not 0 < cfg.target_removal < 1:
+        raise ClipcidError("--target-removal must be a fraction between 0 and 1")
+    if cfg.threshold <= 0:
+        raise ClipcidError("--threshold must be positive")
+    env = init_distributed(cfg.device)
+    try:
+        return _balance(cfg, env)
+    finally:
+        shutdown(env)
+
+
+def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
+    start = time.monotonic()
+    out = Path(cfg.out)
+    store = EmbeddingStore.open(cfg.emb)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+    barrier(env)
+    data = ValidEmbeddings(store, cfg.memory_gb)
+    device = env.device
+    search = EdgeSearch(cfg, data, env, device)
+    timings: dict[str, float] = {}
+
+    threshold = cfg.threshold
+    reach = threshold * CURVE_REACH
+    t0 = time.monotonic()
+    a, b, s = search.run(to_similarity(reach, cfg.metric))
+    if cfg.target_removal is not None:
+        # Widen the search until the wanted removal is within reach, then bisect on the kept edges.
+        while removed_fraction(data.n, a, b, s, to_similarity(reach, cfg.metric)) < cfg.target_removal:
+            if to_similarity(reach, cfg.metric) <= -1.0:
+                raise ClipcidError(
+                    f"no threshold removes {cfg.target_removal:.0%}: the data has too few images"
+                )
+            reach *= 2
+            a, b, s = search.run(to_similarity(reach, cfg.metric))
+        threshold = choose_threshold_for_removal(data.n, a, b, s, cfg.target_removal, cfg.metric, reach)
+    timings["search_s"] = time.monotonic() - t0
+    if not env.is_main:
+        return {}
+
+    similarity = to_similarity(threshold, cfg.metric)
+    t0 = time.monotonic()
+    sel = s > similarity
+    labels = components(data.n, a[sel], b[sel])
+    keep = most_central_members(data, labels, device)
+    timings["components_s"] = time.monotonic() - t0
+    _write_masks(out, store, data, labels, keep)
+
+    curve = [
+        (reach * f / 12, removed_fraction(data.n, a, b, s, to_similarity(reach * f / 12, cfg.metric)))
+        for f in range(1, 13)
+    ]
+    sizes = np.bincount(labels) if data.n else np.zeros(0, np.int64)
+    stats = {
+        "rows": store.total,
+        "valid": data.n,
+        "invalid": store.total - data.n,
+        "kept": int(keep.sum()),
+        "removed": int(data.n - keep.sum()),
+        "removed_fraction": float(1 - keep.sum() / data.n) if data.n else 0.0,
+        "groups": int(len(sizes)),
+        "merged_groups": int((sizes > 1).sum()),
+        "largest_group": int(sizes.max()) if len(sizes) else 0,
+        "group_size_histogram": _size_histogram(labels),
+        "metric": cfg.metric,
+        "threshold": threshold,
+        "threshold_all_metrics": thresholds_in_all_metrics(similarity),
+        "target_removal": cfg.target_removal,
+        "search": cfg.search,
+        "edges": int(sel.sum()),
+        "block_size": search.block,
+        "removal_curve": [{"threshold": t, "removed_fraction": f} for t, f in curve],
+        "config": asdict(cfg),
+    }
+    if cfg.search == "ivf":
+        stats["ivf"] = {
+            "nlist": search.nlist,
+            "nprobe": cfg.nprobe,
+            **ivf_pair_recall(data, a[sel], b[sel], similarity, cfg.recall_sample, cfg.seed),
+        }
+    timings["total_s"] = time.monotonic() - start
+    stats["timings"] = timings
+    save_json_atomic(out / "stats.json", stats)
+    if cfg.plots:
+        _plots(out, sizes, curve, cfg.metric, threshold)
+    return stats
+
+
+def _write_masks(out: Path, store: EmbeddingStore, data: ValidEmbeddings, labels, keep) -> None:
+    keep_rows = np.zeros(store.total, dtype=bool)
+    keep_rows[data.global_rows] = keep
+    group_rows = np.full(store.total, -1, dtype=np.int64)
+    group_rows[data.global_rows] = labels
+    for i in store.part_ids:
+        lo, hi = store.offsets[i], store.offsets[i + 1]
+        save_npy_atomic(out / "groups" / f"groups_{i}.npy", group_rows[lo:hi])
+        save_npy_atomic(out / "keep" / f"keep_{i}.npy", keep_rows[lo:hi])
+
+
+def _plots(out: Path, sizes: np.ndarray, curve, metric: str, threshold: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(sizes):
+        bins = np.unique(np.logspace(0, np.log10(max(sizes.max(), 2)) + 0.01, 30).astype(int))
+        ax.hist(sizes, bins=bins)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="group size (images)",
+        ylabel="groups",
+        title="Image Semantic Balance: group sizes",
+    )
+    fig.tight_layout()
+    with atomic_path(out / "group_sizes.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([t for t, _ in curve], [100 * f for _, f in curve], marker="o")
+    ax.axvline(threshold, color="tab:red", linestyle="--", label=f"chosen {threshold:.4g}")
+    ax.set(xlabel=f"threshold ({metric})", ylabel="removed (%)", title="Removed fraction against threshold")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out / "removal_curve.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summary_text(stats: dict) -> str:
+    t = stats["threshold_all_metrics"]
+    lines = [
+        f"rows {stats['rows']:,}  valid {stats['valid']:,}  invalid {stats['invalid']:,}",
+        f"threshold {stats['threshold']:.5g} ({stats['metric']}) = l2 {t['l2']:.5g} = sql2 {t['sql2']:.5g} "
+        f"= cosine distance {t['cosine']:.5g} (similarity > {t['similarity']:.6f})",
+        f"kept {stats['kept']:,}  removed {stats['removed']:,} ({100 * stats['removed_fraction']:.2f}%)",
+        f"groups {stats['groups']:,}  merged groups {stats['merged_groups']:,}  "
+        f"largest {stats['largest_group']:,}",
+        "group sizes: " + ", ".join(f"{k}: {v:,}" for k, v in stats["group_size_histogram"].items()),
+        "removed by threshold: "
+        + ", ".join(
+            f"{p['threshold']:.3g}: {100 * p['removed_fraction']:.1f}%" for p in stats["removal_curve"][::2]
+        ),
+    ]
+    if "ivf" in stats:
+        ivf = stats["ivf"]
+        lines.append(
+            f"ivf nlist {ivf['nlist']} nprobe {ivf['nprobe']}: pair recall {ivf['pair_recall']:.4f} "
+            f"on {ivf['exact_pairs']:,} exact pairs of {ivf['sample_queries']:,} sampled queries"
+        )
+    lines.append(f"time {stats['timings']['total_s']:.1f} s (search {stats['timings']['search_s']:.1f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""`clipcid balance inspect`: a page of the largest merged groups, so a person can judge the threshold."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clipcid.datasource import discover_parts, iter_rows
+from clipcid.errors import ClipcidError
+from clipcid.fileio import atomic_path
+
+
+def largest_groups(
+    balance_dir: Path, n_parts: int, top: int, per_group: int
+) -> list[list[tuple[int, int, bool]]]:
+    """The `top` largest groups, each as up to `per_group` members (part, row, kept), kept one first."""
+    groups = [np.load(balance_dir / "groups" / f"groups_{i}.npy") for i in range(n_parts)]
+    keeps = [np.load(balance_dir / "keep" / f"keep_{i}.npy") for i in range(n_parts)]
+    labels = np.concatenate(groups)
+    keep = np.concatenate(keeps)
+    part_of = np.concatenate([np.full(len(g), i) for i, g in enumerate(groups)])
+    row_of = np.concatenate([np.arange(len(g)) for g in groups])
+    valid = labels >= 0
+    sizes = np.bincount(labels[valid])
+    chosen = [g for g in np.argsort(-sizes, kind="stable")[:top] if sizes[g] > 1]
+    out = []
+    for g in chosen:
+        members = np.flatnonzero(labels == g)
+        members = members[np.argsort(~keep[members], kind="stable")][:per_group]  # the kept one first
+        out.append([(int(part_of[m]), int(row_of[m]), bool(keep[m])) for m in members])
+    return out
+
+
+def inspect_balance(
+    balance: str, data: str, out: str, emb: str | None = None, top: int = 24, per_group: int = 12
+) -> int:
+    balance_dir = Path(balance)
+    stats_file = balance_dir / "stats.json"
+    if not stats_file.is_file():
+        raise ClipcidError(
+            f"{balance_dir} is not a balance folder (no stats.json); run `clipcid balance` first"
+        )
+    stats = json.loads(stats_file.read_text())
+    emb_dir = Path(emb or stats["config"]["emb"])
+    parts = discover_parts(data)
+    n_parts = len(list((balance_dir / "keep").glob("keep_*.npy")))
+    if len(parts) != n_parts:
+        raise ClipcidError(f"--data has {len(parts)} shards but the balance folder has {n_parts} parts")
+    groups = largest_groups(balance_dir, n_parts, top, per_group)
+    wanted: dict[int, set[int]] = {}
+    for members in groups:
+        for part, row, _ in members:
+            wanted.setdefault(part, set()).add(row)
+    images: dict[tuple[int, int], tuple[str, bytes | None, str]] = {}
+    for part, rows in wanted.items():
+        meta = pq.read_table(emb_dir / "metadata" / f"metadata_{part}.parquet", columns=["key"]).column("key")
+        for row, sample in enumerate(iter_rows(parts[part])):
+            if row in rows:
+                if sample.key != meta[row].as_py():
+                    raise ClipcidError(
+                        f"shard {parts[part].name} row {row} has key {sample.key}, but the "
+                        f"embeddings say {meta[row].as_py()}: --data is not the embedded data"
+                    )
+                images[(part, row)] = (sample.key, sample.image, sample.caption or "")
+    page = _render(stats, groups, images)
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return len(groups)
+
+
+def _render(stats: dict, groups, images) -> str:
+    t = stats["threshold_all_metrics"]
+    head = (
+        f"<h1>Image Semantic Balance: largest merged groups</h1><p>threshold {stats['threshold']:.5g} "
+        f"({html.escape(stats['metric'])}; l2 {t['l2']:.4g}, cosine distance {t['cosine']:.4g}); "
+        f"removed {100 * stats['removed_fraction']:.2f}% of {stats['valid']:,} images; "
+        f"{stats['merged_groups']:,} merged groups, largest {stats['largest_group']:,}. "
+        "The kept image of each group has a green frame.</p>"
+    )
+    body = []
+    for n, members in enumerate(groups, 1):
+        cells = []
+        for part, row, kept in members:
+            key, image, caption = images[(part, row)]
+            src = f"data:image/png;base64,{base64.b64encode(image).decode()}" if image else ""
+            cls = "kept" if kept else "dropped"
+            cells.append(
+                f'<figure class="{cls}"><img src="{src}" alt="{html.escape(key)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+        body.append(
+            f"<section><h2>group {n} ({len(members)} shown)</h2><div class=grid>{''.join(cells)}</div>"
+            "</section>"
+        )
+    style = (
+        "body{font-family:sans-serif;margin:1em 2em}.grid{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{margin:0;width:112px;border:3px solid #ddd;padding:2px}figure.kept{border-color:#2a2}"
+        "img{width:104px;height:104px;image-rendering:pixelated}figcaption{font-size:11px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>clipcid balance</title><style>{style}"
+        f"</style></head><body>{head}{''.join(body)}</body></html>"
+    )
