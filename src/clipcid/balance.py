@@ -162,7 +162,7 @@ def _ivf_index(data: ValidEmbeddings, nlist: int, nprobe: int, seed: int):
 def ivf_block_edges(index, data: ValidEmbeddings, blocks, i: int, sim_min: float):
     a0, a1 = blocks[i]
     lims, dists, ids = index.range_search(np.ascontiguousarray(data.block(a0, a1)), sim_min)
-    query = np.repeat(np.arange(a0, a1), np.diff(lims))
+    query = np.repeat(np.arange(a0, a1), np.diff(lims).astype(np.int64))
     # IVF may find a pair from one side only: keep every found pair once, as (smaller, larger).
     keep = ids != query
     a, b = np.minimum(query[keep], ids[keep]), np.maximum(query[keep], ids[keep])
@@ -232,7 +232,7 @@ def _size_histogram(labels: np.ndarray) -> dict[str, int]:
     hist: dict[str, int] = {}
     lo = 1
     while lo <= (sizes.max() if len(sizes) else 0):
-        hi = lo if lo <= 2 else 2 * lo - 1
+        hi = lo if lo <= 2 else 2 * (lo - 1)
         label = str(lo) if lo == hi else f"{lo}-{hi}"
         count = int(((sizes >= lo) & (sizes <= hi)).sum())
         if count:
