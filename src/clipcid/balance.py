@@ -133,9 +133,10 @@ def exact_block_edges(
     for b0, b1 in blocks[i:]:
         k = q if b0 == a0 else torch.from_numpy(data.block(b0, b1)).to(device)
         scores = q @ k.T
-        if b0 == a0:
-            scores = torch.triu(scores, diagonal=1)  # each pair once, no self pairs
         r, c = torch.nonzero(scores > sim_min, as_tuple=True)
+        if b0 == a0:  # the diagonal block: each pair once, no self pairs
+            upper = r < c
+            r, c = r[upper], c[upper]
         sims.append(scores[r, c].float().cpu().numpy())
         rows.append(r.cpu().numpy() + a0)
         cols.append(c.cpu().numpy() + b0)
@@ -148,10 +149,12 @@ def _ivf_index(data: ValidEmbeddings, nlist: int, nprobe: int, seed: int):
     quantizer = faiss.IndexFlatIP(data.store.dim)
     index = faiss.IndexIVFFlat(quantizer, data.store.dim, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    train_n = min(data.n, nlist * 64)
+    # 40 points per cell and 10 iterations: cells only need to be roughly right for range search.
+    train_n = min(data.n, nlist * 40)
     sample = np.sort(rng.choice(data.n, size=train_n, replace=False))
     train = _gather(data, sample)
     index.cp.seed = seed
+    index.cp.niter = 10
     index.train(np.ascontiguousarray(train))
     for s, e in _blocks(data.n, 65536):
         index.add(np.ascontiguousarray(data.block(s, e)))
@@ -249,7 +252,7 @@ class EdgeSearch:
         self.block = block_size_for(cfg.memory_gb, data.store.dim)
         self.blocks = _blocks(data.n, self.block)
         self.folder = Path(cfg.out) / "edges"
-        self.nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(max(data.n, 1))), data.n // 39 or 1))
+        self.nlist = cfg.nlist or max(1, min(int(2 * math.sqrt(max(data.n, 1))), data.n // 40 or 1))
 
     def _settings(self, sim_min: float) -> dict:
         return {

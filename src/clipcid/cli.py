@@ -128,7 +128,7 @@ def _add_balance_parsers(sub) -> None:
         help="pick the threshold that removes this fraction instead",
     )
     p.add_argument("--search", choices=["exact", "ivf"], default="exact")
-    p.add_argument("--nlist", type=int, default=None, help="ivf: number of cells (default 4*sqrt(N))")
+    p.add_argument("--nlist", type=int, default=None, help="ivf: number of cells (default 2*sqrt(N))")
     p.add_argument("--nprobe", type=int, default=16, help="ivf: cells visited per query")
     p.add_argument("--memory-gb", type=float, default=2.0, help="memory for one block of the search")
     p.add_argument(
