@@ -89,6 +89,4 @@ def needs_sources():
         "/usr/share/unicode/emoji/emoji-test.txt"
     ).is_file()
     in_ci = os.environ.get("CI") == "true"  # CI installs them: a missing source there is a failure
-    return pytest.mark.skipif(
-        not present and not in_ci, reason="corpus sources not installed (run `make sources`)"
-    )
+    return pytest.mark.skipif(not present and not in_ci, reason="corpus sources not installed (run `make sources`)")

@@ -20,9 +20,7 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def write_embeddings(
-    root: Path, vectors: np.ndarray, parts: int = 3, valid: np.ndarray | None = None
-) -> Path:
+def write_embeddings(root: Path, vectors: np.ndarray, parts: int = 3, valid: np.ndarray | None = None) -> Path:
     """A clip-retrieval layout folder holding `vectors` (float16) split into `parts` parts."""
     valid = np.ones(len(vectors), bool) if valid is None else valid
     for kind in ("img_emb", "metadata"):
@@ -90,9 +88,7 @@ def test_planted_groups_are_recovered_exactly(tmp_path):
     assert stats["merged_groups"] == 20 and stats["largest_group"] == 6
     assert all(keep[g].sum() == 1 for g in groups)
     assert stats["group_size_histogram"] == {"1": 400, "2": 4, "3-4": 8, "5-8": 8}
-    assert (tmp_path / "bal" / "group_sizes.png").is_file() and (
-        tmp_path / "bal" / "removal_curve.png"
-    ).is_file()
+    assert (tmp_path / "bal" / "group_sizes.png").is_file() and (tmp_path / "bal" / "removal_curve.png").is_file()
     assert "removed 60 (12.50%)" in summary_text(stats)
 
 
@@ -144,9 +140,7 @@ def test_same_result_for_any_block_size_and_metric(tmp_path):
     balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "one_block"), threshold=0.07))
     # 1e-4 GB forces 256-row blocks read straight from the memmapped parts.
     stats = balance(
-        BalanceConfig(
-            emb=str(emb), out=str(tmp_path / "blocks"), threshold=0.0049, metric="sql2", memory_gb=1e-4
-        )
+        BalanceConfig(emb=str(emb), out=str(tmp_path / "blocks"), threshold=0.0049, metric="sql2", memory_gb=1e-4)
     )
     assert stats["block_size"] == 256
     for a, b in zip(read_outputs(tmp_path / "one_block"), read_outputs(tmp_path / "blocks"), strict=True):
@@ -185,9 +179,7 @@ def test_resume_skips_finished_blocks(tmp_path, monkeypatch):
 def test_ivf_matches_exact_and_reports_recall(tmp_path):
     x, groups = planted(n_random=2000)
     emb = write_embeddings(tmp_path / "emb", x)
-    stats = balance(
-        BalanceConfig(emb=str(emb), out=str(tmp_path / "ivf"), search="ivf", nprobe=8, recall_sample=500)
-    )
+    stats = balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "ivf"), search="ivf", nprobe=8, recall_sample=500))
     assert stats["ivf"]["pair_recall"] == 1.0 and stats["ivf"]["sample_queries"] == 500
     merged = {g for g in as_partition(read_outputs(tmp_path / "ivf")[0]) if len(g) > 1}
     assert merged == {frozenset(g) for g in groups}
@@ -198,14 +190,10 @@ def test_target_removal_picks_the_threshold(tmp_path):
     centres = unit(rng.normal(size=(40, 16)))
     x = unit(centres[rng.integers(40, size=800)] + 0.05 * rng.normal(size=(800, 16)))
     emb = write_embeddings(tmp_path / "emb", x)
-    stats = balance(
-        BalanceConfig(emb=str(emb), out=str(tmp_path / "bal"), target_removal=0.4, metric="cosine")
-    )
+    stats = balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "bal"), target_removal=0.4, metric="cosine"))
     assert stats["removed_fraction"] >= 0.4
     below = balance(
-        BalanceConfig(
-            emb=str(emb), out=str(tmp_path / "below"), metric="cosine", threshold=stats["threshold"] * 0.99
-        )
+        BalanceConfig(emb=str(emb), out=str(tmp_path / "below"), metric="cosine", threshold=stats["threshold"] * 0.99)
     )
     assert below["removed_fraction"] < 0.4
     assert stats["threshold_all_metrics"]["cosine"] == pytest.approx(stats["threshold"])

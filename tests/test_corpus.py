@@ -89,9 +89,7 @@ def test_iconify_svg_renders_with_viewbox_and_flip():
         },
     }
     left = np.asarray(Image.open(io.BytesIO(render_png(("svg", S.iconify_svg(icon_set, "half")), 32))))
-    right = np.asarray(
-        Image.open(io.BytesIO(render_png(("svg", S.iconify_svg(icon_set, "half-flipped")), 32)))
-    )
+    right = np.asarray(Image.open(io.BytesIO(render_png(("svg", S.iconify_svg(icon_set, "half-flipped")), 32))))
     assert left.shape == (32, 32, 3)
     assert (left[:, 2] == [255, 0, 0]).all() and (left[:, 29] == [255, 255, 255]).all()
     np.testing.assert_array_equal(right, left[:, ::-1])
@@ -99,9 +97,7 @@ def test_iconify_svg_renders_with_viewbox_and_flip():
 
 def test_captions_are_stable_and_varied(index):
     arts = [
-        S.Artwork(
-            "npm:x", style, "emoji", "grinning face", "Smileys & Emotion", "face-smiling", "MIT", ("svg", "")
-        )
+        S.Artwork("npm:x", style, "emoji", "grinning face", "Smileys & Emotion", "face-smiling", "MIT", ("svg", ""))
         for style in ("a", "b", "c", "d", "e", "f", "g", "h")
     ]
     captions = [make_caption(a) for a in arts]
@@ -172,9 +168,7 @@ def test_missing_sources_are_reported(tmp_path):
 
 @needs_sources()
 def test_eval_suite_layout_reads_like_clip_benchmark(tmp_path):
-    infos = build_eval_suite(
-        str(tmp_path), npm_root=str(NPM_ROOT), workers=2, only=["flags_circle", "digits"]
-    )
+    infos = build_eval_suite(str(tmp_path), npm_root=str(NPM_ROOT), workers=2, only=["flags_circle", "digits"])
     assert [i["name"] for i in infos] == ["flags_circle", "digits"]
     flags = tmp_path / "flags_circle"
     classnames = (flags / "classnames.txt").read_text().splitlines()
@@ -182,9 +176,7 @@ def test_eval_suite_layout_reads_like_clip_benchmark(tmp_path):
     assert (flags / "zeroshot_classification_templates.txt").read_text().strip() == "the flag of {c}."
     assert (flags / "test" / "nshards.txt").read_text().strip() == "1"
     # Read it the way CLIP_benchmark's wds builder does.
-    ds = (
-        wds.WebDataset(str(flags / "test" / "0.tar"), shardshuffle=False).decode("pil").to_tuple("png", "cls")
-    )
+    ds = wds.WebDataset(str(flags / "test" / "0.tar"), shardshuffle=False).decode("pil").to_tuple("png", "cls")
     labels = [int(c) for _, c in ds]
     assert sorted(labels) == list(range(len(classnames)))
 

@@ -85,18 +85,14 @@ def test_embeddings_equal_direct_encode(shards, tmp_path, tiny_checkpoint):
     folder, _ = shards
     out = tmp_path / "emb"
     embed(_cfg(folder, out, tiny_checkpoint, batch_size=3))
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        "clipcid-tiny", pretrained=str(tiny_checkpoint)
-    )
+    model, _, preprocess = open_clip.create_model_and_transforms("clipcid-tiny", pretrained=str(tiny_checkpoint))
     tokenizer = open_clip.get_tokenizer("clipcid-tiny")
     model.eval()
     samples = list(iter_tar_samples(folder / "00001.tar"))
     images = torch.stack([preprocess(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in samples])
     with torch.no_grad():
         want_img = F.normalize(model.encode_image(images), dim=-1).numpy()
-        want_txt = F.normalize(
-            model.encode_text(tokenizer([s["txt"].decode() for s in samples])), dim=-1
-        ).numpy()
+        want_txt = F.normalize(model.encode_text(tokenizer([s["txt"].decode() for s in samples])), dim=-1).numpy()
     img, txt, meta = _load(out, 1)
     assert meta["caption"] == [s["txt"].decode() for s in samples]
     np.testing.assert_allclose(img.astype(np.float32), want_img, atol=2e-3)

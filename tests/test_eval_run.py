@@ -80,9 +80,7 @@ def test_retrieval_dataset_through_run_eval(tmp_path):
 def test_clear_errors(tmp_path):
     root = write_classification_wds(tmp_path / "c", {"test": TEST}, ["red", "green", "blue"], ["{c}"])
     with pytest.raises(ClipcidError, match="has no 'train' split"):
-        run_eval(
-            EvalConfig(model="stub", dataset=str(root), task="linear_probe", workers=0), encoder=StubEncoder()
-        )
+        run_eval(EvalConfig(model="stub", dataset=str(root), task="linear_probe", workers=0), encoder=StubEncoder())
     with pytest.raises(ClipcidError, match="unknown dataset 'cifar10'"):
         build_dataset("cifar10", suite_root=str(tmp_path / "nowhere"))
     with pytest.raises(ClipcidError, match="does not apply"):
@@ -102,9 +100,7 @@ def test_clear_errors(tmp_path):
 
 def test_cli_names_the_keys_of_a_mismatched_checkpoint(tmp_path, capsys, tiny_checkpoint):
     root = write_classification_wds(tmp_path / "c", {"test": TEST}, ["red", "green", "blue"], ["{c}"])
-    code = main(
-        ["eval", "--model", "clipcid-small", "--pretrained", str(tiny_checkpoint), "--dataset", str(root)]
-    )
+    code = main(["eval", "--model", "clipcid-small", "--pretrained", str(tiny_checkpoint), "--dataset", str(root)])
     err = capsys.readouterr().err
     assert code == 2 and "does not match architecture clipcid-small" in err and "shape key(s)" in err
 
@@ -115,9 +111,7 @@ def test_eval_suite_on_a_real_model(tmp_path, tiny_checkpoint):
 
     suite = tmp_path / "suite"
     build_eval_suite(str(suite), npm_root=str(NPM_ROOT), workers=2, only=["digits"])
-    result = run_eval_suite(
-        "clipcid-tiny", str(tiny_checkpoint), str(tmp_path / "out"), str(suite), workers=0
-    )
+    result = run_eval_suite("clipcid-tiny", str(tiny_checkpoint), str(tmp_path / "out"), str(suite), workers=0)
     assert [(r["dataset"], r["task"]) for r in result["records"]] == [
         ("digits", "zeroshot_classification"),
         ("digits", "linear_probe"),

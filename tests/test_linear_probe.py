@@ -44,9 +44,7 @@ def test_probe_with_search_matches_sklearn_within_one_point(digits_features):
     train_x, test_x, train_y, test_y = digits_features
     m = linear_probe(train_x, train_y, test_x, test_y, n_classes=10)
     assert m["lp_acc1"] > 0.9
-    assert (
-        abs(m["lp_acc1"] - _sklearn_accuracy(train_x, train_y, test_x, test_y, m["lp_weight_decay"])) <= 0.01
-    )
+    assert abs(m["lp_acc1"] - _sklearn_accuracy(train_x, train_y, test_x, test_y, m["lp_weight_decay"])) <= 0.01
     assert m["lp_weight_decay"] in WD_GRID
     assert set(m) >= {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
 

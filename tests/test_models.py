@@ -14,9 +14,7 @@ def test_project_configs_are_registered_with_open_clip():
 
 
 def test_checkpoint_round_trip_through_open_clip(tiny_checkpoint):
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        "clipcid-tiny", pretrained=str(tiny_checkpoint)
-    )
+    model, _, preprocess = open_clip.create_model_and_transforms("clipcid-tiny", pretrained=str(tiny_checkpoint))
     saved = torch.load(tiny_checkpoint, map_location="cpu")["state_dict"]
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)

@@ -52,9 +52,7 @@ def test_topk_and_recall_on_handmade_logits():
 
 
 def test_feature_cache_round_trip(tmp_path):
-    root = write_classification_wds(
-        tmp_path / "colours", {"test": TEST_ITEMS}, ["red", "green", "blue"], ["{c}"]
-    )
+    root = write_classification_wds(tmp_path / "colours", {"test": TEST_ITEMS}, ["red", "green", "blue"], ["{c}"])
     ds = build_dataset(str(root))
     first = image_features(StubEncoder(), ds, "test", workers=0, feature_root=str(tmp_path / "cache"))
     assert (tmp_path / "cache" / "stub" / "colours" / "test.npy").is_file()

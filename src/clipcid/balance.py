@@ -277,9 +277,7 @@ class EdgeSearch:
         mine = [i for i in range(len(self.blocks)) if i % self.env.world_size == self.env.rank]
         todo = [i for i in mine if not (self.folder / f"block_{i:06d}.npz").is_file()]
         if len(todo) < len(mine):
-            log.info(
-                "rank %d: %d of %d edge blocks already done", self.env.rank, len(mine) - len(todo), len(mine)
-            )
+            log.info("rank %d: %d of %d edge blocks already done", self.env.rank, len(mine) - len(todo), len(mine))
         index = (
             _ivf_index(self.data, self.nlist, self.cfg.nprobe, self.cfg.seed)
             if (self.cfg.search == "ivf" and todo)
@@ -378,9 +376,7 @@ def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
         # Widen the search until the wanted removal is within reach, then bisect on the kept edges.
         while removed_fraction(data.n, a, b, s, to_similarity(reach, cfg.metric)) < cfg.target_removal:
             if to_similarity(reach, cfg.metric) <= -1.0:
-                raise ClipcidError(
-                    f"no threshold removes {cfg.target_removal:.0%}: the data has too few images"
-                )
+                raise ClipcidError(f"no threshold removes {cfg.target_removal:.0%}: the data has too few images")
             reach *= 2
             a, b, s = search.run(to_similarity(reach, cfg.metric))
         threshold = choose_threshold_for_removal(data.n, a, b, s, cfg.target_removal, cfg.metric, reach)
@@ -487,13 +483,10 @@ def summary_text(stats: dict) -> str:
         f"threshold {stats['threshold']:.5g} ({stats['metric']}) = l2 {t['l2']:.5g} = sql2 {t['sql2']:.5g} "
         f"= cosine distance {t['cosine']:.5g} (similarity > {t['similarity']:.6f})",
         f"kept {stats['kept']:,}  removed {stats['removed']:,} ({100 * stats['removed_fraction']:.2f}%)",
-        f"groups {stats['groups']:,}  merged groups {stats['merged_groups']:,}  "
-        f"largest {stats['largest_group']:,}",
+        f"groups {stats['groups']:,}  merged groups {stats['merged_groups']:,}  largest {stats['largest_group']:,}",
         "group sizes: " + ", ".join(f"{k}: {v:,}" for k, v in stats["group_size_histogram"].items()),
         "removed by threshold: "
-        + ", ".join(
-            f"{p['threshold']:.3g}: {100 * p['removed_fraction']:.1f}%" for p in stats["removal_curve"][::2]
-        ),
+        + ", ".join(f"{p['threshold']:.3g}: {100 * p['removed_fraction']:.1f}%" for p in stats["removal_curve"][::2]),
     ]
     if "ivf" in stats:
         ivf = stats["ivf"]

@@ -15,9 +15,7 @@ from clipcid.errors import ClipcidError
 from clipcid.fileio import atomic_path
 
 
-def largest_groups(
-    balance_dir: Path, n_parts: int, top: int, per_group: int
-) -> list[list[tuple[int, int, bool]]]:
+def largest_groups(balance_dir: Path, n_parts: int, top: int, per_group: int) -> list[list[tuple[int, int, bool]]]:
     """The `top` largest groups, each as up to `per_group` members (part, row, kept), kept one first."""
     groups = [np.load(balance_dir / "groups" / f"groups_{i}.npy") for i in range(n_parts)]
     keeps = [np.load(balance_dir / "keep" / f"keep_{i}.npy") for i in range(n_parts)]
@@ -42,9 +40,7 @@ def inspect_balance(
     balance_dir = Path(balance)
     stats_file = balance_dir / "stats.json"
     if not stats_file.is_file():
-        raise ClipcidError(
-            f"{balance_dir} is not a balance folder (no stats.json); run `clipcid balance` first"
-        )
+        raise ClipcidError(f"{balance_dir} is not a balance folder (no stats.json); run `clipcid balance` first")
     stats = json.loads(stats_file.read_text())
     emb_dir = Path(emb or stats["config"]["emb"])
     parts = discover_parts(data)
@@ -94,8 +90,7 @@ def _render(stats: dict, groups, images) -> str:
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         body.append(
-            f"<section><h2>group {n} ({len(members)} shown)</h2><div class=grid>{''.join(cells)}</div>"
-            "</section>"
+            f"<section><h2>group {n} ({len(members)} shown)</h2><div class=grid>{''.join(cells)}</div></section>"
         )
     style = (
         "body{font-family:sans-serif;margin:1em 2em}.grid{display:flex;flex-wrap:wrap;gap:8px}"

@@ -30,14 +30,10 @@ def _add_data_parser(sub) -> None:
     demo.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     demo.add_argument("--workers", type=int, default=_default_workers())
     demo.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    demo.add_argument(
-        "--npm-root", default="node_modules", help="where `make sources` installed the npm sets"
-    )
+    demo.add_argument("--npm-root", default="node_modules", help="where `make sources` installed the npm sets")
     demo.add_argument("--allow-missing", action="store_true", help="build even if some sources are missing")
 
-    ev = data_sub.add_parser(
-        "build-eval", help="render the held-out evaluation suite (CLIP_benchmark wds layout)"
-    )
+    ev = data_sub.add_parser("build-eval", help="render the held-out evaluation suite (CLIP_benchmark wds layout)")
     ev.add_argument("--out", required=True)
     ev.add_argument("--image-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=_default_workers())
@@ -69,9 +65,7 @@ def _add_model_and_runtime_args(p: argparse.ArgumentParser) -> None:
     """Flags every evaluating command shares: which model, and how to run it."""
     p.add_argument("--model", required=True, help="open_clip architecture")
     p.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path")
-    p.add_argument(
-        "--suite-root", default="demo/eval", help="where `clipcid data build-eval` wrote the suite"
-    )
+    p.add_argument("--suite-root", default="demo/eval", help="where `clipcid data build-eval` wrote the suite")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--feature-root", default=None, help="cache image features here")
     p.add_argument("--workers", type=int, default=_default_workers())
@@ -92,9 +86,7 @@ def _add_eval_parsers(sub) -> None:
         default="auto",
         choices=["auto", "zeroshot_classification", "linear_probe", "zeroshot_retrieval"],
     )
-    p.add_argument(
-        "--output", default=None, help="result JSON; may use {dataset} {model} {pretrained} {task}"
-    )
+    p.add_argument("--output", default=None, help="result JSON; may use {dataset} {model} {pretrained} {task}")
     p.add_argument("--templates", default=None, help="file with one prompt template per line, {c} = class")
     p.add_argument("--classnames", default=None, help="file with one class name per line")
     p.add_argument("--fewshot-k", type=int, default=None, help="linear probe: k training samples per class")
@@ -131,9 +123,7 @@ def _add_balance_parsers(sub) -> None:
     p.add_argument("--nlist", type=int, default=None, help="ivf: number of cells (default 2*sqrt(N))")
     p.add_argument("--nprobe", type=int, default=16, help="ivf: cells visited per query")
     p.add_argument("--memory-gb", type=float, default=2.0, help="memory for one block of the search")
-    p.add_argument(
-        "--recall-sample", type=int, default=1000, help="ivf: queries checked against exact search"
-    )
+    p.add_argument("--recall-sample", type=int, default=1000, help="ivf: queries checked against exact search")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plots", action="store_true")
@@ -147,6 +137,32 @@ def _add_balance_parsers(sub) -> None:
     i.add_argument("--per-group", type=int, default=12, help="images shown per group")
 
 
+def _add_cluster_parser(sub) -> None:
+    p = sub.add_parser("cluster", help="spherical k-means of the kept teacher image embeddings")
+    p.add_argument("--emb", required=True, help="teacher embeddings folder (clipcid embed)")
+    p.add_argument("--balance", default=None, help="balance folder: cluster only the kept rows")
+    p.add_argument("--k", default="auto", help="number of clusters, or auto (about 225 images per cluster)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-points-per-centroid", type=int, default=256, help="training sample per centroid")
+    p.add_argument(
+        "--init",
+        choices=["auto", "kmeans++", "random"],
+        default="auto",
+        help="seeding; auto = greedy k-means++ when affordable (n*k*d <= 2e10)",
+    )
+    p.add_argument("--nredo", type=int, default=1, help="restarts; the best objective is kept")
+    p.add_argument(
+        "--two-level",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help=f"coarse then fine k-means; auto = on above k = {65536:,}",
+    )
+    p.add_argument("--gpu", action="store_true", help="train k-means on the GPU (faiss-gpu)")
+    p.add_argument("--no-plots", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcid", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -155,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed_parser(sub)
     _add_eval_parsers(sub)
     _add_balance_parsers(sub)
+    _add_cluster_parser(sub)
     models = sub.add_parser("models", help="list the project's model configs with parameter counts")
     models.add_argument("--all", action="store_true", help="list every open_clip architecture too")
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded offline corpus")
@@ -292,6 +309,27 @@ def run(args: argparse.Namespace) -> int:
 
         n = inspect_balance(args.balance, args.data, args.out, args.emb, args.top, args.per_group)
         print(f"{n} groups written to {args.out}")
+    elif args.command == "cluster":
+        from clipcid.cluster import ClusterConfig, cluster, summary_text
+
+        stats = cluster(
+            ClusterConfig(
+                emb=args.emb,
+                out=args.out,
+                k=args.k,
+                balance=args.balance,
+                niter=args.niter,
+                seed=args.seed,
+                max_points_per_centroid=args.max_points_per_centroid,
+                init=args.init,
+                nredo=args.nredo,
+                two_level=args.two_level,
+                gpu=args.gpu,
+                plots=not args.no_plots,
+            )
+        )
+        if stats:
+            print(summary_text(stats))
     elif args.command == "models":
         from clipcid.models import describe_models
 

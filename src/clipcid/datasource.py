@@ -44,9 +44,7 @@ class Row:
     caption: str | None
 
 
-def _pick_column(
-    names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str
-) -> str:
+def _pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
     if wanted:
         if wanted not in names:
             raise ClipcidError(f"{path}: no column '{wanted}' for the {what} (columns: {', '.join(names)})")

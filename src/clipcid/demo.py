@@ -47,9 +47,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         ),
     )
     print(summary_table(corpus))
-    stage(
-        "eval-suite", lambda: build_eval_suite(str(out / "eval"), npm_root=cfg.npm_root, workers=cfg.workers)
-    )
+    stage("eval-suite", lambda: build_eval_suite(str(out / "eval"), npm_root=cfg.npm_root, workers=cfg.workers))
     # Until the demo teacher is trained (issue 7), embeddings come from a seeded random-init teacher:
     # they exercise the pipeline but carry no knowledge.
     summary = stage(

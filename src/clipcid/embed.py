@@ -128,9 +128,7 @@ class PartBatches(torch.utils.data.IterableDataset):
             "valid": torch.tensor(valid, dtype=torch.bool),
             "errors": errors,
             "images": torch.stack(images) if images else None,
-            "tokens": self.tokenizer([captions[i] for i in range(len(rows)) if valid[i]])
-            if any(valid)
-            else None,
+            "tokens": self.tokenizer([captions[i] for i in range(len(rows)) if valid[i]]) if any(valid) else None,
             "last": last,
         }
 
@@ -187,9 +185,7 @@ def _check_existing(root: Path, settings: dict) -> None:
         mismatch = [k for k in keys if previous.get(k) != settings.get(k)]
         if mismatch:
             what = ", ".join(f"{k}: {previous.get(k)} != {settings.get(k)}" for k in mismatch)
-            raise ClipcidError(
-                f"{root} holds embeddings made with other settings ({what}); use another --out"
-            )
+            raise ClipcidError(f"{root} holds embeddings made with other settings ({what}); use another --out")
 
 
 def embed(cfg: EmbedConfig) -> dict:
@@ -208,9 +204,7 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
     parts = discover_parts(cfg.data, cfg.rows_per_part, cfg.image_column, cfg.caption_column)
     teacher = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
     if cfg.pretrained is None and env.is_main:
-        log.warning(
-            "no --pretrained given: embedding with a randomly initialised %s (seed %d)", cfg.model, cfg.seed
-        )
+        log.warning("no --pretrained given: embedding with a randomly initialised %s (seed %d)", cfg.model, cfg.seed)
     settings = {
         "model": cfg.model,
         "pretrained": cfg.pretrained,
@@ -259,9 +253,7 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
             if batch["last"]:
                 stats = _write_part(root, batch["part"], pending.pop(batch["part"]), teacher.embed_dim)
                 if stats["invalid"]:
-                    log.warning(
-                        "part %d (%s): %d invalid row(s)", batch["part"], chunk["shard"], stats["invalid"]
-                    )
+                    log.warning("part %d (%s): %d invalid row(s)", batch["part"], chunk["shard"], stats["invalid"])
     elapsed = time.monotonic() - start
     if pending:
         raise RuntimeError(f"parts {sorted(pending)} ended without their last batch")

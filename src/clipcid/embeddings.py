@@ -27,9 +27,7 @@ class EmbeddingStore:
         root = Path(root)
         folder = root / f"{kind}_emb"
         if not folder.is_dir():
-            raise ClipcidError(
-                f"no {kind}_emb/ folder in {root}: not an embeddings folder (run `clipcid embed`)"
-            )
+            raise ClipcidError(f"no {kind}_emb/ folder in {root}: not an embeddings folder (run `clipcid embed`)")
         pattern = re.compile(rf"{kind}_emb_(\d+)\.npy$")
         part_ids = sorted(int(m.group(1)) for f in folder.iterdir() if (m := pattern.match(f.name)))
         if not part_ids:

@@ -146,10 +146,7 @@ def _render_training_shard(args: tuple[str, int, int, list[tuple[str, S.Artwork]
         }
         rows.append(
             {
-                **{
-                    k: meta[k]
-                    for k in ("key", "caption", "source", "style", "kind", "name", "group", "subgroup")
-                },
+                **{k: meta[k] for k in ("key", "caption", "source", "style", "kind", "name", "group", "subgroup")},
                 "status": "failed_to_render" if error else "success",
                 "error_message": error or None,
                 "width": None if error else image_size,

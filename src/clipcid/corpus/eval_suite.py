@@ -44,9 +44,7 @@ class EvalDataset:
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
     # split -> list of (render spec or ready PNG bytes, label int or captions list, metadata)
-    splits: dict[str, list[tuple[tuple[str, str] | bytes, int | list[str], dict]]] = field(
-        default_factory=dict
-    )
+    splits: dict[str, list[tuple[tuple[str, str] | bytes, int | list[str], dict]]] = field(default_factory=dict)
     failed_to_render: int = 0  # artwork dropped before the dataset was assembled
 
 
@@ -137,9 +135,7 @@ def circle_flags(npm_root: Path, index: S.EmojiIndex) -> EvalDataset:
     arts = S.read_iconify_flags(npm_root, S.EVAL_FLAG_SET, index)
     names = sorted({a.name for a in arts})
     class_id = {n: i for i, n in enumerate(names)}
-    ds = EvalDataset(
-        "flags_circle", ["zeroshot_classification"], "classification", names, FLAG_TEMPLATES, {"test": []}
-    )
+    ds = EvalDataset("flags_circle", ["zeroshot_classification"], "classification", names, FLAG_TEMPLATES, {"test": []})
     for a in arts:
         ds.splits["test"].append((a.render, class_id[a.name], {"name": a.name, "style": a.style}))
     return ds
@@ -236,9 +232,7 @@ def build_eval_suite(
     out_dir.mkdir(parents=True, exist_ok=True)
     suite_file = out_dir / "suite.json"
     if suite_file.is_file() and json.loads(suite_file.read_text())["image_size"] != image_size:
-        raise ClipcidError(
-            f"{out_dir} holds a suite built at another image size; use another --out or delete it"
-        )
+        raise ClipcidError(f"{out_dir} holds a suite built at another image size; use another --out or delete it")
     root = Path(npm_root)
     try:
         index = S.EmojiIndex(S.read_unicode_emoji())

@@ -96,9 +96,7 @@ def load_imagefolder(root: Path, name: str) -> EvalDataset:
     if (root / "classnames.txt").is_file():
         ds.classnames = _read_lines(root / "classnames.txt")
         if len(ds.classnames) != len(classes):
-            raise ClipcidError(
-                f"{root}/classnames.txt has {len(ds.classnames)} names for {len(classes)} class folders"
-            )
+            raise ClipcidError(f"{root}/classnames.txt has {len(ds.classnames)} names for {len(classes)} class folders")
     else:
         ds.classnames = [c.replace("_", " ") for c in classes]
     templates = root / "templates.txt"

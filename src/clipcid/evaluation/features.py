@@ -33,9 +33,7 @@ class Encoder(Protocol):
 
 
 class OpenClipEncoder:
-    def __init__(
-        self, model, preprocess, tokenizer, device: torch.device, precision: str = "fp32", cache_id: str = ""
-    ):
+    def __init__(self, model, preprocess, tokenizer, device: torch.device, precision: str = "fp32", cache_id: str = ""):
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.device, self.precision, self.cache_id = device, precision, cache_id
 
@@ -61,9 +59,7 @@ def checkpoint_cache_id(model: str, pretrained: str | None) -> str:
     so features of a retrained checkpoint at the same path are not reused."""
     if pretrained and os.path.isfile(pretrained):
         st = os.stat(pretrained)
-        digest = hashlib.sha1(
-            f"{os.path.abspath(pretrained)}:{st.st_size}:{st.st_mtime_ns}".encode()
-        ).hexdigest()
+        digest = hashlib.sha1(f"{os.path.abspath(pretrained)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
         return f"{model}__{Path(pretrained).stem}-{digest[:10]}"
     return f"{model}__{pretrained or 'random'}"
 

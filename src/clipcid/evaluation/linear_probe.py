@@ -96,9 +96,7 @@ def fewshot_indices(y: np.ndarray, k: int, seed: int, classnames: list[str] | No
         members = np.flatnonzero(y == c)
         if len(members) < k:
             name = classnames[c] if classnames and c < len(classnames) else str(c)
-            raise ClipcidError(
-                f"class '{name}' has {len(members)} training samples, fewer than --fewshot-k {k}"
-            )
+            raise ClipcidError(f"class '{name}' has {len(members)} training samples, fewer than --fewshot-k {k}")
         chosen.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(chosen))
 
@@ -131,16 +129,12 @@ def linear_probe(
 
     def val_accuracy(i: int) -> float:
         # Warm start from the previous fit: neighbouring weight decays have close optima.
-        probe = fit_logistic_regression(
-            train_x[tr], train_y[tr], n_classes, WD_GRID[i], last["probe"], device=device
-        )
+        probe = fit_logistic_regression(train_x[tr], train_y[tr], n_classes, WD_GRID[i], last["probe"], device=device)
         last["probe"] = probe
         return topk_accuracy(probe.logits(train_x[va]), train_y[va], 1)
 
     best, scores = search_weight_decay(val_accuracy)
     probe = fit_logistic_regression(train_x, train_y, n_classes, WD_GRID[best], device=device)
     metrics = classification_metrics(probe.logits(test_x), test_y, prefix="lp_")
-    metrics.update(
-        {"lp_weight_decay": float(WD_GRID[best]), "lp_val_acc1": scores[best], "lp_fits": len(scores) + 1}
-    )
+    metrics.update({"lp_weight_decay": float(WD_GRID[best]), "lp_val_acc1": scores[best], "lp_fits": len(scores) + 1})
     return metrics

@@ -51,9 +51,7 @@ class EvalConfig:
     test_split: str = "test"
 
 
-def load_encoder(
-    model: str, pretrained: str | None, device: str = "auto", precision: str = "fp32"
-) -> Encoder:
+def load_encoder(model: str, pretrained: str | None, device: str = "auto", precision: str = "fp32") -> Encoder:
     from clipcid.distributed import pick_device
     from clipcid.models import load_model
 
@@ -114,9 +112,7 @@ class TaskRunner:
         if task not in TASKS:
             raise ClipcidError(f"unknown task '{task}'; choose one of {', '.join(TASKS)} or auto")
         if (task == "zeroshot_retrieval") != (self.dataset.kind == "retrieval"):
-            raise ClipcidError(
-                f"task {task} does not apply to {self.dataset.kind} dataset {self.dataset.name}"
-            )
+            raise ClipcidError(f"task {task} does not apply to {self.dataset.kind} dataset {self.dataset.name}")
         start = time.monotonic()
         if task == "zeroshot_classification":
             classnames = self._classnames()
@@ -145,9 +141,7 @@ class TaskRunner:
             feats, captions = self.features(self.cfg.test_split)
             texts = [c for caps in captions for c in caps]
             metrics = zsr.evaluate(feats, captions, text_features(self.encoder, texts, self.cfg.batch_size))
-        log.info(
-            "%s %s: %s (%.1f s)", self.dataset.name, task, _headline(task, metrics), time.monotonic() - start
-        )
+        log.info("%s %s: %s (%.1f s)", self.dataset.name, task, _headline(task, metrics), time.monotonic() - start)
         return metrics
 
     def _check_labels(self, targets: list, classnames: list[str]) -> None:
@@ -178,12 +172,8 @@ def result_record(dataset: str, model: str, pretrained: str | None, task: str, m
     }
 
 
-def output_path(
-    template: str, dataset: str, model: str, pretrained: str | None, task: str, n_tasks: int
-) -> Path:
-    name = template.format(
-        dataset=dataset, model=model, pretrained=Path(pretrained or "none").stem, task=task
-    )
+def output_path(template: str, dataset: str, model: str, pretrained: str | None, task: str, n_tasks: int) -> Path:
+    name = template.format(dataset=dataset, model=model, pretrained=Path(pretrained or "none").stem, task=task)
     path = Path(name)
     if n_tasks > 1 and "{task}" not in template:
         path = path.with_name(f"{path.stem}_{task}{path.suffix or '.json'}")
@@ -203,9 +193,7 @@ def run_eval(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
         record = result_record(dataset.name, cfg.model, cfg.pretrained, task, runner.run(task))
         records.append(record)
         if cfg.output:
-            save_json_atomic(
-                output_path(cfg.output, dataset.name, cfg.model, cfg.pretrained, task, len(tasks)), record
-            )
+            save_json_atomic(output_path(cfg.output, dataset.name, cfg.model, cfg.pretrained, task, len(tasks)), record)
     return records
 
 

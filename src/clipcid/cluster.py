@@ -1,0 +1,385 @@
+"""`clipcid cluster`: spherical k-means of the kept teacher image embeddings, one pseudo-label per row.
+
+Training runs faiss k-means (spherical) on a sample of at most k * max_points_per_centroid kept rows
+(faiss's own rule, applied while reading so that the rest never leaves the memmap), seeded with
+k-means++ where that is affordable. Then every kept row is assigned to its nearest centroid, part by
+part (split across ranks under torchrun). For very large k (the paper used 1M) a two-level mode
+trains sqrt(k) coarse clusters, then k-means inside each coarse cell with a share of k proportional
+to the cell's size, and assigns through an IVF index over the fine centroids.
+
+Outputs in OUT: centroids.npy (k x D float32, unit norm), labels/labels_{i}.npy (int64 per
+embedding row, -1 for dropped or invalid rows), stats.json, cluster_sizes.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
+from clipcid.embeddings import EmbeddingStore
+from clipcid.errors import ClipcidError
+from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.progress import progress_bar
+
+log = logging.getLogger("clipcid")
+
+PAPER_IMAGES_PER_CLUSTER = 225  # 1M clusters for 225M images
+TWO_LEVEL_ABOVE_K = 65536
+KMEANS_PP_BUDGET = 2e10  # n * k * d beyond which greedy k-means++ seeding costs more than it saves
+
+
+@dataclass
+class ClusterConfig:
+    emb: str
+    out: str
+    k: int | str = "auto"
+    balance: str | None = None
+    niter: int = 20
+    seed: int = 0
+    max_points_per_centroid: int = 256
+    init: str = "auto"  # auto | kmeans++ | random
+    nredo: int = 1
+    two_level: str = "auto"  # auto | on | off
+    gpu: bool = False
+    assign_nprobe: int = 8
+    plots: bool = True
+
+
+def kept_mask(store: EmbeddingStore, balance_dir: str | None) -> np.ndarray:
+    """Global rows to cluster: valid, and kept by Image Semantic Balance when a balance folder is given."""
+    mask = store.valid_mask()
+    if balance_dir is None:
+        return mask
+    keep_dir = Path(balance_dir) / "keep"
+    if not keep_dir.is_dir():
+        raise ClipcidError(f"{balance_dir} is not a balance folder (no keep/); run `clipcid balance` first")
+    n_keep = len(list(keep_dir.glob("keep_*.npy")))
+    if n_keep != len(store.part_ids):
+        raise ClipcidError(f"balance folder {balance_dir} has {n_keep} parts, the embeddings {len(store.part_ids)}")
+    keeps = []
+    for i in store.part_ids:
+        keep = np.load(keep_dir / f"keep_{i}.npy")
+        if len(keep) != store.sizes[i]:
+            raise ClipcidError(
+                f"balance part {i} has {len(keep)} rows but embedding part {i} has "
+                f"{store.sizes[i]}: the balance folder was made from other embeddings"
+            )
+        keeps.append(keep)
+    return mask & np.concatenate(keeps)
+
+
+def resolve_k(k: int | str, n_kept: int) -> int:
+    if k == "auto":
+        return max(1, round(n_kept / PAPER_IMAGES_PER_CLUSTER))
+    try:
+        k = int(k)
+    except ValueError as e:
+        raise ClipcidError(f"--k must be a number or auto, not {k}") from e
+    if k < 1:
+        raise ClipcidError("--k must be at least 1")
+    if k > n_kept:
+        raise ClipcidError(f"--k {k} is larger than the {n_kept} kept rows; use a smaller k or --k auto")
+    return k
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Greedy k-means++ seeding on unit vectors (|a - b|^2 = 2 - 2 a.b): each step draws 2 + log k
+    candidates by D^2 sampling and keeps the one that lowers the potential most. Plain k-means++
+    still merges well-separated blobs now and then; the greedy variant rarely does."""
+    rng = np.random.default_rng(seed)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    trials = 2 + int(math.log(k))
+    chosen = [int(rng.integers(len(x)))]
+    dist = (2 - 2 * (xt @ xt[chosen[0]])).clamp_min(0)
+    for _ in range(1, k):
+        cumulative = np.cumsum(dist.numpy(), dtype=np.float64)
+        if cumulative[-1] <= 0:  # fewer distinct points than k: pick the rest at random
+            chosen.append(int(rng.integers(len(x))))
+            continue
+        candidates = np.minimum(np.searchsorted(cumulative, rng.random(trials) * cumulative[-1]), len(x) - 1)
+        cand_dist = torch.minimum(dist[None, :], (2 - 2 * (xt[candidates] @ xt.T)).clamp_min(0))
+        best = int(torch.argmin(cand_dist.sum(dim=1)))
+        chosen.append(int(candidates[best]))
+        dist = cand_dist[best]
+    return x[chosen].copy()
+
+
+def train_kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, list[float]]:
+    """faiss spherical k-means on x (already sampled); returns unit centroids and the objective per
+    iteration."""
+    import faiss
+
+    d = x.shape[1]
+    use_pp = cfg.init == "kmeans++" or (cfg.init == "auto" and len(x) * k * d <= KMEANS_PP_BUDGET and k > 1)
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=cfg.niter,
+        seed=seed,
+        spherical=True,
+        nredo=1 if use_pp else cfg.nredo,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        gpu=cfg.gpu,
+        verbose=False,
+    )
+    if use_pp:
+        best = None
+        for redo in range(cfg.nredo):
+            init = kmeans_plus_plus(x, k, seed + redo)
+            km.train(x, init_centroids=init)
+            # Spherical faiss k-means reports the summed similarity: larger is better.
+            if best is None or km.obj[-1] > best[1][-1]:
+                best = (km.centroids.copy(), list(km.obj))
+        centroids, obj = best
+    else:
+        km.train(x)
+        centroids, obj = km.centroids.copy(), list(km.obj)
+    return _unit(centroids.astype(np.float32)), [float(o) for o in obj]
+
+
+def proportional_split(k: int, sizes: np.ndarray) -> np.ndarray:
+    """Integers summing to k, proportional to sizes (largest remainder), at least 1 and at most the
+    cell's size for every non-empty cell."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    share = k * sizes / sizes.sum()
+    out = np.floor(share).astype(np.int64)
+    out = np.minimum(np.maximum(out, (sizes > 0).astype(np.int64)), sizes.astype(np.int64))
+    while out.sum() < k:
+        room = (out < sizes) & (sizes > 0)
+        gap = np.where(room, share - out, -np.inf)
+        out[int(np.argmax(gap))] += 1
+    while out.sum() > k:
+        over = np.where(out > 1, out - share, -np.inf)
+        out[int(np.argmax(over))] -= 1
+    return out
+
+
+def train_two_level(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Coarse k-means (sqrt(k) cells), then k-means inside each cell. Returns fine centroids, the
+    coarse centroids, and the coarse objective."""
+    import faiss
+
+    k1 = max(1, min(int(round(math.sqrt(k))), len(x)))
+    coarse, obj = train_kmeans(x, k1, cfg, cfg.seed)
+    index = faiss.IndexFlatIP(coarse.shape[1])
+    index.add(coarse)
+    cell = index.search(x, 1)[1][:, 0]
+    sizes = np.bincount(cell, minlength=k1)
+    per_cell = proportional_split(k, sizes)
+    fine = []
+    with progress_bar(k1, "two-level k-means", "cell") as bar:
+        for c in range(k1):
+            members = x[cell == c]
+            if per_cell[c] == 0:
+                bar.update(1)
+                continue
+            if per_cell[c] >= len(members):
+                fine.append(_unit(members[: per_cell[c]]))
+            else:
+                fine.append(train_kmeans(members, int(per_cell[c]), cfg, cfg.seed + 1 + c)[0])
+            bar.update(1)
+    return np.concatenate(fine).astype(np.float32), coarse, obj
+
+
+def training_sample(store: EmbeddingStore, rows: np.ndarray, k: int, cfg: ClusterConfig) -> np.ndarray:
+    """faiss's subsampling (k * max_points_per_centroid rows), done before reading."""
+    limit = k * cfg.max_points_per_centroid
+    if len(rows) > limit:
+        rng = np.random.default_rng(cfg.seed)
+        rows = np.sort(rng.choice(rows, size=limit, replace=False))
+    return _unit(store.rows(rows))
+
+
+class Assigner:
+    """Nearest centroid by inner product: exact (flat) or, in two-level mode, through an IVF index
+    whose cells are the coarse centroids."""
+
+    def __init__(self, centroids: np.ndarray, coarse: np.ndarray | None, nprobe: int):
+        import faiss
+
+        d = centroids.shape[1]
+        if coarse is None:
+            self.index = faiss.IndexFlatIP(d)
+        else:
+            quantizer = faiss.IndexFlatIP(d)
+            quantizer.add(coarse)
+            self.index = faiss.IndexIVFFlat(quantizer, d, len(coarse), faiss.METRIC_INNER_PRODUCT)
+            self.index.is_trained = True
+            self.index.nprobe = min(nprobe, len(coarse))
+            self._quantizer = quantizer  # the index does not own it
+        self.index.add(centroids)
+
+    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sims, ids = self.index.search(np.ascontiguousarray(x), 1)
+        return ids[:, 0].astype(np.int64), sims[:, 0]
+
+
+def cluster(cfg: ClusterConfig) -> dict:
+    if cfg.two_level not in ("auto", "on", "off"):
+        raise ClipcidError("--two-level must be auto, on or off")
+    if cfg.init not in ("auto", "kmeans++", "random"):
+        raise ClipcidError("--init must be auto, kmeans++ or random")
+    env = init_distributed("cuda" if cfg.gpu else "cpu")
+    try:
+        return _cluster(cfg, env)
+    finally:
+        shutdown(env)
+
+
+def _settings(cfg: ClusterConfig, k: int, store: EmbeddingStore, n_kept: int) -> dict:
+    return {
+        "k": k,
+        "n_kept": n_kept,
+        "sizes": store.sizes,
+        "dim": store.dim,
+        "niter": cfg.niter,
+        "seed": cfg.seed,
+        "max_points_per_centroid": cfg.max_points_per_centroid,
+        "init": cfg.init,
+        "nredo": cfg.nredo,
+        "two_level": cfg.two_level,
+        "balance": cfg.balance,
+    }
+
+
+def _cluster(cfg: ClusterConfig, env: DistEnv) -> dict:
+    start = time.monotonic()
+    out = Path(cfg.out)
+    store = EmbeddingStore.open(cfg.emb)
+    kept = kept_mask(store, cfg.balance)
+    kept_rows = np.flatnonzero(kept)
+    if len(kept_rows) == 0:
+        raise ClipcidError("no kept, valid rows to cluster")
+    k = resolve_k(cfg.k, len(kept_rows))
+    two_level = cfg.two_level == "on" or (cfg.two_level == "auto" and k > TWO_LEVEL_ABOVE_K)
+    settings = _settings(cfg, k, store, len(kept_rows))
+    train_file = out / "training.json"
+    timings: dict[str, float] = {}
+
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        done = train_file.is_file() and json.loads(train_file.read_text())["settings"] == settings
+        if not done:
+            if (out / "labels").is_dir():  # labels of other centroids are stale
+                for f in (out / "labels").glob("labels_*.npy"):
+                    f.unlink()
+            t0 = time.monotonic()
+            x = training_sample(store, kept_rows, k, cfg)
+            log.info(
+                "training %s k-means, k=%d, on %d of %d kept rows",
+                "two-level" if two_level else "flat",
+                k,
+                len(x),
+                len(kept_rows),
+            )
+            if two_level:
+                centroids, coarse, obj = train_two_level(x, k, cfg)
+                save_npy_atomic(out / "coarse_centroids.npy", coarse)
+            else:
+                centroids, obj = train_kmeans(x, k, cfg, cfg.seed)
+            save_npy_atomic(out / "centroids.npy", centroids)
+            save_json_atomic(
+                train_file,
+                {
+                    "settings": settings,
+                    "objective": obj,
+                    "two_level": two_level,
+                    "train_rows": len(x),
+                    "train_s": time.monotonic() - t0,
+                },
+            )
+    barrier(env)
+    training = json.loads(train_file.read_text())
+    centroids = np.load(out / "centroids.npy")
+    coarse = np.load(out / "coarse_centroids.npy") if training["two_level"] else None
+    assigner = Assigner(centroids, coarse, cfg.assign_nprobe)
+
+    t0 = time.monotonic()
+    mine = [i for i in store.part_ids if i % env.world_size == env.rank]
+    todo = [i for i in mine if not (out / "labels" / f"labels_{i}.npy").is_file()]
+    with progress_bar(sum(store.sizes[i] for i in todo), f"assign (rank {env.rank})", "row", env.is_main) as bar:
+        for i in todo:
+            local = kept[store.offsets[i] : store.offsets[i + 1]]
+            labels = np.full(store.sizes[i], -1, dtype=np.int64)
+            sims = np.full(store.sizes[i], np.nan, dtype=np.float32)
+            rows = np.flatnonzero(local)
+            part = store.part(i)
+            for s in range(0, len(rows), 65536):
+                chunk = rows[s : s + 65536]
+                labels[chunk], sims[chunk] = assigner.assign(_unit(np.asarray(part[chunk], dtype=np.float32)))
+            save_npy_atomic(out / "similarity" / f"similarity_{i}.npy", sims)
+            save_npy_atomic(out / "labels" / f"labels_{i}.npy", labels)  # last: marks the part done
+            bar.update(store.sizes[i])
+    timings["assign_s"] = time.monotonic() - t0
+    barrier(env)
+    if not env.is_main:
+        return {}
+    return _write_stats(cfg, out, store, k, training, timings, time.monotonic() - start)
+
+
+def _write_stats(cfg, out: Path, store: EmbeddingStore, k: int, training: dict, timings: dict, total_s: float):
+    labels = np.concatenate([np.load(out / "labels" / f"labels_{i}.npy") for i in store.part_ids])
+    sims = np.concatenate([np.load(out / "similarity" / f"similarity_{i}.npy") for i in store.part_ids])
+    assigned = labels >= 0
+    sizes = np.bincount(labels[assigned], minlength=k)
+    stats = {
+        "k": k,
+        "rows": store.total,
+        "assigned": int(assigned.sum()),
+        "unassigned": int((~assigned).sum()),
+        "images_per_cluster": float(assigned.sum() / k),
+        "two_level": training["two_level"],
+        "train_rows": training["train_rows"],
+        "objective_per_iteration": training["objective"],
+        "mean_similarity_to_centroid": float(sims[assigned].mean()),
+        "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+        "empty_clusters": int((sizes == 0).sum()),
+        "timings": {"train_s": training["train_s"], **timings, "total_s": total_s},
+        "config": {**asdict(cfg), "k": cfg.k},
+    }
+    save_json_atomic(out / "stats.json", stats)
+    if cfg.plots:
+        _plot_sizes(out, sizes)
+    return stats
+
+
+def _plot_sizes(out: Path, sizes: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(sizes, bins=min(60, max(10, len(sizes) // 5)))
+    ax.set(xlabel="images in cluster", ylabel="clusters", title=f"cluster sizes (k = {len(sizes):,})")
+    fig.tight_layout()
+    with atomic_path(out / "cluster_sizes.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summary_text(stats: dict) -> str:
+    size = stats["cluster_size"]
+    return "\n".join(
+        [
+            f"k {stats['k']:,} ({'two-level' if stats['two_level'] else 'flat'}), trained on {stats['train_rows']:,} "
+            f"rows; {stats['assigned']:,} rows assigned, {stats['unassigned']:,} dropped or invalid",
+            f"cluster size min {size['min']:,} median {size['median']:,.0f} max {size['max']:,}; "
+            f"empty clusters {stats['empty_clusters']:,}; {stats['images_per_cluster']:.1f} images per cluster",
+            f"mean similarity to centroid {stats['mean_similarity_to_centroid']:.4f}; "
+            f"time {stats['timings']['total_s']:.1f} s",
+        ]
+    )

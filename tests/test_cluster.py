@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from sklearn.metrics import adjusted_rand_score
+from test_balance import unit, write_embeddings
+
+from clipcid.cluster import ClusterConfig, cluster, proportional_split, resolve_k
+from clipcid.errors import ClipcidError
+
+
+def blobs(n: int = 4000, k: int = 30, dim: int = 32, noise: float = 0.03, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(k, dim)))
+    y = rng.integers(k, size=n)
+    return unit(centres[y] + noise * rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def labels_of(out: Path, parts: int = 3) -> np.ndarray:
+    return np.concatenate([np.load(out / "labels" / f"labels_{i}.npy") for i in range(parts)])
+
+
+def test_planted_clusters_recovered_at_least_as_well_as_faiss(tmp_path):
+    x, y = blobs()
+    emb = write_embeddings(tmp_path / "emb", x)
+    stats = cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=30))
+    ours = adjusted_rand_score(y, labels_of(tmp_path / "cl"))
+    stored = unit(x.astype(np.float16).astype(np.float32))
+    direct = []
+    for seed in range(3):  # faiss.Kmeans called directly, random initialisation
+        km = faiss.Kmeans(32, 30, niter=20, seed=seed, spherical=True)
+        km.train(stored)
+        direct.append(adjusted_rand_score(y, km.index.search(stored, 1)[1][:, 0]))
+    assert ours >= max(direct) - 1e-9 and ours > 0.99
+    assert stats["k"] == 30 and stats["assigned"] == 4000 and stats["empty_clusters"] == 0
+    centroids = np.load(tmp_path / "cl" / "centroids.npy")
+    assert centroids.shape == (30, 32) and centroids.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    obj = stats["objective_per_iteration"]  # summed similarity, rising; faiss stops once it is stable
+    assert 1 <= len(obj) <= 20 and all(b >= a - 1e-3 for a, b in zip(obj, obj[1:], strict=False))
+    assert (tmp_path / "cl" / "cluster_sizes.png").is_file()
+
+
+def test_same_seed_same_labels_and_resume(tmp_path):
+    x, _ = blobs(n=1500, k=10)
+    emb = write_embeddings(tmp_path / "emb", x)
+    cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "a"), k=10, seed=3))
+    cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "b"), k=10, seed=3))
+    np.testing.assert_array_equal(labels_of(tmp_path / "a"), labels_of(tmp_path / "b"))
+    # A run that died after part 0: part 0 is not recomputed, the result is the same.
+    (tmp_path / "a" / "labels" / "labels_1.npy").unlink()
+    (tmp_path / "a" / "labels" / "labels_2.npy").unlink()
+    mtime = (tmp_path / "a" / "labels" / "labels_0.npy").stat().st_mtime_ns
+    cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "a"), k=10, seed=3))
+    assert (tmp_path / "a" / "labels" / "labels_0.npy").stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(labels_of(tmp_path / "a"), labels_of(tmp_path / "b"))
+
+
+def test_dropped_and_invalid_rows_get_minus_one(tmp_path):
+    x, _ = blobs(n=900, k=5)
+    valid = np.ones(900, bool)
+    valid[[5, 6]] = False
+    emb = write_embeddings(tmp_path / "emb", x, valid=valid)
+    keep = np.ones(900, bool)
+    keep[[10, 400, 899]] = False
+    (tmp_path / "bal" / "keep").mkdir(parents=True)
+    for i, idx in enumerate(np.array_split(np.arange(900), 3)):
+        np.save(tmp_path / "bal" / "keep" / f"keep_{i}.npy", keep[idx])
+    stats = cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=5, balance=str(tmp_path / "bal")))
+    labels = labels_of(tmp_path / "cl")
+    assert (labels[[5, 6, 10, 400, 899]] == -1).all() and (np.delete(labels, [5, 6, 10, 400, 899]) >= 0).all()
+    assert stats["unassigned"] == 5 and stats["assigned"] == 895
+
+
+def test_two_level_mode_on_planted_data(tmp_path):
+    x, y = blobs(n=6000, k=64, noise=0.02)
+    emb = write_embeddings(tmp_path / "emb", x)
+    stats = cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=64, two_level="on"))
+    assert stats["two_level"] and np.load(tmp_path / "cl" / "centroids.npy").shape == (64, 32)
+    assert np.load(tmp_path / "cl" / "coarse_centroids.npy").shape == (8, 32)
+    assert adjusted_rand_score(y, labels_of(tmp_path / "cl")) > 0.9
+
+
+def test_proportional_split():
+    sizes = np.array([100, 1, 0, 50, 49])
+    out = proportional_split(20, sizes)
+    assert out.sum() == 20 and out[2] == 0 and out[1] == 1 and (out <= sizes).all()
+    assert out[0] > out[3] >= out[4]
+
+
+def test_auto_k_and_errors(tmp_path):
+    assert resolve_k("auto", 225_000) == 1000 and resolve_k("auto", 10) == 1
+    x, _ = blobs(n=300, k=3)
+    emb = write_embeddings(tmp_path / "emb", x)
+    with pytest.raises(ClipcidError, match="larger than the 300 kept rows"):
+        cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=301))
+    (tmp_path / "bal" / "keep").mkdir(parents=True)
+    for i, n in enumerate([100, 100, 99]):
+        np.save(tmp_path / "bal" / "keep" / f"keep_{i}.npy", np.ones(n, bool))
+    with pytest.raises(ClipcidError, match="balance part 2 has 99 rows but embedding part 2 has 100"):
+        cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=3, balance=str(tmp_path / "bal")))
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    x, _ = blobs(n=1500, k=10)
+    emb = write_embeddings(tmp_path / "emb", x)
+    cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "single"), k=10))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29521",
+            "-m",
+            "clipcid",
+            "cluster",
+            "--emb",
+            str(emb),
+            "--out",
+            str(tmp_path / "double"),
+            "--k",
+            "10",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_array_equal(labels_of(tmp_path / "single"), labels_of(tmp_path / "double"))
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "single" / "centroids.npy"), np.load(tmp_path / "double" / "centroids.npy")
+    )
