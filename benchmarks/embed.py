@@ -51,9 +51,7 @@ def ours(shards: list[str], model_name: str, batch_size: int, workers: int) -> t
     try:
         start = time.perf_counter()
         summary = embed(
-            EmbedConfig(
-                data=shards, model=model_name, out=out, batch_size=batch_size, workers=workers, device="cpu"
-            )
+            EmbedConfig(data=shards, model=model_name, out=out, batch_size=batch_size, workers=workers, device="cpu")
         )
         return summary["rows"], time.perf_counter() - start
     finally:

@@ -26,9 +26,7 @@ def sklearn_probe(train_x, train_y, test_x, test_y, val_proportion=0.2, seed=0) 
     def fit(x, y, wd):
         return LogisticRegression(C=1.0 / (wd * len(y)), max_iter=1000).fit(x, y)
 
-    best, _ = search_weight_decay(
-        lambda i: fit(train_x[tr], train_y[tr], WD_GRID[i]).score(train_x[va], train_y[va])
-    )
+    best, _ = search_weight_decay(lambda i: fit(train_x[tr], train_y[tr], WD_GRID[i]).score(train_x[va], train_y[va]))
     clf = fit(train_x, train_y, WD_GRID[best])
     return {"lp_acc1": clf.score(test_x, test_y), "lp_weight_decay": WD_GRID[best]}
 

@@ -48,9 +48,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    results = {
-        name: step_time(name, args.batch_size, args.steps, args.device) for name in project_model_names()
-    }
+    results = {name: step_time(name, args.batch_size, args.steps, args.device) for name in project_model_names()}
     anchor = results["clipcid-tiny"]
     print(
         f"batch {args.batch_size}, device {args.device}, threads {torch.get_num_threads()}, "
