@@ -163,6 +163,43 @@ def _add_cluster_parser(sub) -> None:
     p.add_argument("--no-plots", action="store_true")
 
 
+DISTILL_HELP = {
+    "data": "training shards (the ones the teacher embeddings were made from)",
+    "teacher_emb": "teacher embeddings folder (clipcid embed)",
+    "balance": "balance folder: train only on the kept rows",
+    "clusters": "clusters folder (clipcid cluster): needed by the cluster-level terms",
+    "out": "run folder: checkpoints, params.json, tensorboard, student.pt",
+    "model": "student architecture (open_clip name or clipcid-tiny)",
+    "resume": "latest, or a checkpoint folder",
+    "w_clip": "weight of the student's own CLIP loss (0 turns it off)",
+    "w_cls": "weight of cluster discrimination (cross-entropy on the pseudo-labels)",
+    "w_kl": "weight of KL to the teacher's cluster distribution",
+    "w_ins": "weight of instance-level teacher-student contrastive distillation",
+    "w_simkd": "baseline: similarity-matrix distillation (open_clip style)",
+    "w_fd": "baseline: feature distillation (CLIP-KD style MSE)",
+    "pfc_sample_rate": "share of classes sampled per step (default 1.0, or 0.1 above 100k classes)",
+    "precision": "fp32, amp_bf16 or amp",
+    "max_steps": "stop after this many steps (the schedule still spans the whole run)",
+}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, required: set[str], helps: dict[str, str]):
+    """One --flag per dataclass field, typed from its annotation: the CLI stays a thin layer."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", default=f.default, help=helps.get(f.name))
+            continue
+        convert = {"int": int, "float": float}.get(kind, str)
+        if f.name in required:
+            parser.add_argument(flag, required=True, type=convert, help=helps.get(f.name))
+        else:
+            parser.add_argument(flag, type=convert, default=f.default, help=helps.get(f.name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcid", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -172,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parsers(sub)
     _add_balance_parsers(sub)
     _add_cluster_parser(sub)
+    from clipcid.distill.train import DistillConfig
+
+    distill = sub.add_parser("distill", help="train a student: CLIP loss + cluster-level + instance-level distillation")
+    add_dataclass_arguments(distill, DistillConfig, {"data", "teacher_emb", "out", "model"}, DISTILL_HELP)
     models = sub.add_parser("models", help="list the project's model configs with parameter counts")
     models.add_argument("--all", action="store_true", help="list every open_clip architecture too")
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded offline corpus")
@@ -330,6 +371,15 @@ def run(args: argparse.Namespace) -> int:
         )
         if stats:
             print(summary_text(stats))
+    elif args.command == "distill":
+        import dataclasses
+
+        from clipcid.distill.train import DistillConfig, distill
+
+        fields = {f.name for f in dataclasses.fields(DistillConfig)}
+        result = distill(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+        if result.get("last"):
+            print(f"{result['steps']} steps; last: " + ", ".join(f"{k} {v:.4f}" for k, v in result["last"].items()))
     elif args.command == "models":
         from clipcid.models import describe_models
 

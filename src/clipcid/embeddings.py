@@ -57,7 +57,10 @@ class EmbeddingStore:
         return int(self.offsets[-1])
 
     def part(self, i: int) -> np.ndarray:
-        return np.load(self.root / f"{self.kind}_emb" / f"{self.kind}_emb_{i}.npy", mmap_mode="r")
+        cache = self.__dict__.setdefault("_memmaps", {})  # opening a memmap per row read is slow
+        if i not in cache:
+            cache[i] = np.load(self.root / f"{self.kind}_emb" / f"{self.kind}_emb_{i}.npy", mmap_mode="r")
+        return cache[i]
 
     def valid(self, i: int) -> np.ndarray:
         """Rows that hold a real embedding; all rows when the part has no metadata."""

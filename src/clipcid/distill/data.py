@@ -1,0 +1,208 @@
+"""Training data: the shards streamed part by part, each row joined with its teacher embeddings and
+cluster label by (part, row) and checked against the embedding metadata's key.
+
+Order is a pure function of (seed, epoch, rank): the parts of an epoch are shuffled, dealt to ranks
+and then to DataLoader workers, and each worker shuffles rows within a window with its own seeded
+generator and yields whole batches. The DataLoader takes batches from workers in turn, so the
+sequence of batches is reproducible, and resuming at step s means each worker skipping the batches
+it had produced by then (without decoding them). Every rank runs the same number of steps.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from clipcid.datasource import Part, discover_parts, iter_rows
+from clipcid.embeddings import EmbeddingStore
+from clipcid.errors import ClipcidError
+
+log = logging.getLogger("clipcid")
+
+SHUFFLE_WINDOW = 1000
+
+
+@dataclass
+class TrainRows:
+    """What every part contributes: the rows to train on, with their labels."""
+
+    parts: list[Part]
+    rows: list[np.ndarray]  # per part: the row numbers used, in file order
+    labels: list[np.ndarray]  # per part: cluster label of each used row (-1 without clusters)
+    keys: list[np.ndarray]  # per part: embedding-metadata key of each used row
+    store_img: EmbeddingStore
+    store_txt: EmbeddingStore
+    num_classes: int
+
+    @property
+    def total(self) -> int:
+        return int(sum(len(r) for r in self.rows))
+
+
+def load_train_rows(data: str, teacher_emb: str, balance: str | None, clusters: str | None) -> TrainRows:
+    parts = discover_parts(data)
+    img = EmbeddingStore.open(teacher_emb, "img")
+    txt = EmbeddingStore.open(teacher_emb, "text")
+    if len(parts) != len(img.part_ids):
+        raise ClipcidError(
+            f"--data has {len(parts)} shards but {teacher_emb} has {len(img.part_ids)} parts; "
+            "they must be the same shards in the same order"
+        )
+    num_classes = 0
+    if clusters:
+        centroids = Path(clusters) / "centroids.npy"
+        if not centroids.is_file():
+            raise ClipcidError(f"{clusters} is not a clusters folder (no centroids.npy); run `clipcid cluster`")
+        num_classes = int(np.load(centroids, mmap_mode="r").shape[0])
+    rows, labels, keys = [], [], []
+    for i in img.part_ids:
+        use = img.valid(i)
+        if balance:
+            keep_file = Path(balance) / "keep" / f"keep_{i}.npy"
+            if not keep_file.is_file():
+                raise ClipcidError(f"balance folder {balance} has no keep_{i}.npy")
+            keep = np.load(keep_file)
+            if len(keep) != img.sizes[i]:
+                raise ClipcidError(f"balance part {i} has {len(keep)} rows, embeddings part {i} {img.sizes[i]}")
+            use &= keep
+        part_labels = np.full(img.sizes[i], -1, dtype=np.int64)
+        if clusters:
+            part_labels = np.load(Path(clusters) / "labels" / f"labels_{i}.npy")
+            if len(part_labels) != img.sizes[i]:
+                raise ClipcidError(f"cluster labels of part {i} do not match the embeddings")
+            use &= part_labels >= 0
+        keep_rows = np.flatnonzero(use)
+        meta = pq.read_table(img.root / "metadata" / f"metadata_{i}.parquet", columns=["key"])
+        rows.append(keep_rows)
+        labels.append(part_labels[keep_rows])
+        keys.append(np.asarray(meta.column("key").to_pylist(), dtype=object)[keep_rows])
+    return TrainRows(parts, rows, labels, keys, img, txt, num_classes)
+
+
+def epoch_assignment(n_parts: int, epoch: int, seed: int, rank: int, world_size: int, workers: int) -> list[list[int]]:
+    """Per DataLoader worker of this rank, the parts it reads this epoch."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_parts)
+    mine = order[rank::world_size]
+    return [mine[w::workers].tolist() for w in range(max(1, workers))]
+
+
+def batches_per_worker(train: TrainRows, assignment: list[list[int]], batch_size: int) -> list[int]:
+    return [sum(len(train.rows[p]) for p in parts) // batch_size for parts in assignment]
+
+
+def interleave(counts: list[int]) -> list[int]:
+    """Which worker each batch comes from: the DataLoader asks its workers in turn, skipping the
+    finished ones."""
+    order, left, w = [], list(counts), 0
+    while any(left):
+        if left[w]:
+            order.append(w)
+            left[w] -= 1
+        w = (w + 1) % len(left)
+    return order
+
+
+class TrainBatches(torch.utils.data.IterableDataset):
+    def __init__(
+        self,
+        train: TrainRows,
+        preprocess,
+        tokenizer,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        steps: int,
+        start_step: int = 0,
+    ):
+        self.train, self.preprocess, self.tokenizer = train, preprocess, tokenizer
+        self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
+        self.assignment = epoch_assignment(len(train.parts), epoch, seed, rank, world_size, self.workers)
+        order = interleave(batches_per_worker(train, self.assignment, batch_size))[:steps]
+        # Per worker: how many of its batches this epoch's `steps` use, and how many were used before
+        # `start_step` (to skip on resume).
+        self.quota = [order.count(w) for w in range(self.workers)]
+        self.skip = [order[:start_step].count(w) for w in range(self.workers)]
+
+    def _part_samples(self, p: int):
+        """The used rows of part p in file order, read from the shard and checked against the key."""
+        used = self.train.rows[p]
+        if len(used) == 0:
+            return
+        j = 0
+        for r, row in enumerate(iter_rows(self.train.parts[p])):
+            if r != used[j]:
+                continue
+            key = str(self.train.keys[p][j])
+            if row.key != key:
+                raise ClipcidError(
+                    f"shard {self.train.parts[p].name} row {r} has key {row.key} but the teacher "
+                    f"embeddings say {key}: --data and --teacher-emb are not the same shards"
+                )
+            yield p, r, int(self.train.labels[p][j]), row.image, row.caption or ""
+            j += 1
+            if j == len(used):
+                return
+        raise ClipcidError(f"shard {self.train.parts[p].name} ended before row {used[j]}")
+
+    def _rows(self, worker: int):
+        """This worker's samples for the epoch, shuffled within a sliding window."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        window: list = []
+        for p in self.assignment[worker]:
+            for sample in self._part_samples(p):
+                window.append(sample)
+                if len(window) >= SHUFFLE_WINDOW:
+                    yield window.pop(int(rng.integers(len(window))))
+        while window:
+            yield window.pop(int(rng.integers(len(window))))
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        if info is None and self.workers > 1:
+            raise RuntimeError("TrainBatches built for several workers must run in a DataLoader with them")
+        quota, skip = self.quota[worker], self.skip[worker]
+        pending: list = []
+        produced = 0
+        for item in self._rows(worker):
+            pending.append(item)
+            if len(pending) < self.batch_size:
+                continue
+            if produced >= skip:
+                yield self._collate(pending)
+            produced += 1
+            pending = []
+            if produced >= quota:
+                return
+
+    def _collate(self, items: list) -> dict:
+        images = []
+        for p, r, _, image, _ in items:
+            # Augmentation drawn from a seed of its own per (epoch, sample): the same whether or not the
+            # batches before it were skipped on resume.
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, p, r]).generate_state(1)[0]))
+            with Image.open(io.BytesIO(image)) as im:
+                images.append(self.preprocess(im.convert("RGB")))
+        parts = np.array([it[0] for it in items])
+        rows = np.array([it[1] for it in items])
+        teacher_img = np.stack([self.train.store_img.part(p)[r] for p, r in zip(parts, rows, strict=True)])
+        teacher_txt = np.stack([self.train.store_txt.part(p)[r] for p, r in zip(parts, rows, strict=True)])
+        return {
+            "images": torch.stack(images),
+            "tokens": self.tokenizer([it[4] for it in items]),
+            "teacher_img": torch.from_numpy(teacher_img.astype(np.float32)),
+            "teacher_txt": torch.from_numpy(teacher_txt.astype(np.float32)),
+            "labels": torch.tensor([it[2] for it in items], dtype=torch.long),
+            "index": torch.from_numpy(np.stack([parts, rows], axis=1)),
+        }
