@@ -86,9 +86,13 @@ def load_train_rows(data: str, teacher_emb: str, balance: str | None, clusters: 
     return TrainRows(parts, rows, labels, keys, img, txt, num_classes)
 
 
-def epoch_assignment(n_parts: int, epoch: int, seed: int, rank: int, world_size: int, workers: int) -> list[list[int]]:
-    """Per DataLoader worker of this rank, the parts it reads this epoch."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_parts)
+def epoch_assignment(
+    n_parts: int, epoch: int, seed: int, rank: int, world_size: int, workers: int, resampled: bool = False
+) -> list[list[int]]:
+    """Per DataLoader worker of this rank, the parts it reads this epoch (with --dataset-resampled,
+    drawn with replacement, as webdataset's resampled shards are)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.integers(n_parts, size=n_parts) if resampled else rng.permutation(n_parts)
     mine = order[rank::world_size]
     return [mine[w::workers].tolist() for w in range(max(1, workers))]
 
@@ -123,11 +127,12 @@ class TrainBatches(torch.utils.data.IterableDataset):
         workers: int,
         steps: int,
         start_step: int = 0,
+        resampled: bool = False,
     ):
         self.train, self.preprocess, self.tokenizer = train, preprocess, tokenizer
         self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
         self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
-        self.assignment = epoch_assignment(len(train.parts), epoch, seed, rank, world_size, self.workers)
+        self.assignment = epoch_assignment(len(train.parts), epoch, seed, rank, world_size, self.workers, resampled)
         order = interleave(batches_per_worker(train, self.assignment, batch_size))[:steps]
         # Per worker: how many of its batches this epoch's `steps` use, and how many were used before
         # `start_step` (to skip on resume).

@@ -108,9 +108,19 @@ class Student(nn.Module):
         self.ins_txt_head = make_head(head, student_dim, teacher_dim)
         self.instance = InstanceDistillLoss()
 
-    def forward(self, images, tokens):
+    def forward(self, images, tokens, teacher_img=None, teacher_txt=None, need_cls=True, need_proj=True):
+        # The instance loss runs inside forward: its temperature is a DDP parameter and must be used
+        # in the graph DDP sees. Heads of switched-off terms are not run at all, so that DDP never
+        # waits for a gradient that cannot come.
         img, txt, logit_scale = self.clip(images, tokens)[:3]
-        return img, txt, logit_scale, self.cls_head(img), self.ins_img_head(img), self.ins_txt_head(txt)
+        out = {"img": img, "txt": txt, "logit_scale": logit_scale}
+        if need_cls:
+            out["cls_img"] = self.cls_head(img)
+        if need_proj:
+            out["ins_img"], out["ins_txt"] = self.ins_img_head(img), self.ins_txt_head(txt)
+        if teacher_img is not None:
+            out["ins"] = self.instance(out["ins_img"], out["ins_txt"], teacher_img, teacher_txt)
+        return out
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -315,24 +325,29 @@ class Trainer:
         cfg, dev = self.cfg, self.env.device
         dtype = PRECISIONS[cfg.precision]
         autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
-        with autocast:
-            img, txt, logit_scale, cls_img, ins_img, ins_txt = self.ddp(
-                batch["images"].to(dev), batch["tokens"].to(dev)
-            )
         t_img, t_txt = batch["teacher_img"].to(dev), batch["teacher_txt"].to(dev)
+        with autocast:
+            f = self.ddp(
+                batch["images"].to(dev),
+                batch["tokens"].to(dev),
+                *((t_img, t_txt) if cfg.w_ins else (None, None)),
+                need_cls=self.pfc is not None,
+                need_proj=bool(cfg.w_ins or cfg.w_fd),
+            )
+        img, txt, logit_scale = f["img"], f["txt"], f["logit_scale"]
         out: dict[str, torch.Tensor] = {}
         if cfg.w_clip:
             out["clip"] = self.clip_loss(img.float(), txt.float(), logit_scale.float())
         if self.pfc is not None:
-            out.update(self.pfc(cls_img, t_img, batch["labels"].to(dev)))
+            out.update(self.pfc(f["cls_img"], t_img, batch["labels"].to(dev)))
         if cfg.w_ins:
-            out["ins"] = self.student.instance(ins_img, ins_txt, t_img, t_txt)
+            out["ins"] = f["ins"]
         if cfg.w_simkd:
             out["simkd"] = similarity_distillation(
                 img.float(), txt.float(), logit_scale.float(), t_img, t_txt, cfg.teacher_logit_scale
             )
         if cfg.w_fd:
-            out["fd"] = feature_distillation(ins_img, ins_txt, t_img, t_txt)
+            out["fd"] = feature_distillation(f["ins_img"], f["ins_txt"], t_img, t_txt)
         return out
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

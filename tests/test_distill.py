@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import REPO_ROOT, make_shards
+
+import clipcid.distill.train as train_module
+from clipcid.cluster import ClusterConfig, cluster
+from clipcid.distill.data import interleave
+from clipcid.distill.train import DistillConfig, distill
+from clipcid.embed import EmbedConfig, embed
+from clipcid.errors import ClipcidError
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("pipeline")
+    make_shards(root / "shards", n_shards=4, per_shard=24)
+    embed(
+        EmbedConfig(
+            data=str(root / "shards"),
+            model="clipcid-tiny",
+            out=str(root / "emb"),
+            pretrained=str(tiny_checkpoint),
+            batch_size=32,
+            workers=0,
+        )
+    )
+    cluster(ClusterConfig(emb=str(root / "emb"), out=str(root / "clusters"), k=6, plots=False))
+    return root
+
+
+def _cfg(pipeline, out, **kw) -> DistillConfig:
+    base = dict(
+        data=str(pipeline / "shards"),
+        teacher_emb=str(pipeline / "emb"),
+        clusters=str(pipeline / "clusters"),
+        out=str(out),
+        model="clipcid-tiny",
+        batch_size=16,
+        workers=0,
+        warmup=2,
+        lr=1e-3,
+        log_every_n_steps=1,
+        seed=0,
+    )
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_every_loss_term(pipeline, tmp_path):
+    out = tmp_path / "run"
+    result = distill(_cfg(pipeline, out, epochs=8))
+    log = _log(out)
+    assert result["steps"] == len(log) == 8 * 6  # 96 rows, batch 16
+    for term in ("clip", "cls", "kl", "ins"):
+        first = np.mean([r[term] for r in log[:6]])
+        last = np.mean([r[term] for r in log[-6:]])
+        assert last < first, f"{term}: {first:.4f} -> {last:.4f}"
+    params = json.loads((out / "params.json").read_text())
+    assert params["steps_per_epoch"] == 6 and params["w_kl"] == 0.5
+    # The student alone loads in open_clip as is.
+    model, _, _ = open_clip.create_model_and_transforms("clipcid-tiny", pretrained=str(out / "student.pt"))
+    saved = torch.load(out / "student.pt")["state_dict"]
+    torch.testing.assert_close(model.state_dict()["visual.conv1.weight"], saved["visual.conv1.weight"])
+    assert (out / "distill_heads.pt").is_file() and (out / "classifier_rank0.pt").is_file()
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_resume_equals_uninterrupted(pipeline, tmp_path):
+    straight = tmp_path / "straight"
+    distill(_cfg(pipeline, straight, epochs=2, max_steps=9))
+    interrupted = tmp_path / "interrupted"
+    distill(_cfg(pipeline, interrupted, epochs=2, max_steps=4, save_every_n_steps=4))
+    assert (interrupted / "checkpoints" / "latest.txt").read_text().strip() == "step_00000004"
+    distill(_cfg(pipeline, interrupted, epochs=2, max_steps=9, resume="latest"))
+    a = torch.load(straight / "student.pt")["state_dict"]
+    b = torch.load(interrupted / "student.pt")["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    wa = torch.load(straight / "classifier_rank0.pt")["weight"]
+    wb = torch.load(interrupted / "classifier_rank0.pt")["weight"]
+    torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in _log(interrupted)][-5:] == [5, 6, 7, 8, 9]
+
+
+def test_non_finite_loss_stops_without_corrupting_the_checkpoint(pipeline, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    distill(_cfg(pipeline, out, max_steps=2, save_every_n_steps=2))
+    before = (out / "checkpoints" / "step_00000002" / "model.pt").read_bytes()
+    real_losses = train_module.Trainer.losses
+
+    def poisoned(self, batch):
+        terms = real_losses(self, batch)
+        terms["kl"] = terms["kl"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module.Trainer, "losses", poisoned)
+    with pytest.raises(ClipcidError, match="loss is not finite \\(kl\\)"):
+        distill(_cfg(pipeline, out, max_steps=4, save_every_n_steps=1, resume="latest"))
+    assert (out / "checkpoints" / "latest.txt").read_text().strip() == "step_00000002"
+    assert (out / "checkpoints" / "step_00000002" / "model.pt").read_bytes() == before
+
+
+def test_terms_switch_off_and_baselines_run(pipeline, tmp_path):
+    result = distill(
+        _cfg(pipeline, tmp_path / "base", clusters=None, w_cls=0, w_kl=0, w_ins=0, w_simkd=1.0, w_fd=1.0, max_steps=2)
+    )
+    assert set(result["last"]) == {"clip", "simkd", "fd", "total", "lr"}
+    with pytest.raises(ClipcidError, match="need --clusters"):
+        distill(_cfg(pipeline, tmp_path / "x", clusters=None, max_steps=1))
+
+
+def test_interleave_follows_the_dataloader_turns():
+    assert interleave([2, 1, 3]) == [0, 1, 2, 0, 2, 2]
+
+
+def test_two_gloo_processes_train(pipeline, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29525",
+            "-m",
+            "clipcid",
+            "distill",
+            "--data",
+            str(pipeline / "shards"),
+            "--teacher-emb",
+            str(pipeline / "emb"),
+            "--clusters",
+            str(pipeline / "clusters"),
+            "--model",
+            "clipcid-tiny",
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--max-steps",
+            "3",
+            "--save-every-n-steps",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "student.pt").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").iterdir()) == [
+        "model.pt",
+        "rank0.pt",
+        "rank1.pt",
+    ]
+    shards = [torch.load(out / f"classifier_rank{r}.pt")["shard"] for r in range(2)]
+    assert shards == [(0, 3), (3, 6)]
