@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--threshold", type=float, default=0.07)
     p.add_argument("--memory-gb", type=float, default=2.0)
-    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument("--nprobe", type=int, default=4)
     p.add_argument("--skip-faiss-flat", action="store_true")
     p.add_argument("--big", action="store_true", help="also run 1M x 512 end to end with IVF")
     p.add_argument("--real", default=None, help="embeddings folder for the removal table")

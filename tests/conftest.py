@@ -90,3 +90,35 @@ def needs_sources():
     ).is_file()
     in_ci = os.environ.get("CI") == "true"  # CI installs them: a missing source there is a failure
     return pytest.mark.skipif(not present and not in_ci, reason="corpus sources not installed (run `make sources`)")
+
+
+def run_two_gloo_processes(args: list[str], timeout: int = 600) -> None:
+    """Run `torchrun --nproc_per_node 2 ARGS` (gloo on CPU) from the repository root; fail with its stderr."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port, so parallel or repeated runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

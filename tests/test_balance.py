@@ -1,15 +1,12 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT
+from conftest import run_two_gloo_processes
 
 import clipcid.balance as balance_module
 from clipcid.balance import BalanceConfig, balance, from_similarity, summary_text, to_similarity
@@ -214,16 +211,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
     x, _ = planted(n_random=600)
     emb = write_embeddings(tmp_path / "emb", x)
     balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "single"), memory_gb=1e-4))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    run_two_gloo_processes(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29519",
             "-m",
             "clipcid",
             "balance",
@@ -235,13 +224,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
             "1e-4",
             "--device",
             "cpu",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     for a, b in zip(read_outputs(tmp_path / "single"), read_outputs(tmp_path / "double"), strict=True):
         np.testing.assert_array_equal(a, b)

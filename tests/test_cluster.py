@@ -1,14 +1,11 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import run_two_gloo_processes
 from sklearn.metrics import adjusted_rand_score
 from test_balance import unit, write_embeddings
 
@@ -112,33 +109,9 @@ def test_two_gloo_processes_equal_one(tmp_path):
     x, _ = blobs(n=1500, k=10)
     emb = write_embeddings(tmp_path / "emb", x)
     cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "single"), k=10))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29521",
-            "-m",
-            "clipcid",
-            "cluster",
-            "--emb",
-            str(emb),
-            "--out",
-            str(tmp_path / "double"),
-            "--k",
-            "10",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_two_gloo_processes(
+        ["-m", "clipcid", "cluster", "--emb", str(emb), "--out", str(tmp_path / "double"), "--k", "10"]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     np.testing.assert_array_equal(labels_of(tmp_path / "single"), labels_of(tmp_path / "double"))
     np.testing.assert_array_equal(
         np.load(tmp_path / "single" / "centroids.npy"), np.load(tmp_path / "double" / "centroids.npy")

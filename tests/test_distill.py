@@ -1,15 +1,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import REPO_ROOT, make_shards
+from conftest import NPM_ROOT, make_shards, needs_sources, run_two_gloo_processes
 
 import clipcid.distill.train as train_module
 from clipcid.cluster import ClusterConfig, cluster
@@ -127,17 +124,9 @@ def test_interleave_follows_the_dataloader_turns():
 
 
 def test_two_gloo_processes_train(pipeline, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
-    result = subprocess.run(
+    run_two_gloo_processes(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29525",
             "-m",
             "clipcid",
             "distill",
@@ -161,14 +150,8 @@ def test_two_gloo_processes_train(pipeline, tmp_path):
             "3",
             "--device",
             "cpu",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "student.pt").is_file()
     assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").iterdir()) == [
         "model.pt",
@@ -177,3 +160,15 @@ def test_two_gloo_processes_train(pipeline, tmp_path):
     ]
     shards = [torch.load(out / f"classifier_rank{r}.pt")["shard"] for r in range(2)]
     assert shards == [(0, 3), (3, 6)]
+
+
+@needs_sources()
+def test_eval_every_logs_the_suite_averages(pipeline, tmp_path):
+    from clipcid.corpus.eval_suite import build_eval_suite
+
+    build_eval_suite(str(tmp_path / "suite"), npm_root=str(NPM_ROOT), workers=1, only=["digits"])
+    out = tmp_path / "run"
+    distill(_cfg(pipeline, out, max_steps=2, eval_every=2, eval_suite_root=str(tmp_path / "suite")))
+    (line,) = (out / "results.jsonl").read_text().splitlines()
+    result = json.loads(line)
+    assert result["step"] == 2 and 0 < result["linear_probe_mean_acc1"] <= 1 and result["zeroshot_mean_acc1"] >= 0

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, make_shards, shape_png
+from conftest import REPO_ROOT, make_shards, run_two_gloo_processes, shape_png
 from PIL import Image
 
 import clipcid.embed as embed_module
@@ -237,29 +236,9 @@ def test_two_gloo_processes_equal_one(shards, tmp_path, tiny_checkpoint):
     single = tmp_path / "single"
     embed(_cfg(folder, single, tiny_checkpoint))
     double = tmp_path / "double"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "clipcid",
-            *_embed_args(folder, double, tiny_checkpoint, batch_size=4),
-            "--device",
-            "cpu",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_two_gloo_processes(
+        ["-m", "clipcid", *_embed_args(folder, double, tiny_checkpoint, batch_size=4), "--device", "cpu"]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     for i in range(3):
         for got, want in zip(_load(double, i), _load(single, i), strict=True):
             if isinstance(got, np.ndarray):

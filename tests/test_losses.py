@@ -1,15 +1,12 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_two_gloo_processes
 from dist_losses_worker import fixed_problem, run
 
 from clipcid.losses.baselines import feature_distillation, similarity_distillation
@@ -113,26 +110,7 @@ def test_baselines():
 def test_two_gloo_ranks_give_the_losses_and_gradients_of_one(tmp_path):
     problem = fixed_problem()
     single = run(problem, slice(0, 8))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29523",
-            str(REPO_ROOT / "tests" / "dist_losses_worker.py"),
-            str(tmp_path),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_two_gloo_processes([str(REPO_ROOT / "tests" / "dist_losses_worker.py"), str(tmp_path)])
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r in ranks:
         for name, value in single["losses"].items():

@@ -56,7 +56,7 @@ class BalanceConfig:
     target_removal: float | None = None
     search: str = "exact"
     nlist: int | None = None
-    nprobe: int = 16
+    nprobe: int = 4
     memory_gb: float = 2.0
     recall_sample: int = 1000
     seed: int = 0
@@ -98,7 +98,9 @@ def block_size_for(memory_gb: float, dim: int) -> int:
 class ValidEmbeddings:
     """The valid rows of an embedding store as one matrix of unit vectors, by position 0..n-1.
 
-    Held in memory when it fits the budget, else read block by block from the memmapped parts.
+    The stored float16 rows are held in memory when they fit half the budget, else read from the
+    memmapped parts; either way a block is normalised in float32 the same way, so results do not
+    depend on which.
     """
 
     def __init__(self, store: EmbeddingStore, memory_gb: float):
@@ -106,17 +108,24 @@ class ValidEmbeddings:
         valid = store.valid_mask()
         self.global_rows = np.flatnonzero(valid)
         self.n = len(self.global_rows)
-        self._all = None
-        if self.n * store.dim * 4 <= memory_gb * 1e9 / 4:
-            self._all = self._read(0, self.n)
+        self._raw = None
+        if self.n * store.dim * 2 <= memory_gb * 1e9 / 2:
+            self._raw = np.concatenate([np.asarray(store.part(i))[store.valid(i)] for i in store.part_ids])
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
-        x = self.store.rows(self.global_rows[start:stop])
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.maximum(norms, 1e-12)  # float16 storage is only nearly unit length
+    @staticmethod
+    def _normalise(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def block(self, start: int, stop: int) -> np.ndarray:
-        return self._all[start:stop] if self._all is not None else self._read(start, stop)
+        if self._raw is not None:
+            return self._normalise(self._raw[start:stop])
+        return self._normalise(self.store.rows(self.global_rows[start:stop]))
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        if self._raw is not None:
+            return self._normalise(self._raw[positions])
+        return self._normalise(self.store.rows(self.global_rows[positions]))
 
 
 def _blocks(n: int, size: int) -> list[tuple[int, int]]:
@@ -143,33 +152,68 @@ def exact_block_edges(
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
 
 
-def _ivf_index(data: ValidEmbeddings, nlist: int, nprobe: int, seed: int):
+def train_cells(data: ValidEmbeddings, nlist: int, seed: int) -> np.ndarray:
+    """IVF cells: faiss spherical k-means on 40 points per cell, 10 iterations (cells only need to be
+    roughly right: a pair is found as long as one point probes the other's cell)."""
     import faiss
 
-    quantizer = faiss.IndexFlatIP(data.store.dim)
-    index = faiss.IndexIVFFlat(quantizer, data.store.dim, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    # 40 points per cell and 10 iterations: cells only need to be roughly right for range search.
-    train_n = min(data.n, nlist * 40)
-    sample = np.sort(rng.choice(data.n, size=train_n, replace=False))
-    train = _gather(data, sample)
-    index.cp.seed = seed
-    index.cp.niter = 10
-    index.train(np.ascontiguousarray(train))
+    sample = np.sort(rng.choice(data.n, size=min(data.n, nlist * 40), replace=False))
+    km = faiss.Kmeans(data.store.dim, nlist, niter=10, seed=seed, spherical=True, verbose=False)
+    km.train(data.gather(sample))
+    return km.centroids.astype(np.float32)
+
+
+def probe_cells(data: ValidEmbeddings, cells: np.ndarray, nprobe: int) -> np.ndarray:
+    """n x nprobe: each point's nearest cells, nearest first (column 0 is the cell it is stored in)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(cells.shape[1])
+    index.add(cells)
+    out = np.empty((data.n, nprobe), dtype=np.int64)
     for s, e in _blocks(data.n, 65536):
-        index.add(np.ascontiguousarray(data.block(s, e)))
-    index.nprobe = nprobe
-    return index
+        out[s:e] = index.search(data.block(s, e), nprobe)[1]
+    return out
 
 
-def ivf_block_edges(index, data: ValidEmbeddings, blocks, i: int, sim_min: float):
-    a0, a1 = blocks[i]
-    lims, dists, ids = index.range_search(np.ascontiguousarray(data.block(a0, a1)), sim_min)
-    query = np.repeat(np.arange(a0, a1), np.diff(lims).astype(np.int64))
-    # IVF may find a pair from one side only: keep every found pair once, as (smaller, larger).
-    keep = ids != query
-    a, b = np.minimum(query[keep], ids[keep]), np.maximum(query[keep], ids[keep])
-    return a.astype(np.int64), b.astype(np.int64), dists[keep].astype(np.float32)
+class CellJoin:
+    """IVF search as a join: each cell's stored points against every point that probes the cell, one
+    dense matrix product per cell. The pairs are those faiss's IVF range search would find with the
+    same cells and nprobe, at the speed of a matrix product instead of a per-query scan."""
+
+    def __init__(self, probes: np.ndarray, nlist: int, rows_per_job: int):
+        n, nprobe = probes.shape
+        primary = probes[:, 0]
+        self.members = np.argsort(primary, kind="stable")
+        self.member_bounds = np.searchsorted(primary[self.members], np.arange(nlist + 1))
+        flat = probes.ravel()
+        order = np.argsort(flat, kind="stable")
+        self.queries = order // nprobe
+        self.query_bounds = np.searchsorted(flat[order], np.arange(nlist + 1))
+        # Jobs of whole cells with about rows_per_job stored points each: the unit of resumption.
+        sizes = np.diff(self.member_bounds)
+        job_of_cell = np.cumsum(sizes) // max(1, rows_per_job)
+        self.jobs = [np.flatnonzero(job_of_cell == j) for j in np.unique(job_of_cell)]
+
+    def job_edges(self, data: ValidEmbeddings, job: int, sim_min: float, device: torch.device):
+        rows, cols, sims = [], [], []
+        for c in self.jobs[job]:
+            members = self.members[self.member_bounds[c] : self.member_bounds[c + 1]]
+            queries = self.queries[self.query_bounds[c] : self.query_bounds[c + 1]]
+            if len(members) == 0 or len(queries) == 0:
+                continue
+            scores = (
+                torch.from_numpy(data.gather(queries)).to(device) @ torch.from_numpy(data.gather(members)).to(device).T
+            )
+            r, k = torch.nonzero(scores > sim_min, as_tuple=True)
+            q, m = queries[r.cpu().numpy()], members[k.cpu().numpy()]
+            keep = q != m
+            rows.append(np.minimum(q, m)[keep])
+            cols.append(np.maximum(q, m)[keep])
+            sims.append(scores[r, k].cpu().numpy()[keep])
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims).astype(np.float32)
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int):
@@ -206,12 +250,12 @@ def most_central_members(data: ValidEmbeddings, labels: np.ndarray, device: torc
     spans = _blocks(len(members), 65536)
     for s, e in spans:  # pass 1: component sums (the mean's direction)
         pos = members[s:e]
-        x = torch.from_numpy(_gather(data, pos)).to(device, torch.float64)
+        x = torch.from_numpy(data.gather(pos)).to(device, torch.float64)
         sums.index_add_(0, torch.from_numpy(compact[labels[pos]]).to(device), x)
     scores = np.empty(len(members), dtype=np.float64)
     for s, e in spans:  # pass 2: each member's similarity to its component's mean direction
         pos = members[s:e]
-        x = torch.from_numpy(_gather(data, pos)).to(device, torch.float64)
+        x = torch.from_numpy(data.gather(pos)).to(device, torch.float64)
         c = torch.from_numpy(compact[labels[pos]]).to(device)
         scores[s:e] = (x * sums[c]).sum(dim=1).cpu().numpy()
     # Per component, the highest score; ties go to the earliest row.
@@ -220,13 +264,6 @@ def most_central_members(data: ValidEmbeddings, labels: np.ndarray, device: torc
     first[1:] = labels[members[order[1:]]] != labels[members[order[:-1]]]
     keep[members[order[first]]] = True
     return keep
-
-
-def _gather(data: ValidEmbeddings, positions: np.ndarray) -> np.ndarray:
-    if data._all is not None:
-        return data._all[positions]
-    x = data.store.rows(data.global_rows[positions])
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _size_histogram(labels: np.ndarray) -> dict[str, int]:
@@ -252,7 +289,8 @@ class EdgeSearch:
         self.block = block_size_for(cfg.memory_gb, data.store.dim)
         self.blocks = _blocks(data.n, self.block)
         self.folder = Path(cfg.out) / "edges"
-        self.nlist = cfg.nlist or max(1, min(int(2 * math.sqrt(max(data.n, 1))), data.n // 40 or 1))
+        # Cost ~ n*nlist*d to probe plus n*nprobe*(n/nlist)*d to join: balanced at nlist = sqrt(n*nprobe).
+        self.nlist = cfg.nlist or max(1, min(int(math.sqrt(max(data.n, 1) * cfg.nprobe)), data.n // 40 or 1))
 
     def _settings(self, sim_min: float) -> dict:
         return {
@@ -266,42 +304,56 @@ class EdgeSearch:
             "seed": self.cfg.seed,
         }
 
+    def _prepare_ivf(self) -> CellJoin:
+        """Rank 0 trains the cells and probes every point once; the other ranks read its files."""
+        cells_file, probes_file = self.folder / "ivf_cells.npy", self.folder / "ivf_probes.npy"
+        if self.env.is_main and not probes_file.is_file():
+            cells = train_cells(self.data, self.nlist, self.cfg.seed)
+            save_npy_atomic(cells_file, cells)
+            save_npy_atomic(probes_file, probe_cells(self.data, cells, min(self.cfg.nprobe, self.nlist)))
+        barrier(self.env)
+        return CellJoin(np.load(probes_file), self.nlist, self.block)
+
     def run(self, sim_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         settings = self._settings(sim_min)
         settings_file = self.folder / "settings.json"
         if self.env.is_main:
             if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
-                shutil.rmtree(self.folder)  # edges of another search: not reusable
+                # Edges of another threshold are not reusable; IVF cells of the same data are.
+                for f in self.folder.glob("block_*.npz"):
+                    f.unlink()
+                previous = json.loads(settings_file.read_text())
+                if {k: v for k, v in previous.items() if k != "sim_min"} != {
+                    k: v for k, v in settings.items() if k != "sim_min"
+                }:
+                    shutil.rmtree(self.folder)
             save_json_atomic(settings_file, settings)
         barrier(self.env)
-        mine = [i for i in range(len(self.blocks)) if i % self.env.world_size == self.env.rank]
+        join = self._prepare_ivf() if self.cfg.search == "ivf" else None
+        n_jobs = len(join.jobs) if join is not None else len(self.blocks)
+        mine = [i for i in range(n_jobs) if i % self.env.world_size == self.env.rank]
         todo = [i for i in mine if not (self.folder / f"block_{i:06d}.npz").is_file()]
         if len(todo) < len(mine):
             log.info("rank %d: %d of %d edge blocks already done", self.env.rank, len(mine) - len(todo), len(mine))
-        index = (
-            _ivf_index(self.data, self.nlist, self.cfg.nprobe, self.cfg.seed)
-            if (self.cfg.search == "ivf" and todo)
-            else None
-        )
         with progress_bar(
             len(todo), f"{self.cfg.search} search (rank {self.env.rank})", "block", self.env.is_main
         ) as bar:
             for i in todo:
-                if index is None:
+                if join is None:
                     a, b, s = exact_block_edges(self.data, self.blocks, i, sim_min, self.device)
                 else:
-                    a, b, s = ivf_block_edges(index, self.data, self.blocks, i, sim_min)
+                    a, b, s = join.job_edges(self.data, i, sim_min, self.device)
                 with atomic_path(self.folder / f"block_{i:06d}.npz") as tmp, open(tmp, "wb") as f:
                     np.savez(f, a=a, b=b, s=s)
                 bar.update(1)
         barrier(self.env)
-        parts = [np.load(self.folder / f"block_{i:06d}.npz") for i in range(len(self.blocks))]
+        parts = [np.load(self.folder / f"block_{i:06d}.npz") for i in range(n_jobs)]
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         a = np.concatenate([p["a"] for p in parts]).astype(np.int64)
         b = np.concatenate([p["b"] for p in parts]).astype(np.int64)
         s = np.concatenate([p["s"] for p in parts]).astype(np.float32)
-        if self.cfg.search == "ivf":  # a pair can come from both of its blocks
+        if join is not None:  # a pair can be found from both of its points, or through several probes
             a, b, s = _unique_pairs(a, b, s, self.data.n)
         return a, b, s
 
@@ -310,7 +362,7 @@ def ivf_pair_recall(data: ValidEmbeddings, a, b, similarity: float, sample: int,
     """Share of the exact pairs (above `similarity`) of random query rows that IVF search found."""
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(data.n, size=min(sample, data.n), replace=False))
-    q = torch.from_numpy(_gather(data, queries))
+    q = torch.from_numpy(data.gather(queries))
     exact = set()
     for s, e in _blocks(data.n, 65536):
         scores = q @ torch.from_numpy(data.block(s, e)).T

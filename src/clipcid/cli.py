@@ -120,8 +120,8 @@ def _add_balance_parsers(sub) -> None:
         help="pick the threshold that removes this fraction instead",
     )
     p.add_argument("--search", choices=["exact", "ivf"], default="exact")
-    p.add_argument("--nlist", type=int, default=None, help="ivf: number of cells (default 2*sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=16, help="ivf: cells visited per query")
+    p.add_argument("--nlist", type=int, default=None, help="ivf: number of cells (default sqrt(N*nprobe))")
+    p.add_argument("--nprobe", type=int, default=4, help="ivf: cells each point is compared against")
     p.add_argument("--memory-gb", type=float, default=2.0, help="memory for one block of the search")
     p.add_argument("--recall-sample", type=int, default=1000, help="ivf: queries checked against exact search")
     p.add_argument("--seed", type=int, default=0)
