@@ -172,3 +172,11 @@ def test_eval_every_logs_the_suite_averages(pipeline, tmp_path):
     (line,) = (out / "results.jsonl").read_text().splitlines()
     result = json.loads(line)
     assert result["step"] == 2 and 0 < result["linear_probe_mean_acc1"] <= 1 and result["zeroshot_mean_acc1"] >= 0
+
+
+def test_clip_only_run_needs_no_teacher(pipeline, tmp_path):
+    cfg = dict(teacher_emb=None, clusters=None, w_cls=0, w_kl=0, w_ins=0, max_steps=2)
+    result = distill(_cfg(pipeline, tmp_path / "clip_only", **cfg))
+    assert set(result["last"]) == {"clip", "total", "lr"} and result["steps"] == 2
+    with pytest.raises(ClipcidError, match="--w-ins need --teacher-emb"):
+        distill(_cfg(pipeline, tmp_path / "x", **{**cfg, "w_ins": 1.0}))

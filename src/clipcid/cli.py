@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clipcid.distill.train import DistillConfig
 
     distill = sub.add_parser("distill", help="train a student: CLIP loss + cluster-level + instance-level distillation")
-    add_dataclass_arguments(distill, DistillConfig, {"data", "teacher_emb", "out", "model"}, DISTILL_HELP)
+    add_dataclass_arguments(distill, DistillConfig, {"data", "out", "model"}, DISTILL_HELP)
     models = sub.add_parser("models", help="list the project's model configs with parameter counts")
     models.add_argument("--all", action="store_true", help="list every open_clip architecture too")
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded offline corpus")

@@ -37,8 +37,8 @@ class TrainRows:
     rows: list[np.ndarray]  # per part: the row numbers used, in file order
     labels: list[np.ndarray]  # per part: cluster label of each used row (-1 without clusters)
     keys: list[np.ndarray]  # per part: embedding-metadata key of each used row
-    store_img: EmbeddingStore
-    store_txt: EmbeddingStore
+    store_img: EmbeddingStore | None  # None: training without a teacher (a CLIP-only run)
+    store_txt: EmbeddingStore | None
     num_classes: int
 
     @property
@@ -46,8 +46,23 @@ class TrainRows:
         return int(sum(len(r) for r in self.rows))
 
 
-def load_train_rows(data: str, teacher_emb: str, balance: str | None, clusters: str | None) -> TrainRows:
+def rows_without_teacher(parts: list[Part]) -> TrainRows:
+    """Every row that has an image and a caption, for a run without teacher embeddings."""
+    rows, keys = [], []
+    for part in parts:
+        usable = [(r, row.key) for r, row in enumerate(iter_rows(part)) if row.image is not None and row.caption]
+        rows.append(np.array([r for r, _ in usable], dtype=np.int64))
+        keys.append(np.array([k for _, k in usable], dtype=object))
+    labels = [np.full(len(r), -1, dtype=np.int64) for r in rows]
+    return TrainRows(parts, rows, labels, keys, None, None, 0)
+
+
+def load_train_rows(data: str, teacher_emb: str | None, balance: str | None, clusters: str | None) -> TrainRows:
     parts = discover_parts(data)
+    if teacher_emb is None:
+        if balance or clusters:
+            raise ClipcidError("--balance and --clusters refer to teacher embeddings: pass --teacher-emb too")
+        return rows_without_teacher(parts)
     img = EmbeddingStore.open(teacher_emb, "img")
     txt = EmbeddingStore.open(teacher_emb, "text")
     if len(parts) != len(img.part_ids):
@@ -201,8 +216,11 @@ class TrainBatches(torch.utils.data.IterableDataset):
                 images.append(self.preprocess(im.convert("RGB")))
         parts = np.array([it[0] for it in items])
         rows = np.array([it[1] for it in items])
-        teacher_img = np.stack([self.train.store_img.part(p)[r] for p, r in zip(parts, rows, strict=True)])
-        teacher_txt = np.stack([self.train.store_txt.part(p)[r] for p, r in zip(parts, rows, strict=True)])
+        if self.train.store_img is None:
+            teacher_img = teacher_txt = np.zeros((len(items), 0), dtype=np.float32)
+        else:
+            teacher_img = np.stack([self.train.store_img.part(p)[r] for p, r in zip(parts, rows, strict=True)])
+            teacher_txt = np.stack([self.train.store_txt.part(p)[r] for p, r in zip(parts, rows, strict=True)])
         return {
             "images": torch.stack(images),
             "tokens": self.tokenizer([it[4] for it in items]),

@@ -41,9 +41,9 @@ PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp": torch.float16}
 @dataclass
 class DistillConfig:
     data: str
-    teacher_emb: str
     out: str
     model: str
+    teacher_emb: str | None = None  # without it only the CLIP loss can train (a teacher, or a baseline)
     balance: str | None = None
     clusters: str | None = None
     pretrained: str | None = None
@@ -177,7 +177,7 @@ class Trainer:
         self.preprocess = preprocess_train
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         student_dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else clip.embed_dim
-        teacher_dim = self.train.store_img.dim
+        teacher_dim = self.train.store_img.dim if self.train.store_img is not None else student_dim
         self.student = Student(clip, student_dim, teacher_dim, cfg.head).to(env.device)
         self.pfc = None
         if cfg.w_cls or cfg.w_kl:
@@ -225,6 +225,12 @@ class Trainer:
             raise ClipcidError("--fc-init must be centroids or random")
         if cfg.accum_freq < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
             raise ClipcidError("--batch-size, --epochs and --accum-freq must be at least 1")
+        distilling = [w for w in ("w_cls", "w_kl", "w_ins", "w_simkd", "w_fd") if getattr(cfg, w)]
+        if distilling and not cfg.teacher_emb:
+            raise ClipcidError(
+                f"{', '.join('--' + w.replace('_', '-') for w in distilling)} need --teacher-emb "
+                "(or set them to 0 to train with the CLIP loss alone)"
+            )
         if cfg.eval_every and not cfg.eval_suite_root:
             raise ClipcidError("--eval-every needs --eval-suite-root (the folder `clipcid data build-eval` wrote)")
 
