@@ -34,9 +34,8 @@ def largest_groups(balance_dir: Path, n_parts: int, top: int, per_group: int) ->
     return out
 
 
-def inspect_balance(
-    balance: str, data: str, out: str, emb: str | None = None, top: int = 24, per_group: int = 12
-) -> int:
+def groups_html(balance: str, data: str, emb: str | None = None, top: int = 24, per_group: int = 12) -> tuple[str, int]:
+    """HTML sections, one per large merged group, images inline; and the number of groups shown."""
     balance_dir = Path(balance)
     stats_file = balance_dir / "stats.json"
     if not stats_file.is_file():
@@ -63,13 +62,14 @@ def inspect_balance(
                         f"embeddings say {meta[row].as_py()}: --data is not the embedded data"
                     )
                 images[(part, row)] = (sample.key, sample.image, sample.caption or "")
-    page = _render(stats, groups, images)
-    with atomic_path(out) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return len(groups)
+    return _sections(groups, images), len(groups)
 
 
-def _render(stats: dict, groups, images) -> str:
+def inspect_balance(
+    balance: str, data: str, out: str, emb: str | None = None, top: int = 24, per_group: int = 12
+) -> int:
+    sections, n = groups_html(balance, data, emb, top, per_group)
+    stats = json.loads((Path(balance) / "stats.json").read_text())
     t = stats["threshold_all_metrics"]
     head = (
         f"<h1>Image Semantic Balance: largest merged groups</h1><p>threshold {stats['threshold']:.5g} "
@@ -78,6 +78,23 @@ def _render(stats: dict, groups, images) -> str:
         f"{stats['merged_groups']:,} merged groups, largest {stats['largest_group']:,}. "
         "The kept image of each group has a green frame.</p>"
     )
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>clipcid balance</title><style>{GROUP_STYLE}"
+        f"</style></head><body>{head}{sections}</body></html>"
+    )
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return n
+
+
+GROUP_STYLE = (
+    "body{font-family:sans-serif;margin:1em 2em}.grid{display:flex;flex-wrap:wrap;gap:8px}"
+    "figure{margin:0;width:112px;border:3px solid #ddd;padding:2px}figure.kept{border-color:#2a2}"
+    "img{width:104px;height:104px;image-rendering:pixelated}figcaption{font-size:11px}"
+)
+
+
+def _sections(groups, images) -> str:
     body = []
     for n, members in enumerate(groups, 1):
         cells = []
@@ -90,14 +107,6 @@ def _render(stats: dict, groups, images) -> str:
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         body.append(
-            f"<section><h2>group {n} ({len(members)} shown)</h2><div class=grid>{''.join(cells)}</div></section>"
+            f"<section><h3>group {n} ({len(members)} shown)</h3><div class=grid>{''.join(cells)}</div></section>"
         )
-    style = (
-        "body{font-family:sans-serif;margin:1em 2em}.grid{display:flex;flex-wrap:wrap;gap:8px}"
-        "figure{margin:0;width:112px;border:3px solid #ddd;padding:2px}figure.kept{border-color:#2a2}"
-        "img{width:104px;height:104px;image-rendering:pixelated}figcaption{font-size:11px}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset=utf-8><title>clipcid balance</title><style>{style}"
-        f"</style></head><body>{head}{''.join(body)}</body></html>"
-    )
+    return "".join(body)

@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a small slice, for a smoke run")
     demo.add_argument("--workers", type=int, default=_default_workers())
     demo.add_argument("--npm-root", default="node_modules")
+    demo.add_argument("--recipe", default=None, help="settings JSON (default: clipcid/configs/demo.json)")
     return parser
 
 
@@ -387,7 +388,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from clipcid.demo import DemoConfig, run_demo
 
-        run_demo(DemoConfig(out=args.out, quick=args.quick, workers=args.workers, npm_root=args.npm_root))
+        result = run_demo(
+            DemoConfig(out=args.out, quick=args.quick, workers=args.workers, npm_root=args.npm_root, recipe=args.recipe)
+        )
+        for name, seconds in result["timings"].items():
+            print(f"{name:<20} {seconds:8.1f} s")
+        print(f"report: {result['report']}")
     return 0
 
 

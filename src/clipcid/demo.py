@@ -1,22 +1,35 @@
-"""`clipcid demo`: the pipeline end to end on the embedded offline corpus.
+"""`clipcid demo`: the whole pipeline on the embedded offline corpus, with a report.
 
-Stages so far: corpus -> held-out suite -> teacher embeddings. Every stage resumes.
+corpus -> held-out suite -> teacher (CLIP loss only, larger model) -> teacher embeddings -> balance
+-> clusters -> two students of one architecture on the same data and steps (CLIP loss only, and
+full CID) -> held-out evaluation of all three -> report.html. Each stage records itself in
+OUT/stages/NAME.json when done, so an interrupted demo picks up at the first unfinished stage (and
+each stage resumes internally too). Settings: clipcid/configs/demo.json.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipcid.balance import BalanceConfig, balance
+from clipcid.cluster import ClusterConfig, cluster
 from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, summary_table
 from clipcid.corpus.eval_suite import build_eval_suite
+from clipcid.distill.train import DistillConfig, distill
 from clipcid.embed import EmbedConfig, embed
+from clipcid.errors import ClipcidError
+from clipcid.evaluation.run import run_eval_suite
+from clipcid.fileio import save_json_atomic
 
 log = logging.getLogger("clipcid")
 
-TEACHER_ARCH = "clipcid-small"
+RECIPE = Path(__file__).parent / "configs" / "demo.json"
+CLIP_ONLY = {"w_clip": 1.0, "w_cls": 0.0, "w_kl": 0.0, "w_ins": 0.0}
 
 
 @dataclass
@@ -25,43 +38,159 @@ class DemoConfig:
     quick: bool = False
     workers: int = 2
     npm_root: str = "node_modules"
+    recipe: str | None = None
+
+
+class Stages:
+    """Runs named stages once; a finished stage's result and time are kept in OUT/stages/."""
+
+    def __init__(self, out: Path):
+        self.folder = out / "stages"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, fn):
+        marker = self.folder / f"{name}.json"
+        if marker.is_file():
+            log.info("== %s: done earlier, skipped", name)
+            return json.loads(marker.read_text())["result"]
+        log.info("== %s", name)
+        start = time.monotonic()
+        result = fn()
+        seconds = time.monotonic() - start
+        save_json_atomic(marker, {"seconds": seconds, "result": result})
+        log.info("== %s done in %.1f s", name, seconds)
+        return result
+
+    def timings(self) -> dict[str, float]:
+        return {
+            p.stem: json.loads(p.read_text())["seconds"]
+            for p in sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        }
+
+
+def load_recipe(cfg: DemoConfig) -> dict:
+    path = Path(cfg.recipe) if cfg.recipe else RECIPE
+    if not path.is_file():
+        raise ClipcidError(f"demo recipe not found: {path}")
+    return json.loads(path.read_text())["quick" if cfg.quick else "full"]
+
+
+def _train(out: Path, name: str, recipe: dict, workers: int, weights: dict, **paths) -> dict:
+    settings = {k: v for k, v in recipe.items() if k != "model"}
+    result = distill(
+        DistillConfig(
+            out=str(out / "runs" / name),
+            model=recipe["model"],
+            workers=workers,
+            resume="latest",
+            save_every_n_steps=200,
+            log_every_n_steps=20,
+            **settings,
+            **weights,
+            **paths,
+        )
+    )
+    return {"steps": result["steps"], "last": result["last"]}
+
+
+def _keep_model(out: Path, name: str, run: str, arch: str) -> str:
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "runs" / run / "student.pt", models / f"{name}.pt")
+    index = models / "models.json"
+    table = json.loads(index.read_text()) if index.is_file() else {}
+    table[name] = arch
+    save_json_atomic(index, table)
+    return str(models / f"{name}.pt")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    timings: dict[str, float] = {}
+    recipe = load_recipe(cfg)
+    stages = Stages(out)
+    corpus_dir, suite_dir, emb_dir = out / "corpus", out / "eval", out / "teacher_emb"
+    balance_dir, clusters_dir = out / "balance", out / "clusters"
 
-    def stage(name: str, fn):
-        start = time.monotonic()
-        log.info("== %s", name)
-        result = fn()
-        timings[name] = time.monotonic() - start
-        log.info("== %s done in %.1f s", name, timings[name])
-        return result
-
-    limit = 3000 if cfg.quick else None
-    corpus = stage(
+    corpus = stages.run(
         "corpus",
         lambda: build_demo_corpus(
-            BuildDemoConfig(out=str(out / "corpus"), limit=limit, workers=cfg.workers, npm_root=cfg.npm_root)
-        ),
-    )
-    print(summary_table(corpus))
-    stage("eval-suite", lambda: build_eval_suite(str(out / "eval"), npm_root=cfg.npm_root, workers=cfg.workers))
-    # Until the demo teacher is trained (issue 7), embeddings come from a seeded random-init teacher:
-    # they exercise the pipeline but carry no knowledge.
-    summary = stage(
-        "embed",
-        lambda: embed(
-            EmbedConfig(
-                data=str(out / "corpus"),
-                model=TEACHER_ARCH,
-                out=str(out / "teacher_emb"),
-                workers=cfg.workers,
-                batch_size=256,
+            BuildDemoConfig(
+                out=str(corpus_dir), limit=recipe["corpus_limit"], workers=cfg.workers, npm_root=cfg.npm_root
             )
         ),
     )
-    for name, seconds in timings.items():
-        print(f"{name:<12} {seconds:8.1f} s")
-    return {"timings": timings, "corpus": corpus, "embeddings": summary}
+    print(summary_table(corpus))
+    stages.run("eval_suite", lambda: build_eval_suite(str(suite_dir), npm_root=cfg.npm_root, workers=cfg.workers))
+
+    teacher = recipe["teacher"]
+    stages.run("teacher", lambda: _train(out, "teacher", teacher, cfg.workers, CLIP_ONLY, data=str(corpus_dir)))
+    teacher_ckpt = _keep_model(out, "teacher", "teacher", teacher["model"])
+    stages.run(
+        "teacher_eval",
+        lambda: run_eval_suite(
+            teacher["model"], teacher_ckpt, str(out / "results" / "teacher"), str(suite_dir), workers=cfg.workers
+        )["summary"],
+    )
+    stages.run(
+        "embed",
+        lambda: embed(
+            EmbedConfig(
+                data=str(corpus_dir),
+                model=teacher["model"],
+                out=str(emb_dir),
+                pretrained=teacher_ckpt,
+                workers=cfg.workers,
+                **recipe["embed"],
+            )
+        ),
+    )
+    stages.run(
+        "balance",
+        lambda: _balance_summary(balance(BalanceConfig(emb=str(emb_dir), out=str(balance_dir), **recipe["balance"]))),
+    )
+    stages.run(
+        "cluster",
+        lambda: _cluster_summary(
+            cluster(
+                ClusterConfig(emb=str(emb_dir), out=str(clusters_dir), balance=str(balance_dir), **recipe["cluster"])
+            )
+        ),
+    )
+
+    student = recipe["student"]
+    shared = {"data": str(corpus_dir), "teacher_emb": str(emb_dir), "balance": str(balance_dir)}
+    stages.run("student_clip", lambda: _train(out, "student-clip", student, cfg.workers, CLIP_ONLY, **shared))
+    stages.run(
+        "student_cid",
+        lambda: _train(
+            out, "student-cid", student, cfg.workers, recipe["cid_weights"], clusters=str(clusters_dir), **shared
+        ),
+    )
+    for name in ("student-clip", "student-cid"):
+        ckpt = _keep_model(out, name, name, student["model"])
+        stages.run(
+            f"{name.replace('-', '_')}_eval",
+            lambda n=name, c=ckpt: run_eval_suite(
+                student["model"], c, str(out / "results" / n), str(suite_dir), workers=cfg.workers
+            )["summary"],
+        )
+
+    from clipcid.report import write_report
+
+    report = write_report(out, stages.timings(), recipe)
+    log.info("report: %s", report)
+    return {"report": str(report), "timings": stages.timings()}
+
+
+def _balance_summary(stats: dict) -> dict:
+    keys = ("valid", "kept", "removed", "removed_fraction", "groups", "merged_groups", "largest_group", "threshold")
+    return {k: stats[k] for k in keys}
+
+
+def _cluster_summary(stats: dict) -> dict:
+    return {
+        "k": stats["k"],
+        "assigned": stats["assigned"],
+        "cluster_size": stats["cluster_size"],
+        "empty_clusters": stats["empty_clusters"],
+    }

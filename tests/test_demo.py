@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+from conftest import NPM_ROOT, needs_sources
+
+from clipcid.demo import DemoConfig, run_demo
+
+TINY_RECIPE = {
+    "quick": {
+        "corpus_limit": 240,
+        "teacher": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
+        "embed": {"batch_size": 64},
+        "balance": {"threshold": 0.07, "metric": "l2"},
+        "cluster": {"k": 8},
+        "student": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
+        "cid_weights": {"w_clip": 1.0, "w_cls": 1.0, "w_kl": 0.5, "w_ins": 1.0},
+    }
+}
+
+
+@needs_sources()
+def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
+    import clipcid.corpus.eval_suite as eval_suite
+
+    # The held-out suite in full takes a minute; digits alone exercise every evaluation task but retrieval.
+    real_build = eval_suite.build_eval_suite
+    monkeypatch.setattr(
+        "clipcid.demo.build_eval_suite", lambda out, **kw: real_build(out, **{**kw, "only": ["digits", "flags_circle"]})
+    )
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(TINY_RECIPE))
+    out = tmp_path / "demo"
+    result = run_demo(DemoConfig(out=str(out), quick=True, workers=1, npm_root=str(NPM_ROOT), recipe=str(recipe)))
+
+    # Every artifact exists and agrees with the others.
+    n_rows = sum(pq.read_table(f).num_rows for f in sorted((out / "teacher_emb" / "metadata").glob("*.parquet")))
+    assert n_rows == 240
+    keep = np.concatenate([np.load(out / "balance" / "keep" / f"keep_{i}.npy") for i in range(1)])
+    labels = np.concatenate([np.load(out / "clusters" / "labels" / f"labels_{i}.npy") for i in range(1)])
+    assert len(keep) == len(labels) == 240 and ((labels >= 0) == keep).all()
+    assert np.load(out / "clusters" / "centroids.npy").shape[0] == 8
+    models = json.loads((out / "models" / "models.json").read_text())
+    assert models == {"teacher": "clipcid-tiny", "student-clip": "clipcid-tiny", "student-cid": "clipcid-tiny"}
+    for name, arch in models.items():
+        open_clip.create_model_and_transforms(arch, pretrained=str(out / "models" / f"{name}.pt"))
+        summary = json.loads((out / "results" / name / "summary.json").read_text())
+        assert summary["linear_probe_mean_acc1"] is not None
+    cid_log = (out / "runs" / "student-cid" / "train_log.jsonl").read_text().splitlines()
+    clip_log = (out / "runs" / "student-clip" / "train_log.jsonl").read_text().splitlines()
+    assert len(cid_log) == len(clip_log)  # same data, same steps
+    assert {"cls", "kl", "ins"} <= set(json.loads(cid_log[-1]))
+    page = (out / "report.html").read_text()
+    for heading in ("Results (%)", "What ran", "Image Semantic Balance", "Clusters", "Training curves"):
+        assert heading in page
+    assert page.count("data:image/png;base64,") >= 6
+    assert set(result["timings"]) >= {"corpus", "teacher", "embed", "balance", "cluster", "student_cid"}
+
+    # Run again: every stage is found done and skipped.
+    again = run_demo(DemoConfig(out=str(out), quick=True, workers=1, npm_root=str(NPM_ROOT), recipe=str(recipe)))
+    assert again["timings"] == result["timings"]
