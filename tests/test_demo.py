@@ -5,7 +5,6 @@ import json
 import numpy as np
 import open_clip
 import pyarrow.parquet as pq
-import pytest
 from conftest import NPM_ROOT, needs_sources
 
 from clipcid.demo import DemoConfig, run_demo
