@@ -50,6 +50,7 @@ class ClusterConfig:
     two_level: str = "auto"  # auto | on | off
     gpu: bool = False
     assign_nprobe: int = 8
+    refine_iterations: int = 5  # two-level mode: Lloyd iterations over all centroids after training
     plots: bool = True
 
 
@@ -193,6 +194,21 @@ def train_two_level(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarr
     return np.concatenate(fine).astype(np.float32), coarse, obj
 
 
+def refine_with_ivf(
+    x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, iterations: int, nprobe: int
+) -> np.ndarray:
+    """Lloyd iterations over all k centroids with assignment through the IVF index: repairs the
+    cells' borders, where two-level training splits clusters that straddle coarse cells."""
+    for _ in range(iterations):
+        labels, _ = Assigner(centroids, coarse, nprobe).assign(x)
+        sums = torch.zeros(centroids.shape, dtype=torch.float64)
+        sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
+        counts = np.bincount(labels, minlength=len(centroids))
+        updated = _unit(sums.numpy().astype(np.float32))
+        centroids = np.where(counts[:, None] > 0, updated, centroids).astype(np.float32)
+    return centroids
+
+
 def training_sample(store: EmbeddingStore, rows: np.ndarray, k: int, cfg: ClusterConfig) -> np.ndarray:
     """faiss's subsampling (k * max_points_per_centroid rows), done before reading."""
     limit = k * cfg.max_points_per_centroid
@@ -287,6 +303,7 @@ def _cluster(cfg: ClusterConfig, env: DistEnv) -> dict:
             )
             if two_level:
                 centroids, coarse, obj = train_two_level(x, k, cfg)
+                centroids = refine_with_ivf(x, centroids, coarse, cfg.refine_iterations, cfg.assign_nprobe)
                 save_npy_atomic(out / "coarse_centroids.npy", coarse)
             else:
                 centroids, obj = train_kmeans(x, k, cfg, cfg.seed)
