@@ -14,7 +14,7 @@ TINY_RECIPE = {
         "corpus_limit": 240,
         "teacher": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
         "embed": {"batch_size": 64},
-        "balance": {"threshold": 0.07, "metric": "l2"},
+        "balance": {"target_removal": 0.4, "metric": "l2"},
         "cluster": {"k": 8},
         "student": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
         "cid_weights": {"w_clip": 1.0, "w_cls": 1.0, "w_kl": 0.5, "w_ins": 1.0},
