@@ -90,7 +90,7 @@ def inspect_balance(
 GROUP_STYLE = (
     "body{font-family:sans-serif;margin:1em 2em}.grid{display:flex;flex-wrap:wrap;gap:8px}"
     "figure{margin:0;width:112px;border:3px solid #ddd;padding:2px}figure.kept{border-color:#2a2}"
-    "img{width:104px;height:104px;image-rendering:pixelated}figcaption{font-size:11px}"
+    "figure img{width:104px;height:104px;image-rendering:pixelated}figcaption{font-size:11px}"
 )
 
 
