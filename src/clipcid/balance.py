@@ -38,6 +38,7 @@ from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.embeddings import EmbeddingStore
 from clipcid.errors import ClipcidError
 from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.plots import new_figure, save_png
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -496,12 +497,7 @@ def _write_masks(out: Path, store: EmbeddingStore, data: ValidEmbeddings, labels
 
 
 def _plots(out: Path, sizes: np.ndarray, curve, metric: str, threshold: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     if len(sizes):
         bins = np.unique(np.logspace(0, np.log10(max(sizes.max(), 2)) + 0.01, 30).astype(int))
         ax.hist(sizes, bins=bins)
@@ -512,20 +508,14 @@ def _plots(out: Path, sizes: np.ndarray, curve, metric: str, threshold: float) -
         ylabel="groups",
         title="Image Semantic Balance: group sizes",
     )
-    fig.tight_layout()
-    with atomic_path(out / "group_sizes.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out / "group_sizes.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     ax.plot([t for t, _ in curve], [100 * f for _, f in curve], marker="o")
     ax.axvline(threshold, color="tab:red", linestyle="--", label=f"chosen {threshold:.4g}")
     ax.set(xlabel=f"threshold ({metric})", ylabel="removed (%)", title="Removed fraction against threshold")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(out / "removal_curve.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out / "removal_curve.png")
 
 
 def summary_text(stats: dict) -> str:

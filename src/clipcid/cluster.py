@@ -26,7 +26,8 @@ import torch
 from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.embeddings import EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.fileio import remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.plots import new_figure, save_png
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -374,18 +375,10 @@ def _write_stats(cfg, out: Path, store: EmbeddingStore, k: int, training: dict, 
 
 
 def _plot_sizes(out: Path, sizes: np.ndarray) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     ax.hist(sizes, bins=min(60, max(10, len(sizes) // 5)))
     ax.set(xlabel="images in cluster", ylabel="clusters", title=f"cluster sizes (k = {len(sizes):,})")
-    fig.tight_layout()
-    with atomic_path(out / "cluster_sizes.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, out / "cluster_sizes.png")
 
 
 def summary_text(stats: dict) -> str:

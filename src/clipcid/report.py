@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
 from clipcid.balance_inspect import GROUP_STYLE, groups_html
 from clipcid.fileio import atomic_path
+from clipcid.plots import new_figure, save_png
 
 MODELS = (("teacher", "teacher"), ("student-clip", "student, CLIP loss only"), ("student-cid", "student, CLIP-CID"))
 AVERAGES = (
@@ -32,23 +32,14 @@ def _loss_curves(run: Path, title: str) -> str:
     if not log_file.is_file():
         return f"<p>no training log in {html.escape(str(run))}</p>"
     rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     terms = [k for k in ("clip", "cls", "kl", "ins", "simkd", "fd", "total") if k in rows[-1]]
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = new_figure(6.5, 3.6)
     steps = [r["step"] for r in rows]
     for term in terms:
         ax.plot(steps, [r.get(term) for r in rows], label=term, linewidth=2 if term == "total" else 1)
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return _img_tag(buf.getvalue(), title)
+    return _img_tag(save_png(fig, dpi=90), title)
 
 
 def _results(out: Path) -> tuple[str, dict]:
