@@ -52,7 +52,7 @@ def _add_embed_parser(sub) -> None:
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path")
     p.add_argument("--out", required=True, help="output folder (clip-retrieval layout)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp_bf16", "amp"], default="fp32")
     p.add_argument("--workers", type=int, default=_default_workers(), help="data loading processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--rows-per-part", type=int, default=10000, help="table input: rows per part")
@@ -70,7 +70,7 @@ def _add_model_and_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-root", default=None, help="cache image features here")
     p.add_argument("--workers", type=int, default=_default_workers())
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "amp_bf16", "amp"], default="fp32")
 
 
 def _add_eval_parsers(sub) -> None:
@@ -178,7 +178,7 @@ DISTILL_HELP = {
     "w_simkd": "baseline: similarity-matrix distillation (open_clip style)",
     "w_fd": "baseline: feature distillation (CLIP-KD style MSE)",
     "pfc_sample_rate": "share of classes sampled per step (default 1.0, or 0.1 above 100k classes)",
-    "precision": "fp32, amp_bf16 or amp",
+    "precision": "fp32, bf16 or fp16 autocast (open_clip's amp_bf16 and amp are accepted too)",
     "max_steps": "stop after this many steps (the schedule still spans the whole run)",
 }
 

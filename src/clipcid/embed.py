@@ -8,7 +8,6 @@ renamed, metadata last, so a part with metadata is complete and is skipped on re
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from clipcid import precision
 from clipcid.datasource import Part, discover_parts, iter_rows
 from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.errors import ClipcidError
@@ -32,8 +32,6 @@ from clipcid.models import load_model
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -133,13 +131,6 @@ class PartBatches(torch.utils.data.IterableDataset):
         }
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _write_part(root: Path, index: int, chunks: list[dict], dim: int) -> dict:
     """Assemble one part's batches (in row order) and write it; metadata last marks it complete."""
     chunks.sort(key=lambda c: c["first_row"])
@@ -190,8 +181,7 @@ def _check_existing(root: Path, settings: dict) -> None:
 
 def embed(cfg: EmbedConfig) -> dict:
     """Compute teacher embeddings for every part not yet done; returns the summary (rank 0)."""
-    if cfg.precision not in PRECISIONS:
-        raise ClipcidError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision}")
+    cfg.precision = precision.canonical(cfg.precision)
     env = init_distributed(cfg.device)
     try:
         return _embed(cfg, env)
@@ -242,7 +232,7 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
             chunk = {k: batch[k] for k in ("shard", "first_row", "keys", "captions", "valid", "errors")}
             chunk["img"] = chunk["txt"] = None
             if batch["images"] is not None:
-                with _autocast(env.device, cfg.precision):
+                with precision.autocast(env.device, cfg.precision):
                     img = model.encode_image(batch["images"].to(env.device, non_blocking=True))
                     txt = model.encode_text(batch["tokens"].to(env.device, non_blocking=True))
                 chunk["img"] = F.normalize(img.float(), dim=-1).cpu().numpy().astype(np.float16)

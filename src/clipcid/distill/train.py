@@ -23,6 +23,7 @@ import open_clip
 import torch
 from torch import nn
 
+from clipcid import precision
 from clipcid.distill.data import TrainBatches, batches_per_worker, epoch_assignment, load_train_rows
 from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.errors import ClipcidError
@@ -34,8 +35,6 @@ from clipcid.models import register_model_configs
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
-
-PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp": torch.float16}
 
 
 @dataclass
@@ -211,7 +210,7 @@ class Trainer:
             local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=env.rank, world_size=env.world_size
         )
         self.optimizer = build_optimizer(cfg, self.student, self.pfc)
-        self.scaler = torch.amp.GradScaler(enabled=cfg.precision == "amp" and env.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(enabled=precision.needs_grad_scaler(cfg.precision, env.device))
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -219,8 +218,7 @@ class Trainer:
 
     def validate(self) -> None:
         cfg = self.cfg
-        if cfg.precision not in PRECISIONS:
-            raise ClipcidError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        cfg.precision = precision.canonical(cfg.precision)
         if cfg.fc_init not in ("centroids", "random"):
             raise ClipcidError("--fc-init must be centroids or random")
         if cfg.accum_freq < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
@@ -329,8 +327,7 @@ class Trainer:
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg, dev = self.cfg, self.env.device
-        dtype = PRECISIONS[cfg.precision]
-        autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+        autocast = precision.autocast(dev, cfg.precision)
         t_img, t_txt = batch["teacher_img"].to(dev), batch["teacher_txt"].to(dev)
         with autocast:
             f = self.ddp(

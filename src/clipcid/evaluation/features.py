@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipcid import precision
 from clipcid.evaluation.datasets import EvalDataset
 from clipcid.fileio import atomic_path, save_json_atomic
 from clipcid.progress import progress_bar
@@ -38,8 +38,7 @@ class OpenClipEncoder:
         self.device, self.precision, self.cache_id = device, precision, cache_id
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return precision.autocast(self.device, self.precision)
 
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
