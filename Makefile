@@ -10,7 +10,7 @@ DEMO_OUT ?= demo
 DEB_PACKAGES := fonts-noto-color-emoji unicode-data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint setup system-packages sources clean
+.PHONY: demo test lint setup system-packages sources screenshot clean
 
 setup: $(VENV)/.installed system-packages sources
 
@@ -49,6 +49,19 @@ test: setup
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+
+# The README's picture of the report: headless Chromium (Debian package, installed when missing).
+SCREENSHOT ?= docs/images/report.png
+screenshot:
+	@[ -f $(DEMO_OUT)/report.html ] || { echo "error: $(DEMO_OUT)/report.html not found; run 'make demo' first"; exit 1; }
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+	@mkdir -p $(dir $(SCREENSHOT))
+	profile=$$(mktemp -d); chromium --headless --no-sandbox --disable-gpu --no-first-run --hide-scrollbars \
+	  --disable-background-networking --disable-component-update --disable-sync --user-data-dir=$$profile \
+	  --window-size=1100,2200 --screenshot=$(SCREENSHOT).tmp.png file://$(abspath $(DEMO_OUT))/report.html \
+	  2>/dev/null; rm -rf $$profile
+	mv $(SCREENSHOT).tmp.png $(SCREENSHOT)
+	@echo "wrote $(SCREENSHOT)"
 
 clean:
 	rm -rf $(VENV) node_modules $(DEMO_OUT)
