@@ -5,9 +5,11 @@ import json
 import numpy as np
 import open_clip
 import pyarrow.parquet as pq
+import pytest
 from conftest import NPM_ROOT, needs_sources
 
-from clipcid.demo import DemoConfig, run_demo
+from clipcid.demo import DemoConfig, Stages, run_demo
+from clipcid.errors import ClipcidError
 
 TINY_RECIPE = {
     "quick": {
@@ -62,3 +64,14 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     # Run again: every stage is found done and skipped.
     again = run_demo(DemoConfig(out=str(out), quick=True, workers=1, npm_root=str(NPM_ROOT), recipe=str(recipe)))
     assert again["timings"] == result["timings"]
+
+
+def test_a_finished_stage_is_skipped_only_with_the_same_settings(tmp_path):
+    calls = []
+    stages = Stages(tmp_path)
+    assert stages.run("teacher", lambda: calls.append(1) or {"steps": 3}, {"teacher": {"epochs": 1}}) == {"steps": 3}
+    assert stages.run("teacher", lambda: calls.append(1), {"teacher": {"epochs": 1}}) == {"steps": 3}
+    assert calls == [1]
+    with pytest.raises(ClipcidError, match="teacher.json was made with other settings.*use another --out"):
+        stages.run("teacher", lambda: calls.append(1), {"teacher": {"epochs": 2}})
+    assert calls == [1] and set(stages.timings()) == {"teacher"}

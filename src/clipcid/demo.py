@@ -48,16 +48,23 @@ class Stages:
         self.folder = out / "stages"
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, fn):
+    def run(self, name: str, fn, settings: dict | None = None):
+        """Run `fn` unless NAME finished earlier with the same `settings` (the recipe part it used)."""
         marker = self.folder / f"{name}.json"
         if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("settings") != settings:
+                raise ClipcidError(
+                    f"{marker} was made with other settings ({done.get('settings')} != {settings}); "
+                    f"use another --out, or delete {self.folder.parent} to start over"
+                )
             log.info("== %s: done earlier, skipped", name)
-            return json.loads(marker.read_text())["result"]
+            return done["result"]
         log.info("== %s", name)
         start = time.monotonic()
         result = fn()
         seconds = time.monotonic() - start
-        save_json_atomic(marker, {"seconds": seconds, "result": result})
+        save_json_atomic(marker, {"seconds": seconds, "settings": settings, "result": result})
         log.info("== %s done in %.1f s", name, seconds)
         return result
 
@@ -111,6 +118,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     corpus_dir, suite_dir, emb_dir = out / "corpus", out / "eval", out / "teacher_emb"
     balance_dir, clusters_dir = out / "balance", out / "clusters"
 
+    def depends_on(*parts: str) -> dict:
+        """The recipe parts a stage's output follows from, its own and its inputs'."""
+        return {part: recipe[part] for part in parts}
+
+    upstream = ("corpus_limit", "teacher", "embed", "balance")
+
     corpus = stages.run(
         "corpus",
         lambda: build_demo_corpus(
@@ -118,18 +131,24 @@ def run_demo(cfg: DemoConfig) -> dict:
                 out=str(corpus_dir), limit=recipe["corpus_limit"], workers=cfg.workers, npm_root=cfg.npm_root
             )
         ),
+        depends_on("corpus_limit"),
     )
     print(summary_table(corpus))
     stages.run("eval_suite", lambda: build_eval_suite(str(suite_dir), npm_root=cfg.npm_root, workers=cfg.workers))
 
     teacher = recipe["teacher"]
-    stages.run("teacher", lambda: _train(out, "teacher", teacher, cfg.workers, CLIP_ONLY, data=str(corpus_dir)))
+    stages.run(
+        "teacher",
+        lambda: _train(out, "teacher", teacher, cfg.workers, CLIP_ONLY, data=str(corpus_dir)),
+        depends_on("corpus_limit", "teacher"),
+    )
     teacher_ckpt = _keep_model(out, "teacher", "teacher", teacher["model"])
     stages.run(
         "teacher_eval",
         lambda: run_eval_suite(
             teacher["model"], teacher_ckpt, str(out / "results" / "teacher"), str(suite_dir), workers=cfg.workers
         )["summary"],
+        depends_on("corpus_limit", "teacher"),
     )
     stages.run(
         "embed",
@@ -143,10 +162,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                 **recipe["embed"],
             )
         ),
+        depends_on(*upstream[:3]),
     )
     stages.run(
         "balance",
         lambda: _balance_summary(balance(BalanceConfig(emb=str(emb_dir), out=str(balance_dir), **recipe["balance"]))),
+        depends_on(*upstream),
     )
     stages.run(
         "cluster",
@@ -155,24 +176,35 @@ def run_demo(cfg: DemoConfig) -> dict:
                 ClusterConfig(emb=str(emb_dir), out=str(clusters_dir), balance=str(balance_dir), **recipe["cluster"])
             )
         ),
+        depends_on(*upstream, "cluster"),
     )
 
     student = recipe["student"]
     shared = {"data": str(corpus_dir), "teacher_emb": str(emb_dir), "balance": str(balance_dir)}
-    stages.run("student_clip", lambda: _train(out, "student-clip", student, cfg.workers, CLIP_ONLY, **shared))
+    student_settings = {
+        "student-clip": depends_on(*upstream, "student"),
+        "student-cid": depends_on(*upstream, "cluster", "student", "cid_weights"),
+    }
+    stages.run(
+        "student_clip",
+        lambda: _train(out, "student-clip", student, cfg.workers, CLIP_ONLY, **shared),
+        student_settings["student-clip"],
+    )
     stages.run(
         "student_cid",
         lambda: _train(
             out, "student-cid", student, cfg.workers, recipe["cid_weights"], clusters=str(clusters_dir), **shared
         ),
+        student_settings["student-cid"],
     )
-    for name in ("student-clip", "student-cid"):
+    for name, settings in student_settings.items():
         ckpt = _keep_model(out, name, name, student["model"])
         stages.run(
             f"{name.replace('-', '_')}_eval",
             lambda n=name, c=ckpt: run_eval_suite(
                 student["model"], c, str(out / "results" / n), str(suite_dir), workers=cfg.workers
             )["summary"],
+            settings,
         )
 
     from clipcid.report import write_report
