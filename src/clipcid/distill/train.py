@@ -31,7 +31,7 @@ from clipcid.fileio import atomic_path, save_json_atomic
 from clipcid.losses.baselines import feature_distillation, similarity_distillation
 from clipcid.losses.cluster import PartialFC
 from clipcid.losses.instance import InstanceDistillLoss
-from clipcid.models import register_model_configs
+from clipcid.models import embedding_dim, lock_text_tower, register_model_configs
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -58,6 +58,7 @@ class DistillConfig:
     eps: float = 1e-6
     precision: str = "fp32"
     grad_checkpointing: bool = False
+    lock_text: bool = False  # LiT: train with the text tower frozen (a pretrained HF tower keeps its projection)
     accum_freq: int = 1
     grad_clip_norm: float | None = None
     local_loss: bool = False
@@ -173,9 +174,11 @@ class Trainer:
         )
         if cfg.grad_checkpointing:
             clip.set_grad_checkpointing(True)
+        if cfg.lock_text:
+            lock_text_tower(clip)
         self.preprocess = preprocess_train
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
-        student_dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else clip.embed_dim
+        student_dim = embedding_dim(clip)
         teacher_dim = self.train.store_img.dim if self.train.store_img is not None else student_dim
         self.student = Student(clip, student_dim, teacher_dim, cfg.head).to(env.device)
         self.pfc = None
