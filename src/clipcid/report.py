@@ -5,7 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import platform
+import time
 from pathlib import Path
+
+import torch
 
 from clipcid.balance_inspect import GROUP_STYLE, groups_html
 from clipcid.fileio import atomic_path
@@ -55,7 +60,7 @@ def _results(out: Path) -> tuple[str, dict]:
     rows = []
     for key, label in AVERAGES:
         cells = "".join(f"<td>{_pct(summaries[n].get(key))}</td>" for n, _ in MODELS if n in summaries)
-        rows.append(f"<tr class=avg><th>{label}</th>{cells}</tr>")
+        rows.append(f"<tr class=avg><td><b>{label}</b></td>{cells}</tr>")
     tasks = sorted({t for r in records.values() for t in r})
     for task in tasks:
         cells = "".join(f"<td>{_pct(_main(records[n].get(task)))}</td>" for n, _ in MODELS if n in records)
@@ -86,6 +91,19 @@ def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
     cluster_stats = json.loads((out / "clusters" / "stats.json").read_text())
     groups, _ = groups_html(str(out / "balance"), str(out / "corpus"), str(out / "teacher_emb"), top=8, per_group=10)
     t = balance_stats["threshold_all_metrics"]
+    largest_share = balance_stats["largest_group"] / max(balance_stats["valid"], 1)
+    chaining = (
+        f" The largest group holds {100 * largest_share:.1f}% of all images: union-find joins neighbours of "
+        "neighbours, so in a dense part of the teacher's space a chain of near pairs merges images that are "
+        "not alike (see the grids below); a better teacher, or a lower threshold, makes fewer such chains."
+        if largest_share > 0.01
+        else ""
+    )
+    machine = (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+        + f", torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items())
     curves = "".join(
         _loss_curves(out / "runs" / run, title)
@@ -103,14 +121,15 @@ steps, one with the CLIP loss alone, one with CLIP-CID's cluster- and instance-l
 All numbers are on held-out styles the corpus does not contain.</p>
 <h2>Results (%)</h2>{table}
 <h2>What ran</h2>
+<p>{html.escape(machine)}. Seconds per stage (installs not included); the settings follow.</p>
 <table><tr><th>stage</th><th>seconds</th></tr>{timing_rows}
-<tr><th>total</th><th>{sum(timings.values()):.1f}</th></tr></table>
+<tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td></tr></table>
 <pre>{html.escape(json.dumps(recipe, indent=2))}</pre>
 <h2>Image Semantic Balance</h2>
 <p>threshold {balance_stats["threshold"]:.4g} ({html.escape(balance_stats["metric"])}; l2 {t["l2"]:.4g}, cosine
 distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["valid"]:,} images, removed
 {100 * balance_stats["removed_fraction"]:.2f}%; {balance_stats["merged_groups"]:,} merged groups, the largest
-{balance_stats["largest_group"]:,}.</p>
+{balance_stats["largest_group"]:,}.{chaining}</p>
 {_file_img(out / "balance" / "group_sizes.png", "group sizes")}
 {_file_img(out / "balance" / "removal_curve.png", "removed fraction against threshold")}
 <h3>Largest merged groups (kept image framed green)</h3>{groups}
