@@ -6,6 +6,7 @@ import numpy as np
 import open_clip
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import NPM_ROOT, needs_sources
 
 from clipcid.demo import DemoConfig, Stages, run_demo
@@ -14,7 +15,15 @@ from clipcid.errors import ClipcidError
 TINY_RECIPE = {
     "quick": {
         "corpus_limit": 240,
-        "teacher": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
+        "teacher": {
+            "model": "clipcid-lit-medium",
+            "lock_text": True,
+            "epochs": 1,
+            "batch_size": 32,
+            "lr": 0.001,
+            "warmup": 2,
+            "wd": 0.1,
+        },
         "embed": {"batch_size": 64},
         "balance": {"target_removal": 0.4, "metric": "l2"},
         "cluster": {"k": 8},
@@ -46,7 +55,13 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert len(keep) == len(labels) == 240 and ((labels >= 0) == keep).all()
     assert np.load(out / "clusters" / "centroids.npy").shape[0] == 8
     models = json.loads((out / "models" / "models.json").read_text())
-    assert models == {"teacher": "clipcid-tiny", "student-clip": "clipcid-tiny", "student-cid": "clipcid-tiny"}
+    assert models == {"teacher": "clipcid-lit-medium", "student-clip": "clipcid-tiny", "student-cid": "clipcid-tiny"}
+    assert np.load(out / "teacher_emb" / "text_emb" / "text_emb_0.npy").shape == (240, 384)
+    assert np.load(out / "teacher_emb" / "img_emb" / "img_emb_0.npy").shape == (240, 384)
+    frozen = torch.load(out / "runs" / "teacher" / "student.pt", weights_only=False)
+    fresh = open_clip.create_model("clipcid-lit-medium").state_dict()
+    minilm = [k for k in fresh if k.startswith("text.transformer.")]
+    assert minilm and all(torch.equal(_state(frozen)[k], fresh[k]) for k in minilm)  # the text tower stayed frozen
     for name, arch in models.items():
         open_clip.create_model_and_transforms(arch, pretrained=str(out / "models" / f"{name}.pt"))
         summary = json.loads((out / "results" / name / "summary.json").read_text())
@@ -75,3 +90,7 @@ def test_a_finished_stage_is_skipped_only_with_the_same_settings(tmp_path):
     with pytest.raises(ClipcidError, match="teacher.json was made with other settings.*use another --out"):
         stages.run("teacher", lambda: calls.append(1), {"teacher": {"epochs": 2}})
     assert calls == [1] and set(stages.timings()) == {"teacher"}
+
+
+def _state(checkpoint: dict) -> dict:
+    return checkpoint.get("state_dict", checkpoint)
