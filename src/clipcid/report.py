@@ -47,7 +47,8 @@ def _loss_curves(run: Path, title: str) -> str:
     return _img_tag(save_png(fig, dpi=90), title)
 
 
-def _results(out: Path) -> tuple[str, dict]:
+def results_rows(out: Path) -> tuple[list[str], list[tuple[str, bool, list[float | None]]]]:
+    """(model labels, rows of (task, is_average, value per model)) from OUT/results/NAME/."""
     summaries, records = {}, {}
     for name, _ in MODELS:
         folder = out / "results" / name
@@ -56,17 +57,32 @@ def _results(out: Path) -> tuple[str, dict]:
             records[name] = {
                 f.stem: json.loads(f.read_text()) for f in folder.glob("*_*.json") if f.name != "summary.json"
             }
-    head = "".join(f"<th>{html.escape(label)}</th>" for name, label in MODELS if name in summaries)
-    rows = []
-    for key, label in AVERAGES:
-        cells = "".join(f"<td>{_pct(summaries[n].get(key))}</td>" for n, _ in MODELS if n in summaries)
-        rows.append(f"<tr class=avg><td><b>{label}</b></td>{cells}</tr>")
-    tasks = sorted({t for r in records.values() for t in r})
-    for task in tasks:
-        cells = "".join(f"<td>{_pct(_main(records[n].get(task)))}</td>" for n, _ in MODELS if n in records)
-        rows.append(f"<tr><td>{html.escape(task)}</td>{cells}</tr>")
-    table = f"<table><tr><th>task</th>{head}</tr>{''.join(rows)}</table>"
-    return table, summaries
+    names = [n for n, _ in MODELS if n in summaries]
+    rows = [(label, True, [summaries[n].get(key) for n in names]) for key, label in AVERAGES]
+    for task in sorted({t for r in records.values() for t in r}):
+        rows.append((task, False, [_main(records[n].get(task)) for n in names]))
+    return [label for n, label in MODELS if n in summaries], rows
+
+
+def _results(out: Path) -> str:
+    labels, rows = results_rows(out)
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    body = []
+    for task, is_average, values in rows:
+        cells = "".join(f"<td>{_pct(v)}</td>" for v in values)
+        name = f"<b>{task}</b>" if is_average else html.escape(task)
+        body.append(f"<tr{' class=avg' if is_average else ''}><td>{name}</td>{cells}</tr>")
+    return f"<table><tr><th>task</th>{head}</tr>{''.join(body)}</table>"
+
+
+def results_markdown(out: Path) -> str:
+    """The results table in Markdown, as docs/results.md shows it."""
+    labels, rows = results_rows(out)
+    lines = ["| task (%) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for task, is_average, values in rows:
+        name = f"**{task}**" if is_average else task
+        lines.append(f"| {name} | " + " | ".join(_pct(v) for v in values) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _main(record: dict | None) -> float | None:
@@ -86,7 +102,7 @@ def _pct(value: float | None) -> str:
 
 def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
     out = Path(out)
-    table, _ = _results(out)
+    table = _results(out)
     balance_stats = json.loads((out / "balance" / "stats.json").read_text())
     cluster_stats = json.loads((out / "clusters" / "stats.json").read_text())
     groups, _ = groups_html(str(out / "balance"), str(out / "corpus"), str(out / "teacher_emb"), top=8, per_group=10)
@@ -149,6 +165,8 @@ distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["v
         f"<!doctype html><html><head><meta charset=utf-8><title>clipcid demo report</title>"
         f"<style>{style}</style></head><body>{body}</body></html>"
     )
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(results_markdown(out), encoding="utf-8")
     path = out / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
