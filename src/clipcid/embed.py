@@ -28,7 +28,7 @@ from clipcid.datasource import Part, discover_parts, iter_rows
 from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.errors import ClipcidError
 from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
-from clipcid.models import load_model
+from clipcid.models import load_model, padding_trimmer
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -225,6 +225,7 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
         persistent_workers=False,
     )
     model = teacher.model
+    trim = padding_trimmer(model)
     pending: dict[int, list[dict]] = {}
     images_done, start = 0, time.monotonic()
     with torch.inference_mode(), progress_bar(None, f"embed (rank {env.rank})", "img", env.is_main) as bar:
@@ -234,7 +235,7 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
             if batch["images"] is not None:
                 with precision.autocast(env.device, cfg.precision):
                     img = model.encode_image(batch["images"].to(env.device, non_blocking=True))
-                    txt = model.encode_text(batch["tokens"].to(env.device, non_blocking=True))
+                    txt = model.encode_text(trim(batch["tokens"]).to(env.device, non_blocking=True))
                 chunk["img"] = F.normalize(img.float(), dim=-1).cpu().numpy().astype(np.float16)
                 chunk["txt"] = F.normalize(txt.float(), dim=-1).cpu().numpy().astype(np.float16)
             pending.setdefault(batch["part"], []).append(chunk)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from open_clip.hf_model import HFTextEncoder
 
 from clipcid.errors import ClipcidError
 
@@ -65,6 +67,24 @@ def lock_text_tower(clip: torch.nn.Module) -> None:
     frozen = getattr(getattr(clip, "text", None), "transformer", None)
     if frozen is not None:
         frozen.register_forward_pre_hook(_keep_in_eval_mode)
+
+
+def padding_trimmer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that cuts the all-padding columns off the end of a token batch, where that leaves the
+    text embedding exactly as it was: a Hugging Face tower masks padding out of attention and pooling.
+    Short captions padded to the context length then cost their own length, not the context's (the
+    MiniLM teacher's text pass, most of `embed`'s time on the demo corpus). Identity for other towers:
+    open_clip's own text transformer adds the full positional table, so it needs full-length input."""
+    text = getattr(model, "text", None)
+    pad_id = getattr(getattr(text, "config", None), "pad_token_id", None)
+    if not isinstance(text, HFTextEncoder) or pad_id is None:
+        return lambda tokens: tokens
+
+    def trim(tokens: torch.Tensor) -> torch.Tensor:
+        used = (tokens != pad_id).any(dim=0).nonzero()
+        return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+    return trim
 
 
 def _keep_in_eval_mode(module: torch.nn.Module, args: tuple) -> None:

@@ -31,7 +31,7 @@ from clipcid.fileio import atomic_path, save_json_atomic
 from clipcid.losses.baselines import feature_distillation, similarity_distillation
 from clipcid.losses.cluster import PartialFC
 from clipcid.losses.instance import InstanceDistillLoss
-from clipcid.models import embedding_dim, lock_text_tower, register_model_configs
+from clipcid.models import embedding_dim, lock_text_tower, padding_trimmer, register_model_configs
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -176,6 +176,7 @@ class Trainer:
             clip.set_grad_checkpointing(True)
         if cfg.lock_text:
             lock_text_tower(clip)
+        self.trim = padding_trimmer(clip)
         self.preprocess = preprocess_train
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         student_dim = embedding_dim(clip)
@@ -335,7 +336,7 @@ class Trainer:
         with autocast:
             f = self.ddp(
                 batch["images"].to(dev),
-                batch["tokens"].to(dev),
+                self.trim(batch["tokens"]).to(dev),
                 *((t_img, t_txt) if cfg.w_ins else (None, None)),
                 need_cls=self.pfc is not None,
                 need_proj=bool(cfg.w_ins or cfg.w_fd),

@@ -18,6 +18,7 @@ from PIL import Image
 from clipcid import precision
 from clipcid.evaluation.datasets import EvalDataset
 from clipcid.fileio import atomic_path, save_json_atomic
+from clipcid.models import padding_trimmer
 from clipcid.progress import progress_bar
 
 
@@ -36,6 +37,7 @@ class OpenClipEncoder:
     def __init__(self, model, preprocess, tokenizer, device: torch.device, precision: str = "fp32", cache_id: str = ""):
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.device, self.precision, self.cache_id = device, precision, cache_id
+        self.trim = padding_trimmer(model)
 
     def _autocast(self):
         return precision.autocast(self.device, self.precision)
@@ -49,7 +51,7 @@ class OpenClipEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         with self._autocast():
-            out = self.model.encode_text(self.tokenizer(texts).to(self.device))
+            out = self.model.encode_text(self.trim(self.tokenizer(texts)).to(self.device))
         return F.normalize(out.float(), dim=-1).cpu()
 
 
