@@ -22,6 +22,7 @@ from pathlib import Path
 from clipcid.demo import CLIP_ONLY, DemoConfig, load_recipe
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.evaluation.run import run_eval_suite
+from clipcid.progress import setup_logging
 
 KEYS = ("zeroshot_mean_acc1", "linear_probe_mean_acc1", "retrieval_mean_recall@5")
 
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], help="NAME:key=value,key=value")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
+    setup_logging()
     demo, out = Path(args.demo), Path(args.out)
     recipe = load_recipe(DemoConfig(quick=args.quick))
     student = recipe["student"]
