@@ -23,8 +23,9 @@ from clipcid.demo import CLIP_ONLY, DemoConfig, load_recipe
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.evaluation.run import run_eval_suite
 from clipcid.progress import setup_logging
+from clipcid.report import AVERAGES
 
-KEYS = ("zeroshot_mean_acc1", "linear_probe_mean_acc1", "retrieval_mean_recall@5")
+KEYS = [key for key, _ in AVERAGES]
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

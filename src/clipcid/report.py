@@ -64,8 +64,8 @@ def results_rows(out: Path) -> tuple[list[str], list[tuple[str, bool, list[float
     return [label for n, label in MODELS if n in summaries], rows
 
 
-def _results(out: Path) -> str:
-    labels, rows = results_rows(out)
+def _results_html(table: tuple[list[str], list[tuple[str, bool, list[float | None]]]]) -> str:
+    labels, rows = table
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
     body = []
     for task, is_average, values in rows:
@@ -75,9 +75,9 @@ def _results(out: Path) -> str:
     return f"<table><tr><th>task</th>{head}</tr>{''.join(body)}</table>"
 
 
-def results_markdown(out: Path) -> str:
-    """The results table in Markdown, as docs/results.md shows it."""
-    labels, rows = results_rows(out)
+def results_markdown(table: tuple[list[str], list[tuple[str, bool, list[float | None]]]]) -> str:
+    """The results table (from results_rows) in Markdown, as docs/results.md shows it."""
+    labels, rows = table
     lines = ["| task (%) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for task, is_average, values in rows:
         name = f"**{task}**" if is_average else task
@@ -102,7 +102,8 @@ def _pct(value: float | None) -> str:
 
 def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
     out = Path(out)
-    table = _results(out)
+    results = results_rows(out)
+    table = _results_html(results)
     balance_stats = json.loads((out / "balance" / "stats.json").read_text())
     cluster_stats = json.loads((out / "clusters" / "stats.json").read_text())
     groups, _ = groups_html(str(out / "balance"), str(out / "corpus"), str(out / "teacher_emb"), top=8, per_group=10)
@@ -166,7 +167,7 @@ distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["v
         f"<style>{style}</style></head><body>{body}</body></html>"
     )
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(results_markdown(out), encoding="utf-8")
+        tmp.write_text(results_markdown(results), encoding="utf-8")
     path = out / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
