@@ -21,9 +21,8 @@ from pathlib import Path
 
 from clipcid.demo import CLIP_ONLY, DemoConfig, load_recipe
 from clipcid.distill.train import DistillConfig, distill
-from clipcid.evaluation.run import run_eval_suite
+from clipcid.evaluation.run import AVERAGES, run_eval_suite
 from clipcid.progress import setup_logging
-from clipcid.report import AVERAGES
 
 KEYS = [key for key, _ in AVERAGES]
 

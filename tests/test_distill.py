@@ -92,6 +92,22 @@ def test_resume_equals_uninterrupted(pipeline, tmp_path):
     assert [r["step"] for r in _log(interrupted)][-5:] == [5, 6, 7, 8, 9]
 
 
+def test_resume_with_two_loader_workers_continues_their_turns(pipeline, tmp_path):
+    # Stopped after an odd step, the next batch is due from the second worker, not the first.
+    straight = tmp_path / "straight"
+    distill(_cfg(pipeline, straight, epochs=1, workers=2))
+    interrupted = tmp_path / "interrupted"
+    distill(_cfg(pipeline, interrupted, epochs=1, workers=2, max_steps=3, save_every_n_steps=3))
+    with open(interrupted / "train_log.jsonl", "a") as f:  # rows written after the checkpoint, then a kill
+        f.write(json.dumps({"step": 4, "epoch": 0, "total": 1.0}) + "\n")
+    distill(_cfg(pipeline, interrupted, epochs=1, workers=2, resume="latest"))
+    a = torch.load(straight / "student.pt")["state_dict"]
+    b = torch.load(interrupted / "student.pt")["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert [r["step"] for r in _log(interrupted)] == [1, 2, 3, 4, 5, 6]  # each step logged once
+
+
 def test_non_finite_loss_stops_without_corrupting_the_checkpoint(pipeline, tmp_path, monkeypatch):
     out = tmp_path / "run"
     distill(_cfg(pipeline, out, max_steps=2, save_every_n_steps=2))

@@ -55,6 +55,8 @@ class BalanceConfig:
     threshold: float = 0.07
     metric: str = "l2"
     target_removal: float | None = None
+    # A baseline, not the method: drop this fraction of the valid rows uniformly at random (by --seed).
+    random_removal: float | None = None
     search: str = "exact"
     nlist: int | None = None
     nprobe: int = 4
@@ -399,8 +401,14 @@ def balance(cfg: BalanceConfig) -> dict:
         raise ClipcidError(f"--search must be exact or ivf, not {cfg.search}")
     if cfg.target_removal is not None and not 0 < cfg.target_removal < 1:
         raise ClipcidError("--target-removal must be a fraction between 0 and 1")
-    if cfg.threshold <= 0:
-        raise ClipcidError("--threshold must be positive")
+    if not cfg.threshold > 0:  # NaN too
+        raise ClipcidError("--threshold must be a positive number")
+    if cfg.random_removal is not None:
+        if not 0 <= cfg.random_removal < 1:
+            raise ClipcidError("--random-removal must be a fraction in [0, 1)")
+        if cfg.target_removal is not None:
+            raise ClipcidError("--random-removal and --target-removal exclude each other")
+        return _random_removal(cfg)
     env = init_distributed(cfg.device)
     try:
         return _balance(cfg, env)
@@ -443,7 +451,7 @@ def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
     labels = components(data.n, a[sel], b[sel])
     keep = most_central_members(data, labels, device)
     timings["components_s"] = time.monotonic() - t0
-    _write_masks(out, store, data, labels, keep)
+    _write_masks(out, store, data.global_rows, labels, keep)
 
     curve = [
         (reach * f / 12, removed_fraction(data.n, a, b, s, to_similarity(reach * f / 12, cfg.metric)))
@@ -485,11 +493,42 @@ def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
     return stats
 
 
-def _write_masks(out: Path, store: EmbeddingStore, data: ValidEmbeddings, labels, keep) -> None:
+def _random_removal(cfg: BalanceConfig) -> dict:
+    """The control for Image Semantic Balance: remove exactly round(f * valid) valid rows, drawn
+    uniformly by the seed, in the same layout (every row is a group of its own)."""
+    out = Path(cfg.out)
+    store = EmbeddingStore.open(cfg.emb)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    rows = np.flatnonzero(store.valid_mask())
+    n = len(rows)
+    removed = round(cfg.random_removal * n)
+    keep = np.ones(n, dtype=bool)
+    keep[np.random.default_rng(cfg.seed).choice(n, size=removed, replace=False)] = False
+    _write_masks(out, store, rows, np.arange(n), keep)
+    stats = {
+        "rows": store.total,
+        "valid": n,
+        "invalid": store.total - n,
+        "kept": int(keep.sum()),
+        "removed": removed,
+        "removed_fraction": removed / n if n else 0.0,
+        "groups": n,
+        "merged_groups": 0,
+        "largest_group": 1 if n else 0,
+        "random_removal": cfg.random_removal,
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+    }
+    save_json_atomic(out / "stats.json", stats)
+    return stats
+
+
+def _write_masks(out: Path, store: EmbeddingStore, global_rows: np.ndarray, labels, keep) -> None:
     keep_rows = np.zeros(store.total, dtype=bool)
-    keep_rows[data.global_rows] = keep
+    keep_rows[global_rows] = keep
     group_rows = np.full(store.total, -1, dtype=np.int64)
-    group_rows[data.global_rows] = labels
+    group_rows[global_rows] = labels
     for i in store.part_ids:
         lo, hi = store.offsets[i], store.offsets[i + 1]
         save_npy_atomic(out / "groups" / f"groups_{i}.npy", group_rows[lo:hi])

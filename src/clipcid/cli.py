@@ -184,6 +184,23 @@ DISTILL_HELP = {
 }
 
 
+LIT_HELP = {
+    "data": "training shards",
+    "out": "run folder: features/ (the locked towers' features), model.pt, params.json, train_log.jsonl",
+    "model": "a LiT architecture with shipped ImageNet weights (clipcid-lit-mobilenetv2, ...)",
+    "feature_batch_size": "batch size of the feature pass over the corpus",
+}
+STUDY_HELP = {
+    "out": "study folder: runs/, data/, study.json, study.md, study.csv, study.png",
+    "plan": "plan JSON (default: the one shipped for the demo, clipcid/configs/study.json)",
+    "demo": "a finished `clipcid demo` folder: its shards, teacher embeddings, balance, clusters, suite, recipe",
+    "suite_root": "held-out suite (clipcid data build-eval)",
+    "seeds": "seeds to run (default: the plan's)",
+    "only": "run only these variants",
+    "quick": "the demo folder was made with --quick (take that recipe)",
+}
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, required: set[str], helps: dict[str, str]):
     """One --flag per dataclass field, typed from its annotation: the CLI stays a thin layer."""
     import dataclasses
@@ -193,6 +210,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, required: set[
         kind = str(f.type).replace(" | None", "")
         if kind == "bool":
             parser.add_argument(flag, action="store_true", default=f.default, help=helps.get(f.name))
+            continue
+        if kind.startswith("list["):
+            item = {"list[int]": int, "list[float]": float}.get(kind, str)
+            parser.add_argument(flag, nargs="+", type=item, default=f.default, help=helps.get(f.name))
             continue
         convert = {"int": int, "float": float}.get(kind, str)
         if f.name in required:
@@ -214,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser("distill", help="train a student: CLIP loss + cluster-level + instance-level distillation")
     add_dataclass_arguments(distill, DistillConfig, {"data", "out", "model"}, DISTILL_HELP)
+    from clipcid.lit import LitConfig
+
+    lit = sub.add_parser("lit", help="train a LiT teacher: projections on the locked pretrained towers' features")
+    add_dataclass_arguments(lit, LitConfig, {"data", "out"}, LIT_HELP)
+    from clipcid.study import StudyConfig
+
+    study = sub.add_parser("study", help="student variants x seeds on one set of artifacts, with error bars")
+    add_dataclass_arguments(study, StudyConfig, {"out"}, STUDY_HELP)
     models = sub.add_parser("models", help="list the project's model configs with parameter counts")
     models.add_argument("--all", action="store_true", help="list every open_clip architecture too")
     demo = sub.add_parser("demo", help="run the pipeline end to end on the embedded offline corpus")
@@ -382,6 +411,19 @@ def run(args: argparse.Namespace) -> int:
         result = distill(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields}))
         if result.get("last"):
             print(f"{result['steps']} steps; last: " + ", ".join(f"{k} {v:.4f}" for k, v in result["last"].items()))
+    elif args.command in ("lit", "study"):
+        import dataclasses
+
+        from clipcid.lit import LitConfig, lit
+        from clipcid.study import StudyConfig, run_study
+
+        config, stage = {"lit": (LitConfig, lit), "study": (StudyConfig, run_study)}[args.command]
+        names = {f.name for f in dataclasses.fields(config)}
+        result = stage(config(**{k: v for k, v in vars(args).items() if k in names}))
+        if args.command == "study":
+            print((Path(args.out) / "study.md").read_text())
+        else:
+            print(f"LiT teacher in {args.out}: {result['train_rows']} rows, final loss {result['final_loss']:.4f}")
     elif args.command == "models":
         from clipcid.models import describe_models
 

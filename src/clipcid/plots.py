@@ -8,13 +8,13 @@ from pathlib import Path
 from clipcid.fileio import atomic_path
 
 
-def new_figure(width: float = 6.0, height: float = 4.0):
+def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height))
+    return plt.subplots(ncols=ncols, figsize=(width, height), squeeze=ncols == 1)
 
 
 def save_png(fig, path: str | Path | None = None, dpi: int = 100) -> bytes | None:

@@ -13,15 +13,11 @@ from pathlib import Path
 import torch
 
 from clipcid.balance_inspect import GROUP_STYLE, groups_html
+from clipcid.evaluation.run import AVERAGES, main_metric
 from clipcid.fileio import atomic_path
 from clipcid.plots import new_figure, save_png
 
 MODELS = (("teacher", "teacher"), ("student-clip", "student, CLIP loss only"), ("student-cid", "student, CLIP-CID"))
-AVERAGES = (
-    ("zeroshot_mean_acc1", "zero-shot mean acc1"),
-    ("linear_probe_mean_acc1", "linear-probe mean acc1"),
-    ("retrieval_mean_recall@5", "retrieval mean R@5"),
-)
 
 
 def _img_tag(png: bytes, alt: str) -> str:
@@ -86,14 +82,7 @@ def results_markdown(table: tuple[list[str], list[tuple[str, bool, list[float | 
 
 
 def _main(record: dict | None) -> float | None:
-    if record is None:
-        return None
-    m = record["metrics"]
-    if record["task"] == "zeroshot_classification":
-        return m["acc1"]
-    if record["task"] == "linear_probe":
-        return m["lp_acc1"]
-    return (m["image_retrieval_recall@5"] + m["text_retrieval_recall@5"]) / 2
+    return None if record is None else main_metric(record)[1]
 
 
 def _pct(value: float | None) -> str:

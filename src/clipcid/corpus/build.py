@@ -58,7 +58,7 @@ def _stable_hash(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
     # "waving hand: medium skin tone" reads better in a caption as "waving hand, medium skin tone".
     return name.replace(": ", ", ")
 
@@ -67,7 +67,7 @@ def make_caption(art: S.Artwork) -> str:
     """One caption per image, its template picked by a hash of (style, name) so text varies but is
     reproducible."""
     pick = _stable_hash(art.style, art.name)
-    name = _clean_name(art.name)
+    name = clean_name(art.name)
     if art.kind == "flag":
         country = art.name.split(":", 1)[1].strip() if art.name.startswith("flag:") else art.name
         options = [f"the flag of {country}", f"{country} flag", f"a flag of {country}", f"flag: {country}"]

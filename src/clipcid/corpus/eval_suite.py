@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from clipcid.corpus import sources as S
-from clipcid.corpus.build import DEFAULT_NPM_ROOT, run_pool
+from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name, run_pool
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.fileio import save_json_atomic
@@ -33,6 +33,7 @@ SHARD_SIZE = 1000
 EMOJI_TEMPLATES = ["an emoji of {c}.", "a {c} emoji.", "an icon of {c}."]
 FLAG_TEMPLATES = ["the flag of {c}."]
 DIGIT_TEMPLATES = ["the digit {c}.", "a drawing of the digit {c}.", "the number {c}."]
+ICON_TEMPLATES = ["an icon of {c}.", "a {c} icon.", "{c}."]
 EVAL_STYLES = {"fluent3d": "fluent-emoji", "fluenthc": "fluent-emoji-high-contrast"}
 
 
@@ -46,6 +47,9 @@ class EvalDataset:
     # split -> list of (render spec or ready PNG bytes, label int or captions list, metadata)
     splits: dict[str, list[tuple[tuple[str, str] | bytes, int | list[str], dict]]] = field(default_factory=dict)
     failed_to_render: int = 0  # artwork dropped before the dataset was assembled
+    # Zero-shot over names the training captions use, like ImageNet's zero-shot over its class names:
+    # reported as a mean of its own besides the suite's.
+    name_level: bool = False
 
 
 def _in_test_split(style: str, name: str) -> bool:
@@ -131,6 +135,45 @@ def emoji_retrieval(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalData
     return ds
 
 
+def emoji_names(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalDataset:
+    """Zero-shot by emoji name on a held-out style: one class per emoji, named as the training captions
+    name it. Skin-tone variants are left out: they are one picture in five colours."""
+    arts, failed = rendered
+    by_name: dict[str, S.Artwork] = {}
+    for a in arts:
+        if "skin tone" not in a.name:
+            by_name.setdefault(clean_name(a.name), a)
+    names = list(by_name)
+    ds = EvalDataset(
+        f"names_emoji_{tag}", ["zeroshot_classification"], "classification", names, EMOJI_TEMPLATES, {"test": []}
+    )
+    ds.failed_to_render, ds.name_level = failed, True
+    for i, name in enumerate(names):
+        a = by_name[name]
+        ds.splits["test"].append((a.render, i, {"name": a.name, "style": a.style}))
+    return ds
+
+
+def icon_names(npm_root: Path) -> EvalDataset:
+    """Zero-shot by icon name on a held-out icon set: the icons whose names the training icon sets use too."""
+    training_names = {a.name for prefix in S.TRAIN_ICON_SETS for a in S.read_iconify_icons(npm_root, prefix)}
+    arts = [a for a in S.read_iconify_icons(npm_root, S.EVAL_ICON_SET) if a.name in training_names]
+    names = sorted({a.name for a in arts})
+    class_id = {n: i for i, n in enumerate(names)}
+    ds = EvalDataset(
+        f"names_icons_{S.EVAL_ICON_SET}",
+        ["zeroshot_classification"],
+        "classification",
+        names,
+        ICON_TEMPLATES,
+        {"test": []},
+    )
+    ds.name_level = True
+    for a in arts:
+        ds.splits["test"].append((a.render, class_id[a.name], {"name": a.name, "style": a.style}))
+    return ds
+
+
 def circle_flags(npm_root: Path, index: S.EmojiIndex) -> EvalDataset:
     arts = S.read_iconify_flags(npm_root, S.EVAL_FLAG_SET, index)
     names = sorted({a.name for a in arts})
@@ -213,6 +256,7 @@ def write_wds_dataset(ds: EvalDataset, out: Path, image_size: int, workers: int)
         "splits": {split: len(entries) for split, entries in ds.splits.items()},
         "written": sum(r["written"] for r in results),
         "failed_to_render": ds.failed_to_render + sum(r["failed"] for r in results),
+        "name_level": ds.name_level,
     }
     save_json_atomic(tmp / "info.json", info)
     shutil.rmtree(final, ignore_errors=True)
@@ -252,6 +296,8 @@ def build_eval_suite(
                 style_artwork(t), index, t, lv
             )
         builders[f"retrieval_emoji_{tag}"] = lambda t=tag: emoji_retrieval(style_artwork(t), t)
+        builders[f"names_emoji_{tag}"] = lambda t=tag: emoji_names(style_artwork(t), t)
+    builders[f"names_icons_{S.EVAL_ICON_SET}"] = lambda: icon_names(root)
     builders["flags_circle"] = lambda: circle_flags(root, index)
     builders["digits"] = lambda: sklearn_digits(image_size)
 

@@ -32,6 +32,7 @@ TRAIN_FLAG_SETS = ("flag", "flagpack", "cif")
 TRAIN_ICON_SETS = ("icon-park", "mdi", "game-icons")
 EVAL_EMOJI_SETS = ("fluent-emoji", "fluent-emoji-high-contrast")
 EVAL_FLAG_SET = "circle-flags"
+EVAL_ICON_SET = "lucide"  # line icons in a style none of the training icon sets has
 
 # Unicode "Component" entries are skin-tone and hair swatches, not pictures of anything.
 SKIPPED_GROUPS = {"Component"}

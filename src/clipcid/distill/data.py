@@ -153,6 +153,9 @@ class TrainBatches(torch.utils.data.IterableDataset):
         # `start_step` (to skip on resume).
         self.quota = [order.count(w) for w in range(self.workers)]
         self.skip = [order[:start_step].count(w) for w in range(self.workers)]
+        # A DataLoader always asks its worker 0 first. On resume the next batch may be due from another
+        # worker, so DataLoader worker i plays worker (first + i) mod n: the turns continue as they were.
+        self.first_worker = order[start_step] if start_step < len(order) else 0
 
     def _part_samples(self, p: int):
         """The used rows of part p in file order, read from the shard and checked against the key."""
@@ -189,7 +192,7 @@ class TrainBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
+        worker = 0 if info is None else (self.first_worker + info.id) % self.workers
         if info is None and self.workers > 1:
             raise RuntimeError("TrainBatches built for several workers must run in a DataLoader with them")
         quota, skip = self.quota[worker], self.skip[worker]

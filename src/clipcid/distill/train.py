@@ -323,9 +323,22 @@ class Trainer:
             self.pfc.weight.data.copy_(state["pfc"]["weight"])
             self.pfc.generator.set_state(state["pfc"]["generator"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if self.env.is_main:
+            self._truncate_log(self.step)
         log.info(
             "resumed from %s at step %d (epoch %d, step %d of it)", folder, self.step, self.epoch, self.step_in_epoch
         )
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log rows of steps after the checkpoint: they are trained again, and logged again."""
+        for name in ("train_log.jsonl", "results.jsonl"):
+            path = self.out / name
+            if path.is_file():
+                rows = [line for line in path.read_text().splitlines() if line.strip()]
+                kept = [line for line in rows if json.loads(line)["step"] <= step]
+                if len(kept) != len(rows):
+                    with atomic_path(path) as tmp:
+                        tmp.write_text("".join(line + "\n" for line in kept))
 
     # -- training ----------------------------------------------------------------------------------
 

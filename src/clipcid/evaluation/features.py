@@ -38,6 +38,9 @@ class OpenClipEncoder:
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.device, self.precision, self.cache_id = device, precision, cache_id
         self.trim = padding_trimmer(model)
+        # Features by image content: the suite's datasets share pictures (one style's emoji are labelled by
+        # group, subgroup and name, and retrieved by caption), and each picture is encoded once.
+        self.image_memo: dict[str, np.ndarray] = {}
 
     def _autocast(self):
         return precision.autocast(self.device, self.precision)
@@ -66,22 +69,40 @@ def checkpoint_cache_id(model: str, pretrained: str | None) -> str:
 
 
 class _SplitImages(torch.utils.data.IterableDataset):
-    def __init__(self, dataset: EvalDataset, split: str, preprocess):
-        self.dataset, self.split, self.preprocess = dataset, split, preprocess
+    """(transformed image, or None when its features are known already; target; content hash)."""
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, object]]:
+    def __init__(self, dataset: EvalDataset, split: str, preprocess, known: set[str]):
+        self.dataset, self.split, self.preprocess, self.known = dataset, split, preprocess, known
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, object, str]]:
         sources = self.dataset.sources(self.split)
         info = torch.utils.data.get_worker_info()
         if info is not None:
             sources = sources[info.id :: info.num_workers]
         for source in sources:
             for image, target in self.dataset.iter_source(source):
+                digest = hashlib.sha1(image).hexdigest()
+                if digest in self.known:
+                    yield None, target, digest
+                    continue
                 with Image.open(io.BytesIO(image)) as im:
-                    yield self.preprocess(im.convert("RGB")), target
+                    yield self.preprocess(im.convert("RGB")), target, digest
 
 
-def _collate(batch: list[tuple[torch.Tensor, object]]) -> tuple[torch.Tensor, list]:
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+def _collate(batch: list[tuple[torch.Tensor | None, object, str]]) -> tuple[torch.Tensor | None, list, list]:
+    images = [b[0] for b in batch if b[0] is not None]
+    # The digests of the rows that came with a picture, then those of every row.
+    sent = [b[2] for b in batch if b[0] is not None]
+    return (torch.stack(images) if images else None), [b[1] for b in batch], [sent, [b[2] for b in batch]]
+
+
+def _encode_batch(encoder: Encoder, images: torch.Tensor | None, digests: list[list[str]], memo: dict) -> np.ndarray:
+    """Features of a batch in order: pictures that came encoded (and remembered), the others looked up."""
+    sent, every = digests
+    if images is not None:
+        for digest, feature in zip(sent, encoder.encode_images(images).numpy(), strict=True):
+            memo[digest] = feature
+    return np.stack([memo[d] for d in every])
 
 
 def image_features(
@@ -98,16 +119,18 @@ def image_features(
     if cache is not None and (cache / f"{split}.json").is_file():
         return np.load(cache / f"{split}.npy"), json.loads((cache / f"{split}.json").read_text())["targets"]
     n_sources = len(dataset.sources(split))
+    memo = getattr(encoder, "image_memo", None)
+    memo = {} if memo is None else memo
     loader = torch.utils.data.DataLoader(
-        _SplitImages(dataset, split, encoder.preprocess),
+        _SplitImages(dataset, split, encoder.preprocess, set(memo)),
         batch_size=batch_size,
         num_workers=min(workers, n_sources),
         collate_fn=_collate,
     )
     feats, targets = [], []
     with progress_bar(None, f"features {dataset.name}/{split}", "img") as bar:
-        for images, batch_targets in loader:
-            feats.append(encoder.encode_images(images).numpy())
+        for images, batch_targets, digests in loader:
+            feats.append(_encode_batch(encoder, images, digests, memo))
             targets.extend(batch_targets)
             bar.update(len(batch_targets))
     features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)

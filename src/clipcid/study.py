@@ -1,0 +1,494 @@
+"""`clipcid study`: student variants × seeds on one set of artifacts, with error bars.
+
+A plan (JSON; the demo's is clipcid/configs/study.json) names a reference variant, seeds, a base
+training recipe and variants. A variant overrides the base's DistillConfig fields ("train") and/or the
+data ("data": {"balance": ..., "cluster": ...}): "given" uses the artifacts' folder, null drops the
+stage (no balance: train on every valid row), an object runs the stage with those settings inside the
+study folder (cached, shared by every variant that asks for the same; random removal is drawn per
+seed). "same_steps_as": VARIANT trains for as many steps as that variant did with the same seed.
+
+Per seed, every variant starts from the same student initialisation and reads the same data in the
+same order where its data are the same (both follow DistillConfig.seed). Each (variant, seed) is a
+distill run plus a held-out evaluation in OUT/runs/VARIANT/seedS/; it resumes from its checkpoints and
+is skipped once its evaluation is written. After every run, OUT/study.json (every run's settings and
+per-task metrics), study.md and study.csv (mean ± sd over seeds; against the reference, the paired
+difference per seed with a 95 % t interval) and study.png are rewritten from what is finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from clipcid.balance import BalanceConfig, balance
+from clipcid.cluster import ClusterConfig, cluster
+from clipcid.distill.train import DistillConfig, distill
+from clipcid.errors import ClipcidError
+from clipcid.evaluation.run import AVERAGES, main_metric, run_eval_suite
+from clipcid.fileio import atomic_path, save_json_atomic
+from clipcid.plots import new_figure, save_png
+
+log = logging.getLogger("clipcid")
+
+PLAN = Path(__file__).parent / "configs" / "study.json"
+GIVEN = "given"
+
+
+@dataclass
+class StudyConfig:
+    out: str
+    plan: str = str(PLAN)
+    demo: str | None = None  # a finished `clipcid demo` folder: the artifacts below and its recipe
+    data: str | None = None
+    teacher_emb: str | None = None
+    balance: str | None = None
+    clusters: str | None = None
+    suite_root: str | None = None
+    seeds: list[int] | None = None  # default: the plan's
+    only: list[str] | None = None  # run only these variants (and those they take their steps from)
+    workers: int = 2
+    quick: bool = False  # the demo folder was made with `clipcid demo --quick`
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    group: str
+    train: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    same_steps_as: str | None = None
+
+
+@dataclass
+class Plan:
+    reference: str
+    seeds: list[int]
+    base: dict
+    variants: list[Variant]
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ClipcidError(f"the plan has no variant '{name}' (it has {', '.join(v.name for v in self.variants)})")
+
+
+def load_plan(path: str, base_train: dict) -> Plan:
+    p = Path(path)
+    if not p.is_file():
+        raise ClipcidError(f"study plan not found: {path}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ClipcidError(f"study plan {path} is not valid JSON: {e}") from e
+    known = {f.name for f in fields(DistillConfig)}
+    variants = []
+    for item in raw.get("variants", []):
+        if "name" not in item:
+            raise ClipcidError(f"{path}: every variant needs a name")
+        unknown = sorted(set(item.get("train", {})) - known)
+        if unknown:
+            raise ClipcidError(f"{path}: variant {item['name']}: {', '.join(unknown)} are not distill settings")
+        bad = sorted(set(item.get("data", {})) - {"balance", "cluster"})
+        if bad:
+            raise ClipcidError(f"{path}: variant {item['name']}: data takes balance and cluster, not {', '.join(bad)}")
+        variants.append(
+            Variant(
+                item["name"],
+                item.get("label", item["name"]),
+                item.get("group", ""),
+                item.get("train", {}),
+                item.get("data", {}),
+                item.get("same_steps_as"),
+            )
+        )
+    if len({v.name for v in variants}) != len(variants):
+        raise ClipcidError(f"{path}: variant names must be unique")
+    base = {**base_train, **raw.get("base", {}).get("train", {})}
+    unknown = sorted(set(base) - known)
+    if unknown:
+        raise ClipcidError(f"{path}: base: {', '.join(unknown)} are not distill settings")
+    if "model" not in base:
+        raise ClipcidError(f"{path}: the base recipe names no student model (base.train.model)")
+    plan = Plan(raw.get("reference", variants[0].name if variants else ""), raw.get("seeds", [0]), base, variants)
+    plan.variant(plan.reference)
+    for v in variants:
+        if v.same_steps_as:
+            plan.variant(v.same_steps_as)
+    return plan
+
+
+# -- data variants -------------------------------------------------------------------------------
+
+
+def _key(spec: object) -> str:
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class DataCache:
+    """Balance and clusters of each data variant, made once inside the study folder."""
+
+    def __init__(self, out: Path, artifacts: dict):
+        self.out, self.artifacts = out / "data", artifacts
+
+    def _stage(self, kind: str, spec: dict, run) -> str:
+        folder = self.out / f"{kind}-{_key(spec)}"
+        marker = folder / "study_stage.json"
+        if marker.is_file() and json.loads(marker.read_text())["spec"] == spec:
+            return str(folder)
+        log.info("study: %s for %s", kind, json.dumps(spec, sort_keys=True))
+        run(str(folder))
+        save_json_atomic(marker, {"spec": spec})
+        return str(folder)
+
+    def balance(self, spec, seed: int) -> str | None:
+        if spec == GIVEN:
+            return self.artifacts["balance"]
+        if spec is None:
+            return None
+        if "random_removal" in spec:
+            spec = {**spec, "seed": seed}  # a control drawn anew per seed
+        return self._stage(
+            "balance", spec, lambda out: balance(BalanceConfig(emb=self.artifacts["teacher_emb"], out=out, **spec))
+        )
+
+    def clusters(self, balance_spec, cluster_spec, seed: int) -> str:
+        if balance_spec == GIVEN and cluster_spec == GIVEN:
+            return self.artifacts["clusters"]
+        balance_dir = self.balance(balance_spec, seed)
+        settings = {} if cluster_spec == GIVEN else dict(cluster_spec)
+        spec = {"balance": balance_dir, **settings}
+        return self._stage(
+            "clusters",
+            spec,
+            lambda out: cluster(
+                ClusterConfig(emb=self.artifacts["teacher_emb"], out=out, balance=balance_dir, **settings)
+            ),
+        )
+
+
+# -- runs ----------------------------------------------------------------------------------------
+
+
+def run_folder(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / variant / f"seed{seed}"
+
+
+def _finished(folder: Path) -> dict | None:
+    f = folder / "run.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.artifacts, base_train = resolve_artifacts(cfg)
+        self.plan = load_plan(cfg.plan, base_train)
+        self.seeds = cfg.seeds if cfg.seeds is not None else self.plan.seeds
+        if not self.seeds:
+            raise ClipcidError("the study needs at least one seed")
+        self.data = DataCache(self.out, self.artifacts)
+
+    def settings(self, variant: Variant, seed: int) -> dict:
+        """The distill settings of one run: base, the variant's overrides, the seed and the data."""
+        train = {**self.plan.base, **variant.train, "seed": seed}
+        balance_spec = variant.data.get("balance", GIVEN)
+        cluster_spec = variant.data.get("cluster", GIVEN)
+        paths = {"data": self.artifacts["data"], "teacher_emb": self.artifacts["teacher_emb"]}
+        paths["balance"] = self.data.balance(balance_spec, seed)
+        probe = DistillConfig(data="", out="", **train)  # the defaults of what the variant leaves unset
+        needs_clusters = probe.w_cls or probe.w_kl
+        paths["clusters"] = self.data.clusters(balance_spec, cluster_spec, seed) if needs_clusters else None
+        if variant.same_steps_as:
+            reference = self.run(self.plan.variant(variant.same_steps_as), seed)
+            per_step = probe.batch_size * probe.accum_freq
+            train["train_num_samples"] = reference["steps"] // probe.epochs * per_step
+        return {**train, **paths}
+
+    def run(self, variant: Variant, seed: int) -> dict:
+        """Train and evaluate one (variant, seed) unless done; returns its record."""
+        folder = run_folder(self.out, variant.name, seed)
+        done = _finished(folder)
+        settings = self.settings(variant, seed)
+        if done is not None:
+            if done["settings"] != settings:
+                raise ClipcidError(
+                    f"{folder} was trained with other settings than the plan now gives variant {variant.name}; "
+                    f"rename the variant or delete {folder}"
+                )
+            return done
+        log.info("study: %s, seed %d", variant.name, seed)
+        start = time.monotonic()
+        model = settings["model"]
+        result = distill(
+            DistillConfig(
+                out=str(folder / "train"),
+                workers=self.cfg.workers,
+                resume="latest",
+                save_every_n_steps=50,
+                log_every_n_steps=20,
+                **settings,
+            )
+        )
+        train_s = time.monotonic() - start
+        evaluation = run_eval_suite(
+            model,
+            str(folder / "train" / "student.pt"),
+            str(folder / "eval"),
+            self.artifacts["suite_root"],
+            workers=self.cfg.workers,
+        )
+        record = {
+            "variant": variant.name,
+            "seed": seed,
+            "settings": settings,
+            "steps": result["steps"],
+            "train_seconds": train_s,
+            "eval_seconds": time.monotonic() - start - train_s,
+            "summary": evaluation["summary"],
+            "tasks": {f"{r['dataset']}/{r['task']}": main_metric(r)[1] for r in evaluation["records"]},
+        }
+        save_json_atomic(folder / "run.json", record)  # written last: marks the run finished
+        return record
+
+    def execute(self) -> dict:
+        names = [v.name for v in self.plan.variants]
+        if self.cfg.only:
+            unknown = sorted(set(self.cfg.only) - set(names))
+            if unknown:
+                raise ClipcidError(f"--only: no variant {', '.join(unknown)} in the plan")
+            names = [n for n in names if n in self.cfg.only]
+        total = len(names) * len(self.seeds)
+        done_count = 0
+        for seed in self.seeds:  # seeds outermost: after one pass every variant has a first result
+            for name in names:
+                self.run(self.plan.variant(name), seed)
+                done_count += 1
+                log.info("study: %d/%d runs done", done_count, total)
+                self.write_results()
+        return self.write_results()
+
+    def records(self) -> list[dict]:
+        out = []
+        for v in self.plan.variants:
+            for seed in self.seeds:
+                record = _finished(run_folder(self.out, v.name, seed))
+                if record is not None:
+                    out.append(record)
+        return out
+
+    def write_results(self) -> dict:
+        records = self.records()
+        tables = aggregate(records, self.plan)
+        payload = {
+            "plan": self.cfg.plan,
+            "reference": self.plan.reference,
+            "seeds": self.seeds,
+            "artifacts": self.artifacts,
+            "base": self.plan.base,
+            "variants": [v.__dict__ for v in self.plan.variants],
+            "runs": records,
+            "aggregate": tables,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_json_atomic(self.out / "study.json", payload)
+        with atomic_path(self.out / "study.md") as tmp:
+            tmp.write_text(study_markdown(tables, self.plan), encoding="utf-8")
+        with atomic_path(self.out / "study.csv") as tmp:
+            tmp.write_text(study_csv(tables), encoding="utf-8")
+        if records:
+            study_plot(tables, self.plan, self.out / "study.png")
+        return payload
+
+
+def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
+    """The shards, teacher embeddings, balance, clusters and suite, from --demo and/or explicit flags;
+    and the base training recipe (the demo's student recipe with its CID weights, when --demo)."""
+    artifacts: dict[str, str | None] = {k: None for k in ("data", "teacher_emb", "balance", "clusters", "suite_root")}
+    base: dict = {}
+    if cfg.demo:
+        from clipcid.demo import DemoConfig, load_recipe
+
+        demo = Path(cfg.demo)
+        if not (demo / "stages" / "cluster.json").is_file():
+            raise ClipcidError(f"{demo} is not a finished demo folder (no stages/cluster.json); run `clipcid demo`")
+        artifacts.update(
+            data=str(demo / "corpus"),
+            teacher_emb=str(demo / "teacher_emb"),
+            balance=str(demo / "balance"),
+            clusters=str(demo / "clusters"),
+            suite_root=str(demo / "eval"),
+        )
+        recipe = load_recipe(DemoConfig(quick=cfg.quick))
+        base = {**recipe["student"], **recipe["cid_weights"]}
+    for key in artifacts:
+        if getattr(cfg, key):
+            artifacts[key] = getattr(cfg, key)
+    missing = [k for k in ("data", "teacher_emb", "suite_root") if not artifacts[k]]
+    if missing:
+        raise ClipcidError(
+            f"the study needs {', '.join('--' + m.replace('_', '-') for m in missing)} (or --demo DEMO_FOLDER)"
+        )
+    for key, value in artifacts.items():
+        if value and not Path(value).exists():
+            raise ClipcidError(f"--{key.replace('_', '-')} {value} does not exist")
+    return artifacts, base
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None with one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+def paired_interval(values: dict[int, float], reference: dict[int, float], level: float = 0.95) -> dict | None:
+    """Mean of the per-seed differences (variant - reference) over the seeds both have, with a
+    Student-t confidence interval; None when no seed is shared."""
+    from scipy import stats
+
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    diffs = np.array([values[s] - reference[s] for s in seeds], dtype=np.float64)
+    mean = float(diffs.mean())
+    if len(diffs) < 2:
+        return {"n": 1, "mean": mean, "low": None, "high": None}
+    half = float(stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+    return {"n": len(diffs), "mean": mean, "low": mean - half, "high": mean + half}
+
+
+def metric_values(records: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """variant -> metric -> seed -> value; metrics are the suite's averages then every task."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for r in records:
+        per = out.setdefault(r["variant"], {})
+        for key, _ in AVERAGES:
+            if r["summary"].get(key) is not None:
+                per.setdefault(key, {})[r["seed"]] = r["summary"][key]
+        for task, value in r["tasks"].items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                per.setdefault(task, {})[r["seed"]] = value
+    return out
+
+
+def aggregate(records: list[dict], plan: Plan) -> dict:
+    values = metric_values(records)
+    reference = values.get(plan.reference, {})
+    table: dict[str, dict] = {}
+    for variant, metrics in values.items():
+        table[variant] = {}
+        for metric, by_seed in metrics.items():
+            mean, sd = mean_sd(list(by_seed.values()))
+            entry = {"n": len(by_seed), "mean": mean, "sd": sd, "seeds": {str(k): v for k, v in by_seed.items()}}
+            if variant != plan.reference and metric in reference:
+                entry["vs_reference"] = paired_interval(by_seed, reference[metric])
+            table[variant][metric] = entry
+    return table
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _cell(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    sd = f" ± {_pct(entry['sd'])}" if entry["sd"] is not None else ""
+    return f"{_pct(entry['mean'])}{sd}"
+
+
+def _diff_cell(entry: dict | None) -> str:
+    d = (entry or {}).get("vs_reference")
+    if not d:
+        return "–"
+    if d["low"] is None:
+        return f"{_pct(d['mean'], True)} (1 seed)"
+    mark = " **" if d["low"] > 0 or d["high"] < 0 else ""  # the interval excludes zero
+    return f"{_pct(d['mean'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}]{mark}"
+
+
+def study_markdown(tables: dict, plan: Plan) -> str:
+    ref = plan.variant(plan.reference).label
+    keys = [k for k, _ in AVERAGES]
+    heads = [label for _, label in AVERAGES]
+    lines = [
+        "# Study",
+        "",
+        f"Mean ± standard deviation over seeds (%, held-out suite). Reference: **{ref}**. The second table gives",
+        "each variant minus the reference, paired by seed, with its 95 % t interval; ** marks an interval",
+        "that excludes zero.",
+        "",
+        "| group | variant | seeds | " + " | ".join(heads) + " |",
+        "|---|---|---:|" + "---:|" * len(keys),
+    ]
+    for v in plan.variants:
+        row = tables.get(v.name)
+        if not row:
+            continue
+        n = max(e["n"] for e in row.values())
+        lines.append(f"| {v.group} | {v.label} | {n} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
+    lines += ["", f"Difference from {ref} (paired by seed):", ""]
+    lines += ["| variant | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(keys)]
+    for v in plan.variants:
+        if v.name == plan.reference or v.name not in tables:
+            continue
+        lines.append(f"| {v.label} | " + " | ".join(_diff_cell(tables[v.name].get(k)) for k in keys) + " |")
+    tasks = sorted({m for row in tables.values() for m in row if m not in keys})
+    shown = [v for v in plan.variants if v.name in tables]
+    if tasks:
+        lines += ["", "Every task (mean ± sd over seeds, %):", ""]
+        lines += ["| task | " + " | ".join(v.name for v in shown) + " |", "|---|" + "---:|" * len(shown)]
+        for task in tasks:
+            lines.append(f"| {task} | " + " | ".join(_cell(tables[v.name].get(task)) for v in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def study_csv(tables: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["variant", "metric", "seeds", "mean", "sd", "diff_vs_reference", "ci95_low", "ci95_high"])
+    for variant, row in tables.items():
+        for metric, e in row.items():
+            d = e.get("vs_reference") or {}
+            w.writerow(
+                [variant, metric, e["n"], e["mean"], e["sd"], d.get("mean"), d.get("low"), d.get("high")]
+            )
+    return buf.getvalue()
+
+
+def study_plot(tables: dict, plan: Plan, path: Path) -> None:
+    shown = [v for v in plan.variants if v.name in tables]
+    fig, axes = new_figure(4.2 * len(AVERAGES), 0.45 * len(shown) + 1.6, ncols=len(AVERAGES))
+    y = np.arange(len(shown))
+    for ax, (key, label) in zip(axes, AVERAGES, strict=True):
+        means = [100 * tables[v.name].get(key, {}).get("mean", np.nan) for v in shown]
+        sds = [100 * (tables[v.name].get(key, {}).get("sd") or 0.0) for v in shown]
+        colours = ["tab:gray" if v.name == plan.reference else "tab:blue" for v in shown]
+        ax.barh(y, means, xerr=sds, color=colours, capsize=3)
+        ref = tables.get(plan.reference, {}).get(key)
+        if ref:
+            ax.axvline(100 * ref["mean"], color="tab:gray", linestyle="--", linewidth=1)
+        ax.set(title=label + " (%)", yticks=y)
+        ax.set_yticklabels([v.label for v in shown] if ax is axes[0] else [], fontsize=8)
+        ax.invert_yaxis()
+    save_png(fig, path)
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    return Study(cfg).execute()
