@@ -153,7 +153,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     teacher_run = out / "runs" / "teacher"
 
     def train_teacher(emb_out: str | None = None) -> dict:
-        return lit(LitConfig(data=str(corpus_dir), out=str(teacher_run), workers=cfg.workers, emb_out=emb_out, **teacher))
+        return lit(
+            LitConfig(data=str(corpus_dir), out=str(teacher_run), workers=cfg.workers, emb_out=emb_out, **teacher)
+        )
 
     stages.run("teacher", train_teacher, depends_on(*upstream[:3]))
     teacher_ckpt = _keep_model(out, "teacher", teacher_run / "model.pt", teacher["model"])

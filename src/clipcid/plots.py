@@ -14,7 +14,7 @@ def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(ncols=ncols, figsize=(width, height), squeeze=ncols == 1)
+    return plt.subplots(ncols=ncols, figsize=(width, height))
 
 
 def save_png(fig, path: str | Path | None = None, dpi: int = 100) -> bytes | None:

@@ -466,9 +466,7 @@ def study_csv(tables: dict) -> str:
     for variant, row in tables.items():
         for metric, e in row.items():
             d = e.get("vs_reference") or {}
-            w.writerow(
-                [variant, metric, e["n"], e["mean"], e["sd"], d.get("mean"), d.get("low"), d.get("high")]
-            )
+            w.writerow([variant, metric, e["n"], e["mean"], e["sd"], d.get("mean"), d.get("low"), d.get("high")])
     return buf.getvalue()
 
 

@@ -213,9 +213,7 @@ def summarise(records: list[dict], name_level: set[str] | frozenset[str] = froze
     linear-probe acc1, retrieval recall@5 (both ways)."""
 
     def mean(task: str, only: set[str] | None = None) -> float | None:
-        values = [
-            main_metric(r)[1] for r in records if r["task"] == task and (only is None or r["dataset"] in only)
-        ]
+        values = [main_metric(r)[1] for r in records if r["task"] == task and (only is None or r["dataset"] in only)]
         return float(np.mean(values)) if values else None
 
     return {

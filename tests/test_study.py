@@ -1,0 +1,121 @@
+"""`clipcid study`: variants x seeds end to end, resume, statistics, data variants."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_shards
+
+import clipcid.study as study_module
+from clipcid.balance import BalanceConfig, balance
+from clipcid.cluster import ClusterConfig, cluster
+from clipcid.corpus.eval_suite import build_eval_suite
+from clipcid.embed import EmbedConfig, embed
+from clipcid.errors import ClipcidError
+from clipcid.study import StudyConfig, paired_interval, run_study
+
+PLAN = {
+    "reference": "clip_only",
+    "seeds": [0, 1],
+    "base": {"train": {"model": "clipcid-tiny", "batch_size": 16, "lr": 1e-3, "warmup": 2, "max_steps": 2}},
+    "variants": [
+        {"name": "clip_only", "label": "CLIP only", "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0}},
+        {"name": "random_half", "label": "CID, random half", "data": {"balance": {"random_removal": 0.5}}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("study_artifacts")
+    make_shards(root / "shards", n_shards=2, per_shard=32)
+    embed(
+        EmbedConfig(
+            data=str(root / "shards"), model="clipcid-tiny", out=str(root / "emb"), pretrained=str(tiny_checkpoint)
+        )
+    )
+    cluster(ClusterConfig(emb=str(root / "emb"), out=str(root / "clusters"), k=4, plots=False))
+    build_eval_suite(str(root / "suite"), workers=1, only=["digits"])
+    return root
+
+
+def _config(artifacts, out, plan) -> StudyConfig:
+    plan_file = out.parent / f"{out.name}_plan.json"
+    plan_file.write_text(json.dumps(plan))
+    return StudyConfig(
+        out=str(out),
+        plan=str(plan_file),
+        data=str(artifacts / "shards"),
+        teacher_emb=str(artifacts / "emb"),
+        clusters=str(artifacts / "clusters"),
+        suite_root=str(artifacts / "suite"),
+        workers=0,
+    )
+
+
+def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    result = run_study(_config(artifacts, out, PLAN))
+    runs = {(r["variant"], r["seed"]): r for r in result["runs"]}
+    assert set(runs) == {("clip_only", 0), ("clip_only", 1), ("random_half", 0), ("random_half", 1)}
+    assert all(r["steps"] == 2 for r in runs.values())
+    # Per seed, the data differ only where the variant says so: the random half is drawn per seed.
+    half0, half1 = runs["random_half", 0]["settings"]["balance"], runs["random_half", 1]["settings"]["balance"]
+    assert half0 != half1 and runs["clip_only", 0]["settings"]["balance"] is None
+    assert runs["clip_only", 1]["settings"]["seed"] == 1 and runs["random_half", 1]["settings"]["seed"] == 1
+    lp = result["aggregate"]["random_half"]["linear_probe_mean_acc1"]
+    values = [runs["random_half", s]["summary"]["linear_probe_mean_acc1"] for s in (0, 1)]
+    assert lp["n"] == 2 and lp["mean"] == pytest.approx(np.mean(values))
+    assert lp["vs_reference"]["n"] == 2 and lp["vs_reference"]["low"] <= lp["vs_reference"]["mean"]
+    md = (out / "study.md").read_text()
+    assert "| CLIP only |" in md and "CID, random half" in md and "digits/linear_probe" in md
+    csv_rows = (out / "study.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("variant,metric,seeds,mean,sd") and len(csv_rows) > 4
+    assert (out / "study.png").stat().st_size > 1000
+
+    # Started again: every finished run is skipped, nothing is trained or evaluated.
+    monkeypatch.setattr(study_module, "distill", lambda cfg: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(study_module, "run_eval_suite", lambda *a, **k: pytest.fail("evaluated again"))
+    again = run_study(_config(artifacts, out, PLAN))
+    assert again["aggregate"] == result["aggregate"]
+
+    # A plan that changes a finished variant's settings is refused, not mixed in.
+    changed = json.loads(json.dumps(PLAN))
+    changed["variants"][0]["train"]["lr"] = 5e-4
+    with pytest.raises(ClipcidError, match="other settings.*rename the variant"):
+        run_study(_config(artifacts, out, changed))
+
+
+def test_paired_difference_interval_equals_a_hand_computation():
+    variant = {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.90}
+    reference = {0: 0.40, 1: 0.40, 2: 0.50}  # seed 3 has no pair and is left out
+    d = paired_interval(variant, reference)
+    # differences 0.1, 0.2, 0.2: mean 1/6, sd 0.0577350, t(0.975, 2) = 4.302653
+    half = 4.302653 * 0.0577350 / np.sqrt(3)
+    assert d["n"] == 3
+    assert d["mean"] == pytest.approx(1 / 6)
+    assert d["low"] == pytest.approx(1 / 6 - half, abs=1e-6) and d["high"] == pytest.approx(1 / 6 + half, abs=1e-6)
+    assert paired_interval({0: 0.5}, {0: 0.25}) == {"n": 1, "mean": 0.25, "low": None, "high": None}
+    assert paired_interval({0: 0.5}, {1: 0.25}) is None
+
+
+def test_random_removal_removes_exactly_the_asked_count_reproducibly(artifacts, tmp_path):
+    def keep(seed: int, name: str) -> np.ndarray:
+        stats = balance(
+            BalanceConfig(emb=str(artifacts / "emb"), out=str(tmp_path / name), random_removal=0.3, seed=seed)
+        )
+        assert stats["removed"] == round(0.3 * 64) == 19 and stats["kept"] == 45
+        return np.concatenate([np.load(tmp_path / name / "keep" / f"keep_{i}.npy") for i in range(2)])
+
+    first, again, other = keep(7, "a"), keep(7, "b"), keep(8, "c")
+    assert first.sum() == 45 and np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_plan_errors_name_the_problem(artifacts, tmp_path):
+    bad = {**PLAN, "variants": [{"name": "x", "train": {"w_typo": 1}}]}
+    with pytest.raises(ClipcidError, match="w_typo are not distill settings"):
+        run_study(_config(artifacts, tmp_path / "s1", bad))
+    with pytest.raises(ClipcidError, match="no variant 'nope'"):
+        run_study(_config(artifacts, tmp_path / "s2", {**PLAN, "reference": "nope"}))
