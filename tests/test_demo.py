@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -11,37 +10,29 @@ from conftest import NPM_ROOT, needs_sources
 
 from clipcid.demo import DemoConfig, Stages, run_demo
 from clipcid.errors import ClipcidError
+from clipcid.models import load_model
 
 TINY_RECIPE = {
     "quick": {
         "corpus_limit": 240,
-        "teacher": {
-            "model": "clipcid-lit-medium",
-            "lock_text": True,
-            "epochs": 1,
-            "batch_size": 32,
-            "lr": 0.001,
-            "warmup": 2,
-            "wd": 0.1,
-        },
-        "embed": {"batch_size": 64},
+        "image_size": 64,
+        "teacher": {"model": "clipcid-lit-mobilenetv2", "epochs": 4, "batch_size": 32, "lr": 0.001, "warmup": 2},
         "balance": {"target_removal": 0.4, "metric": "l2"},
         "cluster": {"k": 8},
         "student": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
         "cid_weights": {"w_clip": 1.0, "w_cls": 1.0, "w_kl": 0.5, "w_ins": 1.0},
     }
 }
+SUITE = ["digits", "flags_circle", "names_icons_lucide"]
 
 
 @needs_sources()
 def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     import clipcid.corpus.eval_suite as eval_suite
 
-    # The held-out suite in full takes a minute; digits alone exercise every evaluation task but retrieval.
+    # The held-out suite in full takes minutes; these exercise every evaluation task but retrieval.
     real_build = eval_suite.build_eval_suite
-    monkeypatch.setattr(
-        "clipcid.demo.build_eval_suite", lambda out, **kw: real_build(out, **{**kw, "only": ["digits", "flags_circle"]})
-    )
+    monkeypatch.setattr("clipcid.demo.build_eval_suite", lambda out, **kw: real_build(out, **{**kw, "only": SUITE}))
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(TINY_RECIPE))
     out = tmp_path / "demo"
@@ -55,15 +46,19 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert len(keep) == len(labels) == 240 and ((labels >= 0) == keep).all()
     assert np.load(out / "clusters" / "centroids.npy").shape[0] == 8
     models = json.loads((out / "models" / "models.json").read_text())
-    assert models == {"teacher": "clipcid-lit-medium", "student-clip": "clipcid-tiny", "student-cid": "clipcid-tiny"}
-    assert np.load(out / "teacher_emb" / "text_emb" / "text_emb_0.npy").shape == (240, 384)
-    assert np.load(out / "teacher_emb" / "img_emb" / "img_emb_0.npy").shape == (240, 384)
-    frozen = torch.load(out / "runs" / "teacher" / "student.pt", weights_only=False)
-    fresh = open_clip.create_model("clipcid-lit-medium").state_dict()
-    minilm = [k for k in fresh if k.startswith("text.transformer.")]
-    assert minilm and all(torch.equal(_state(frozen)[k], fresh[k]) for k in minilm)  # the text tower stayed frozen
+    assert models == {
+        "teacher": "clipcid-lit-mobilenetv2",
+        "student-clip": "clipcid-tiny",
+        "student-cid": "clipcid-tiny",
+    }
+    assert np.load(out / "teacher_emb" / "text_emb" / "text_emb_0.npy").shape == (240, 512)
+    assert np.load(out / "teacher_emb" / "img_emb" / "img_emb_0.npy").shape == (240, 512)
+    trained = load_model("clipcid-lit-mobilenetv2", str(out / "models" / "teacher.pt")).model.state_dict()
+    fresh = load_model("clipcid-lit-mobilenetv2").model.state_dict()  # ImageNet trunk, pretrained MiniLM
+    locked = [k for k in fresh if k.startswith(("visual.trunk.", "text.transformer."))]
+    assert locked and all(torch.equal(trained[k], fresh[k]) for k in locked)  # both towers stayed locked
     for name, arch in models.items():
-        open_clip.create_model_and_transforms(arch, pretrained=str(out / "models" / f"{name}.pt"))
+        load_model(arch, str(out / "models" / f"{name}.pt"))
         summary = json.loads((out / "results" / name / "summary.json").read_text())
         assert summary["linear_probe_mean_acc1"] is not None
     cid_log = (out / "runs" / "student-cid" / "train_log.jsonl").read_text().splitlines()
@@ -71,14 +66,17 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert len(cid_log) == len(clip_log)  # same data, same steps
     assert {"cls", "kl", "ins"} <= set(json.loads(cid_log[-1]))
     page = (out / "report.html").read_text()
-    for heading in ("Results (%)", "What ran", "Image Semantic Balance", "Clusters", "Training curves"):
+    for heading in ("Results (%)", "The models at work", "What ran", "Image Semantic Balance", "Training curves"):
         assert heading in page
-    assert page.count("data:image/png;base64,") >= 6
+    showcase = json.loads((out / "results" / "showcase.json").read_text())
+    assert set(showcase) == set(models) and len(showcase["teacher"]["top3"]) == 12
+    assert page.count("data:image/png;base64,") >= 6 + 12
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == "| task (%) | teacher | student, CLIP loss only | student, CLIP-CID |"
-    # 3 means; digits zero-shot and probe, flags zero-shot
-    assert table[2].startswith("| **zero-shot mean acc1** |") and len(table) == 2 + 3 + 3
-    assert set(result["timings"]) >= {"corpus", "teacher", "embed", "balance", "cluster", "student_cid"}
+    # 4 means; digits zero-shot and probe, flags zero-shot, icon names zero-shot
+    assert table[2].startswith("| **zero-shot mean acc1** |") and len(table) == 2 + 4 + 4
+    assert table[3].startswith("| **name-level zero-shot mean acc1** |")
+    assert set(result["timings"]) >= {"corpus", "teacher", "embed", "balance", "cluster", "student_cid", "showcase"}
 
     # Run again: every stage is found done and skipped.
     again = run_demo(DemoConfig(out=str(out), quick=True, workers=1, npm_root=str(NPM_ROOT), recipe=str(recipe)))
@@ -94,7 +92,3 @@ def test_a_finished_stage_is_skipped_only_with_the_same_settings(tmp_path):
     with pytest.raises(ClipcidError, match="teacher.json was made with other settings.*use another --out"):
         stages.run("teacher", lambda: calls.append(1), {"teacher": {"epochs": 2}})
     assert calls == [1] and set(stages.timings()) == {"teacher"}
-
-
-def _state(checkpoint: dict) -> dict:
-    return checkpoint.get("state_dict", checkpoint)

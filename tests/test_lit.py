@@ -81,7 +81,7 @@ def test_lit_trains_only_the_projections_and_its_embeddings_match_embed(tmp_path
     result = lit(cfg)
     assert result["train_rows"] == 48 and result["embeddings"]["rows"] == 48
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 15 and log[-1]["loss"] < log[0]["loss"] - 0.3
+    assert len(log) == 15 and log[-1]["clip"] < log[0]["clip"] - 0.3
 
     trained = load_model(TEACHER, str(tmp_path / "run" / "model.pt")).model.state_dict()
     start = load_model(TEACHER).model.state_dict()  # ImageNet trunk, pretrained MiniLM

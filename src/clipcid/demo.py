@@ -212,6 +212,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             settings,
         )
 
+    model_files = {name: (arch, str(out / "models" / f"{name}.pt")) for name, arch in _models_table(out).items()}
+    stages.run(
+        "showcase",
+        lambda: _showcase(model_files, str(suite_dir), out / "results" / "showcase.json"),
+        {**depends_on(*upstream, "cluster", "student", "cid_weights"), "models": sorted(model_files)},
+    )
+
     from clipcid.report import write_report
 
     report = write_report(out, stages.timings(), recipe)
@@ -222,6 +229,30 @@ def run_demo(cfg: DemoConfig) -> dict:
         run_study(StudyConfig(out=str(out / "study"), demo=str(out), workers=cfg.workers, quick=cfg.quick))
         report = write_report(out, stages.timings(), recipe)  # again, now with the study
     return {"report": str(report), "timings": stages.timings()}
+
+
+def _models_table(out: Path) -> dict[str, str]:
+    return json.loads((out / "models" / "models.json").read_text())
+
+
+def _showcase(models: dict[str, tuple[str, str]], suite_root: str, path: Path) -> dict:
+    """Each model's top-3 answers on held-out pictures of the name-level emoji task, and its top-5
+    pictures for a few text queries (the report shows them)."""
+    from clipcid.evaluation.datasets import build_dataset, suite_datasets
+    from clipcid.evaluation.run import load_encoder
+    from clipcid.evaluation.showcase import pick_examples, pick_queries, showcase
+
+    names = [d["name"] for d in suite_datasets(suite_root) if d.get("name_level")]
+    if not names:
+        return {}
+    dataset = build_dataset(names[0], suite_root)
+    n_images = sum(1 for _ in dataset.iter_split("test"))
+    examples, queries = pick_examples(n_images, 12), pick_queries(dataset.classnames, 4)
+    result = {
+        name: showcase(load_encoder(arch, ckpt), dataset, examples, queries) for name, (arch, ckpt) in models.items()
+    }
+    save_json_atomic(path, result)
+    return {"dataset": dataset.name, "examples": len(examples), "queries": queries}
 
 
 def _balance_summary(stats: dict) -> dict:

@@ -147,12 +147,12 @@ def train_projections(model: torch.nn.Module, img: torch.Tensor, txt: torch.Tens
         row = {
             "epoch": epoch + 1,
             "step": step,
-            "loss": float(np.mean(losses)),
+            "clip": float(np.mean(losses)),
             "logit_scale": float(model.logit_scale.detach().exp()),
             "seconds": time.monotonic() - start,
         }
         history.append(row)
-        log.info("lit epoch %d/%d: loss %.4f, logit scale %.1f", epoch + 1, cfg.epochs, row["loss"], row["logit_scale"])
+        log.info("lit epoch %d/%d: loss %.4f, logit scale %.1f", epoch + 1, cfg.epochs, row["clip"], row["logit_scale"])
     model.eval()
     with atomic_path(out / "train_log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -196,7 +196,7 @@ def lit(cfg: LitConfig) -> dict:
         "model": cfg.model,
         "train_rows": len(img),
         "train_seconds": time.monotonic() - start,
-        "final_loss": history[-1]["loss"],
+        "final_loss": history[-1]["clip"],
     }
     save_json_atomic(params_file, result)  # written last: marks the run complete
     return _write_embeddings(cfg, result)

@@ -85,6 +85,78 @@ def _main(record: dict | None) -> float | None:
     return None if record is None else main_metric(record)[1]
 
 
+def _thumb(png: bytes, frame: str = "#ddd", size: int = 64) -> str:
+    data = base64.b64encode(png).decode()
+    return f'<img class=thumb style="border:3px solid {frame};width:{size}px" src="data:image/png;base64,{data}">'
+
+
+def showcase_html(out: Path, suite_root: Path) -> str:
+    """The models at work: top-3 zero-shot answers beside held-out pictures, top-5 pictures per query."""
+    path = out / "results" / "showcase.json"
+    if not path.is_file():
+        return ""
+    from clipcid.evaluation.datasets import build_dataset
+    from clipcid.evaluation.showcase import pictures
+
+    shown = json.loads(path.read_text())
+    models = [(n, label) for n, label in MODELS if n in shown]
+    if not models:
+        return ""
+    first = shown[models[0][0]]
+    dataset = build_dataset(first["dataset"], suite_root)
+    names = dataset.classnames
+    wanted = set(first["examples"]) | {i for n, _ in models for row in shown[n]["retrieved"] for i in row}
+    images = pictures(dataset, wanted)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in models)
+    rows = []
+    for k, index in enumerate(first["examples"]):
+        truth = first["targets"][k]
+        cells = []
+        for n, _ in models:
+            answers = []
+            for c in shown[n]["top3"][k]:
+                name = html.escape(names[c])
+                answers.append(f"<b class=right>{name} ✓</b>" if c == truth else name)
+            cells.append("<td>" + "<br>".join(answers) + "</td>")
+        picture = f"<td>{_thumb(images[index])}<br><small>{html.escape(names[truth])}</small></td>"
+        rows.append(f"<tr>{picture}{''.join(cells)}</tr>")
+    queries = []
+    for q, query in enumerate(first["queries"]):
+        want = first["query_targets"][q]
+        lines = []
+        for n, label in models:
+            thumbs = "".join(
+                _thumb(images[i], "#2a2" if t == want else "#ccc", 48)
+                for i, t in zip(shown[n]["retrieved"][q], shown[n]["retrieved_targets"][q], strict=True)
+            )
+            lines.append(f"<tr><td>{html.escape(label)}</td><td class=left>{thumbs}</td></tr>")
+        queries.append(f"<h4>“{html.escape(query)}”</h4><table>{''.join(lines)}</table>")
+    return (
+        f"<h2>The models at work</h2><p>Held-out pictures of <code>{html.escape(dataset.name)}</code> "
+        f"({len(names):,} classes: zero-shot by name in a style the corpus does not contain). Each model's three "
+        "best names per picture, the right one marked ✓:</p>"
+        f"<table class=show><tr><th>picture (true name)</th>{head}</tr>{''.join(rows)}</table>"
+        f"<p>Text queries against the same {len(names):,} pictures: each model's five best, framed green when "
+        f"right.</p>{''.join(queries)}"
+    )
+
+
+def study_html(out: Path) -> str:
+    """The study's tables and plot, when OUT/study holds one."""
+    folder = out / "study"
+    if not (folder / "study.json").is_file():
+        return ""
+    from clipcid.study import study_tables_html
+
+    study = json.loads((folder / "study.json").read_text())
+    return (
+        f"<h2>Study: {len(study['runs'])} runs</h2><p>From <code>clipcid study</code> on this demo's artifacts "
+        f"(<code>{html.escape(str(folder))}</code>; study.md holds every task). Mean ± standard deviation over "
+        "seeds; differences against the reference are paired by seed, with 95 % t intervals (bold: the interval "
+        f"excludes zero).</p>{study_tables_html(study)}{_file_img(folder / 'study.png', 'study')}"
+    )
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
@@ -114,7 +186,7 @@ def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
     curves = "".join(
         _loss_curves(out / "runs" / run, title)
         for run, title in (
-            ("teacher", "teacher (CLIP loss)"),
+            ("teacher", "teacher (LiT: CLIP loss on the projections, per epoch)"),
             ("student-clip", "student, CLIP loss only"),
             ("student-cid", "student, CLIP-CID: every term"),
         )
@@ -122,10 +194,14 @@ def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
     body = f"""
 <h1>clipcid demo</h1>
 <p>CLIP-CID distillation (Yang et al., AAAI 2025) on the offline emoji, flag and icon corpus: a teacher
-trained here, then two students of one architecture trained on the same balanced data for the same
-steps, one with the CLIP loss alone, one with CLIP-CID's cluster- and instance-level distillation.
-All numbers are on held-out styles the corpus does not contain.</p>
+made here LiT-style from two pretrained networks (an ImageNet MobileNetV2 and the MiniLM sentence
+encoder, both locked; only their projections learned the corpus), then two small students of one
+architecture trained on the same balanced data for the same steps, one with the CLIP loss alone, one
+with CLIP-CID's cluster- and instance-level distillation. All numbers are on held-out styles the
+corpus does not contain.</p>
 <h2>Results (%)</h2>{table}
+{showcase_html(out, out / "eval")}
+{study_html(out)}
 <h2>What ran</h2>
 <p>{html.escape(machine)}. Seconds per stage (installs not included); the settings follow.</p>
 <table><tr><th>stage</th><th>seconds</th></tr>{timing_rows}
@@ -149,7 +225,8 @@ distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["v
     style = (
         GROUP_STYLE + "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}td:first-child{text-align:left}tr.avg{background:#eef}img.plot{width:520px;"
-        "margin:4px}pre{background:#f6f6f6;padding:8px;font-size:12px}"
+        "margin:4px}pre{background:#f6f6f6;padding:8px;font-size:12px}b.right{color:#181}td.left{text-align:left}"
+        "table.show td{text-align:left;vertical-align:top;font-size:13px}img.thumb{margin:1px}"
     )
     page = (
         f"<!doctype html><html><head><meta charset=utf-8><title>clipcid demo report</title>"

@@ -423,10 +423,37 @@ def _diff_cell(entry: dict | None) -> str:
     return f"{_pct(d['mean'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}]{mark}"
 
 
+def summary_rows(tables: dict, plan: Plan) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the averages table: one row per variant, mean ± sd per average."""
+    head = ["group", "variant", "seeds", *[label for _, label in AVERAGES]]
+    rows = []
+    for v in plan.variants:
+        row = tables.get(v.name)
+        if row:
+            n = max(e["n"] for e in row.values())
+            rows.append([v.group, v.label, str(n), *[_cell(row.get(k)) for k, _ in AVERAGES]])
+    return head, rows
+
+
+def difference_rows(tables: dict, plan: Plan) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired differences from the reference, with their intervals."""
+    head = ["variant", *[label for _, label in AVERAGES]]
+    rows = [
+        [v.label, *[_diff_cell(tables[v.name].get(k)) for k, _ in AVERAGES]]
+        for v in plan.variants
+        if v.name != plan.reference and v.name in tables
+    ]
+    return head, rows
+
+
+def _markdown_table(head: list[str], rows: list[list[str]], left: int) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def study_markdown(tables: dict, plan: Plan) -> str:
     ref = plan.variant(plan.reference).label
-    keys = [k for k, _ in AVERAGES]
-    heads = [label for _, label in AVERAGES]
+    keys = {k for k, _ in AVERAGES}
     lines = [
         "# Study",
         "",
@@ -434,29 +461,44 @@ def study_markdown(tables: dict, plan: Plan) -> str:
         "each variant minus the reference, paired by seed, with its 95 % t interval; ** marks an interval",
         "that excludes zero.",
         "",
-        "| group | variant | seeds | " + " | ".join(heads) + " |",
-        "|---|---|---:|" + "---:|" * len(keys),
+        *_markdown_table(*summary_rows(tables, plan), left=2),
+        "",
+        f"Difference from {ref} (paired by seed):",
+        "",
+        *_markdown_table(*difference_rows(tables, plan), left=1),
     ]
-    for v in plan.variants:
-        row = tables.get(v.name)
-        if not row:
-            continue
-        n = max(e["n"] for e in row.values())
-        lines.append(f"| {v.group} | {v.label} | {n} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
-    lines += ["", f"Difference from {ref} (paired by seed):", ""]
-    lines += ["| variant | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(keys)]
-    for v in plan.variants:
-        if v.name == plan.reference or v.name not in tables:
-            continue
-        lines.append(f"| {v.label} | " + " | ".join(_diff_cell(tables[v.name].get(k)) for k in keys) + " |")
     tasks = sorted({m for row in tables.values() for m in row if m not in keys})
     shown = [v for v in plan.variants if v.name in tables]
     if tasks:
+        task_rows = [[task, *[_cell(tables[v.name].get(task)) for v in shown]] for task in tasks]
         lines += ["", "Every task (mean ± sd over seeds, %):", ""]
-        lines += ["| task | " + " | ".join(v.name for v in shown) + " |", "|---|" + "---:|" * len(shown)]
-        for task in tasks:
-            lines.append(f"| {task} | " + " | ".join(_cell(tables[v.name].get(task)) for v in shown) + " |")
+        lines += _markdown_table(["task", *[v.name for v in shown]], task_rows, left=1)
     return "\n".join(lines) + "\n"
+
+
+def study_tables_html(study: dict) -> str:
+    """The averages and the differences, as HTML tables (the demo report), from a study.json."""
+    import html
+
+    plan = Plan(study["reference"], study["seeds"], study["base"], [Variant(**v) for v in study["variants"]])
+
+    def table(head: list[str], rows: list[list[str]]) -> str:
+        def cell(text: str) -> str:
+            bold = text.endswith(" **")
+            text = html.escape(text.removesuffix(" **"))
+            return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
+
+        header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        return (
+            f"<table><tr>{header}</tr>" + "".join("<tr>" + "".join(map(cell, r)) + "</tr>" for r in rows) + "</table>"
+        )
+
+    ref = html.escape(plan.variant(plan.reference).label)
+    return (
+        table(*summary_rows(study["aggregate"], plan))
+        + f"<p>Difference from {ref}, paired by seed [95 % interval]:</p>"
+        + table(*difference_rows(study["aggregate"], plan))
+    )
 
 
 def study_csv(tables: dict) -> str:
