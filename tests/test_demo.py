@@ -16,7 +16,7 @@ TINY_RECIPE = {
     "quick": {
         "corpus_limit": 240,
         "image_size": 64,
-        "teacher": {"model": "clipcid-lit-mobilenetv2", "epochs": 4, "batch_size": 32, "lr": 0.001, "warmup": 2},
+        "teacher": {"model": "clipcid-lit-efficientnet-lite0", "epochs": 4, "batch_size": 32, "lr": 0.001, "warmup": 2},
         "balance": {"target_removal": 0.4, "metric": "l2"},
         "cluster": {"k": 8},
         "student": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
@@ -47,14 +47,14 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert np.load(out / "clusters" / "centroids.npy").shape[0] == 8
     models = json.loads((out / "models" / "models.json").read_text())
     assert models == {
-        "teacher": "clipcid-lit-mobilenetv2",
+        "teacher": "clipcid-lit-efficientnet-lite0",
         "student-clip": "clipcid-tiny",
         "student-cid": "clipcid-tiny",
     }
     assert np.load(out / "teacher_emb" / "text_emb" / "text_emb_0.npy").shape == (240, 512)
     assert np.load(out / "teacher_emb" / "img_emb" / "img_emb_0.npy").shape == (240, 512)
-    trained = load_model("clipcid-lit-mobilenetv2", str(out / "models" / "teacher.pt")).model.state_dict()
-    fresh = load_model("clipcid-lit-mobilenetv2").model.state_dict()  # ImageNet trunk, pretrained MiniLM
+    trained = load_model("clipcid-lit-efficientnet-lite0", str(out / "models" / "teacher.pt")).model.state_dict()
+    fresh = load_model("clipcid-lit-efficientnet-lite0").model.state_dict()  # ImageNet trunk, pretrained MiniLM
     locked = [k for k in fresh if k.startswith(("visual.trunk.", "text.transformer."))]
     assert locked and all(torch.equal(trained[k], fresh[k]) for k in locked)  # both towers stayed locked
     for name, arch in models.items():

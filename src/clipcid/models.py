@@ -132,6 +132,7 @@ def register_model_configs() -> None:
                 import transformers
 
                 transformers.logging.set_verbosity_error()
+                transformers.logging.disable_progress_bar()
             open_clip.factory._MODEL_CONFIGS[LIT_MODEL] = lit_config(minilm)
             for name, (trunk, size, dim) in LIT_PRETRAINED_MODELS.items():
                 open_clip.factory._MODEL_CONFIGS[name] = pretrained_trunk_config(minilm, trunk, size, dim)

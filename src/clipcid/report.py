@@ -194,7 +194,7 @@ def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
     body = f"""
 <h1>clipcid demo</h1>
 <p>CLIP-CID distillation (Yang et al., AAAI 2025) on the offline emoji, flag and icon corpus: a teacher
-made here LiT-style from two pretrained networks (an ImageNet MobileNetV2 and the MiniLM sentence
+made here LiT-style from two pretrained networks (an ImageNet EfficientNet-Lite0 and the MiniLM sentence
 encoder, both locked; only their projections learned the corpus), then two small students of one
 architecture trained on the same balanced data for the same steps, one with the CLIP loss alone, one
 with CLIP-CID's cluster- and instance-level distillation. All numbers are on held-out styles the

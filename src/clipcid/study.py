@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -260,6 +261,9 @@ class Study:
             "tasks": {f"{r['dataset']}/{r['task']}": main_metric(r)[1] for r in evaluation["records"]},
         }
         save_json_atomic(folder / "run.json", record)  # written last: marks the run finished
+        # The student and its evaluation are kept; resume points are not needed any more (and a study
+        # of many runs would fill the disk with them).
+        shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)
         return record
 
     def execute(self) -> dict:
