@@ -60,7 +60,8 @@ def check_lit_architecture(name: str, model: torch.nn.Module) -> None:
     if not isinstance(getattr(model, "visual", None), TimmModel) or pretrained_trunk_of(name) is None:
         raise ClipcidError(
             f"{name} has no image tower with shipped ImageNet weights: `clipcid lit` trains the projections of "
-            "locked pretrained towers (e.g. --model clipcid-lit-efficientnet-lite0); train other models with `clipcid distill`"
+            "locked pretrained towers (e.g. --model clipcid-lit-efficientnet-lite0); train other models with "
+            "`clipcid distill`"
         )
     if not isinstance(getattr(model, "text", None), HFTextEncoder):
         raise ClipcidError(f"{name} has no pretrained Hugging Face text tower to lock")
