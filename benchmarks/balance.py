@@ -24,7 +24,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from clipcid.balance import BalanceConfig, balance, block_size_for, to_similarity
+from clipcid.balance.run import BalanceConfig, balance, block_size_for, to_similarity
 
 
 def planted_embeddings(root: Path, n: int, dim: int, seed: int = 0, part_rows: int = 100_000) -> Path:

@@ -20,8 +20,8 @@ import webdataset as wds
 
 import clipcid  # noqa: F401
 from clipcid.embed import EmbedConfig, embed
+from clipcid.inputs.shards import expand_shards
 from clipcid.models import load_model
-from clipcid.shards import expand_shards
 
 
 def anchor_loop(shards: list[str], model_name: str, batch_size: int, workers: int) -> tuple[int, float]:

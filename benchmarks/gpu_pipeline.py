@@ -34,7 +34,7 @@ from clipcid.cluster import ClusterConfig, cluster  # noqa: E402
 from clipcid.distill.train import DistillConfig, distill  # noqa: E402
 from clipcid.embed import EmbedConfig, embed  # noqa: E402
 from clipcid.evaluation.run import EvalConfig, run_eval  # noqa: E402
-from clipcid.shards import write_tar_atomic  # noqa: E402
+from clipcid.inputs.shards import write_tar_atomic  # noqa: E402
 
 
 def write_shard(args: tuple[Path, int, int, int]) -> None:

@@ -25,7 +25,7 @@ import open_clip
 from clipcid.evaluation.run import AVERAGES, run_eval_suite
 from clipcid.lit import LitConfig, lit
 from clipcid.models import LIT_PRETRAINED_MODELS, minilm_folder, pretrained_trunk_config, register_model_configs
-from clipcid.progress import setup_logging
+from clipcid.util.progress import setup_logging
 
 
 def run_config(trunk: str, size: int, dim: int, args) -> dict:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import clipcid  # noqa: F401
 from clipcid.distill.train import Student
 from clipcid.losses.baselines import similarity_distillation
-from clipcid.losses.cluster import PartialFC
+from clipcid.losses.partial_fc import PartialFC
 
 TEACHER_DIM = 384
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import clipcid  # noqa: F401  (registers the project's model configs)
-from clipcid.shards import write_tar_atomic
+from clipcid.inputs.shards import write_tar_atomic
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "cyan"]
 SHAPES = ["circle", "square", "triangle", "cross"]

@@ -8,8 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from clipcid.losses.cluster import PartialFC
 from clipcid.losses.instance import InstanceDistillLoss
+from clipcid.losses.partial_fc import PartialFC
 
 
 def fixed_problem(seed: int = 0, batch: int = 8, dim: int = 16, classes: int = 10):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipcid.shards import write_tar_atomic
+from clipcid.inputs.shards import write_tar_atomic
 
 # Each solid colour an image can have, and the unit vector the stub encodes it to.
 COLOUR_RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "purple": (128, 0, 128)}

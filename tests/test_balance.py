@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_two_gloo_processes
 
-import clipcid.balance as balance_module
-from clipcid.balance import BalanceConfig, balance, from_similarity, summary_text, to_similarity
+import clipcid.balance.run as balance_module
+from clipcid.balance.run import BalanceConfig, balance, from_similarity, summary_text, to_similarity
 from clipcid.errors import ClipcidError
 
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import make_shards
 
 from clipcid.balance import BalanceConfig, balance
-from clipcid.balance_inspect import inspect_balance
+from clipcid.balance.inspect import inspect_balance
 from clipcid.embed import EmbedConfig, embed
 from clipcid.errors import ClipcidError
 

@@ -9,7 +9,7 @@ from conftest import run_two_gloo_processes
 from sklearn.metrics import adjusted_rand_score
 from test_balance import unit, write_embeddings
 
-from clipcid.cluster import ClusterConfig, cluster, proportional_split, resolve_k
+from clipcid.cluster.run import ClusterConfig, cluster, proportional_split, resolve_k
 from clipcid.errors import ClipcidError
 
 

@@ -16,7 +16,7 @@ from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, make_captio
 from clipcid.corpus.eval_suite import build_eval_suite
 from clipcid.corpus.render import render_png
 from clipcid.errors import ClipcidError
-from clipcid.shards import iter_tar_samples
+from clipcid.inputs.shards import iter_tar_samples
 
 EMOJI_TEST_SAMPLE = """\
 # group: Smileys & Emotion

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT, make_shards, run_two_gloo_processes, shape_png
 from PIL import Image
 
-import clipcid.embed as embed_module
+import clipcid.embed.run as embed_module
 from clipcid.embed import EmbedConfig, embed
 from clipcid.errors import ClipcidError
-from clipcid.shards import iter_tar_samples, write_tar_atomic
+from clipcid.inputs.shards import iter_tar_samples, write_tar_atomic
 
 
 def _load(root: Path, i: int):

@@ -10,7 +10,7 @@ from clipcid.cli import main
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.datasets import build_dataset
 from clipcid.evaluation.run import EvalConfig, run_eval, run_eval_suite
-from clipcid.shards import write_tar_atomic
+from clipcid.inputs.shards import write_tar_atomic
 
 TRAIN = [("red", 0), ("green", 1), ("blue", 2)] * 6
 TEST = [("red", 0), ("green", 1), ("blue", 2), ("purple", 2)]

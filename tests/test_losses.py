@@ -10,8 +10,8 @@ from conftest import REPO_ROOT, run_two_gloo_processes
 from dist_losses_worker import fixed_problem, run
 
 from clipcid.losses.baselines import feature_distillation, similarity_distillation
-from clipcid.losses.cluster import PartialFC, shard_range
 from clipcid.losses.instance import InstanceDistillLoss
+from clipcid.losses.partial_fc import PartialFC, shard_range
 
 
 def test_sample_rate_one_equals_full_softmax_cross_entropy():

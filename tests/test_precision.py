@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from clipcid import precision
 from clipcid.errors import ClipcidError
+from clipcid.util import precision
 
 
 def test_aliases_map_to_one_name_per_dtype():

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from clipcid.errors import ClipcidError
-from clipcid.progress import setup_logging
+from clipcid.util.progress import setup_logging
 
 log = logging.getLogger("clipcid")
 
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print((Path(args.out) / "summary.md").read_text())
     elif args.command == "balance":
-        from clipcid.balance import BalanceConfig, balance, summary_text
+        from clipcid.balance.run import BalanceConfig, balance, summary_text
 
         stats = balance(
             BalanceConfig(
@@ -377,12 +377,12 @@ def run(args: argparse.Namespace) -> int:
         if stats:
             print(summary_text(stats))
     elif args.command == "balance-inspect":
-        from clipcid.balance_inspect import inspect_balance
+        from clipcid.balance.inspect import inspect_balance
 
         n = inspect_balance(args.balance, args.data, args.out, args.emb, args.top, args.per_group)
         print(f"{n} groups written to {args.out}")
     elif args.command == "cluster":
-        from clipcid.cluster import ClusterConfig, cluster, summary_text
+        from clipcid.cluster.run import ClusterConfig, cluster, summary_text
 
         stats = cluster(
             ClusterConfig(

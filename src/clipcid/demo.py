@@ -25,8 +25,8 @@ from clipcid.corpus.eval_suite import build_eval_suite
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import run_eval_suite
-from clipcid.fileio import save_json_atomic
 from clipcid.lit import LitConfig, lit
+from clipcid.util.fileio import save_json_atomic
 
 log = logging.getLogger("clipcid")
 

@@ -27,12 +27,12 @@ import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.timm_model import TimmModel
 
-from clipcid.distributed import pick_device
 from clipcid.embed import EmbedConfig, PairEncoder, embed, project_embeddings
-from clipcid.embeddings import EmbeddingStore
+from clipcid.embed.artifact import EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.fileio import atomic_path, save_json_atomic
 from clipcid.models import LoadedModel, load_model, pretrained_trunk_of
+from clipcid.stage import pick_device
+from clipcid.util.fileio import atomic_path, save_json_atomic
 
 log = logging.getLogger("clipcid")
 

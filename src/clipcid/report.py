@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from clipcid.balance_inspect import GROUP_STYLE, groups_html
+from clipcid.balance.inspect import GROUP_STYLE, groups_html
 from clipcid.evaluation.run import AVERAGES, main_metric
-from clipcid.fileio import atomic_path
-from clipcid.plots import new_figure, save_png
+from clipcid.util.fileio import atomic_path
+from clipcid.util.plots import new_figure, save_png
 
 MODELS = (("teacher", "teacher"), ("student-clip", "student, CLIP loss only"), ("student-cid", "student, CLIP-CID"))
 

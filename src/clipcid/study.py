@@ -35,8 +35,8 @@ from clipcid.cluster import ClusterConfig, cluster
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import AVERAGES, main_metric, run_eval_suite
-from clipcid.fileio import atomic_path, save_json_atomic
-from clipcid.plots import new_figure, save_png
+from clipcid.util.fileio import atomic_path, save_json_atomic
+from clipcid.util.plots import new_figure, save_png
 
 log = logging.getLogger("clipcid")
 

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 from clipcid.corpus import sources as S
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
-from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic
-from clipcid.progress import progress_bar
-from clipcid.shards import write_tar_atomic
+from clipcid.inputs.shards import write_tar_atomic
+from clipcid.util.fileio import atomic_path, remove_stale_temporaries, save_json_atomic
+from clipcid.util.progress import progress_bar
 
 log = logging.getLogger("clipcid")
 

@@ -24,8 +24,8 @@ from clipcid.corpus import sources as S
 from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name, run_pool
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
-from clipcid.fileio import save_json_atomic
-from clipcid.shards import write_tar_atomic
+from clipcid.inputs.shards import write_tar_atomic
+from clipcid.util.fileio import save_json_atomic
 
 log = logging.getLogger("clipcid")
 

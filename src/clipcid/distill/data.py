@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from clipcid.datasource import Part, discover_parts, iter_rows
-from clipcid.embeddings import EmbeddingStore
+from clipcid.embed.artifact import EmbeddingStore
 from clipcid.errors import ClipcidError
+from clipcid.inputs.parts import Part, discover_parts, iter_rows
 
 log = logging.getLogger("clipcid")
 

@@ -23,16 +23,16 @@ import open_clip
 import torch
 from torch import nn
 
-from clipcid import precision
 from clipcid.distill.data import TrainBatches, batches_per_worker, epoch_assignment, load_train_rows
-from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.errors import ClipcidError
-from clipcid.fileio import atomic_path, save_json_atomic
 from clipcid.losses.baselines import feature_distillation, similarity_distillation
-from clipcid.losses.cluster import PartialFC
 from clipcid.losses.instance import InstanceDistillLoss
+from clipcid.losses.partial_fc import PartialFC
 from clipcid.models import embedding_dim, lock_text_tower, padding_trimmer, register_model_configs
-from clipcid.progress import progress_bar
+from clipcid.stage import DistEnv, barrier, init_distributed, shutdown
+from clipcid.util import precision
+from clipcid.util.fileio import atomic_path, save_json_atomic
+from clipcid.util.progress import progress_bar
 
 log = logging.getLogger("clipcid")
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipcid.datasource import IMAGE_EXTENSIONS
 from clipcid.errors import ClipcidError
-from clipcid.shards import iter_tar_samples
+from clipcid.inputs.parts import IMAGE_EXTENSIONS
+from clipcid.inputs.shards import iter_tar_samples
 
 DEFAULT_SUITE_ROOT = "demo/eval"
 DEFAULT_TEMPLATES = ["a photo of a {c}."]

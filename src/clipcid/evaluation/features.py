@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipcid import precision
 from clipcid.evaluation.datasets import EvalDataset
-from clipcid.fileio import atomic_path, save_json_atomic
 from clipcid.models import padding_trimmer
-from clipcid.progress import progress_bar
+from clipcid.util import precision
+from clipcid.util.fileio import atomic_path, save_json_atomic
+from clipcid.util.progress import progress_bar
 
 
 class Encoder(Protocol):

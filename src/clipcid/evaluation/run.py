@@ -23,7 +23,7 @@ from clipcid.evaluation.features import (
     image_features,
     text_features,
 )
-from clipcid.fileio import atomic_path, save_json_atomic
+from clipcid.util.fileio import atomic_path, save_json_atomic
 
 log = logging.getLogger("clipcid")
 
@@ -52,8 +52,8 @@ class EvalConfig:
 
 
 def load_encoder(model: str, pretrained: str | None, device: str = "auto", precision: str = "fp32") -> Encoder:
-    from clipcid.distributed import pick_device
     from clipcid.models import load_model
+    from clipcid.stage import pick_device
 
     dev = pick_device(device)
     loaded = load_model(model, pretrained, dev)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipcid.losses.distributed import gather_no_grad, gather_with_grad
+from clipcid.losses.collectives import gather_no_grad, gather_with_grad
 
 
 def _soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipcid.losses.distributed import gather_no_grad, gather_with_grad, world
+from clipcid.losses.collectives import gather_no_grad, gather_with_grad, world
 
 
 class InstanceDistillLoss(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from clipcid.fileio import atomic_path
+from clipcid.util.fileio import atomic_path
 
 
 def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):

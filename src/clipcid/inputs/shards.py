@@ -11,7 +11,7 @@ import braceexpand
 import webdataset as wds
 
 from clipcid.errors import ClipcidError
-from clipcid.fileio import atomic_path
+from clipcid.util.fileio import atomic_path
 
 
 def write_tar_atomic(path: str | os.PathLike, samples: list[dict]) -> None:

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
-from clipcid.embeddings import EmbeddingStore
+from clipcid.embed.artifact import EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.fileio import remove_stale_temporaries, save_json_atomic, save_npy_atomic
-from clipcid.plots import new_figure, save_png
-from clipcid.progress import progress_bar
+from clipcid.stage import DistEnv, barrier, init_distributed, shutdown
+from clipcid.util.fileio import remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.util.plots import new_figure, save_png
+from clipcid.util.progress import progress_bar
 
 log = logging.getLogger("clipcid")
 

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from clipcid import precision
-from clipcid.datasource import Part, discover_parts, iter_rows
-from clipcid.distributed import DistEnv, barrier, init_distributed, shutdown
 from clipcid.errors import ClipcidError
-from clipcid.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.inputs.parts import Part, discover_parts, iter_rows
 from clipcid.models import LoadedModel, load_model, padding_trimmer
-from clipcid.progress import progress_bar
+from clipcid.stage import DistEnv, barrier, init_distributed, shutdown
+from clipcid.util import precision
+from clipcid.util.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.util.progress import progress_bar
 
 log = logging.getLogger("clipcid")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipcid.datasource import discover_parts, iter_rows
 from clipcid.errors import ClipcidError
-from clipcid.fileio import atomic_path
+from clipcid.inputs.parts import discover_parts, iter_rows
+from clipcid.util.fileio import atomic_path
 
 
 def largest_groups(balance_dir: Path, n_parts: int, top: int, per_group: int) -> list[list[tuple[int, int, bool]]]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipcid.losses.distributed import all_reduce_max_no_grad, all_reduce_sum, gather_no_grad, gather_with_grad, world
+from clipcid.losses.collectives import all_reduce_max_no_grad, all_reduce_sum, gather_no_grad, gather_with_grad, world
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:

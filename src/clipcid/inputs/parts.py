@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from clipcid.errors import ClipcidError
-from clipcid.shards import expand_shards, iter_tar_samples
+from clipcid.inputs.shards import expand_shards, iter_tar_samples
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TABLE_IMAGE_COLUMNS = ("image", "filepath", "image_path", "path", "file")
