@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=_default_workers())
     demo.add_argument("--npm-root", default="node_modules")
     demo.add_argument("--recipe", default=None, help="settings JSON (default: clipcid/configs/demo.json)")
+    demo.add_argument("--study", action="store_true", help="then run `clipcid study` with the shipped plan")
     return parser
 
 
@@ -432,7 +433,14 @@ def run(args: argparse.Namespace) -> int:
         from clipcid.demo import DemoConfig, run_demo
 
         result = run_demo(
-            DemoConfig(out=args.out, quick=args.quick, workers=args.workers, npm_root=args.npm_root, recipe=args.recipe)
+            DemoConfig(
+                out=args.out,
+                quick=args.quick,
+                workers=args.workers,
+                npm_root=args.npm_root,
+                recipe=args.recipe,
+                study=args.study,
+            )
         )
         for name, seconds in result["timings"].items():
             print(f"{name:<20} {seconds:8.1f} s")
