@@ -28,11 +28,12 @@ from open_clip.hf_model import HFTextEncoder
 from open_clip.timm_model import TimmModel
 
 from clipcid.embed import EmbedConfig, PairEncoder, embed, project_embeddings
-from clipcid.embed.artifact import EmbeddingStore
+from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.models import LoadedModel, load_model, pretrained_trunk_of
-from clipcid.stage import pick_device
-from clipcid.util.fileio import atomic_path, save_json_atomic
+from clipcid.stage import RunFolder, pick_device
+from clipcid.util.fileio import atomic_path
+from clipcid.util.schedule import cosine_with_warmup
 
 log = logging.getLogger("clipcid")
 
@@ -54,6 +55,7 @@ class LitConfig:
     # Also write the finished teacher's embeddings of the training data here (clipcid embed's layout),
     # projected from the cached features: what `clipcid embed` would compute, without a second pass.
     emb_out: str | None = None
+    overwrite: bool = False
 
 
 def check_lit_architecture(name: str, model: torch.nn.Module) -> None:
@@ -88,19 +90,11 @@ def locked_features(loaded: LoadedModel) -> PairEncoder:
 
 
 def _load_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    img, txt = EmbeddingStore.open(folder, "img"), EmbeddingStore.open(folder, "text")
-    valid = img.valid_mask()
-    rows = np.flatnonzero(valid)
+    features = Embeddings.open(folder)
+    rows = np.flatnonzero(features.valid_mask())
     if len(rows) == 0:
         raise ClipcidError(f"{folder}: no valid rows to train on")
-    return torch.from_numpy(img.rows(rows)), torch.from_numpy(txt.rows(rows))
-
-
-def lr_at(step: int, cfg: LitConfig, total: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * cfg.lr
+    return torch.from_numpy(features.images.rows(rows)), torch.from_numpy(features.texts.rows(rows))
 
 
 def train_projections(model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor, cfg: LitConfig, out: Path) -> list:
@@ -134,7 +128,7 @@ def train_projections(model: torch.nn.Module, img: torch.Tensor, txt: torch.Tens
         for b in range(steps_per_epoch):
             idx = order[b * batch : (b + 1) * batch]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg, total)
+                group["lr"] = cosine_with_warmup(step, cfg.lr, cfg.warmup, total)
             image_emb = torch.nn.functional.normalize(model.visual.head(img[idx]), dim=-1)
             text_emb = torch.nn.functional.normalize(model.text.proj(txt[idx]), dim=-1)
             loss = loss_fn(image_emb, text_emb, model.logit_scale.exp())
@@ -165,41 +159,40 @@ def lit(cfg: LitConfig) -> dict:
     out = Path(cfg.out)
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise ClipcidError("--epochs must be at least 1 and --batch-size at least 2")
-    ignored = ("out", "workers", "device", "feature_batch_size", "emb_out")
+    ignored = ("out", "workers", "device", "feature_batch_size", "emb_out", "overwrite")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
-    params_file = out / "params.json"
-    if (out / "model.pt").is_file() and params_file.is_file():
-        if json.loads(params_file.read_text()).get("settings") == settings:
+    with RunFolder(out, "params.json", settings, cfg.overwrite) as folder:
+        if folder.is_complete() and (out / "model.pt").is_file():
             log.info("%s: LiT teacher already trained with these settings", out)
-            return _write_embeddings(cfg, json.loads(params_file.read_text()))
-    device = pick_device(cfg.device)
-    embed(
-        EmbedConfig(
-            data=cfg.data,
-            model=cfg.model,
-            out=str(out / "features"),
-            batch_size=cfg.feature_batch_size,
-            workers=cfg.workers,
-            device=str(device),
-            seed=cfg.seed,
-        ),
-        encoder=locked_features,
-    )
-    img, txt = _load_features(out / "features")
-    loaded = load_model(cfg.model, None, "cpu", cfg.seed)  # ImageNet trunk, projections from the seed
-    check_lit_architecture(cfg.model, loaded.model)
-    start = time.monotonic()
-    history = train_projections(loaded.model, img, txt, cfg, out)
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save({"state_dict": loaded.model.state_dict()}, tmp)
-    result = {
-        "settings": settings,
-        "model": cfg.model,
-        "train_rows": len(img),
-        "train_seconds": time.monotonic() - start,
-        "final_loss": history[-1]["clip"],
-    }
-    save_json_atomic(params_file, result)  # written last: marks the run complete
+            return _write_embeddings(cfg, {**settings, **folder.recorded()})
+        embed(
+            EmbedConfig(
+                data=cfg.data,
+                model=cfg.model,
+                out=str(out / "features"),
+                batch_size=cfg.feature_batch_size,
+                workers=cfg.workers,
+                device=str(pick_device(cfg.device)),
+                seed=cfg.seed,
+                overwrite=cfg.overwrite,
+            ),
+            encoder=locked_features,
+        )
+        img, txt = _load_features(out / "features")
+        loaded = load_model(cfg.model, None, "cpu", cfg.seed)  # ImageNet trunk, projections from the seed
+        check_lit_architecture(cfg.model, loaded.model)
+        start = time.monotonic()
+        history = train_projections(loaded.model, img, txt, cfg, out)
+        with atomic_path(out / "model.pt") as tmp:
+            torch.save({"state_dict": loaded.model.state_dict()}, tmp)
+        result = folder.finish(
+            {
+                "model": cfg.model,
+                "train_rows": len(img),
+                "train_seconds": time.monotonic() - start,
+                "final_loss": history[-1]["clip"],
+            }
+        )
     return _write_embeddings(cfg, result)
 
 
@@ -214,5 +207,6 @@ def _write_embeddings(cfg: LitConfig, result: dict) -> dict:
         loaded.model.visual.head,
         loaded.model.text.proj,
         {"model": cfg.model, "pretrained": str(out / "model.pt")},
+        cfg.overwrite,
     )
     return {**result, "embeddings": {k: summary[k] for k in ("rows", "invalid", "dim")}}

@@ -1,12 +1,30 @@
-"""torch.distributed set-up shared by the stages: torchrun env vars, gloo on CPU, nccl on GPU."""
+"""What every stage shares: the torchrun context, which parts a rank takes, row chunks, unit rows,
+and the one rule for a stage's output folder (RunFolder)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from clipcid.errors import ClipcidError
+from clipcid.util.fileio import remove_stale_temporaries, save_json_atomic
+
+log = logging.getLogger("clipcid")
+
+# Rows per chunk wherever a stage streams an N x D matrix through memory (assignment, probing, sums).
+ROW_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -51,3 +69,173 @@ def barrier(env: DistEnv) -> None:
 def shutdown(env: DistEnv) -> None:
     if env.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[DistEnv]:
+    """A stage's process group for its whole run (torchrun), or a single process."""
+    env = init_distributed(device)
+    try:
+        yield env
+    finally:
+        shutdown(env)
+
+
+def parts_of_rank(part_ids: Sequence[int], env: DistEnv) -> list[int]:
+    """The parts this rank handles: every world_size-th, so ranks never share a part."""
+    return [i for i in part_ids if i % env.world_size == env.rank]
+
+
+def row_chunks(n: int, size: int = ROW_CHUNK) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length in float32 (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def settings_difference(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:4]) + (
+        f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+    )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class RunFolder:
+    """The one rule for a stage's output folder.
+
+    - It is a folder, not a file.
+    - One run at a time: OUT/.lock holds the pid and host of the run inside; a lock whose process is
+      gone (same host) is taken over with a warning.
+    - It holds a run with the same settings, or none: else one error names the folder, what differs
+      and the flag that overwrites (--overwrite clears the folder first).
+    - The settings file ({"settings": ..., "complete": ..., and the run's summary}) is written at the
+      start with "complete": false and rewritten, complete, last; readers (the artifact modules) refuse
+      a folder that is not complete.
+    """
+
+    LOCK = ".lock"
+
+    def __init__(self, path: str | Path, settings_file: str, settings: dict, overwrite: bool = False):
+        self.path, self.settings_file = Path(path), settings_file
+        self.settings, self.overwrite = settings, overwrite
+        self._locked = False
+
+    @property
+    def settings_path(self) -> Path:
+        return self.path / self.settings_file
+
+    def recorded(self) -> dict | None:
+        return json.loads(self.settings_path.read_text()) if self.settings_path.is_file() else None
+
+    def claim(self) -> RunFolder:
+        if self.path.exists() and not self.path.is_dir():
+            raise ClipcidError(f"--out {self.path} is a file, not a folder; give a folder path")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        previous = self.recorded()
+        if previous is not None:
+            old = previous.get("settings", {})
+            if old != self.settings:
+                if not self.overwrite:
+                    self.release()
+                    raise ClipcidError(
+                        f"{self.path} holds a run with other settings ({settings_difference(old, self.settings)}); "
+                        "use another --out, or --overwrite to replace it"
+                    )
+                log.warning("--overwrite: clearing %s (it held a run with other settings)", self.path)
+                self._clear()
+        remove_stale_temporaries(self.path)
+        if previous is None or not previous.get("complete") or self.overwrite:
+            save_json_atomic(self.settings_path, {"settings": self.settings, "complete": False})
+        return self
+
+    def is_complete(self) -> bool:
+        previous = self.recorded()
+        return bool(previous and previous.get("complete") and previous.get("settings") == self.settings)
+
+    def finish(self, summary: dict | None = None) -> dict:
+        """Record the run as complete (its summary and settings), atomically, last. Returns the flat
+        view callers print: settings, then the summary."""
+        save_json_atomic(self.settings_path, {**(summary or {}), "settings": self.settings, "complete": True})
+        return {**self.settings, **(summary or {}), "complete": True}
+
+    def release(self) -> None:
+        if self._locked:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / self.LOCK).unlink()
+            self._locked = False
+
+    def __enter__(self) -> RunFolder:
+        return self.claim()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _clear(self) -> None:
+        for child in self.path.iterdir():
+            if child.name == self.LOCK:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def _lock(self) -> None:
+        lock = self.path / self.LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _read_lock(lock)
+                if holder and _process_gone(holder):
+                    log.warning(
+                        "%s: taking over the lock of pid %s (%s), which is gone",
+                        self.path,
+                        holder["pid"],
+                        holder["host"],
+                    )
+                    lock.unlink(missing_ok=True)
+                    continue
+                who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}" if holder else "another run"
+                raise ClipcidError(
+                    f"{self.path} is in use by {who}; wait for it to finish, or delete {lock} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self._locked = True
+            return
+        raise ClipcidError(f"could not lock {self.path}; delete {lock} if no run is using the folder")
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if {"pid", "host", "since"} <= set(holder) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _process_gone(holder: dict) -> bool:
+    """Whether the run holding a lock is over: its process is gone, or it is this very process (an
+    earlier stage call in it that was interrupted before it could let go)."""
+    if holder["host"] != socket.gethostname():
+        return False  # cannot tell from here
+    pid = int(holder["pid"])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

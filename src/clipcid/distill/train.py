@@ -33,6 +33,7 @@ from clipcid.stage import DistEnv, barrier, init_distributed, shutdown
 from clipcid.util import precision
 from clipcid.util.fileio import atomic_path, save_json_atomic
 from clipcid.util.progress import progress_bar
+from clipcid.util.schedule import cosine_with_warmup
 
 log = logging.getLogger("clipcid")
 
@@ -140,10 +141,7 @@ def build_optimizer(cfg: DistillConfig, student: nn.Module, pfc: PartialFC | Non
 
 
 def lr_at(step: int, cfg: DistillConfig, total_steps: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * cfg.lr
+    return cosine_with_warmup(step, cfg.lr, cfg.warmup, total_steps)
 
 
 def _rng_state() -> dict:

@@ -1,52 +1,75 @@
-"""Read teacher embeddings in clip-retrieval's layout without loading them all: memmapped parts,
-a validity mask per part, and global row numbering (part offset + row)."""
+"""The embeddings folder, written and read only here: clip-retrieval's layout plus a settings file.
+
+ROOT/img_emb/img_emb_{i}.npy and ROOT/text_emb/text_emb_{i}.npy (one row per input row; zeros where
+the row is invalid), ROOT/metadata/metadata_{i}.parquet (key, shard, row, caption, valid, error), one
+part per input shard, row j of part i being row j of shard i; ROOT/embed.json holds the settings and
+says "complete": true once every part is written (it is rewritten last). A part is written under
+temporary names and renamed, metadata last, so a part with metadata is whole.
+
+Readers memory-map the parts and never load them all. A row is valid when its metadata says so and
+both of its vectors are finite; folders from other tools (clip-retrieval itself) have no embed.json and
+are read as they are.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcid.errors import ClipcidError
+from clipcid.util.fileio import atomic_path, save_npy_atomic
+
+SETTINGS_FILE = "embed.json"
+KINDS = ("img", "text")
+
+
+def vectors_path(root: Path, kind: str, i: int) -> Path:
+    return Path(root) / f"{kind}_emb" / f"{kind}_emb_{i}.npy"
+
+
+def metadata_path(root: Path, i: int) -> Path:
+    return Path(root) / "metadata" / f"metadata_{i}.parquet"
+
+
+def part_done(root: Path, i: int) -> bool:
+    return metadata_path(root, i).is_file() and all(vectors_path(root, k, i).is_file() for k in KINDS)
+
+
+def write_part(root: Path, i: int, img: np.ndarray, txt: np.ndarray, metadata: dict[str, pa.Array]) -> None:
+    """One whole part: vectors first, metadata last (its presence marks the part done)."""
+    save_npy_atomic(vectors_path(root, "img", i), img)
+    save_npy_atomic(vectors_path(root, "text", i), txt)
+    with atomic_path(metadata_path(root, i)) as tmp:
+        pq.write_table(pa.table(metadata), tmp)
+
+
+def read_record(root: Path) -> dict | None:
+    """embed.json: {"settings": ..., "complete": ..., and the run's summary}, or None (another tool's)."""
+    f = Path(root) / SETTINGS_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 @dataclass
 class EmbeddingStore:
+    """One kind's vectors (image or text) across the parts, with global row numbering."""
+
     root: Path
     part_ids: list[int]
     sizes: list[int]
     dim: int
-    kind: str = "img"  # "img" or "text"
+    kind: str = "img"
+    folder: Embeddings | None = None  # the folder it belongs to: validity comes from there
 
     @classmethod
     def open(cls, root: str | Path, kind: str = "img") -> EmbeddingStore:
-        root = Path(root)
-        folder = root / f"{kind}_emb"
-        if not folder.is_dir():
-            raise ClipcidError(f"no {kind}_emb/ folder in {root}: not an embeddings folder (run `clipcid embed`)")
-        pattern = re.compile(rf"{kind}_emb_(\d+)\.npy$")
-        part_ids = sorted(int(m.group(1)) for f in folder.iterdir() if (m := pattern.match(f.name)))
-        if not part_ids:
-            raise ClipcidError(f"{folder} holds no {kind}_emb_N.npy parts")
-        if part_ids != list(range(len(part_ids))):
-            missing = sorted(set(range(max(part_ids) + 1)) - set(part_ids))
-            raise ClipcidError(f"{folder}: part(s) {missing[:5]} missing; finish `clipcid embed` first")
-        sizes, dims = [], set()
-        for i in part_ids:
-            arr = np.load(folder / f"{kind}_emb_{i}.npy", mmap_mode="r")
-            if arr.ndim != 2:
-                raise ClipcidError(f"{folder}/{kind}_emb_{i}.npy is not a 2-D array")
-            sizes.append(arr.shape[0])
-            dims.add(arr.shape[1])
-        if len(dims) > 1:
-            raise ClipcidError(
-                f"{folder}: parts have different dimensions {sorted(dims)}; they must all be one model's"
-            )
-        return cls(root, part_ids, sizes, dims.pop(), kind)
+        return Embeddings.open(root).store(kind)
 
     @cached_property
     def offsets(self) -> np.ndarray:
@@ -59,24 +82,17 @@ class EmbeddingStore:
     def part(self, i: int) -> np.ndarray:
         cache = self.__dict__.setdefault("_memmaps", {})  # opening a memmap per row read is slow
         if i not in cache:
-            cache[i] = np.load(self.root / f"{self.kind}_emb" / f"{self.kind}_emb_{i}.npy", mmap_mode="r")
+            cache[i] = np.load(vectors_path(self.root, self.kind, i), mmap_mode="r")
         return cache[i]
 
     def valid(self, i: int) -> np.ndarray:
-        """Rows that hold a real embedding; all rows when the part has no metadata."""
-        meta = self.root / "metadata" / f"metadata_{i}.parquet"
-        if not meta.is_file():
-            return np.ones(self.sizes[i], dtype=bool)
-        valid = pq.read_table(meta, columns=["valid"]).column("valid").to_numpy(zero_copy_only=False)
-        if len(valid) != self.sizes[i]:
-            raise ClipcidError(f"{meta} has {len(valid)} rows but part {i} has {self.sizes[i]} embeddings")
-        return valid.astype(bool)
+        return self.folder.valid(i)
 
     def valid_mask(self) -> np.ndarray:
-        return np.concatenate([self.valid(i) for i in self.part_ids]) if self.part_ids else np.zeros(0, bool)
+        return self.folder.valid_mask()
 
     def rows(self, global_rows: np.ndarray) -> np.ndarray:
-        """float32 embeddings of sorted global rows, read part by part through the memmap."""
+        """float32 vectors of sorted global rows, read part by part through the memmap."""
         out = np.empty((len(global_rows), self.dim), dtype=np.float32)
         part_of = np.searchsorted(self.offsets, global_rows, side="right") - 1
         for p in np.unique(part_of):
@@ -88,3 +104,122 @@ class EmbeddingStore:
         """Per part, the local row numbers of the given global rows."""
         part_of = np.searchsorted(self.offsets, global_rows, side="right") - 1
         return [global_rows[part_of == p] - self.offsets[p] for p in self.part_ids]
+
+
+class Embeddings:
+    """An embeddings folder, checked once on open: complete, parts contiguous and of one width per kind,
+    metadata and vectors of the same length."""
+
+    def __init__(self, root: Path, settings: dict | None, stores: dict[str, EmbeddingStore]):
+        self.root, self.settings, self._stores = root, settings, stores
+        self._valid: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, root: str | Path) -> Embeddings:
+        root = Path(root)
+        if not root.is_dir():
+            raise ClipcidError(f"embeddings folder not found: {root}")
+        record = read_record(root)
+        settings = None if record is None else record.get("settings", record)
+        if record is not None and not record.get("complete", False):
+            parts = settings.get("parts", 0)
+            done = sum(part_done(root, i) for i in range(parts))
+            raise ClipcidError(
+                f"{root} is an unfinished embed run ({done} of {parts} parts written); "
+                "run the same `clipcid embed` again to finish it"
+            )
+        stores = {}
+        for kind in KINDS:
+            part_ids, sizes, dims = _scan(root, kind)
+            stores[kind] = EmbeddingStore(root, part_ids, sizes, dims, kind)
+        img, txt = stores["img"], stores["text"]
+        if img.part_ids != txt.part_ids or img.sizes != txt.sizes:
+            raise ClipcidError(f"{root}: img_emb and text_emb hold different parts or row counts")
+        if settings is not None and settings.get("parts") not in (None, len(img.part_ids)):
+            raise ClipcidError(f"{root}: embed.json names {settings['parts']} parts but {len(img.part_ids)} are there")
+        folder = cls(root, settings, stores)
+        for store in stores.values():
+            store.folder = folder
+        return folder
+
+    def store(self, kind: str) -> EmbeddingStore:
+        return self._stores[kind]
+
+    @property
+    def images(self) -> EmbeddingStore:
+        return self._stores["img"]
+
+    @property
+    def texts(self) -> EmbeddingStore:
+        return self._stores["text"]
+
+    @property
+    def part_ids(self) -> list[int]:
+        return self.images.part_ids
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.images.sizes
+
+    def metadata(self, i: int, columns: list[str] | None = None) -> pa.Table:
+        path = metadata_path(self.root, i)
+        if not path.is_file():
+            raise ClipcidError(f"{self.root}: part {i} has no metadata ({path.name}); the folder is incomplete")
+        return pq.read_table(path, columns=columns)
+
+    def keys(self, i: int) -> np.ndarray:
+        return np.asarray(self.metadata(i, ["key"]).column("key").to_pylist(), dtype=object)
+
+    def valid(self, i: int) -> np.ndarray:
+        """Rows with a real pair of vectors: marked valid, and finite in both kinds (NaN/inf rows from a
+        broken producer count as invalid)."""
+        if i not in self._valid:
+            n = self.sizes[i]
+            if metadata_path(self.root, i).is_file():
+                marked = self.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False).astype(bool)
+                if len(marked) != n:
+                    raise ClipcidError(f"{metadata_path(self.root, i)} has {len(marked)} rows but part {i} has {n}")
+            else:
+                marked = np.ones(n, dtype=bool)
+            finite = np.ones(n, dtype=bool)
+            for store in self._stores.values():
+                part = store.part(i)
+                for s in range(0, n, 65536):
+                    finite[s : s + 65536] &= np.isfinite(part[s : s + 65536]).all(axis=1)
+            self._valid[i] = marked & finite
+        return self._valid[i]
+
+    def valid_mask(self) -> np.ndarray:
+        return np.concatenate([self.valid(i) for i in self.part_ids]) if self.part_ids else np.zeros(0, bool)
+
+    def non_finite_rows(self) -> int:
+        """Rows marked valid whose vectors are not finite (counted, and treated as invalid)."""
+        count = 0
+        for i in self.part_ids:
+            if metadata_path(self.root, i).is_file():
+                marked = self.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False).astype(bool)
+                count += int((marked & ~self.valid(i)).sum())
+        return count
+
+
+def _scan(root: Path, kind: str) -> tuple[list[int], list[int], int]:
+    folder = root / f"{kind}_emb"
+    if not folder.is_dir():
+        raise ClipcidError(f"no {kind}_emb/ folder in {root}: not an embeddings folder (run `clipcid embed`)")
+    pattern = re.compile(rf"{kind}_emb_(\d+)\.npy$")
+    part_ids = sorted(int(m.group(1)) for f in folder.iterdir() if (m := pattern.match(f.name)))
+    if not part_ids:
+        raise ClipcidError(f"{folder} holds no {kind}_emb_N.npy parts")
+    if part_ids != list(range(len(part_ids))):
+        missing = sorted(set(range(max(part_ids) + 1)) - set(part_ids))
+        raise ClipcidError(f"{folder}: part(s) {missing[:5]} missing; finish `clipcid embed` first")
+    sizes, dims = [], set()
+    for i in part_ids:
+        arr = np.load(vectors_path(root, kind, i), mmap_mode="r")
+        if arr.ndim != 2:
+            raise ClipcidError(f"{vectors_path(root, kind, i)} is not a 2-D array")
+        sizes.append(arr.shape[0])
+        dims.add(arr.shape[1])
+    if len(dims) > 1:
+        raise ClipcidError(f"{folder}: parts have different dimensions {sorted(dims)}; they must all be one model's")
+    return part_ids, sizes, dims.pop()

@@ -1,15 +1,11 @@
-"""`clipcid embed`: teacher image and text embeddings, computed once, in clip-retrieval's layout.
-
-OUT/img_emb/img_emb_{i}.npy, OUT/text_emb/text_emb_{i}.npy (float16, L2-normalised, zeros where
-invalid) and OUT/metadata/metadata_{i}.parquet (key, shard, row, caption, valid, error), one part per
-input shard, row j of part i being row j of shard i. A part is written under temporary names and
-renamed, metadata last, so a part with metadata is complete and is skipped on resume.
+"""`clipcid embed`: teacher image and text embeddings, computed once, in clip-retrieval's layout
+(embed/artifact.py: float16, L2-normalised, one part per input shard, rows aligned with it). Parts
+are split across torchrun ranks; a finished part is skipped when the command runs again.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -23,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from clipcid.embed import artifact
+from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
-from clipcid.inputs.parts import Part, discover_parts, iter_rows
+from clipcid.inputs.parts import Part, discover_parts, fingerprint, iter_rows
 from clipcid.models import LoadedModel, load_model, padding_trimmer
-from clipcid.stage import DistEnv, barrier, init_distributed, shutdown
+from clipcid.stage import DistEnv, RunFolder, barrier, distributed, parts_of_rank
 from clipcid.util import precision
-from clipcid.util.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
 from clipcid.util.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -48,6 +45,7 @@ class EmbedConfig:
     image_column: str | None = None
     caption_column: str | None = None
     seed: int = 0
+    overwrite: bool = False
 
 
 @dataclass
@@ -65,22 +63,6 @@ class PairEncoder:
 def clip_embeddings(loaded: LoadedModel) -> PairEncoder:
     """The model's shared image-text space, L2-normalised: what `clipcid embed` writes."""
     return PairEncoder(loaded.model.encode_image, loaded.model.encode_text, loaded.embed_dim, loaded.embed_dim)
-
-
-def img_emb_path(root: Path, i: int) -> Path:
-    return root / "img_emb" / f"img_emb_{i}.npy"
-
-
-def text_emb_path(root: Path, i: int) -> Path:
-    return root / "text_emb" / f"text_emb_{i}.npy"
-
-
-def metadata_path(root: Path, i: int) -> Path:
-    return root / "metadata" / f"metadata_{i}.parquet"
-
-
-def part_done(root: Path, i: int) -> bool:
-    return all(p.is_file() for p in (metadata_path(root, i), img_emb_path(root, i), text_emb_path(root, i)))
 
 
 class PartBatches(torch.utils.data.IterableDataset):
@@ -149,7 +131,7 @@ class PartBatches(torch.utils.data.IterableDataset):
 
 
 def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder) -> dict:
-    """Assemble one part's batches (in row order) and write it; metadata last marks it complete."""
+    """Assemble one part's batches (in row order) and write it through the artifact module."""
     chunks.sort(key=lambda c: c["first_row"])
     n = sum(len(c["keys"]) for c in chunks)
     img = np.zeros((n, encoder.image_dim), dtype=encoder.dtype)
@@ -167,9 +149,11 @@ def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder
         captions += c["captions"]
         errors += c["errors"]
     shard = chunks[0]["shard"] if chunks else ""
-    save_npy_atomic(img_emb_path(root, index), img)
-    save_npy_atomic(text_emb_path(root, index), txt)
-    table = pa.table(
+    artifact.write_part(
+        root,
+        index,
+        img,
+        txt,
         {
             "key": pa.array(keys, pa.string()),
             "shard": pa.array([shard] * n, pa.string()),
@@ -177,23 +161,9 @@ def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder
             "caption": pa.array(captions, pa.string()),
             "valid": pa.array(valid),
             "error": pa.array([e or None for e in errors], pa.string()),
-        }
+        },
     )
-    with atomic_path(metadata_path(root, index)) as tmp:
-        pq.write_table(table, tmp)
     return {"rows": n, "invalid": int((~valid).sum())}
-
-
-def _check_existing(root: Path, settings: dict) -> None:
-    """Refuse to mix embeddings of another model or input into a folder being resumed."""
-    f = root / "embed.json"
-    if f.is_file():
-        previous = json.loads(f.read_text())
-        keys = ("model", "pretrained", "shards", "dim", "text_dim", "precision")
-        mismatch = [k for k in keys if previous.get(k) != settings.get(k)]
-        if mismatch:
-            what = ", ".join(f"{k}: {previous.get(k)} != {settings.get(k)}" for k in mismatch)
-            raise ClipcidError(f"{root} holds embeddings made with other settings ({what}); use another --out")
 
 
 def embed(cfg: EmbedConfig, encoder: Callable[[LoadedModel], PairEncoder] = clip_embeddings) -> dict:
@@ -201,11 +171,8 @@ def embed(cfg: EmbedConfig, encoder: Callable[[LoadedModel], PairEncoder] = clip
     `encoder` picks what is computed (default: the CLIP embeddings; `clipcid lit` asks for the
     locked towers' features instead)."""
     cfg.precision = precision.canonical(cfg.precision)
-    env = init_distributed(cfg.device)
-    try:
+    with distributed(cfg.device) as env:
         return _embed(cfg, env, encoder)
-    finally:
-        shutdown(env)
 
 
 def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel], PairEncoder]) -> dict:
@@ -221,22 +188,31 @@ def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel],
         "data": str(cfg.data),
         "parts": len(parts),
         "shards": [p.name for p in parts],
+        "inputs": [fingerprint(p) for p in parts],
         "dim": encoder.image_dim,
         "text_dim": encoder.text_dim,
         "precision": cfg.precision,
         "seed": cfg.seed,
     }
+    folder = RunFolder(root, artifact.SETTINGS_FILE, settings, cfg.overwrite)
     if env.is_main:
-        _check_existing(root, settings)
-        if root.exists():
-            remove_stale_temporaries(root)
-        save_json_atomic(root / "embed.json", {**settings, "complete": False})
+        folder.claim()
     barrier(env)
+    try:
+        done = _embed_parts(cfg, env, parts, root, teacher, encoder)
+        barrier(env)
+        if not env.is_main:
+            return {}
+        return folder.finish(_summarise(root, settings, *done))
+    finally:
+        folder.release()
 
-    todo = [(i, p) for i, p in enumerate(parts) if i % env.world_size == env.rank and not part_done(root, i)]
-    skipped = sum(1 for i in range(len(parts)) if i % env.world_size == env.rank) - len(todo)
-    if skipped:
-        log.info("rank %d: %d part(s) already done, %d to go", env.rank, skipped, len(todo))
+
+def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, teacher, encoder) -> tuple:
+    mine = parts_of_rank(range(len(parts)), env)
+    todo = [(i, parts[i]) for i in mine if not artifact.part_done(root, i)]
+    if len(todo) < len(mine):
+        log.info("rank %d: %d part(s) already done, %d to go", env.rank, len(mine) - len(todo), len(todo))
     dataset = PartBatches(todo, teacher.preprocess, teacher.tokenizer, cfg.batch_size)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -268,33 +244,35 @@ def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel],
                 stats = _write_part(root, batch["part"], pending.pop(batch["part"]), encoder)
                 if stats["invalid"]:
                     log.warning("part %d (%s): %d invalid row(s)", batch["part"], chunk["shard"], stats["invalid"])
-    elapsed = time.monotonic() - start
     if pending:
         raise RuntimeError(f"parts {sorted(pending)} ended without their last batch")
-    barrier(env)
-    if not env.is_main:
-        return {}
-    return _summarise(root, settings, images_done, elapsed)
+    return images_done, time.monotonic() - start
 
 
 def _summarise(root: Path, settings: dict, images_done: int, elapsed: float) -> dict:
     rows = invalid = 0
+    errors: dict[str, int] = {}
     for i in range(settings["parts"]):
-        if not part_done(root, i):
+        if not artifact.part_done(root, i):
             raise ClipcidError(f"part {i} is missing after the run; run `clipcid embed` again to finish it")
-        valid = pq.read_table(metadata_path(root, i), columns=["valid"]).column("valid").to_numpy()
+        meta = pq.read_table(artifact.metadata_path(root, i), columns=["valid", "error"])
+        valid = meta.column("valid").to_numpy(zero_copy_only=False)
         rows += len(valid)
         invalid += int((~valid).sum())
-    summary = {
-        **settings,
-        "complete": True,
+        for e in meta.column("error").to_pylist():
+            if e:
+                errors[e] = errors.get(e, 0) + 1
+    if rows and invalid == rows:
+        common = max(errors, key=errors.get) if errors else "unknown"
+        raise ClipcidError(
+            f"no row of {settings['data']} could be embedded ({rows} rows, most common problem: {common}); check --data"
+        )
+    log.info("embedded %d rows in %d part(s) (%d invalid) into %s", rows, settings["parts"], invalid, root)
+    return {
         "rows": rows,
         "invalid": invalid,
         "rank0_images_per_second": images_done / elapsed if elapsed > 0 else None,
     }
-    save_json_atomic(root / "embed.json", summary)
-    log.info("embedded %d rows in %d part(s) (%d invalid) into %s", rows, settings["parts"], invalid, root)
-    return summary
 
 
 def project_embeddings(
@@ -303,43 +281,35 @@ def project_embeddings(
     image_head: Callable[[torch.Tensor], torch.Tensor],
     text_head: Callable[[torch.Tensor], torch.Tensor],
     settings: dict,
+    overwrite: bool = False,
 ) -> dict:
     """Write embeddings in this layout from features another embed run wrote (same parts, same rows):
     each row's vectors go through the heads and are normalised. For a model whose towers end in a head
     after locked trunks, this is what a second `clipcid embed` pass would write, without the pass."""
-    src, root = Path(features), Path(out)
-    info = json.loads((src / "embed.json").read_text()) if (src / "embed.json").is_file() else {}
-    if not info.get("complete"):
-        raise ClipcidError(f"{src} is not a finished embed folder; run it again to finish it")
-    probe = torch.zeros(1, info["dim"])
+    source = Embeddings.open(features)
+    info = source.settings or {}  # the features' run: the same data, parts and rows
     with torch.inference_mode():
-        dim = int(image_head(probe).shape[1])
+        dim = int(image_head(torch.zeros(1, source.images.dim)).shape[1])
     settings = {
-        **{k: info[k] for k in ("data", "parts", "shards", "precision", "seed")},
+        **{k: info.get(k) for k in ("data", "parts", "shards", "inputs", "precision", "seed")},
         **settings,
         "dim": dim,
         "text_dim": dim,
-        "projected_from": str(src),
+        "projected_from": str(features),
     }
-    _check_existing(root, settings)
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(root)
-    save_json_atomic(root / "embed.json", {**settings, "complete": False})
-    with torch.inference_mode():
-        for i in range(info["parts"]):
-            if part_done(root, i):
+    root = Path(out)
+    with RunFolder(root, artifact.SETTINGS_FILE, settings, overwrite) as folder, torch.inference_mode():
+        for i in source.part_ids:
+            if artifact.part_done(root, i):
                 continue
-            valid = torch.from_numpy(
-                pq.read_table(metadata_path(src, i), columns=["valid"]).column("valid").to_numpy()
-            )[:, None]
-            img = torch.from_numpy(np.load(img_emb_path(src, i)).astype(np.float32))
-            txt = torch.from_numpy(np.load(text_emb_path(src, i)).astype(np.float32))
-            save_npy_atomic(
-                img_emb_path(root, i), (F.normalize(image_head(img), dim=-1) * valid).numpy().astype(np.float16)
+            valid = torch.from_numpy(source.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False))
+            img = torch.from_numpy(np.array(source.images.part(i), dtype=np.float32))
+            txt = torch.from_numpy(np.array(source.texts.part(i), dtype=np.float32))
+            artifact.write_part(
+                root,
+                i,
+                (F.normalize(image_head(img), dim=-1) * valid[:, None]).numpy().astype(np.float16),
+                (F.normalize(text_head(txt), dim=-1) * valid[:, None]).numpy().astype(np.float16),
+                {name: source.metadata(i).column(name) for name in source.metadata(i).column_names},
             )
-            save_npy_atomic(
-                text_emb_path(root, i), (F.normalize(text_head(txt), dim=-1) * valid).numpy().astype(np.float16)
-            )
-            with atomic_path(metadata_path(root, i)) as tmp:
-                tmp.write_bytes(metadata_path(src, i).read_bytes())
-    return _summarise(root, settings, 0, 0.0)
+        return folder.finish(_summarise(root, settings, 0, 0.0))
