@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from clipcid.balance import artifact as balance_artifact
 from clipcid.balance.inspect import GROUP_STYLE, groups_html
+from clipcid.cluster import artifact as cluster_artifact
 from clipcid.evaluation.run import AVERAGES, main_metric
 from clipcid.util.fileio import atomic_path
 from clipcid.util.plots import new_figure, save_png
@@ -165,8 +167,8 @@ def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
     out = Path(out)
     results = results_rows(out)
     table = _results_html(results)
-    balance_stats = json.loads((out / "balance" / "stats.json").read_text())
-    cluster_stats = json.loads((out / "clusters" / "stats.json").read_text())
+    balance_stats = balance_artifact.read_stats(out / "balance")
+    cluster_stats = cluster_artifact.read_stats(out / "clusters")
     groups, _ = groups_html(str(out / "balance"), str(out / "corpus"), str(out / "teacher_emb"), top=8, per_group=10)
     t = balance_stats["threshold_all_metrics"]
     largest_share = balance_stats["largest_group"] / max(balance_stats["valid"], 1)

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import base64
 import html
-import json
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from clipcid.balance.artifact import BalanceResult, read_stats
+from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.util.fileio import atomic_path
 
 
-def largest_groups(balance_dir: Path, n_parts: int, top: int, per_group: int) -> list[list[tuple[int, int, bool]]]:
+def largest_groups(result: BalanceResult, top: int, per_group: int) -> list[list[tuple[int, int, bool]]]:
     """The `top` largest groups, each as up to `per_group` members (part, row, kept), kept one first."""
-    groups = [np.load(balance_dir / "groups" / f"groups_{i}.npy") for i in range(n_parts)]
-    keeps = [np.load(balance_dir / "keep" / f"keep_{i}.npy") for i in range(n_parts)]
+    n_parts = len(result.sizes)
+    groups = [result.groups(i) for i in range(n_parts)]
     labels = np.concatenate(groups)
-    keep = np.concatenate(keeps)
+    keep = result.keep_mask()
     part_of = np.concatenate([np.full(len(g), i) for i, g in enumerate(groups)])
     row_of = np.concatenate([np.arange(len(g)) for g in groups])
     valid = labels >= 0
@@ -36,30 +35,26 @@ def largest_groups(balance_dir: Path, n_parts: int, top: int, per_group: int) ->
 
 def groups_html(balance: str, data: str, emb: str | None = None, top: int = 24, per_group: int = 12) -> tuple[str, int]:
     """HTML sections, one per large merged group, images inline; and the number of groups shown."""
-    balance_dir = Path(balance)
-    stats_file = balance_dir / "stats.json"
-    if not stats_file.is_file():
-        raise ClipcidError(f"{balance_dir} is not a balance folder (no stats.json); run `clipcid balance` first")
-    stats = json.loads(stats_file.read_text())
-    emb_dir = Path(emb or stats["config"]["emb"])
+    stats = read_stats(balance)
+    embeddings = Embeddings.open(emb or stats["config"]["emb"])
+    result = BalanceResult.open(balance, embeddings)
     parts = discover_parts(data)
-    n_parts = len(list((balance_dir / "keep").glob("keep_*.npy")))
-    if len(parts) != n_parts:
-        raise ClipcidError(f"--data has {len(parts)} shards but the balance folder has {n_parts} parts")
-    groups = largest_groups(balance_dir, n_parts, top, per_group)
+    if len(parts) != len(result.sizes):
+        raise ClipcidError(f"--data has {len(parts)} shards but the balance folder has {len(result.sizes)} parts")
+    groups = largest_groups(result, top, per_group)
     wanted: dict[int, set[int]] = {}
     for members in groups:
         for part, row, _ in members:
             wanted.setdefault(part, set()).add(row)
     images: dict[tuple[int, int], tuple[str, bytes | None, str]] = {}
     for part, rows in wanted.items():
-        meta = pq.read_table(emb_dir / "metadata" / f"metadata_{part}.parquet", columns=["key"]).column("key")
+        keys = embeddings.keys(part)
         for row, sample in enumerate(iter_rows(parts[part])):
             if row in rows:
-                if sample.key != meta[row].as_py():
+                if sample.key != keys[row]:
                     raise ClipcidError(
                         f"shard {parts[part].name} row {row} has key {sample.key}, but the "
-                        f"embeddings say {meta[row].as_py()}: --data is not the embedded data"
+                        f"embeddings say {keys[row]}: --data is not the embedded data"
                     )
                 images[(part, row)] = (sample.key, sample.image, sample.caption or "")
     return _sections(groups, images), len(groups)
@@ -69,7 +64,7 @@ def inspect_balance(
     balance: str, data: str, out: str, emb: str | None = None, top: int = 24, per_group: int = 12
 ) -> int:
     sections, n = groups_html(balance, data, emb, top, per_group)
-    stats = json.loads((Path(balance) / "stats.json").read_text())
+    stats = read_stats(balance)
     t = stats["threshold_all_metrics"]
     head = (
         f"<h1>Image Semantic Balance: largest merged groups</h1><p>threshold {stats['threshold']:.5g} "

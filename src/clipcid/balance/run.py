@@ -14,9 +14,8 @@ Search: exact (blocked matrix products against a threshold, the upper triangle o
 exact search on a sample). Edges are found once at a looser threshold and kept with their
 similarities, so the removal curve and --target-removal need no second search.
 
-Outputs in OUT: keep/keep_{i}.npy (bool per embedding row), groups/groups_{i}.npy (group id per row,
--1 for invalid rows), stats.json, group_sizes.png, removal_curve.png; edges/ holds the per-block
-edge files that make a crashed run resumable.
+Outputs in OUT (balance/artifact.py owns the layout): keep and group masks per part, stats.json, plots;
+edges/ holds the per-block edge files that make a crashed run resumable.
 """
 
 from __future__ import annotations
@@ -34,10 +33,11 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from clipcid.embed.artifact import EmbeddingStore
+from clipcid.balance.artifact import SETTINGS_FILE, write_masks
+from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.stage import DistEnv, barrier, init_distributed, shutdown
-from clipcid.util.fileio import atomic_path, remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.stage import DistEnv, RunFolder, barrier, distributed, row_chunks, unit_rows
+from clipcid.util.fileio import atomic_path, save_json_atomic, save_npy_atomic
 from clipcid.util.plots import new_figure, save_png
 from clipcid.util.progress import progress_bar
 
@@ -65,6 +65,17 @@ class BalanceConfig:
     seed: int = 0
     device: str = "auto"
     plots: bool = True
+    overwrite: bool = False
+
+
+# Settings that do not change what is written (how fast, where, with which pictures).
+RUNTIME_FIELDS = ("out", "memory_gb", "recall_sample", "device", "plots", "overwrite")
+
+
+def run_settings(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
+    """What the folder's content follows from: the config and the embeddings' own settings."""
+    own = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    return {**own, "embeddings": (embeddings.settings or {}).get("inputs"), "rows": embeddings.images.total}
 
 
 def to_similarity(threshold: float, metric: str) -> float:
@@ -115,24 +126,15 @@ class ValidEmbeddings:
         if self.n * store.dim * 2 <= memory_gb * 1e9 / 2:
             self._raw = np.concatenate([np.asarray(store.part(i))[store.valid(i)] for i in store.part_ids])
 
-    @staticmethod
-    def _normalise(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
     def block(self, start: int, stop: int) -> np.ndarray:
         if self._raw is not None:
-            return self._normalise(self._raw[start:stop])
-        return self._normalise(self.store.rows(self.global_rows[start:stop]))
+            return unit_rows(self._raw[start:stop])
+        return unit_rows(self.store.rows(self.global_rows[start:stop]))
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         if self._raw is not None:
-            return self._normalise(self._raw[positions])
-        return self._normalise(self.store.rows(self.global_rows[positions]))
-
-
-def _blocks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
+            return unit_rows(self._raw[positions])
+        return unit_rows(self.store.rows(self.global_rows[positions]))
 
 
 def exact_block_edges(
@@ -174,7 +176,7 @@ def probe_cells(data: ValidEmbeddings, cells: np.ndarray, nprobe: int) -> np.nda
     index = faiss.IndexFlatIP(cells.shape[1])
     index.add(cells)
     out = np.empty((data.n, nprobe), dtype=np.int64)
-    for s, e in _blocks(data.n, 65536):
+    for s, e in row_chunks(data.n):
         out[s:e] = index.search(data.block(s, e), nprobe)[1]
     return out
 
@@ -250,7 +252,7 @@ def most_central_members(data: ValidEmbeddings, labels: np.ndarray, device: torc
     compact[comp_ids] = np.arange(len(comp_ids))
     members = np.flatnonzero(multi)
     sums = torch.zeros(len(comp_ids), data.store.dim, dtype=torch.float64, device=device)
-    spans = _blocks(len(members), 65536)
+    spans = row_chunks(len(members))
     for s, e in spans:  # pass 1: component sums (the mean's direction)
         pos = members[s:e]
         x = torch.from_numpy(data.gather(pos)).to(device, torch.float64)
@@ -290,7 +292,7 @@ class EdgeSearch:
     def __init__(self, cfg: BalanceConfig, data: ValidEmbeddings, env: DistEnv, device: torch.device):
         self.cfg, self.data, self.env, self.device = cfg, data, env, device
         self.block = block_size_for(cfg.memory_gb, data.store.dim)
-        self.blocks = _blocks(data.n, self.block)
+        self.blocks = row_chunks(data.n, self.block)
         self.folder = Path(cfg.out) / "edges"
         # Cost ~ n*nlist*d to probe plus n*nprobe*(n/nlist)*d to join: balanced at nlist = sqrt(n*nprobe).
         self.nlist = cfg.nlist or max(1, min(int(math.sqrt(max(data.n, 1) * cfg.nprobe)), data.n // 40 or 1))
@@ -367,7 +369,7 @@ def ivf_pair_recall(data: ValidEmbeddings, a, b, similarity: float, sample: int,
     queries = np.sort(rng.choice(data.n, size=min(sample, data.n), replace=False))
     q = torch.from_numpy(data.gather(queries))
     exact = set()
-    for s, e in _blocks(data.n, 65536):
+    for s, e in row_chunks(data.n):
         scores = q @ torch.from_numpy(data.block(s, e)).T
         r, c = torch.nonzero(scores > similarity, as_tuple=True)
         for qi, j in zip(queries[r.numpy()], c.numpy() + s, strict=True):
@@ -408,22 +410,28 @@ def balance(cfg: BalanceConfig) -> dict:
             raise ClipcidError("--random-removal must be a fraction in [0, 1)")
         if cfg.target_removal is not None:
             raise ClipcidError("--random-removal and --target-removal exclude each other")
-        return _random_removal(cfg)
-    env = init_distributed(cfg.device)
-    try:
-        return _balance(cfg, env)
-    finally:
-        shutdown(env)
+    if not cfg.memory_gb > 0:
+        raise ClipcidError("--memory-gb must be a positive number of gigabytes")
+    embeddings = Embeddings.open(cfg.emb)
+    folder = RunFolder(cfg.out, SETTINGS_FILE, run_settings(cfg, embeddings), cfg.overwrite)
+    with distributed(cfg.device) as env:
+        if env.is_main:
+            folder.claim()
+        barrier(env)
+        try:
+            if cfg.random_removal is not None:
+                stats = _random_removal(cfg, embeddings)
+            else:
+                stats = _balance(cfg, env, embeddings)
+            return folder.finish(stats) if env.is_main else {}
+        finally:
+            folder.release()
 
 
-def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
+def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
     start = time.monotonic()
     out = Path(cfg.out)
-    store = EmbeddingStore.open(cfg.emb)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-    barrier(env)
+    store = embeddings.images
     data = ValidEmbeddings(store, cfg.memory_gb)
     device = env.device
     search = EdgeSearch(cfg, data, env, device)
@@ -451,7 +459,7 @@ def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
     labels = components(data.n, a[sel], b[sel])
     keep = most_central_members(data, labels, device)
     timings["components_s"] = time.monotonic() - t0
-    _write_masks(out, store, data.global_rows, labels, keep)
+    write_masks(out, store, data.global_rows, labels, keep)
 
     curve = [
         (reach * f / 12, removed_fraction(data.n, a, b, s, to_similarity(reach * f / 12, cfg.metric)))
@@ -478,6 +486,7 @@ def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
         "block_size": search.block,
         "removal_curve": [{"threshold": t, "removed_fraction": f} for t, f in curve],
         "config": asdict(cfg),
+        "non_finite_rows": embeddings.non_finite_rows(),
     }
     if cfg.search == "ivf":
         stats["ivf"] = {
@@ -487,26 +496,22 @@ def _balance(cfg: BalanceConfig, env: DistEnv) -> dict:
         }
     timings["total_s"] = time.monotonic() - start
     stats["timings"] = timings
-    save_json_atomic(out / "stats.json", stats)
     if cfg.plots:
         _plots(out, sizes, curve, cfg.metric, threshold)
     return stats
 
 
-def _random_removal(cfg: BalanceConfig) -> dict:
+def _random_removal(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
     """The control for Image Semantic Balance: remove exactly round(f * valid) valid rows, drawn
     uniformly by the seed, in the same layout (every row is a group of its own)."""
-    out = Path(cfg.out)
-    store = EmbeddingStore.open(cfg.emb)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    store = embeddings.images
     rows = np.flatnonzero(store.valid_mask())
     n = len(rows)
     removed = round(cfg.random_removal * n)
     keep = np.ones(n, dtype=bool)
     keep[np.random.default_rng(cfg.seed).choice(n, size=removed, replace=False)] = False
-    _write_masks(out, store, rows, np.arange(n), keep)
-    stats = {
+    write_masks(Path(cfg.out), store, rows, np.arange(n), keep)
+    return {
         "rows": store.total,
         "valid": n,
         "invalid": store.total - n,
@@ -520,19 +525,6 @@ def _random_removal(cfg: BalanceConfig) -> dict:
         "seed": cfg.seed,
         "config": asdict(cfg),
     }
-    save_json_atomic(out / "stats.json", stats)
-    return stats
-
-
-def _write_masks(out: Path, store: EmbeddingStore, global_rows: np.ndarray, labels, keep) -> None:
-    keep_rows = np.zeros(store.total, dtype=bool)
-    keep_rows[global_rows] = keep
-    group_rows = np.full(store.total, -1, dtype=np.int64)
-    group_rows[global_rows] = labels
-    for i in store.part_ids:
-        lo, hi = store.offsets[i], store.offsets[i + 1]
-        save_npy_atomic(out / "groups" / f"groups_{i}.npy", group_rows[lo:hi])
-        save_npy_atomic(out / "keep" / f"keep_{i}.npy", keep_rows[lo:hi])
 
 
 def _plots(out: Path, sizes: np.ndarray, curve, metric: str, threshold: float) -> None:

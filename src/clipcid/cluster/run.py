@@ -7,13 +7,12 @@ part (split across ranks under torchrun). For very large k (the paper used 1M) a
 trains sqrt(k) coarse clusters, then k-means inside each coarse cell with a share of k proportional
 to the cell's size, and assigns through an IVF index over the fine centroids.
 
-Outputs in OUT: centroids.npy (k x D float32, unit norm), labels/labels_{i}.npy (int64 per
-embedding row, -1 for dropped or invalid rows), stats.json, cluster_sizes.png.
+Outputs in OUT (cluster/artifact.py owns the layout): centroids, labels and similarities per part,
+stats.json, cluster_sizes.png.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcid.embed.artifact import EmbeddingStore
+from clipcid.balance.artifact import BalanceResult
+from clipcid.cluster import artifact
+from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.stage import DistEnv, barrier, init_distributed, shutdown
-from clipcid.util.fileio import remove_stale_temporaries, save_json_atomic, save_npy_atomic
+from clipcid.stage import DistEnv, RunFolder, barrier, distributed, parts_of_rank, row_chunks, unit_rows
 from clipcid.util.plots import new_figure, save_png
 from clipcid.util.progress import progress_bar
 
@@ -54,29 +54,15 @@ class ClusterConfig:
     assign_nprobe: int = 8
     refine_iterations: int = 5  # two-level mode: Lloyd iterations over all centroids after training
     plots: bool = True
+    overwrite: bool = False
 
 
-def kept_mask(store: EmbeddingStore, balance_dir: str | None) -> np.ndarray:
+def kept_mask(embeddings: Embeddings, balance_dir: str | None) -> np.ndarray:
     """Global rows to cluster: valid, and kept by Image Semantic Balance when a balance folder is given."""
-    mask = store.valid_mask()
+    mask = embeddings.valid_mask()
     if balance_dir is None:
         return mask
-    keep_dir = Path(balance_dir) / "keep"
-    if not keep_dir.is_dir():
-        raise ClipcidError(f"{balance_dir} is not a balance folder (no keep/); run `clipcid balance` first")
-    n_keep = len(list(keep_dir.glob("keep_*.npy")))
-    if n_keep != len(store.part_ids):
-        raise ClipcidError(f"balance folder {balance_dir} has {n_keep} parts, the embeddings {len(store.part_ids)}")
-    keeps = []
-    for i in store.part_ids:
-        keep = np.load(keep_dir / f"keep_{i}.npy")
-        if len(keep) != store.sizes[i]:
-            raise ClipcidError(
-                f"balance part {i} has {len(keep)} rows but embedding part {i} has "
-                f"{store.sizes[i]}: the balance folder was made from other embeddings"
-            )
-        keeps.append(keep)
-    return mask & np.concatenate(keeps)
+    return mask & BalanceResult.open(balance_dir, embeddings).keep_mask()
 
 
 def resolve_k(k: int | str, n_kept: int, images_per_cluster: float = PAPER_IMAGES_PER_CLUSTER) -> int:
@@ -93,10 +79,6 @@ def resolve_k(k: int | str, n_kept: int, images_per_cluster: float = PAPER_IMAGE
     if k > n_kept:
         raise ClipcidError(f"--k {k} is larger than the {n_kept} kept rows; use a smaller k or --k auto")
     return k
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -151,7 +133,7 @@ def train_kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> tuple[
     else:
         km.train(x)
         centroids, obj = km.centroids.copy(), list(km.obj)
-    return _unit(centroids.astype(np.float32)), [float(o) for o in obj]
+    return unit_rows(centroids.astype(np.float32)), [float(o) for o in obj]
 
 
 def proportional_split(k: int, sizes: np.ndarray) -> np.ndarray:
@@ -191,7 +173,7 @@ def train_two_level(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarr
                 bar.update(1)
                 continue
             if per_cell[c] >= len(members):
-                fine.append(_unit(members[: per_cell[c]]))
+                fine.append(unit_rows(members[: per_cell[c]]))
             else:
                 fine.append(train_kmeans(members, int(per_cell[c]), cfg, cfg.seed + 1 + c)[0])
             bar.update(1)
@@ -208,7 +190,7 @@ def refine_with_ivf(
         sums = torch.zeros(centroids.shape, dtype=torch.float64)
         sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
         counts = np.bincount(labels, minlength=len(centroids))
-        updated = _unit(sums.numpy().astype(np.float32))
+        updated = unit_rows(sums.numpy().astype(np.float32))
         centroids = np.where(counts[:, None] > 0, updated, centroids).astype(np.float32)
     return centroids
 
@@ -219,7 +201,7 @@ def training_sample(store: EmbeddingStore, rows: np.ndarray, k: int, cfg: Cluste
     if len(rows) > limit:
         rng = np.random.default_rng(cfg.seed)
         rows = np.sort(rng.choice(rows, size=limit, replace=False))
-    return _unit(store.rows(rows))
+    return unit_rows(store.rows(rows))
 
 
 class Assigner:
@@ -251,11 +233,23 @@ def cluster(cfg: ClusterConfig) -> dict:
         raise ClipcidError("--two-level must be auto, on or off")
     if cfg.init not in ("auto", "kmeans++", "random"):
         raise ClipcidError("--init must be auto, kmeans++ or random")
-    env = init_distributed("cuda" if cfg.gpu else "cpu")
-    try:
-        return _cluster(cfg, env)
-    finally:
-        shutdown(env)
+    embeddings = Embeddings.open(cfg.emb)
+    kept = kept_mask(embeddings, cfg.balance)
+    kept_rows = np.flatnonzero(kept)
+    if len(kept_rows) == 0:
+        raise ClipcidError("no kept, valid rows to cluster")
+    k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
+    settings = _settings(cfg, k, embeddings.images, len(kept_rows))
+    folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, {**settings, "emb": cfg.emb}, cfg.overwrite)
+    with distributed("cuda" if cfg.gpu else "cpu") as env:
+        if env.is_main:
+            folder.claim()
+        barrier(env)
+        try:
+            stats = _cluster(cfg, env, embeddings, kept, kept_rows, k, settings)
+            return folder.finish(stats) if env.is_main else {}
+        finally:
+            folder.release()
 
 
 def _settings(cfg: ClusterConfig, k: int, store: EmbeddingStore, n_kept: int) -> dict:
@@ -274,63 +268,43 @@ def _settings(cfg: ClusterConfig, k: int, store: EmbeddingStore, n_kept: int) ->
     }
 
 
-def _cluster(cfg: ClusterConfig, env: DistEnv) -> dict:
+def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int, settings: dict) -> dict:
     start = time.monotonic()
     out = Path(cfg.out)
-    store = EmbeddingStore.open(cfg.emb)
-    kept = kept_mask(store, cfg.balance)
-    kept_rows = np.flatnonzero(kept)
-    if len(kept_rows) == 0:
-        raise ClipcidError("no kept, valid rows to cluster")
-    k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
+    store = embeddings.images
     two_level = cfg.two_level == "on" or (cfg.two_level == "auto" and k > TWO_LEVEL_ABOVE_K)
-    settings = _settings(cfg, k, store, len(kept_rows))
-    train_file = out / "training.json"
     timings: dict[str, float] = {}
 
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        done = train_file.is_file() and json.loads(train_file.read_text())["settings"] == settings
-        if not done:
-            if (out / "labels").is_dir():  # labels of other centroids are stale
-                for f in (out / "labels").glob("labels_*.npy"):
-                    f.unlink()
-            t0 = time.monotonic()
-            x = training_sample(store, kept_rows, k, cfg)
-            log.info(
-                "training %s k-means, k=%d, on %d of %d kept rows",
-                "two-level" if two_level else "flat",
-                k,
-                len(x),
-                len(kept_rows),
-            )
-            if two_level:
-                centroids, coarse, obj = train_two_level(x, k, cfg)
-                centroids = refine_with_ivf(x, centroids, coarse, cfg.refine_iterations, cfg.assign_nprobe)
-                save_npy_atomic(out / "coarse_centroids.npy", coarse)
-            else:
-                centroids, obj = train_kmeans(x, k, cfg, cfg.seed)
-            save_npy_atomic(out / "centroids.npy", centroids)
-            save_json_atomic(
-                train_file,
-                {
-                    "settings": settings,
-                    "objective": obj,
-                    "two_level": two_level,
-                    "train_rows": len(x),
-                    "train_s": time.monotonic() - t0,
-                },
-            )
+    if env.is_main and not artifact.trained(out, settings):
+        t0 = time.monotonic()
+        x = training_sample(store, kept_rows, k, cfg)
+        log.info(
+            "training %s k-means, k=%d, on %d of %d kept rows",
+            "two-level" if two_level else "flat",
+            k,
+            len(x),
+            len(kept_rows),
+        )
+        coarse = None
+        if two_level:
+            centroids, coarse, obj = train_two_level(x, k, cfg)
+            centroids = refine_with_ivf(x, centroids, coarse, cfg.refine_iterations, cfg.assign_nprobe)
+        else:
+            centroids, obj = train_kmeans(x, k, cfg, cfg.seed)
+        record = {
+            "settings": settings,
+            "objective": obj,
+            "two_level": two_level,
+            "train_rows": len(x),
+            "train_s": time.monotonic() - t0,
+        }
+        artifact.write_training(out, centroids, coarse, record)
     barrier(env)
-    training = json.loads(train_file.read_text())
-    centroids = np.load(out / "centroids.npy")
-    coarse = np.load(out / "coarse_centroids.npy") if training["two_level"] else None
+    training, centroids, coarse = artifact.read_training(out)
     assigner = Assigner(centroids, coarse, cfg.assign_nprobe)
 
     t0 = time.monotonic()
-    mine = [i for i in store.part_ids if i % env.world_size == env.rank]
-    todo = [i for i in mine if not (out / "labels" / f"labels_{i}.npy").is_file()]
+    todo = [i for i in parts_of_rank(store.part_ids, env) if not artifact.labels_done(out, i)]
     with progress_bar(sum(store.sizes[i] for i in todo), f"assign (rank {env.rank})", "row", env.is_main) as bar:
         for i in todo:
             local = kept[store.offsets[i] : store.offsets[i + 1]]
@@ -338,11 +312,10 @@ def _cluster(cfg: ClusterConfig, env: DistEnv) -> dict:
             sims = np.full(store.sizes[i], np.nan, dtype=np.float32)
             rows = np.flatnonzero(local)
             part = store.part(i)
-            for s in range(0, len(rows), 65536):
-                chunk = rows[s : s + 65536]
-                labels[chunk], sims[chunk] = assigner.assign(_unit(np.asarray(part[chunk], dtype=np.float32)))
-            save_npy_atomic(out / "similarity" / f"similarity_{i}.npy", sims)
-            save_npy_atomic(out / "labels" / f"labels_{i}.npy", labels)  # last: marks the part done
+            for s, e in row_chunks(len(rows)):
+                chunk = rows[s:e]
+                labels[chunk], sims[chunk] = assigner.assign(unit_rows(part[chunk]))
+            artifact.write_labels(out, i, labels, sims)
             bar.update(store.sizes[i])
     timings["assign_s"] = time.monotonic() - t0
     barrier(env)
@@ -352,8 +325,8 @@ def _cluster(cfg: ClusterConfig, env: DistEnv) -> dict:
 
 
 def _write_stats(cfg, out: Path, store: EmbeddingStore, k: int, training: dict, timings: dict, total_s: float):
-    labels = np.concatenate([np.load(out / "labels" / f"labels_{i}.npy") for i in store.part_ids])
-    sims = np.concatenate([np.load(out / "similarity" / f"similarity_{i}.npy") for i in store.part_ids])
+    labels = np.concatenate([np.load(artifact.labels_path(out, i)) for i in store.part_ids])
+    sims = np.concatenate([np.load(artifact.similarity_path(out, i)) for i in store.part_ids])
     assigned = labels >= 0
     sizes = np.bincount(labels[assigned], minlength=k)
     stats = {
@@ -371,7 +344,6 @@ def _write_stats(cfg, out: Path, store: EmbeddingStore, k: int, training: dict, 
         "timings": {"train_s": training["train_s"], **timings, "total_s": total_s},
         "config": {**asdict(cfg), "k": cfg.k},
     }
-    save_json_atomic(out / "stats.json", stats)
     if cfg.plots:
         _plot_sizes(out, sizes)
     return stats

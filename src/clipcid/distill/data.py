@@ -13,14 +13,14 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from clipcid.embed.artifact import EmbeddingStore
+from clipcid.balance.artifact import BalanceResult
+from clipcid.cluster.artifact import Clusters
+from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import Part, discover_parts, iter_rows
 
@@ -40,6 +40,7 @@ class TrainRows:
     store_img: EmbeddingStore | None  # None: training without a teacher (a CLIP-only run)
     store_txt: EmbeddingStore | None
     num_classes: int
+    centroids: np.ndarray | None = None  # k x D, the classifier's starting point
 
     @property
     def total(self) -> int:
@@ -63,42 +64,33 @@ def load_train_rows(data: str, teacher_emb: str | None, balance: str | None, clu
         if balance or clusters:
             raise ClipcidError("--balance and --clusters refer to teacher embeddings: pass --teacher-emb too")
         return rows_without_teacher(parts)
-    img = EmbeddingStore.open(teacher_emb, "img")
-    txt = EmbeddingStore.open(teacher_emb, "text")
+    embeddings = Embeddings.open(teacher_emb)
+    img, txt = embeddings.images, embeddings.texts
     if len(parts) != len(img.part_ids):
         raise ClipcidError(
             f"--data has {len(parts)} shards but {teacher_emb} has {len(img.part_ids)} parts; "
             "they must be the same shards in the same order"
         )
-    num_classes = 0
-    if clusters:
-        centroids = Path(clusters) / "centroids.npy"
-        if not centroids.is_file():
-            raise ClipcidError(f"{clusters} is not a clusters folder (no centroids.npy); run `clipcid cluster`")
-        num_classes = int(np.load(centroids, mmap_mode="r").shape[0])
+    kept = BalanceResult.open(balance, embeddings) if balance else None
+    labelled = Clusters.open(clusters, embeddings) if clusters else None
     rows, labels, keys = [], [], []
     for i in img.part_ids:
-        use = img.valid(i)
-        if balance:
-            keep_file = Path(balance) / "keep" / f"keep_{i}.npy"
-            if not keep_file.is_file():
-                raise ClipcidError(f"balance folder {balance} has no keep_{i}.npy")
-            keep = np.load(keep_file)
-            if len(keep) != img.sizes[i]:
-                raise ClipcidError(f"balance part {i} has {len(keep)} rows, embeddings part {i} {img.sizes[i]}")
-            use &= keep
+        use = embeddings.valid(i).copy()
+        if kept is not None:
+            use &= kept.keep(i)
         part_labels = np.full(img.sizes[i], -1, dtype=np.int64)
-        if clusters:
-            part_labels = np.load(Path(clusters) / "labels" / f"labels_{i}.npy")
-            if len(part_labels) != img.sizes[i]:
-                raise ClipcidError(f"cluster labels of part {i} do not match the embeddings")
+        if labelled is not None:
+            part_labels = labelled.labels(i)
             use &= part_labels >= 0
         keep_rows = np.flatnonzero(use)
-        meta = pq.read_table(img.root / "metadata" / f"metadata_{i}.parquet", columns=["key"])
         rows.append(keep_rows)
         labels.append(part_labels[keep_rows])
-        keys.append(np.asarray(meta.column("key").to_pylist(), dtype=object)[keep_rows])
-    return TrainRows(parts, rows, labels, keys, img, txt, num_classes)
+        keys.append(embeddings.keys(i)[keep_rows])
+    if sum(len(r) for r in rows) == 0:
+        raise ClipcidError(f"no usable rows in {teacher_emb} (after balance and clusters): nothing to train on")
+    num_classes = labelled.num_classes if labelled is not None else 0
+    centroids = labelled.centroids if labelled is not None else None
+    return TrainRows(parts, rows, labels, keys, img, txt, num_classes, centroids)
 
 
 def epoch_assignment(

@@ -184,7 +184,7 @@ class Trainer:
         if cfg.w_cls or cfg.w_kl:
             if not cfg.clusters:
                 raise ClipcidError("--w-cls / --w-kl need --clusters (or set both to 0)")
-            centroids = torch.from_numpy(np.load(Path(cfg.clusters) / "centroids.npy"))
+            centroids = torch.from_numpy(self.train.centroids)
             rate = (
                 cfg.pfc_sample_rate
                 if cfg.pfc_sample_rate is not None

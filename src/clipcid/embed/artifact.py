@@ -130,10 +130,11 @@ class Embeddings:
             )
         stores = {}
         for kind in KINDS:
-            part_ids, sizes, dims = _scan(root, kind)
-            stores[kind] = EmbeddingStore(root, part_ids, sizes, dims, kind)
-        img, txt = stores["img"], stores["text"]
-        if img.part_ids != txt.part_ids or img.sizes != txt.sizes:
+            if kind == "img" or (root / f"{kind}_emb").is_dir():  # image-only folders are clip-retrieval's too
+                part_ids, sizes, dims = _scan(root, kind)
+                stores[kind] = EmbeddingStore(root, part_ids, sizes, dims, kind)
+        img, txt = stores["img"], stores.get("text")
+        if txt is not None and (img.part_ids != txt.part_ids or img.sizes != txt.sizes):
             raise ClipcidError(f"{root}: img_emb and text_emb hold different parts or row counts")
         if settings is not None and settings.get("parts") not in (None, len(img.part_ids)):
             raise ClipcidError(f"{root}: embed.json names {settings['parts']} parts but {len(img.part_ids)} are there")
@@ -143,6 +144,8 @@ class Embeddings:
         return folder
 
     def store(self, kind: str) -> EmbeddingStore:
+        if kind not in self._stores:
+            raise ClipcidError(f"{self.root} has no {kind} embeddings ({kind}_emb/); `clipcid embed` writes both")
         return self._stores[kind]
 
     @property
@@ -151,7 +154,7 @@ class Embeddings:
 
     @property
     def texts(self) -> EmbeddingStore:
-        return self._stores["text"]
+        return self.store("text")
 
     @property
     def part_ids(self) -> list[int]:

@@ -1,0 +1,115 @@
+"""The clusters folder, written and read only here.
+
+OUT/centroids.npy (k x D float32, unit norm), OUT/coarse_centroids.npy (two-level mode),
+OUT/training.json (the trained centroids' settings, so that a rerun only assigns),
+OUT/labels/labels_{i}.npy (int64 per embedding row, -1 for dropped or invalid rows; its presence marks
+the part done), OUT/similarity/similarity_{i}.npy (to the centroid), OUT/stats.json ({"settings",
+"complete", and the statistics}; rewritten complete last), OUT/cluster_sizes.png.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from clipcid.embed.artifact import Embeddings
+from clipcid.errors import ClipcidError
+from clipcid.util.fileio import save_json_atomic, save_npy_atomic
+
+SETTINGS_FILE = "stats.json"
+TRAINING_FILE = "training.json"
+
+
+def labels_path(folder: Path, i: int) -> Path:
+    return Path(folder) / "labels" / f"labels_{i}.npy"
+
+
+def similarity_path(folder: Path, i: int) -> Path:
+    return Path(folder) / "similarity" / f"similarity_{i}.npy"
+
+
+def trained(folder: Path, settings: dict) -> bool:
+    """Whether centroids of exactly these training settings are there."""
+    f = Path(folder) / TRAINING_FILE
+    return f.is_file() and json.loads(f.read_text())["settings"] == settings
+
+
+def write_training(folder: Path, centroids: np.ndarray, coarse: np.ndarray | None, record: dict) -> None:
+    """The trained centroids; labels of earlier centroids are stale and go first."""
+    folder = Path(folder)
+    for f in (folder / "labels").glob("labels_*.npy") if (folder / "labels").is_dir() else []:
+        f.unlink()
+    if coarse is not None:
+        save_npy_atomic(folder / "coarse_centroids.npy", coarse)
+    save_npy_atomic(folder / "centroids.npy", centroids)
+    save_json_atomic(folder / TRAINING_FILE, record)  # last: marks the training done
+
+
+def read_training(folder: Path) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    folder = Path(folder)
+    training = json.loads((folder / TRAINING_FILE).read_text())
+    coarse = np.load(folder / "coarse_centroids.npy") if training["two_level"] else None
+    return training, np.load(folder / "centroids.npy"), coarse
+
+
+def write_labels(folder: Path, i: int, labels: np.ndarray, similarity: np.ndarray) -> None:
+    save_npy_atomic(similarity_path(folder, i), similarity)
+    save_npy_atomic(labels_path(folder, i), labels)  # last: marks the part done
+
+
+def labels_done(folder: Path, i: int) -> bool:
+    return labels_path(folder, i).is_file()
+
+
+def read_stats(folder: str | Path) -> dict:
+    """The statistics of a finished run (stats.json), for reports."""
+    f = Path(folder) / SETTINGS_FILE
+    record = json.loads(f.read_text()) if f.is_file() else None
+    if record is None or not record.get("complete"):
+        raise ClipcidError(f"{folder} holds no finished cluster run; run `clipcid cluster`")
+    return record
+
+
+class Clusters:
+    """A finished clusters folder, checked against the embeddings it is used with."""
+
+    def __init__(self, folder: Path, centroids: np.ndarray, stats: dict, sizes: list[int]):
+        self.folder, self.centroids, self.stats, self.sizes = folder, centroids, stats, sizes
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @classmethod
+    def open(cls, folder: str | Path, embeddings: Embeddings) -> Clusters:
+        folder = Path(folder)
+        if not (folder / "centroids.npy").is_file():
+            raise ClipcidError(f"{folder} is not a clusters folder (no centroids.npy); run `clipcid cluster`")
+        record_file = folder / SETTINGS_FILE
+        record = json.loads(record_file.read_text()) if record_file.is_file() else None
+        if record is None or not record.get("complete"):
+            raise ClipcidError(
+                f"{folder} holds an unfinished clustering; run the same `clipcid cluster` again to finish it"
+            )
+        centroids = np.load(folder / "centroids.npy")
+        if centroids.ndim != 2 or centroids.shape[1] != embeddings.images.dim:
+            raise ClipcidError(
+                f"{folder}: centroids are {centroids.shape}, the embeddings {embeddings.images.dim}-dimensional"
+            )
+        missing = [i for i in embeddings.part_ids if not labels_done(folder, i)]
+        if missing:
+            raise ClipcidError(
+                f"{folder} has no labels for part(s) {missing[:5]}; run `clipcid cluster` again to assign them"
+            )
+        return cls(folder, centroids, record, embeddings.sizes)
+
+    def labels(self, i: int) -> np.ndarray:
+        labels = np.load(labels_path(self.folder, i))
+        if len(labels) != self.sizes[i]:
+            raise ClipcidError(f"cluster labels of part {i} do not match the embeddings ({self.folder})")
+        return labels
+
+    def similarity(self, i: int) -> np.ndarray:
+        return np.load(similarity_path(self.folder, i))
