@@ -229,10 +229,11 @@ def _keep_in_eval_mode(module: torch.nn.Module, args: tuple) -> None:
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    preprocess: Any
+    preprocess: Any  # the eval transform
     tokenizer: Any
     name: str
     embed_dim: int
+    train_preprocess: Any = None  # open_clip's training transform (augmentation)
 
 
 def _check_model_name(name: str) -> None:
@@ -267,12 +268,14 @@ def load_model(
     norm = {"image_mean": trunk.mean, "image_std": trunk.std} if trunk else {}
     quiet = quiet_model_creation() if trunk is not None else contextlib.nullcontext()
     with quiet:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **norm)
+        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, **norm
+        )
     if trunk is not None and not pretrained:
         load_pretrained_trunk(model, trunk)  # a LiT teacher starts from ImageNet, not from random
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name)
-    return LoadedModel(model, preprocess, tokenizer, name, embedding_dim(model))
+    return LoadedModel(model, preprocess, tokenizer, name, embedding_dim(model), train_preprocess)
 
 
 def embedding_dim(model: torch.nn.Module) -> int:

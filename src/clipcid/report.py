@@ -15,6 +15,7 @@ import torch
 from clipcid.balance import artifact as balance_artifact
 from clipcid.balance.inspect import GROUP_STYLE, groups_html
 from clipcid.cluster import artifact as cluster_artifact
+from clipcid.distill.objective import TERMS
 from clipcid.evaluation.run import AVERAGES, main_metric
 from clipcid.util.fileio import atomic_path
 from clipcid.util.plots import new_figure, save_png
@@ -35,7 +36,7 @@ def _loss_curves(run: Path, title: str) -> str:
     if not log_file.is_file():
         return f"<p>no training log in {html.escape(str(run))}</p>"
     rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    terms = [k for k in ("clip", "cls", "kl", "ins", "simkd", "fd", "total") if k in rows[-1]]
+    terms = [k for k in (*TERMS, "total") if k in rows[-1]]
     fig, ax = new_figure(6.5, 3.6)
     steps = [r["step"] for r in rows]
     for term in terms:

@@ -157,6 +157,10 @@ class RunFolder:
             save_json_atomic(self.settings_path, {"settings": self.settings, "complete": False})
         return self
 
+    def update(self, summary: dict) -> None:
+        """Describe the run while it is still going (not complete)."""
+        save_json_atomic(self.settings_path, {**summary, "settings": self.settings, "complete": False})
+
     def is_complete(self) -> bool:
         previous = self.recorded()
         return bool(previous and previous.get("complete") and previous.get("settings") == self.settings)

@@ -20,6 +20,12 @@ from clipcid.util.fileio import save_npy_atomic
 SETTINGS_FILE = "stats.json"
 
 
+def finished(record: dict | None) -> bool:
+    """A run is finished when its record says so; records of clipcid before run folders had settings
+    were written only at the end, so such a record (no "settings") is a finished run too."""
+    return record is not None and bool(record.get("complete", "settings" not in record))
+
+
 def keep_path(folder: Path, i: int) -> Path:
     return Path(folder) / "keep" / f"keep_{i}.npy"
 
@@ -44,7 +50,7 @@ def read_stats(folder: str | Path) -> dict:
     """The statistics of a finished run (stats.json), for reports."""
     f = Path(folder) / SETTINGS_FILE
     record = json.loads(f.read_text()) if f.is_file() else None
-    if record is None or not record.get("complete"):
+    if record is None or not finished(record):
         raise ClipcidError(f"{folder} holds no finished balance run; run `clipcid balance`")
     return record
 
@@ -64,7 +70,7 @@ class BalanceResult:
         # Without stats.json the masks were made elsewhere (a mask of one's own is welcome); with it,
         # the run must have finished.
         record = json.loads(record_file.read_text()) if record_file.is_file() else {"complete": True}
-        if not record.get("complete"):
+        if not finished(record):
             raise ClipcidError(
                 f"{folder} holds an unfinished balance run; run the same `clipcid balance` again to finish it"
             )

@@ -19,6 +19,12 @@ from clipcid.errors import ClipcidError
 from clipcid.util.fileio import save_json_atomic, save_npy_atomic
 
 SETTINGS_FILE = "stats.json"
+
+
+def finished(record: dict | None) -> bool:
+    """A run is finished when its record says so; records of clipcid before run folders had settings
+    were written only at the end, so such a record (no "settings") is a finished run too."""
+    return record is not None and bool(record.get("complete", "settings" not in record))
 TRAINING_FILE = "training.json"
 
 
@@ -67,7 +73,7 @@ def read_stats(folder: str | Path) -> dict:
     """The statistics of a finished run (stats.json), for reports."""
     f = Path(folder) / SETTINGS_FILE
     record = json.loads(f.read_text()) if f.is_file() else None
-    if record is None or not record.get("complete"):
+    if record is None or not finished(record):
         raise ClipcidError(f"{folder} holds no finished cluster run; run `clipcid cluster`")
     return record
 
@@ -89,7 +95,7 @@ class Clusters:
             raise ClipcidError(f"{folder} is not a clusters folder (no centroids.npy); run `clipcid cluster`")
         record_file = folder / SETTINGS_FILE
         record = json.loads(record_file.read_text()) if record_file.is_file() else None
-        if record is None or not record.get("complete"):
+        if record is None or not finished(record):
             raise ClipcidError(
                 f"{folder} holds an unfinished clustering; run the same `clipcid cluster` again to finish it"
             )
