@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-import clipcid  # noqa: F401
 from clipcid.embed import EmbedConfig, embed
 from clipcid.inputs.shards import expand_shards
-from clipcid.models import load_model
+from clipcid.models import load_model, register_model_configs
+
+register_model_configs()  # the project's configs, for open_clip.create_model("clipcid-tiny")
 
 
 def anchor_loop(shards: list[str], model_name: str, batch_size: int, workers: int) -> tuple[int, float]:

@@ -13,8 +13,9 @@ import time
 import open_clip
 import torch
 
-import clipcid  # noqa: F401
-from clipcid.models import count_parameters, project_model_names
+from clipcid.models import count_parameters, project_model_names, register_model_configs
+
+register_model_configs()  # the project's configs, for open_clip.create_model("clipcid-tiny")
 
 
 def step_time(name: str, batch_size: int, steps: int, device: str) -> float:

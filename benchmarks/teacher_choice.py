@@ -22,7 +22,7 @@ from pathlib import Path
 
 import open_clip
 
-from clipcid.evaluation.run import AVERAGES, run_eval_suite
+from clipcid.evaluation.run import AVERAGES, EvalSuiteConfig, run_eval_suite
 from clipcid.lit import LitConfig, lit
 from clipcid.models import LIT_PRETRAINED_MODELS, minilm_folder, pretrained_trunk_config, register_model_configs
 from clipcid.util.progress import setup_logging
@@ -40,7 +40,9 @@ def run_config(trunk: str, size: int, dim: int, args) -> dict:
     trained = lit(LitConfig(data=args.corpus, out=str(folder), model=name, epochs=args.epochs, workers=args.workers))
     lit_s = time.monotonic() - start
     start = time.monotonic()
-    evaluation = run_eval_suite(name, str(folder / "model.pt"), str(folder / "eval"), args.suite, workers=args.workers)
+    evaluation = run_eval_suite(
+        EvalSuiteConfig(name, str(folder / "eval"), str(folder / "model.pt"), args.suite, workers=args.workers)
+    )
     result = {
         "config": f"{trunk} @ {size} px",
         "features_s": lit_s - trained["train_seconds"],

@@ -24,10 +24,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-import clipcid  # noqa: F401
 from clipcid.distill.train import Student
 from clipcid.losses.baselines import similarity_distillation
 from clipcid.losses.partial_fc import PartialFC
+from clipcid.models import register_model_configs
+
+register_model_configs()  # the project's configs, for open_clip.create_model("clipcid-tiny")
 
 TEACHER_DIM = 384
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import clipcid  # noqa: F401  (registers the project's model configs)
 from clipcid.inputs.shards import write_tar_atomic
+from clipcid.models import register_model_configs
+
+register_model_configs()  # the project's configs, for open_clip.create_model("clipcid-tiny")
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "cyan"]
 SHAPES = ["circle", "square", "triangle", "cross"]

@@ -6,7 +6,7 @@ import pytest
 from conftest import make_shards
 
 from clipcid.balance import BalanceConfig, balance
-from clipcid.balance.inspect import inspect_balance
+from clipcid.balance.inspect import InspectConfig, inspect_balance
 from clipcid.embed import EmbedConfig, embed
 from clipcid.errors import ClipcidError
 
@@ -27,7 +27,7 @@ def test_inspect_page_shows_groups_with_the_kept_image_marked(tmp_path, tiny_che
     stats = balance(BalanceConfig(emb=str(tmp_path / "emb"), out=str(tmp_path / "bal"), target_removal=0.5))
     assert stats["merged_groups"] >= 1
     page = tmp_path / "inspect.html"
-    n = inspect_balance(str(tmp_path / "bal"), str(tmp_path / "shards"), str(page), top=5, per_group=50)
+    n = inspect_balance(InspectConfig(str(tmp_path / "bal"), str(tmp_path / "shards"), str(page), top=5, per_group=50))
     text = page.read_text()
     assert n == min(5, stats["merged_groups"])
     assert text.count("<section>") == n
@@ -39,4 +39,4 @@ def test_inspect_page_shows_groups_with_the_kept_image_marked(tmp_path, tiny_che
     make_shards(tmp_path / "other", n_shards=2, per_shard=12, seed=1)
     (tmp_path / "other" / "00000.tar").rename(tmp_path / "other" / "00009.tar")
     with pytest.raises(ClipcidError, match="not the embedded data"):
-        inspect_balance(str(tmp_path / "bal"), str(tmp_path / "other"), str(tmp_path / "x.html"))
+        inspect_balance(InspectConfig(str(tmp_path / "bal"), str(tmp_path / "other"), str(tmp_path / "x.html")))

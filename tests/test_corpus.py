@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipcid.corpus import sources as S
 from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, make_caption, summary_table
-from clipcid.corpus.eval_suite import build_eval_suite
+from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
 from clipcid.corpus.render import render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import iter_tar_samples
@@ -168,7 +168,9 @@ def test_missing_sources_are_reported(tmp_path):
 
 @needs_sources()
 def test_eval_suite_layout_reads_like_clip_benchmark(tmp_path):
-    infos = build_eval_suite(str(tmp_path), npm_root=str(NPM_ROOT), workers=2, only=["flags_circle", "digits"])
+    infos = build_eval_suite(
+        BuildEvalConfig(str(tmp_path), npm_root=str(NPM_ROOT), workers=2, only=["flags_circle", "digits"])
+    )
     assert [i["name"] for i in infos] == ["flags_circle", "digits"]
     flags = tmp_path / "flags_circle"
     classnames = (flags / "classnames.txt").read_text().splitlines()
@@ -192,4 +194,4 @@ def test_eval_suite_layout_reads_like_clip_benchmark(tmp_path):
         "flags_circle",
     }
     with pytest.raises(ClipcidError, match="unknown eval dataset"):
-        build_eval_suite(str(tmp_path), npm_root=str(NPM_ROOT), only=["imagenet"])
+        build_eval_suite(BuildEvalConfig(str(tmp_path), npm_root=str(NPM_ROOT), only=["imagenet"]))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -32,7 +33,7 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
 
     # The held-out suite in full takes minutes; these exercise every evaluation task but retrieval.
     real_build = eval_suite.build_eval_suite
-    monkeypatch.setattr("clipcid.demo.build_eval_suite", lambda out, **kw: real_build(out, **{**kw, "only": SUITE}))
+    monkeypatch.setattr("clipcid.demo.build_eval_suite", lambda cfg: real_build(dataclasses.replace(cfg, only=SUITE)))
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(TINY_RECIPE))
     out = tmp_path / "demo"

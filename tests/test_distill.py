@@ -180,9 +180,9 @@ def test_two_gloo_processes_train(pipeline, tmp_path):
 
 @needs_sources()
 def test_eval_every_logs_the_suite_averages(pipeline, tmp_path):
-    from clipcid.corpus.eval_suite import build_eval_suite
+    from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
 
-    build_eval_suite(str(tmp_path / "suite"), npm_root=str(NPM_ROOT), workers=1, only=["digits"])
+    build_eval_suite(BuildEvalConfig(str(tmp_path / "suite"), npm_root=str(NPM_ROOT), workers=1, only=["digits"]))
     out = tmp_path / "run"
     distill(_cfg(pipeline, out, max_steps=2, eval_every=2, eval_suite_root=str(tmp_path / "suite")))
     (line,) = (out / "results.jsonl").read_text().splitlines()

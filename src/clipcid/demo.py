@@ -20,11 +20,12 @@ from pathlib import Path
 
 from clipcid.balance import BalanceConfig, balance
 from clipcid.cluster import ClusterConfig, cluster
+from clipcid.config import default_workers, option
 from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, summary_table
-from clipcid.corpus.eval_suite import build_eval_suite
+from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
-from clipcid.evaluation.run import run_eval_suite
+from clipcid.evaluation.run import EvalSuiteConfig, run_eval_suite
 from clipcid.lit import LitConfig, lit
 from clipcid.util.fileio import save_json_atomic
 
@@ -36,12 +37,12 @@ CLIP_ONLY = {"w_clip": 1.0, "w_cls": 0.0, "w_kl": 0.0, "w_ins": 0.0}
 
 @dataclass
 class DemoConfig:
-    out: str = "demo"
-    quick: bool = False
-    workers: int = 2
-    npm_root: str = "node_modules"
-    recipe: str | None = None
-    study: bool = False  # then run `clipcid study` with the shipped plan into OUT/study
+    out: str = option("demo", "output folder of every stage and the report")
+    quick: bool = option(False, "a small slice, for a smoke run")
+    workers: int = option(help="processes for rendering and data loading", default_factory=default_workers)
+    npm_root: str = option("node_modules", "where `make sources` installed the npm sets")
+    recipe: str | None = option(None, "settings JSON (default: clipcid/configs/demo.json)")
+    study: bool = option(False, "then run `clipcid study` with the shipped plan into OUT/study")
 
 
 class Stages:
@@ -144,7 +145,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages.run(
         "eval_suite",
         lambda: build_eval_suite(
-            str(suite_dir), image_size=recipe["image_size"], npm_root=cfg.npm_root, workers=cfg.workers
+            BuildEvalConfig(str(suite_dir), image_size=recipe["image_size"], npm_root=cfg.npm_root, workers=cfg.workers)
         ),
         depends_on("image_size"),
     )
@@ -162,7 +163,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages.run(
         "teacher_eval",
         lambda: run_eval_suite(
-            teacher["model"], teacher_ckpt, str(out / "results" / "teacher"), str(suite_dir), workers=cfg.workers
+            EvalSuiteConfig(
+                teacher["model"], str(out / "results" / "teacher"), teacher_ckpt, str(suite_dir), workers=cfg.workers
+            )
         )["summary"],
         depends_on(*upstream[:3]),
     )
@@ -207,7 +210,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         stages.run(
             f"{name.replace('-', '_')}_eval",
             lambda n=name, c=ckpt: run_eval_suite(
-                student["model"], c, str(out / "results" / n), str(suite_dir), workers=cfg.workers
+                EvalSuiteConfig(student["model"], str(out / "results" / n), c, str(suite_dir), workers=cfg.workers)
             )["summary"],
             settings,
         )

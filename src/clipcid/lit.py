@@ -27,6 +27,7 @@ import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.timm_model import TimmModel
 
+from clipcid.config import default_workers, option
 from clipcid.embed import EmbedConfig, PairEncoder, embed, project_embeddings
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
@@ -40,22 +41,22 @@ log = logging.getLogger("clipcid")
 
 @dataclass
 class LitConfig:
-    data: str
-    out: str
-    model: str = "clipcid-lit-efficientnet-lite0"
-    epochs: int = 20
-    batch_size: int = 1024
-    lr: float = 1e-3
-    wd: float = 0.1
-    warmup: int = 50
-    seed: int = 0
-    workers: int = 2
-    feature_batch_size: int = 256
-    device: str = "auto"
-    # Also write the finished teacher's embeddings of the training data here (clipcid embed's layout),
-    # projected from the cached features: what `clipcid embed` would compute, without a second pass.
-    emb_out: str | None = None
-    overwrite: bool = False
+    data: str = option(help="training shards")
+    out: str = option(help="run folder: features/ (the locked towers' features), model.pt, params.json")
+    model: str = option("clipcid-lit-efficientnet-lite0", "a LiT architecture with shipped ImageNet weights")
+    epochs: int = option(20, "passes over the cached features")
+    batch_size: int = option(1024, "pairs per step")
+    lr: float = option(1e-3, "peak learning rate")
+    wd: float = option(0.1, "weight decay of the projections")
+    warmup: int = option(50, "warm-up steps")
+    seed: int = option(0, "seed of the projections' init and the data order")
+    workers: int = option(help="data loading processes (feature pass)", default_factory=default_workers)
+    feature_batch_size: int = option(256, "images per forward pass of the feature pass")
+    device: str = option("auto", "auto, cpu or cuda")
+    emb_out: str | None = option(
+        None, "also write the teacher's embeddings of --data here, projected from the features (= clipcid embed)"
+    )
+    overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
 def check_lit_architecture(name: str, model: torch.nn.Module) -> None:

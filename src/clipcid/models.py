@@ -16,6 +16,7 @@ import open_clip
 import torch
 from open_clip.hf_model import HFTextEncoder
 
+from clipcid.config import option
 from clipcid.errors import ClipcidError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -319,8 +320,14 @@ def project_model_names() -> list[str]:
     return sorted(names + ([LIT_MODEL] if minilm_folder() is not None else []))
 
 
-def describe_models(include_all: bool = False) -> str:
+@dataclass
+class ModelsConfig:
+    all: bool = option(False, "list every open_clip architecture too")
+
+
+def describe_models(cfg: ModelsConfig | None = None) -> str:
     """A table of the project's configs (parameters counted by building each model)."""
+    include_all = cfg is not None and cfg.all
     register_model_configs()
     lines = [f"{'model':<20} {'embed':>5} {'image':>5} {'ctx':>4} {'visual':>10} {'text':>10} {'total':>10}"]
     for name in project_model_names():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import os
@@ -13,18 +12,19 @@ from pathlib import Path
 import torch
 
 from clipcid.balance import artifact as balance_artifact
-from clipcid.balance.inspect import GROUP_STYLE, groups_html
+from clipcid.balance.inspect import groups_html
 from clipcid.cluster import artifact as cluster_artifact
 from clipcid.distill.objective import TERMS
 from clipcid.evaluation.run import AVERAGES, main_metric
 from clipcid.util.fileio import atomic_path
+from clipcid.util.html import page, png_src
 from clipcid.util.plots import new_figure, save_png
 
 MODELS = (("teacher", "teacher"), ("student-clip", "student, CLIP loss only"), ("student-cid", "student, CLIP-CID"))
 
 
 def _img_tag(png: bytes, alt: str) -> str:
-    return f'<img class=plot alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    return f'<img class=plot alt="{html.escape(alt)}" src="{png_src(png)}">'
 
 
 def _file_img(path: Path, alt: str) -> str:
@@ -89,8 +89,7 @@ def _main(record: dict | None) -> float | None:
 
 
 def _thumb(png: bytes, frame: str = "#ddd", size: int = 64) -> str:
-    data = base64.b64encode(png).decode()
-    return f'<img class=thumb style="border:3px solid {frame};width:{size}px" src="data:image/png;base64,{data}">'
+    return f'<img class=thumb style="border:3px solid {frame};width:{size}px" src="{png_src(png)}">'
 
 
 def showcase_html(out: Path, suite_root: Path) -> str:
@@ -226,18 +225,15 @@ distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["v
 <h2>Training curves</h2>{curves}
 """
     style = (
-        GROUP_STYLE + "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}td:first-child{text-align:left}tr.avg{background:#eef}img.plot{width:520px;"
         "margin:4px}pre{background:#f6f6f6;padding:8px;font-size:12px}b.right{color:#181}td.left{text-align:left}"
         "table.show td{text-align:left;vertical-align:top;font-size:13px}img.thumb{margin:1px}"
     )
-    page = (
-        f"<!doctype html><html><head><meta charset=utf-8><title>clipcid demo report</title>"
-        f"<style>{style}</style></head><body>{body}</body></html>"
-    )
+    text = page("clipcid demo report", body, style)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(results_markdown(results), encoding="utf-8")
     path = out / "report.html"
     with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return path

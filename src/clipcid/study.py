@@ -32,9 +32,10 @@ import numpy as np
 
 from clipcid.balance import BalanceConfig, balance
 from clipcid.cluster import ClusterConfig, cluster
+from clipcid.config import option
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
-from clipcid.evaluation.run import AVERAGES, main_metric, run_eval_suite
+from clipcid.evaluation.run import AVERAGES, EvalSuiteConfig, main_metric, run_eval_suite
 from clipcid.util.fileio import atomic_path, save_json_atomic
 from clipcid.util.plots import new_figure, save_png
 
@@ -46,18 +47,18 @@ GIVEN = "given"
 
 @dataclass
 class StudyConfig:
-    out: str
-    plan: str = str(PLAN)
-    demo: str | None = None  # a finished `clipcid demo` folder: the artifacts below and its recipe
-    data: str | None = None
-    teacher_emb: str | None = None
-    balance: str | None = None
-    clusters: str | None = None
-    suite_root: str | None = None
-    seeds: list[int] | None = None  # default: the plan's
-    only: list[str] | None = None  # run only these variants (and those they take their steps from)
-    workers: int = 2
-    quick: bool = False  # the demo folder was made with `clipcid demo --quick`
+    out: str = option(help="study folder: runs/, data/, study.json, study.md, study.csv, study.png")
+    plan: str = option(str(PLAN), "plan JSON (default: the one shipped for the demo)")
+    demo: str | None = option(None, "a finished `clipcid demo` folder: its artifacts and recipe")
+    data: str | None = option(None, "training shards")
+    teacher_emb: str | None = option(None, "teacher embeddings folder")
+    balance: str | None = option(None, 'balance folder of the plan\'s "given" data')
+    clusters: str | None = option(None, 'clusters folder of the plan\'s "given" data')
+    suite_root: str | None = option(None, "held-out suite (clipcid data build-eval)")
+    seeds: list[int] | None = option(None, "seeds to run (default: the plan's)")
+    only: list[str] | None = option(None, "run only these variants (and those they take their steps from)")
+    workers: int = option(2, "data loading processes of each run (it sets the data order: keep it fixed)")
+    quick: bool = option(False, "the demo folder was made with --quick (take that recipe)")
 
 
 @dataclass
@@ -244,11 +245,13 @@ class Study:
         )
         train_s = time.monotonic() - start
         evaluation = run_eval_suite(
-            model,
-            str(folder / "train" / "student.pt"),
-            str(folder / "eval"),
-            self.artifacts["suite_root"],
-            workers=self.cfg.workers,
+            EvalSuiteConfig(
+                model,
+                str(folder / "eval"),
+                str(folder / "train" / "student.pt"),
+                self.artifacts["suite_root"],
+                workers=self.cfg.workers,
+            )
         )
         record = {
             "variant": variant.name,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import html
+from dataclasses import dataclass
 
 import numpy as np
 
 from clipcid.balance.artifact import BalanceResult, read_stats
+from clipcid.config import option
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.util.fileio import atomic_path
+from clipcid.util.html import page, png_src
 
 
 def largest_groups(result: BalanceResult, top: int, per_group: int) -> list[list[tuple[int, int, bool]]]:
@@ -60,11 +62,20 @@ def groups_html(balance: str, data: str, emb: str | None = None, top: int = 24, 
     return _sections(groups, images), len(groups)
 
 
-def inspect_balance(
-    balance: str, data: str, out: str, emb: str | None = None, top: int = 24, per_group: int = 12
-) -> int:
-    sections, n = groups_html(balance, data, emb, top, per_group)
-    stats = read_stats(balance)
+@dataclass
+class InspectConfig:
+    balance: str = option(help="balance output folder")
+    data: str = option(help="the shards the embeddings were made from")
+    out: str = option(help="HTML file to write")
+    emb: str | None = option(None, "embeddings folder (default: the one balance used)")
+    top: int = option(24, "how many groups")
+    per_group: int = option(12, "images shown per group")
+
+
+def inspect_balance(cfg: InspectConfig) -> int:
+    sections, n = groups_html(cfg.balance, cfg.data, cfg.emb, cfg.top, cfg.per_group)
+    stats = read_stats(cfg.balance)
+    out = cfg.out
     t = stats["threshold_all_metrics"]
     head = (
         f"<h1>Image Semantic Balance: largest merged groups</h1><p>threshold {stats['threshold']:.5g} "
@@ -73,20 +84,10 @@ def inspect_balance(
         f"{stats['merged_groups']:,} merged groups, largest {stats['largest_group']:,}. "
         "The kept image of each group has a green frame.</p>"
     )
-    page = (
-        f"<!doctype html><html><head><meta charset=utf-8><title>clipcid balance</title><style>{GROUP_STYLE}"
-        f"</style></head><body>{head}{sections}</body></html>"
-    )
+    text = page("clipcid balance", head + sections)
     with atomic_path(out) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return n
-
-
-GROUP_STYLE = (
-    "body{font-family:sans-serif;margin:1em 2em}.grid{display:flex;flex-wrap:wrap;gap:8px}"
-    "figure{margin:0;width:112px;border:3px solid #ddd;padding:2px}figure.kept{border-color:#2a2}"
-    "figure img{width:104px;height:104px;image-rendering:pixelated}figcaption{font-size:11px}"
-)
 
 
 def _sections(groups, images) -> str:
@@ -95,7 +96,7 @@ def _sections(groups, images) -> str:
         cells = []
         for part, row, kept in members:
             key, image, caption = images[(part, row)]
-            src = f"data:image/png;base64,{base64.b64encode(image).decode()}" if image else ""
+            src = png_src(image) if image else ""
             cls = "kept" if kept else "dropped"
             cells.append(
                 f'<figure class="{cls}"><img src="{src}" alt="{html.escape(key)}">'

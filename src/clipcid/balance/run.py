@@ -34,6 +34,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from clipcid.balance.artifact import SETTINGS_FILE, write_masks
+from clipcid.config import option
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed, row_chunks, unit_rows
@@ -50,22 +51,21 @@ CURVE_REACH = 1.5
 
 @dataclass
 class BalanceConfig:
-    emb: str
-    out: str
-    threshold: float = 0.07
-    metric: str = "l2"
-    target_removal: float | None = None
-    # A baseline, not the method: drop this fraction of the valid rows uniformly at random (by --seed).
-    random_removal: float | None = None
-    search: str = "exact"
-    nlist: int | None = None
-    nprobe: int = 4
-    memory_gb: float = 2.0
-    recall_sample: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    plots: bool = True
-    overwrite: bool = False
+    emb: str = option(help="teacher embeddings folder (clipcid embed)")
+    out: str = option(help="output folder: keep masks, groups, stats.json, plots")
+    threshold: float = option(0.07, "distance below which two images merge")
+    metric: str = option("l2", "what the threshold bounds: |a-b|, |a-b|^2, or 1 - cos", METRICS)
+    target_removal: float | None = option(None, "pick the threshold that removes this fraction instead")
+    random_removal: float | None = option(None, "a control, not the method: remove this fraction at random (--seed)")
+    search: str = option("exact", "exact (blocked matrix products) or ivf (faiss cells: millions)", ("exact", "ivf"))
+    nlist: int | None = option(None, "ivf: number of cells (default sqrt(N*nprobe))")
+    nprobe: int = option(4, "ivf: cells each point is compared against")
+    memory_gb: float = option(2.0, "memory for one block of the search")
+    recall_sample: int = option(1000, "ivf: queries checked against exact search")
+    seed: int = option(0, "seed of the IVF cells and of --random-removal")
+    device: str = option("auto", "auto, cpu or cuda")
+    plots: bool = option(True, "write group_sizes.png and removal_curve.png")
+    overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
 # Settings that do not change what is written (how fast, where, with which pictures).

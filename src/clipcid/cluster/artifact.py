@@ -25,6 +25,8 @@ def finished(record: dict | None) -> bool:
     """A run is finished when its record says so; records of clipcid before run folders had settings
     were written only at the end, so such a record (no "settings") is a finished run too."""
     return record is not None and bool(record.get("complete", "settings" not in record))
+
+
 TRAINING_FILE = "training.json"
 
 

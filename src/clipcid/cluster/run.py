@@ -24,6 +24,7 @@ import torch
 
 from clipcid.balance.artifact import BalanceResult
 from clipcid.cluster import artifact
+from clipcid.config import option
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed, parts_of_rank, row_chunks, unit_rows
@@ -39,22 +40,22 @@ KMEANS_PP_BUDGET = 2e10  # n * k * d beyond which greedy k-means++ seeding costs
 
 @dataclass
 class ClusterConfig:
-    emb: str
-    out: str
-    k: int | str = "auto"
-    balance: str | None = None
-    images_per_cluster: float = 225.0  # what --k auto aims at: the paper's 1M clusters for 225M images
-    niter: int = 20
-    seed: int = 0
-    max_points_per_centroid: int = 256
-    init: str = "auto"  # auto | kmeans++ | random
-    nredo: int = 1
-    two_level: str = "auto"  # auto | on | off
-    gpu: bool = False
-    assign_nprobe: int = 8
-    refine_iterations: int = 5  # two-level mode: Lloyd iterations over all centroids after training
-    plots: bool = True
-    overwrite: bool = False
+    emb: str = option(help="teacher embeddings folder (clipcid embed)")
+    out: str = option(help="output folder: centroids, labels, stats.json")
+    k: str = option("auto", "number of clusters, or auto (kept rows / --images-per-cluster)")
+    balance: str | None = option(None, "balance folder: cluster only the kept rows")
+    images_per_cluster: float = option(225.0, "what --k auto aims at: the paper's 1M clusters for 225M images")
+    niter: int = option(20, "k-means iterations")
+    seed: int = option(0, "seed of the sample and the seeding")
+    max_points_per_centroid: int = option(256, "training sample per centroid (faiss's rule)")
+    init: str = option("auto", "seeding; auto = greedy k-means++ when n*k*d <= 2e10", ("auto", "kmeans++", "random"))
+    nredo: int = option(1, "restarts; the best objective is kept")
+    two_level: str = option("auto", "coarse then fine k-means; auto = on above k = 65,536", ("auto", "on", "off"))
+    gpu: bool = option(False, "train k-means on the GPU (faiss-gpu)")
+    assign_nprobe: int = option(8, "two-level mode: coarse cells searched when assigning a row")
+    refine_iterations: int = option(5, "two-level mode: Lloyd iterations over all centroids after training")
+    plots: bool = option(True, "write cluster_sizes.png")
+    overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
 def kept_mask(embeddings: Embeddings, balance_dir: str | None) -> np.ndarray:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipcid.config import default_workers, option
 from clipcid.corpus import sources as S
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
 from clipcid.util.fileio import atomic_path, remove_stale_temporaries, save_json_atomic
-from clipcid.util.progress import progress_bar
+from clipcid.util.tables import format_table, run_pool
 
 log = logging.getLogger("clipcid")
 
@@ -34,14 +33,14 @@ DEFAULT_NPM_ROOT = "node_modules"
 
 @dataclass
 class BuildDemoConfig:
-    out: str
-    image_size: int = 64
-    limit: int | None = None
-    shard_size: int = 1000
-    workers: int = max(1, os.cpu_count() or 1)
-    seed: int = 0
-    npm_root: str = DEFAULT_NPM_ROOT
-    allow_missing: bool = False
+    out: str = option(help="output folder for the shards")
+    image_size: int = option(64, "rendered image size in pixels")
+    limit: int | None = option(None, "build only the first N planned samples")
+    shard_size: int = option(1000, "samples per shard")
+    workers: int = option(help="rendering processes", default_factory=default_workers)
+    seed: int = option(0, "seed of the sample order")
+    npm_root: str = option(DEFAULT_NPM_ROOT, "where `make sources` installed the npm sets")
+    allow_missing: bool = option(False, "build even if some sources are missing")
 
 
 @dataclass
@@ -185,33 +184,6 @@ def plan_training_corpus(items: list[S.Artwork], limit: int | None, seed: int) -
     order = np.random.default_rng(seed).permutation(len(items))
     planned = [items[i] for i in order]
     return planned[:limit] if limit is not None else planned
-
-
-def run_pool(fn, jobs: list, workers: int, desc: str, unit: str, total: int):
-    """Run jobs in worker processes (in this process when workers <= 1), yielding results as they end.
-
-    Each result is a dict whose "count" says how many `unit`s the job did, for the progress bar.
-    """
-    with progress_bar(total, desc, unit) as bar:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                result = fn(job)
-                bar.update(result["count"])
-                yield result
-            return
-        # fork: workers only render with cairo/Pillow and need nothing re-imported.
-        with mp.get_context("fork").Pool(workers) as pool:
-            for result in pool.imap_unordered(fn, jobs):
-                bar.update(result["count"])
-                yield result
-
-
-def format_table(header: list[str], rows: list[list]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
 
 
 def build_demo_corpus(cfg: BuildDemoConfig) -> dict:

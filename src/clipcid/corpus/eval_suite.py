@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clipcid.config import default_workers, option
 from clipcid.corpus import sources as S
-from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name, run_pool
+from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
 from clipcid.util.fileio import save_json_atomic
+from clipcid.util.tables import run_pool
 
 log = logging.getLogger("clipcid")
 
@@ -38,7 +40,7 @@ EVAL_STYLES = {"fluent3d": "fluent-emoji", "fluenthc": "fluent-emoji-high-contra
 
 
 @dataclass
-class EvalDataset:
+class SuiteDataset:
     name: str
     tasks: list[str]
     dataset_type: str  # "classification" | "retrieval"
@@ -92,7 +94,7 @@ def prerender(arts: list[S.Artwork], image_size: int, workers: int, desc: str) -
 
 def emoji_classification(
     rendered: tuple[list[S.Artwork], int], index: S.EmojiIndex, tag: str, level: str
-) -> EvalDataset:
+) -> SuiteDataset:
     """Emoji of one held-out style labelled by Unicode group or subgroup; half train, half test."""
     arts, failed = rendered
     label_of = (lambda a: a.group) if level == "groups" else (lambda a: a.subgroup)
@@ -103,7 +105,7 @@ def emoji_classification(
         order.setdefault(e.group if level == "groups" else e.subgroup, len(order))
     labels = sorted({label_of(a) for a in arts}, key=order.__getitem__)
     class_id = {lab: i for i, lab in enumerate(labels)}
-    ds = EvalDataset(
+    ds = SuiteDataset(
         f"emoji_{level}_{tag}",
         ["zeroshot_classification", "linear_probe"],
         "classification",
@@ -118,10 +120,10 @@ def emoji_classification(
     return ds
 
 
-def emoji_retrieval(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalDataset:
+def emoji_retrieval(rendered: tuple[list[S.Artwork], int], tag: str) -> SuiteDataset:
     """Every emoji of one held-out style with three captions naming it."""
     arts, failed = rendered
-    ds = EvalDataset(
+    ds = SuiteDataset(
         f"retrieval_emoji_{tag}",
         ["zeroshot_retrieval"],
         "retrieval",
@@ -135,7 +137,7 @@ def emoji_retrieval(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalData
     return ds
 
 
-def emoji_names(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalDataset:
+def emoji_names(rendered: tuple[list[S.Artwork], int], tag: str) -> SuiteDataset:
     """Zero-shot by emoji name on a held-out style: one class per emoji, named as the training captions
     name it. Skin-tone variants are left out: they are one picture in five colours."""
     arts, failed = rendered
@@ -144,7 +146,7 @@ def emoji_names(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalDataset:
         if "skin tone" not in a.name:
             by_name.setdefault(clean_name(a.name), a)
     names = list(by_name)
-    ds = EvalDataset(
+    ds = SuiteDataset(
         f"names_emoji_{tag}", ["zeroshot_classification"], "classification", names, EMOJI_TEMPLATES, {"test": []}
     )
     ds.failed_to_render, ds.name_level = failed, True
@@ -154,13 +156,13 @@ def emoji_names(rendered: tuple[list[S.Artwork], int], tag: str) -> EvalDataset:
     return ds
 
 
-def icon_names(npm_root: Path) -> EvalDataset:
+def icon_names(npm_root: Path) -> SuiteDataset:
     """Zero-shot by icon name on a held-out icon set: the icons whose names the training icon sets use too."""
     training_names = {a.name for prefix in S.TRAIN_ICON_SETS for a in S.read_iconify_icons(npm_root, prefix)}
     arts = [a for a in S.read_iconify_icons(npm_root, S.EVAL_ICON_SET) if a.name in training_names]
     names = sorted({a.name for a in arts})
     class_id = {n: i for i, n in enumerate(names)}
-    ds = EvalDataset(
+    ds = SuiteDataset(
         f"names_icons_{S.EVAL_ICON_SET}",
         ["zeroshot_classification"],
         "classification",
@@ -174,17 +176,19 @@ def icon_names(npm_root: Path) -> EvalDataset:
     return ds
 
 
-def circle_flags(npm_root: Path, index: S.EmojiIndex) -> EvalDataset:
+def circle_flags(npm_root: Path, index: S.EmojiIndex) -> SuiteDataset:
     arts = S.read_iconify_flags(npm_root, S.EVAL_FLAG_SET, index)
     names = sorted({a.name for a in arts})
     class_id = {n: i for i, n in enumerate(names)}
-    ds = EvalDataset("flags_circle", ["zeroshot_classification"], "classification", names, FLAG_TEMPLATES, {"test": []})
+    ds = SuiteDataset(
+        "flags_circle", ["zeroshot_classification"], "classification", names, FLAG_TEMPLATES, {"test": []}
+    )
     for a in arts:
         ds.splits["test"].append((a.render, class_id[a.name], {"name": a.name, "style": a.style}))
     return ds
 
 
-def sklearn_digits(image_size: int) -> EvalDataset:
+def sklearn_digits(image_size: int) -> SuiteDataset:
     """scikit-learn's 8x8 digits, drawn dark on white like the rest of the suite; stratified halves."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -193,7 +197,7 @@ def sklearn_digits(image_size: int) -> EvalDataset:
     idx_train, idx_test = train_test_split(
         np.arange(len(digits.target)), test_size=0.5, stratify=digits.target, random_state=0
     )
-    ds = EvalDataset(
+    ds = SuiteDataset(
         "digits",
         ["zeroshot_classification", "linear_probe"],
         "classification",
@@ -230,7 +234,7 @@ def _render_eval_shard(job: tuple[str, str, int, int, list]) -> dict:
     return {"count": len(entries), "failed": failed, "written": len(samples)}
 
 
-def write_wds_dataset(ds: EvalDataset, out: Path, image_size: int, workers: int) -> dict:
+def write_wds_dataset(ds: SuiteDataset, out: Path, image_size: int, workers: int) -> dict:
     """Write one dataset into a temporary folder and rename it into place when complete."""
     final, tmp = out / ds.name, out / f"{ds.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -264,14 +268,18 @@ def write_wds_dataset(ds: EvalDataset, out: Path, image_size: int, workers: int)
     return info
 
 
-def build_eval_suite(
-    out: str,
-    image_size: int = 64,
-    npm_root: str = DEFAULT_NPM_ROOT,
-    workers: int = 2,
-    only: list[str] | None = None,
-) -> list[dict]:
+@dataclass
+class BuildEvalConfig:
+    out: str = option(help="output folder of the suite")
+    image_size: int = option(64, "rendered image size in pixels")
+    npm_root: str = option(DEFAULT_NPM_ROOT, "where `make sources` installed the npm sets")
+    workers: int = option(help="rendering processes", default_factory=default_workers)
+    only: list[str] | None = option(None, "build only these datasets")
+
+
+def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
     """Build every dataset of the suite (or those named in `only`); finished datasets are kept."""
+    out, image_size, npm_root, workers, only = cfg.out, cfg.image_size, cfg.npm_root, cfg.workers, cfg.only
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     suite_file = out_dir / "suite.json"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipcid.config import option
 from clipcid.distill.checkpoint import TrainingRun
 from clipcid.distill.data import TrainBatches, batches_per_worker, epoch_assignment, load_train_rows
 from clipcid.distill.objective import TEACHER_TERMS, TERMS, Objective
@@ -48,54 +49,54 @@ RUNTIME_FIELDS = (
 
 @dataclass
 class DistillConfig:
-    data: str
-    out: str
-    model: str
-    teacher_emb: str | None = None  # without it only the CLIP loss can train (a teacher, or a baseline)
-    balance: str | None = None
-    clusters: str | None = None
-    pretrained: str | None = None
-    batch_size: int = 64
-    epochs: int = 1
-    train_num_samples: int | None = None
-    dataset_resampled: bool = False
-    lr: float = 5e-4
-    wd: float = 0.2
-    warmup: int = 100
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    precision: str = "fp32"
-    grad_checkpointing: bool = False
-    lock_text: bool = False  # LiT: train with the text tower frozen (a pretrained HF tower keeps its projection)
-    accum_freq: int = 1
-    grad_clip_norm: float | None = None
-    local_loss: bool = False
-    gather_with_grad: bool = True
-    workers: int = 2
-    seed: int = 0
-    resume: str | None = None
-    save_every_n_steps: int | None = None
-    log_every_n_steps: int = 10
-    w_clip: float = 1.0
-    w_cls: float = 1.0
-    w_kl: float = 0.5
-    w_ins: float = 1.0
-    w_simkd: float = 0.0
-    w_fd: float = 0.0
-    cls_scale: float = 32.0
-    margin: float = 0.0
-    kl_temperature: float = 1.0
-    pfc_sample_rate: float | None = None
-    pfc_lr_scale: float = 1.0
-    fc_init: str = "centroids"
-    head: str = "linear"
-    teacher_logit_scale: float = 100.0
-    eval_every: int | None = None
-    eval_suite_root: str | None = None
-    device: str = "auto"
-    max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans all steps
-    overwrite: bool = False  # replace a run with other settings in --out
+    data: str = option(help="training shards (the ones the teacher embeddings were made from)")
+    out: str = option(help="run folder: checkpoints, params.json, tensorboard, student.pt")
+    model: str = option(help="student architecture (open_clip name, or clipcid-tiny)")
+    teacher_emb: str | None = option(None, "teacher embeddings folder; without it only the CLIP loss can train")
+    balance: str | None = option(None, "balance folder: train only on the kept rows")
+    clusters: str | None = option(None, "clusters folder: needed by the cluster-level terms")
+    pretrained: str | None = option(None, "start the student from this open_clip tag or checkpoint")
+    batch_size: int = option(64, "pairs per step and process")
+    epochs: int = option(1, "passes over the data")
+    train_num_samples: int | None = option(None, "pairs per epoch, at most (all usable rows by default)")
+    dataset_resampled: bool = option(False, "draw shards with replacement each epoch, as webdataset's resampled")
+    lr: float = option(5e-4, "peak learning rate")
+    wd: float = option(0.2, "AdamW weight decay (not on biases, norms, temperatures)")
+    warmup: int = option(100, "warm-up steps")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    eps: float = option(1e-6, "AdamW epsilon")
+    precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
+    grad_checkpointing: bool = option(False, "recompute activations in backward (less memory)")
+    lock_text: bool = option(False, "LiT: freeze the text tower (a pretrained HF tower keeps its projection)")
+    accum_freq: int = option(1, "micro-batches per optimizer step")
+    grad_clip_norm: float | None = option(None, "clip the gradient norm to this")
+    local_loss: bool = option(False, "contrastive losses: local rows against global columns")
+    gather_with_grad: bool = option(True, "gather embeddings across processes with their gradients")
+    workers: int = option(2, "data loading processes (they set the data order: resume with the same number)")
+    seed: int = option(0, "seed of the student's init, the data order and the classifier's sampling")
+    resume: str | None = option(None, "latest, or a checkpoint folder")
+    save_every_n_steps: int | None = option(None, "checkpoint every N steps (and at every epoch's end)")
+    log_every_n_steps: int = option(10, "log line and train_log.jsonl row every N steps")
+    w_clip: float = option(1.0, "weight of the student's own CLIP loss (0 turns it off)")
+    w_cls: float = option(1.0, "weight of cluster discrimination (cross-entropy on the pseudo-labels)")
+    w_kl: float = option(0.5, "weight of KL to the teacher's cluster distribution")
+    w_ins: float = option(1.0, "weight of instance-level teacher-student contrastive distillation")
+    w_simkd: float = option(0.0, "baseline: similarity-matrix distillation (open_clip style)")
+    w_fd: float = option(0.0, "baseline: feature distillation (CLIP-KD style MSE)")
+    cls_scale: float = option(32.0, "cluster logits: scale s of s * cos")
+    margin: float = option(0.0, "cluster logits: ArcFace margin on the target")
+    kl_temperature: float = option(1.0, "temperature T of the KL term")
+    pfc_sample_rate: float | None = option(None, "share of classes sampled per step (1.0, or 0.1 above 100k)")
+    pfc_lr_scale: float = option(1.0, "learning-rate multiplier of the cluster classifier")
+    fc_init: str = option("centroids", "classifier start: the k-means centroids, or random", ("centroids", "random"))
+    head: str = option("linear", "heads from the student's width to the teacher's", ("linear", "mlp"))
+    teacher_logit_scale: float = option(100.0, "similarity distillation: the teacher's logit scale")
+    eval_every: int | None = option(None, "evaluate the held-out suite every N steps")
+    eval_suite_root: str | None = option(None, "the suite for --eval-every")
+    device: str = option("auto", "auto, cpu or cuda")
+    max_steps: int | None = option(None, "stop after this many steps (the schedule still spans the whole run)")
+    overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -343,7 +344,7 @@ class Trainer:
 
     def evaluate(self) -> None:
         from clipcid.evaluation.features import OpenClipEncoder
-        from clipcid.evaluation.run import run_eval_suite
+        from clipcid.evaluation.run import EvalSuiteConfig, run_eval_suite
 
         if not self.env.is_main:
             barrier(self.env)
@@ -353,7 +354,8 @@ class Trainer:
         encoder = OpenClipEncoder(
             clip, self.preprocess_val, self.tokenizer, self.env.device, "fp32", f"step{self.step}"
         )
-        result = run_eval_suite(self.cfg.model, None, None, self.cfg.eval_suite_root, encoder=encoder, workers=0)
+        suite = EvalSuiteConfig(self.cfg.model, None, None, self.cfg.eval_suite_root, workers=0)
+        result = run_eval_suite(suite, encoder=encoder)
         clip.train()
         for name, value in result["summary"].items():
             if value is not None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from clipcid.config import default_workers, option
 from clipcid.embed import artifact
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
@@ -33,19 +34,19 @@ log = logging.getLogger("clipcid")
 
 @dataclass
 class EmbedConfig:
-    data: str
-    model: str
-    out: str
-    pretrained: str | None = None
-    batch_size: int = 256
-    precision: str = "fp32"
-    workers: int = 2
-    device: str = "auto"
-    rows_per_part: int = 10000
-    image_column: str | None = None
-    caption_column: str | None = None
-    seed: int = 0
-    overwrite: bool = False
+    data: str = option(help="shards (folder, brace pattern or glob), img2dataset output, or a CSV/parquet table")
+    model: str = option(help="open_clip architecture, e.g. ViT-bigG-14 or clipcid-small")
+    out: str = option(help="output folder (clip-retrieval layout)")
+    pretrained: str | None = option(None, "open_clip pretrained tag or checkpoint path")
+    batch_size: int = option(256, "images per forward pass")
+    precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
+    workers: int = option(help="data loading processes", default_factory=default_workers)
+    device: str = option("auto", "auto, cpu or cuda")
+    rows_per_part: int = option(10000, "table input: rows per part")
+    image_column: str | None = option(None, "table input: column holding image paths")
+    caption_column: str | None = option(None, "table input: column holding captions")
+    seed: int = option(0, "seed of the random init when no --pretrained")
+    overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
 @dataclass

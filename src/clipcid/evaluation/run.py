@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipcid.config import default_workers, option
 from clipcid.errors import ClipcidError
 from clipcid.evaluation import linear_probe as lp
 from clipcid.evaluation import zeroshot_classification as zsc
@@ -32,23 +33,37 @@ TASKS = ("zeroshot_classification", "linear_probe", "zeroshot_retrieval")
 
 @dataclass
 class EvalConfig:
-    model: str
-    dataset: str
-    pretrained: str | None = None
-    task: str = "auto"
-    output: str | None = None
-    batch_size: int = 256
-    templates: str | None = None
-    classnames: str | None = None
-    fewshot_k: int | None = None
-    feature_root: str | None = None
-    suite_root: str = DEFAULT_SUITE_ROOT
-    workers: int = 2
-    device: str = "auto"
-    precision: str = "fp32"
-    seed: int = 0
-    train_split: str = "train"
-    test_split: str = "test"
+    model: str = option(help="open_clip architecture")
+    dataset: str = option(help="a CLIP_benchmark wds folder (or wds:PATH), imagefolder:PATH, or a suite name")
+    pretrained: str | None = option(None, "open_clip tag or checkpoint path")
+    task: str = option("auto", "what to run", ("auto", "zeroshot_classification", "linear_probe", "zeroshot_retrieval"))
+    output: str | None = option(None, "result JSON; may use {dataset} {model} {pretrained} {task}")
+    batch_size: int = option(256, "images per forward pass")
+    templates: str | None = option(None, "file with one prompt template per line, {c} = class")
+    classnames: str | None = option(None, "file with one class name per line")
+    fewshot_k: int | None = option(None, "linear probe: k training samples per class")
+    feature_root: str | None = option(None, "cache image features here")
+    suite_root: str = option(DEFAULT_SUITE_ROOT, "where `clipcid data build-eval` wrote the suite")
+    workers: int = option(help="data loading processes", default_factory=default_workers)
+    device: str = option("auto", "auto, cpu or cuda")
+    precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
+    seed: int = option(0, "seed of the linear probe's few-shot sample")
+    train_split: str = option("train", "split the linear probe trains on")
+    test_split: str = option("test", "split every task is measured on")
+
+
+@dataclass
+class EvalSuiteConfig:
+    model: str = option(help="open_clip architecture")
+    out: str | None = option(help="folder for one JSON per task, summary.md, summary.csv, summary.json")
+    pretrained: str | None = option(None, "open_clip tag or checkpoint path")
+    suite_root: str = option(DEFAULT_SUITE_ROOT, "where `clipcid data build-eval` wrote the suite")
+    batch_size: int = option(256, "images per forward pass")
+    workers: int = option(help="data loading processes", default_factory=default_workers)
+    device: str = option("auto", "auto, cpu or cuda")
+    precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
+    feature_root: str | None = option(None, "cache image features here")
+    only: list[str] | None = option(None, "only these datasets")
 
 
 def load_encoder(model: str, pretrained: str | None, device: str = "auto", precision: str = "fp32") -> Encoder:
@@ -243,39 +258,28 @@ def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> 
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def run_eval_suite(
-    model: str,
-    pretrained: str | None,
-    out: str | None,
-    suite_root: str = DEFAULT_SUITE_ROOT,
-    encoder: Encoder | None = None,
-    batch_size: int = 256,
-    workers: int = 2,
-    device: str = "auto",
-    precision: str = "fp32",
-    feature_root: str | None = None,
-    only: list[str] | None = None,
-) -> dict:
-    """Every task of the held-out suite; one JSON per task plus summary.md and summary.csv in `out`."""
+def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict:
+    """Every task of the held-out suite; one JSON per task plus summary.md and summary.csv in cfg.out."""
+    model, pretrained, suite_root = cfg.model, cfg.pretrained, cfg.suite_root
     entries = suite_datasets(suite_root)
-    if only:
-        entries = [e for e in entries if e["name"] in only]
+    if cfg.only:
+        entries = [e for e in entries if e["name"] in cfg.only]
     if encoder is None:
-        encoder = load_encoder(model, pretrained, device, precision)
+        encoder = load_encoder(model, pretrained, cfg.device, cfg.precision)
     records = []
-    out_dir = Path(out) if out else None
+    out_dir = Path(cfg.out) if cfg.out else None
     for entry in entries:
-        cfg = EvalConfig(
+        task_cfg = EvalConfig(
             model=model,
             pretrained=pretrained,
             dataset=entry["name"],
             suite_root=suite_root,
-            batch_size=batch_size,
-            workers=workers,
-            feature_root=feature_root,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            feature_root=cfg.feature_root,
         )
         dataset = build_dataset(entry["name"], suite_root)
-        runner = TaskRunner(encoder, dataset, cfg)
+        runner = TaskRunner(encoder, dataset, task_cfg)
         for task in entry["tasks"]:
             record = result_record(dataset.name, model, pretrained, task, runner.run(task))
             records.append(record)
