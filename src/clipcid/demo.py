@@ -27,11 +27,11 @@ from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import EvalSuiteConfig, run_eval_suite
 from clipcid.lit import LitConfig, lit
+from clipcid.recipe import load_recipe
 from clipcid.util.fileio import save_json_atomic
 
 log = logging.getLogger("clipcid")
 
-RECIPE = Path(__file__).parent / "configs" / "demo.json"
 CLIP_ONLY = {"w_clip": 1.0, "w_cls": 0.0, "w_kl": 0.0, "w_ins": 0.0}
 
 
@@ -79,13 +79,6 @@ class Stages:
         }
 
 
-def load_recipe(cfg: DemoConfig) -> dict:
-    path = Path(cfg.recipe) if cfg.recipe else RECIPE
-    if not path.is_file():
-        raise ClipcidError(f"demo recipe not found: {path}")
-    return json.loads(path.read_text())["quick" if cfg.quick else "full"]
-
-
 def _train(out: Path, name: str, recipe: dict, workers: int, weights: dict, **paths) -> dict:
     settings = {k: v for k, v in recipe.items() if k != "model"}
     result = distill(
@@ -117,7 +110,7 @@ def _keep_model(out: Path, name: str, checkpoint: Path, arch: str) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    recipe = load_recipe(cfg)
+    recipe = load_recipe(cfg.quick, cfg.recipe)
     stages = Stages(out)
     corpus_dir, suite_dir, emb_dir = out / "corpus", out / "eval", out / "teacher_emb"
     balance_dir, clusters_dir = out / "balance", out / "clusters"

@@ -84,30 +84,29 @@ def minilm_folder() -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def lit_config(minilm: Path) -> dict:
-    """clipcid-medium's image tower with the pretrained MiniLM text tower (mean pooling, linear
-    projection): the demo teacher, trained LiT-style with the text transformer frozen."""
-    vision = json.loads((MODEL_CONFIG_DIR / "clipcid-medium.json").read_text())["vision_cfg"]
-    text = {
+def minilm_text_cfg(minilm: Path) -> dict:
+    """The pretrained MiniLM as an open_clip text tower: mean pooling, a linear projection, 32 tokens."""
+    return {
         "hf_model_name": str(minilm),
         "hf_tokenizer_name": str(minilm),
         "hf_pooler_type": "mean_pooler",
         "hf_proj_type": "linear",
         "context_length": 32,
     }
+
+
+def lit_config(minilm: Path) -> dict:
+    """clipcid-medium's image tower with the pretrained MiniLM text tower (mean pooling, linear
+    projection): the demo teacher, trained LiT-style with the text transformer frozen."""
+    vision = json.loads((MODEL_CONFIG_DIR / "clipcid-medium.json").read_text())["vision_cfg"]
+    text = minilm_text_cfg(minilm)
     return {"embed_dim": 384, "vision_cfg": vision, "text_cfg": text}
 
 
 def pretrained_trunk_config(minilm: Path, trunk: str, image_size: int, embed_dim: int) -> dict:
     """A LiT teacher: an ImageNet-pretrained timm network (average pooled, linear projection) and the
     pretrained MiniLM text tower; both trunks stay locked, the two projections and the temperature learn."""
-    text = {
-        "hf_model_name": str(minilm),
-        "hf_tokenizer_name": str(minilm),
-        "hf_pooler_type": "mean_pooler",
-        "hf_proj_type": "linear",
-        "context_length": 32,
-    }
+    text = minilm_text_cfg(minilm)
     vision = {
         "timm_model_name": trunk,
         "timm_model_pretrained": False,  # weights come from PRETRAINED_TRUNKS, not a hub

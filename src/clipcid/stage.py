@@ -108,6 +108,20 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def finished(record: dict | None) -> bool:
+    """A run is finished when its record says so; records of clipcid before run folders had settings
+    were written only at the end, so such a record (no "settings") is a finished run too."""
+    return record is not None and bool(record.get("complete", "settings" not in record))
+
+
+def read_finished(path: Path, what: str) -> dict:
+    """The record of a finished run (its settings file), or one clear error."""
+    record = json.loads(path.read_text()) if path.is_file() else None
+    if not finished(record):
+        raise ClipcidError(f"{path.parent} holds no finished {what} run; run `clipcid {what}` (again) to finish it")
+    return record
+
+
 class RunFolder:
     """The one rule for a stage's output folder.
 

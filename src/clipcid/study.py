@@ -325,7 +325,7 @@ def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
     artifacts: dict[str, str | None] = {k: None for k in ("data", "teacher_emb", "balance", "clusters", "suite_root")}
     base: dict = {}
     if cfg.demo:
-        from clipcid.demo import DemoConfig, load_recipe
+        from clipcid.recipe import load_recipe
 
         demo = Path(cfg.demo)
         if not (demo / "stages" / "cluster.json").is_file():
@@ -337,7 +337,7 @@ def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
             clusters=str(demo / "clusters"),
             suite_root=str(demo / "eval"),
         )
-        recipe = load_recipe(DemoConfig(quick=cfg.quick))
+        recipe = load_recipe(cfg.quick)
         base = {**recipe["student"], **recipe["cid_weights"]}
     for key in artifacts:
         if getattr(cfg, key):

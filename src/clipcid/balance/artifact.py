@@ -15,15 +15,10 @@ import numpy as np
 
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
+from clipcid.stage import finished, read_finished
 from clipcid.util.fileio import save_npy_atomic
 
 SETTINGS_FILE = "stats.json"
-
-
-def finished(record: dict | None) -> bool:
-    """A run is finished when its record says so; records of clipcid before run folders had settings
-    were written only at the end, so such a record (no "settings") is a finished run too."""
-    return record is not None and bool(record.get("complete", "settings" not in record))
 
 
 def keep_path(folder: Path, i: int) -> Path:
@@ -48,11 +43,7 @@ def write_masks(out: Path, store: EmbeddingStore, global_rows: np.ndarray, label
 
 def read_stats(folder: str | Path) -> dict:
     """The statistics of a finished run (stats.json), for reports."""
-    f = Path(folder) / SETTINGS_FILE
-    record = json.loads(f.read_text()) if f.is_file() else None
-    if record is None or not finished(record):
-        raise ClipcidError(f"{folder} holds no finished balance run; run `clipcid balance`")
-    return record
+    return read_finished(Path(folder) / SETTINGS_FILE, "balance")
 
 
 class BalanceResult:

@@ -37,7 +37,7 @@ from clipcid.balance.artifact import SETTINGS_FILE, write_masks
 from clipcid.config import option
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.stage import DistEnv, RunFolder, barrier, distributed, row_chunks, unit_rows
+from clipcid.stage import ROW_CHUNK, DistEnv, RunFolder, barrier, distributed, parts_of_rank, row_chunks, unit_rows
 from clipcid.util.fileio import atomic_path, save_json_atomic, save_npy_atomic
 from clipcid.util.plots import new_figure, save_png
 from clipcid.util.progress import progress_bar
@@ -106,7 +106,7 @@ def block_size_for(memory_gb: float, dim: int) -> int:
     """Largest B whose B x B float32 score block plus two B x D operand blocks fit half the budget."""
     budget = memory_gb * 1e9 / 2
     b = int((-8 * dim + math.sqrt(64 * dim * dim + 16 * budget)) / 8)
-    return max(256, min(b, 65536))
+    return max(256, min(b, ROW_CHUNK))
 
 
 class ValidEmbeddings:
@@ -336,7 +336,7 @@ class EdgeSearch:
         barrier(self.env)
         join = self._prepare_ivf() if self.cfg.search == "ivf" else None
         n_jobs = len(join.jobs) if join is not None else len(self.blocks)
-        mine = [i for i in range(n_jobs) if i % self.env.world_size == self.env.rank]
+        mine = parts_of_rank(range(n_jobs), self.env)
         todo = [i for i in mine if not (self.folder / f"block_{i:06d}.npz").is_file()]
         if len(todo) < len(mine):
             log.info("rank %d: %d of %d edge blocks already done", self.env.rank, len(mine) - len(todo), len(mine))

@@ -16,15 +16,10 @@ import numpy as np
 
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
+from clipcid.stage import finished, read_finished
 from clipcid.util.fileio import save_json_atomic, save_npy_atomic
 
 SETTINGS_FILE = "stats.json"
-
-
-def finished(record: dict | None) -> bool:
-    """A run is finished when its record says so; records of clipcid before run folders had settings
-    were written only at the end, so such a record (no "settings") is a finished run too."""
-    return record is not None and bool(record.get("complete", "settings" not in record))
 
 
 TRAINING_FILE = "training.json"
@@ -73,11 +68,7 @@ def labels_done(folder: Path, i: int) -> bool:
 
 def read_stats(folder: str | Path) -> dict:
     """The statistics of a finished run (stats.json), for reports."""
-    f = Path(folder) / SETTINGS_FILE
-    record = json.loads(f.read_text()) if f.is_file() else None
-    if record is None or not finished(record):
-        raise ClipcidError(f"{folder} holds no finished cluster run; run `clipcid cluster`")
-    return record
+    return read_finished(Path(folder) / SETTINGS_FILE, "cluster")
 
 
 class Clusters:

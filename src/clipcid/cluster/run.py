@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import clipcid.cluster.artifact as artifact
 from clipcid.balance.artifact import BalanceResult
-from clipcid.cluster import artifact
 from clipcid.config import option
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError

@@ -28,6 +28,7 @@ from clipcid.util.fileio import atomic_path, save_npy_atomic
 
 SETTINGS_FILE = "embed.json"
 KINDS = ("img", "text")
+ROWS_AT_ONCE = 65536  # rows checked per read (the artifact modules sit below stage.py and its ROW_CHUNK)
 
 
 def vectors_path(root: Path, kind: str, i: int) -> Path:
@@ -187,8 +188,8 @@ class Embeddings:
             finite = np.ones(n, dtype=bool)
             for store in self._stores.values():
                 part = store.part(i)
-                for s in range(0, n, 65536):
-                    finite[s : s + 65536] &= np.isfinite(part[s : s + 65536]).all(axis=1)
+                for s in range(0, n, ROWS_AT_ONCE):
+                    finite[s : s + ROWS_AT_ONCE] &= np.isfinite(part[s : s + ROWS_AT_ONCE]).all(axis=1)
             self._valid[i] = marked & finite
         return self._valid[i]
 

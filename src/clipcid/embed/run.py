@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+import clipcid.embed.artifact as artifact
 from clipcid.config import default_workers, option
-from clipcid.embed import artifact
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import Part, discover_parts, fingerprint, iter_rows
