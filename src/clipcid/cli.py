@@ -226,6 +226,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(message: str) -> str:
+    """A DataLoader worker's error arrives wrapped in its traceback text: keep the message itself."""
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split("Error: ", 1)[-1]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["balance", "inspect"]:  # `clipcid balance inspect` reads better than a separate name
@@ -237,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     except ClipcidError as e:
         if args.debug:
             raise
-        print(f"clipcid: error: {e}", file=sys.stderr)
+        print(f"clipcid: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder without permission...: nothing half was written (atomic writes)
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"clipcid: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clipcid: interrupted; run the same command again to resume", file=sys.stderr)

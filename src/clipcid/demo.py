@@ -28,7 +28,7 @@ from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import EvalSuiteConfig, run_eval_suite
 from clipcid.lit import LitConfig, lit
 from clipcid.recipe import load_recipe
-from clipcid.util.fileio import save_json_atomic
+from clipcid.util.fileio import output_folder, save_json_atomic
 
 log = logging.getLogger("clipcid")
 
@@ -49,8 +49,8 @@ class Stages:
     """Runs named stages once; a finished stage's result and time are kept in OUT/stages/."""
 
     def __init__(self, out: Path):
-        self.folder = out / "stages"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = output_folder(out) / "stages"
+        self.folder.mkdir(exist_ok=True)
 
     def run(self, name: str, fn, settings: dict | None = None):
         """Run `fn` unless NAME finished earlier with the same `settings` (the recipe part it used)."""

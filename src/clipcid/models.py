@@ -263,6 +263,13 @@ def load_model(
             raise ClipcidError(f"checkpoint not found: {pretrained}")
     if pretrained and Path(pretrained).is_file():
         check_checkpoint(name, pretrained)
+    elif pretrained and not name.startswith(("hf-hub:", "local-dir:")):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            known = ", ".join(tags) if tags else "it has none here"
+            raise ClipcidError(
+                f"--pretrained {pretrained} is neither a checkpoint file nor a pretrained tag of {name} ({known})"
+            )
     torch.manual_seed(seed)
     trunk = pretrained_trunk_of(name)
     norm = {"image_mean": trunk.mean, "image_std": trunk.std} if trunk else {}
@@ -290,7 +297,11 @@ def embedding_dim(model: torch.nn.Module) -> int:
 
 def check_checkpoint(name: str, path: str) -> None:
     """Raise a ClipcidError naming the keys that differ when `path` was not saved from `name`."""
-    state = open_clip.factory.load_state_dict(path)
+    try:
+        state = open_clip.factory.load_state_dict(path)
+    except Exception as e:  # not a checkpoint at all, or one that could only load by running its code
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise ClipcidError(f"{path} is not a checkpoint clipcid can load ({type(e).__name__}: {first})") from e
     with quiet_model_creation():  # a reference to compare keys with, not a model anyone uses
         expected = open_clip.create_model(name).state_dict()
     missing = [k for k in expected if k not in state]

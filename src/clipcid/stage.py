@@ -157,7 +157,7 @@ class RunFolder:
         previous = self.recorded()
         if previous is not None:
             old = previous.get("settings", {})
-            if old != self.settings:
+            if old != self.settings and self._holds_outputs():
                 if not self.overwrite:
                     self.release()
                     raise ClipcidError(
@@ -196,6 +196,11 @@ class RunFolder:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    def _holds_outputs(self) -> bool:
+        """Whether the run before got as far as writing anything (a run that stopped in its set-up, on a
+        bad flag say, holds nothing to protect)."""
+        return any(child.name not in (self.LOCK, self.settings_file) for child in self.path.iterdir())
 
     def _clear(self) -> None:
         for child in self.path.iterdir():

@@ -36,7 +36,7 @@ from clipcid.config import option
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import AVERAGES, EvalSuiteConfig, main_metric, run_eval_suite
-from clipcid.util.fileio import atomic_path, save_json_atomic
+from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 from clipcid.util.plots import new_figure, save_png
 
 log = logging.getLogger("clipcid")
@@ -194,7 +194,7 @@ def _finished(folder: Path) -> dict | None:
 class Study:
     def __init__(self, cfg: StudyConfig):
         self.cfg = cfg
-        self.out = Path(cfg.out)
+        self.out = output_folder(cfg.out)
         self.artifacts, base_train = resolve_artifacts(cfg)
         self.plan = load_plan(cfg.plan, base_train)
         self.seeds = cfg.seeds if cfg.seeds is not None else self.plan.seeds
@@ -308,7 +308,7 @@ class Study:
             "runs": records,
             "aggregate": tables,
         }
-        self.out.mkdir(parents=True, exist_ok=True)
+        output_folder(self.out)
         save_json_atomic(self.out / "study.json", payload)
         with atomic_path(self.out / "study.md") as tmp:
             tmp.write_text(study_markdown(tables, self.plan), encoding="utf-8")

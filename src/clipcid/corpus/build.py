@@ -23,7 +23,7 @@ from clipcid.corpus import sources as S
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
-from clipcid.util.fileio import atomic_path, remove_stale_temporaries, save_json_atomic
+from clipcid.util.fileio import atomic_path, output_folder, remove_stale_temporaries, save_json_atomic
 from clipcid.util.tables import format_table, run_pool
 
 log = logging.getLogger("clipcid")
@@ -189,7 +189,7 @@ def plan_training_corpus(items: list[S.Artwork], limit: int | None, seed: int) -
 def build_demo_corpus(cfg: BuildDemoConfig) -> dict:
     """Build (or finish building) the training corpus; returns the per-source summary."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     remove_stale_temporaries(out)
     settings = {
         "image_size": cfg.image_size,

@@ -26,7 +26,7 @@ from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
-from clipcid.util.fileio import save_json_atomic
+from clipcid.util.fileio import output_folder, save_json_atomic
 from clipcid.util.tables import run_pool
 
 log = logging.getLogger("clipcid")
@@ -281,7 +281,7 @@ def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
     """Build every dataset of the suite (or those named in `only`); finished datasets are kept."""
     out, image_size, npm_root, workers, only = cfg.out, cfg.image_size, cfg.npm_root, cfg.workers, cfg.only
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     suite_file = out_dir / "suite.json"
     if suite_file.is_file() and json.loads(suite_file.read_text())["image_size"] != image_size:
         raise ClipcidError(f"{out_dir} holds a suite built at another image size; use another --out or delete it")

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+import clipcid.embed.artifact as artifact
 from clipcid.balance.artifact import BalanceResult
 from clipcid.cluster.artifact import Clusters
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import Part, discover_parts, iter_rows
+from clipcid.inputs.shards import DamagedShard
 
 log = logging.getLogger("clipcid")
 
@@ -47,23 +49,78 @@ class TrainRows:
         return int(sum(len(r) for r in self.rows))
 
 
-def rows_without_teacher(parts: list[Part]) -> TrainRows:
-    """Every row that has an image and a caption, for a run without teacher embeddings."""
-    rows, keys = [], []
+def _decodes(image: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im.verify()  # headers and structure, without decoding every pixel
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
+def rows_without_teacher(parts: list[Part]) -> tuple[TrainRows, BadData]:
+    """Every row with an image that opens and a caption, for a run without teacher embeddings. A
+    damaged shard gives the rows before its damage."""
+    rows, keys, bad = [], [], BadData()
     for part in parts:
-        usable = [(r, row.key) for r, row in enumerate(iter_rows(part)) if row.image is not None and row.caption]
+        usable = []
+        try:
+            for r, row in enumerate(iter_rows(part)):
+                bad.rows += 1
+                if row.image is not None and row.caption and _decodes(row.image):
+                    usable.append((r, row.key))
+                    bad.rows -= 1
+        except DamagedShard as e:
+            log.warning("%s", e)
+            bad.shards.append(part.name)
         rows.append(np.array([r for r, _ in usable], dtype=np.int64))
         keys.append(np.array([k for _, k in usable], dtype=object))
     labels = [np.full(len(r), -1, dtype=np.int64) for r in rows]
-    return TrainRows(parts, rows, labels, keys, None, None, 0)
+    bad.total_rows = sum(len(r) for r in rows) + bad.rows
+    return TrainRows(parts, rows, labels, keys, None, None, 0), bad
 
 
-def load_train_rows(data: str, teacher_emb: str | None, balance: str | None, clusters: str | None) -> TrainRows:
+@dataclass
+class BadData:
+    """What could not be trained on: rows (unreadable images, no caption, invalid embeddings) and
+    damaged shards."""
+
+    rows: int = 0
+    total_rows: int = 0
+    shards: list[str] = field(default_factory=list)
+    total_shards: int = 0
+
+    def check(self, max_fraction: float) -> None:
+        row_share = self.rows / max(self.total_rows, 1)
+        shard_share = len(self.shards) / max(self.total_shards, 1)
+        if self.rows or self.shards:
+            log.warning(
+                "skipping %d of %d rows (%.2f%%) and %d damaged shard(s) of %d",
+                self.rows,
+                self.total_rows,
+                100 * row_share,
+                len(self.shards),
+                self.total_shards,
+            )
+        if row_share > max_fraction or shard_share > max_fraction:
+            raise ClipcidError(
+                f"{self.rows} of {self.total_rows} rows and {len(self.shards)} of {self.total_shards} shards cannot "
+                f"be trained on, more than --max-bad-fraction {max_fraction:g}; fix the data (see the warnings), "
+                "or raise --max-bad-fraction"
+            )
+
+
+def load_train_rows(
+    data: str, teacher_emb: str | None, balance: str | None, clusters: str | None, max_bad_fraction: float = 0.01
+) -> TrainRows:
     parts = discover_parts(data)
     if teacher_emb is None:
         if balance or clusters:
             raise ClipcidError("--balance and --clusters refer to teacher embeddings: pass --teacher-emb too")
-        return rows_without_teacher(parts)
+        train, bad = rows_without_teacher(parts)
+        bad.total_shards = len(parts)
+        bad.check(max_bad_fraction)
+        return train
     embeddings = Embeddings.open(teacher_emb)
     img, txt = embeddings.images, embeddings.texts
     if len(parts) != len(img.part_ids):
@@ -74,8 +131,13 @@ def load_train_rows(data: str, teacher_emb: str | None, balance: str | None, clu
     kept = BalanceResult.open(balance, embeddings) if balance else None
     labelled = Clusters.open(clusters, embeddings) if clusters else None
     rows, labels, keys = [], [], []
+    bad = BadData(total_shards=len(parts))
     for i in img.part_ids:
         use = embeddings.valid(i).copy()
+        bad.rows += int((~use).sum())
+        bad.total_rows += len(use)
+        if artifact.damage_of(embeddings.root, i):
+            bad.shards.append(parts[i].name)
         if kept is not None:
             use &= kept.keep(i)
         part_labels = np.full(img.sizes[i], -1, dtype=np.int64)
@@ -86,6 +148,7 @@ def load_train_rows(data: str, teacher_emb: str | None, balance: str | None, clu
         rows.append(keep_rows)
         labels.append(part_labels[keep_rows])
         keys.append(embeddings.keys(i)[keep_rows])
+    bad.check(max_bad_fraction)
     if sum(len(r) for r in rows) == 0:
         raise ClipcidError(f"no usable rows in {teacher_emb} (after balance and clusters): nothing to train on")
     num_classes = labelled.num_classes if labelled is not None else 0
@@ -201,14 +264,25 @@ class TrainBatches(torch.utils.data.IterableDataset):
             if produced >= quota:
                 return
 
+    def _blank(self) -> torch.Tensor:
+        return self.preprocess(Image.new("RGB", (64, 64)))
+
     def _collate(self, items: list) -> dict:
         images = []
         for p, r, _, image, _ in items:
             # Augmentation drawn from a seed of its own per (epoch, sample): the same whether or not the
             # batches before it were skipped on resume.
             torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, p, r]).generate_state(1)[0]))
-            with Image.open(io.BytesIO(image)) as im:
-                images.append(self.preprocess(im.convert("RGB")))
+            try:
+                with Image.open(io.BytesIO(image)) as im:
+                    images.append(self.preprocess(im.convert("RGB")))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+                # Opened when the rows were chosen, but not decodable to the end: a row is never fatal.
+                # The batch keeps its size (every rank gathers the same) with a neighbour in its place.
+                log.warning(
+                    "shard %s row %d: image does not decode; a neighbour stands in", self.train.parts[p].name, r
+                )
+                images.append(images[-1] if images else torch.zeros_like(self._blank()))
         parts = np.array([it[0] for it in items])
         rows = np.array([it[1] for it in items])
         if self.train.store_img is None:

@@ -96,6 +96,7 @@ class DistillConfig:
     eval_suite_root: str | None = option(None, "the suite for --eval-every")
     device: str = option("auto", "auto, cpu or cuda")
     max_steps: int | None = option(None, "stop after this many steps (the schedule still spans the whole run)")
+    max_bad_fraction: float = option(0.01, "stop when more than this share of rows or shards cannot be trained on")
     overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
@@ -140,7 +141,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.out)
         validate(cfg)
-        self.train = load_train_rows(cfg.data, cfg.teacher_emb, cfg.balance, cfg.clusters)
+        self.train = load_train_rows(cfg.data, cfg.teacher_emb, cfg.balance, cfg.clusters, cfg.max_bad_fraction)
         loaded = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
         clip = loaded.model.train()
         if cfg.grad_checkpointing:

@@ -28,6 +28,7 @@ from clipcid.util.fileio import atomic_path, save_npy_atomic
 
 SETTINGS_FILE = "embed.json"
 KINDS = ("img", "text")
+DAMAGED_KEY = b"clipcid.damaged"
 ROWS_AT_ONCE = 65536  # rows checked per read (the artifact modules sit below stage.py and its ROW_CHUNK)
 
 
@@ -43,12 +44,24 @@ def part_done(root: Path, i: int) -> bool:
     return metadata_path(root, i).is_file() and all(vectors_path(root, k, i).is_file() for k in KINDS)
 
 
-def write_part(root: Path, i: int, img: np.ndarray, txt: np.ndarray, metadata: dict[str, pa.Array]) -> None:
-    """One whole part: vectors first, metadata last (its presence marks the part done)."""
+def write_part(
+    root: Path, i: int, img: np.ndarray, txt: np.ndarray, metadata: dict[str, pa.Array], damaged: str | None = None
+) -> None:
+    """One whole part: vectors first, metadata last (its presence marks the part done). A part of a
+    damaged shard holds the samples before the damage, and says so in its metadata file's schema."""
     save_npy_atomic(vectors_path(root, "img", i), img)
     save_npy_atomic(vectors_path(root, "text", i), txt)
+    table = pa.table(metadata)
+    if damaged:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), DAMAGED_KEY: damaged.encode()})
     with atomic_path(metadata_path(root, i)) as tmp:
-        pq.write_table(pa.table(metadata), tmp)
+        pq.write_table(table, tmp)
+
+
+def damage_of(root: Path, i: int) -> str | None:
+    """Why part i holds fewer rows than its shard, or None."""
+    meta = pq.read_schema(metadata_path(root, i)).metadata or {}
+    return meta[DAMAGED_KEY].decode() if DAMAGED_KEY in meta else None
 
 
 def read_record(root: Path) -> dict | None:

@@ -24,6 +24,7 @@ from clipcid.config import default_workers, option
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import Part, discover_parts, fingerprint, iter_rows
+from clipcid.inputs.shards import DamagedShard
 from clipcid.models import LoadedModel, load_model, padding_trimmer
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed, parts_of_rank
 from clipcid.util import precision
@@ -103,6 +104,10 @@ class PartBatches(torch.utils.data.IterableDataset):
                 # Always close a part with a batch marked last, even an empty one.
                 yield self._collate(index, part, row_number, pending, last=True)
                 return
+            except DamagedShard as e:
+                # The samples before the damage are whole: the part keeps them, rows stay aligned.
+                yield {**self._collate(index, part, row_number, pending, last=True), "damaged": str(e)}
+                return
             if len(pending) == self.batch_size:
                 yield self._collate(index, part, row_number, pending, last=False)
                 row_number += len(pending)
@@ -128,10 +133,11 @@ class PartBatches(torch.utils.data.IterableDataset):
             "images": torch.stack(images) if images else None,
             "tokens": self.tokenizer([captions[i] for i in range(len(rows)) if valid[i]]) if any(valid) else None,
             "last": last,
+            "damaged": None,
         }
 
 
-def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder) -> dict:
+def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder, damaged: str | None = None) -> dict:
     """Assemble one part's batches (in row order) and write it through the artifact module."""
     chunks.sort(key=lambda c: c["first_row"])
     n = sum(len(c["keys"]) for c in chunks)
@@ -163,6 +169,7 @@ def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder
             "valid": pa.array(valid),
             "error": pa.array([e or None for e in errors], pa.string()),
         },
+        damaged=damaged,
     )
     return {"rows": n, "invalid": int((~valid).sum())}
 
@@ -242,7 +249,9 @@ def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, 
             images_done += len(batch["keys"])
             bar.update(len(batch["keys"]))
             if batch["last"]:
-                stats = _write_part(root, batch["part"], pending.pop(batch["part"]), encoder)
+                if batch["damaged"]:
+                    log.warning("%s", batch["damaged"])
+                stats = _write_part(root, batch["part"], pending.pop(batch["part"]), encoder, batch["damaged"])
                 if stats["invalid"]:
                     log.warning("part %d (%s): %d invalid row(s)", batch["part"], chunk["shard"], stats["invalid"])
     if pending:
@@ -253,9 +262,12 @@ def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, 
 def _summarise(root: Path, settings: dict, images_done: int, elapsed: float) -> dict:
     rows = invalid = 0
     errors: dict[str, int] = {}
+    damaged = []
     for i in range(settings["parts"]):
         if not artifact.part_done(root, i):
             raise ClipcidError(f"part {i} is missing after the run; run `clipcid embed` again to finish it")
+        if artifact.damage_of(root, i):
+            damaged.append({"part": i, "shard": settings["shards"][i], "problem": artifact.damage_of(root, i)})
         meta = pq.read_table(artifact.metadata_path(root, i), columns=["valid", "error"])
         valid = meta.column("valid").to_numpy(zero_copy_only=False)
         rows += len(valid)
@@ -269,9 +281,12 @@ def _summarise(root: Path, settings: dict, images_done: int, elapsed: float) -> 
             f"no row of {settings['data']} could be embedded ({rows} rows, most common problem: {common}); check --data"
         )
     log.info("embedded %d rows in %d part(s) (%d invalid) into %s", rows, settings["parts"], invalid, root)
+    if damaged:
+        log.warning("%d damaged shard(s): only their whole samples were embedded (embed.json lists them)", len(damaged))
     return {
         "rows": rows,
         "invalid": invalid,
+        "damaged_shards": damaged,
         "rank0_images_per_second": images_done / elapsed if elapsed > 0 else None,
     }
 
@@ -312,5 +327,6 @@ def project_embeddings(
                 (F.normalize(image_head(img), dim=-1) * valid[:, None]).numpy().astype(np.float16),
                 (F.normalize(text_head(txt), dim=-1) * valid[:, None]).numpy().astype(np.float16),
                 {name: source.metadata(i).column(name) for name in source.metadata(i).column_names},
+                damaged=artifact.damage_of(source.root, i),
             )
         return folder.finish(_summarise(root, settings, 0, 0.0))

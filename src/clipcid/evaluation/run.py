@@ -24,7 +24,7 @@ from clipcid.evaluation.features import (
     image_features,
     text_features,
 )
-from clipcid.util.fileio import atomic_path, save_json_atomic
+from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 
 log = logging.getLogger("clipcid")
 
@@ -261,13 +261,13 @@ def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> 
 def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict:
     """Every task of the held-out suite; one JSON per task plus summary.md and summary.csv in cfg.out."""
     model, pretrained, suite_root = cfg.model, cfg.pretrained, cfg.suite_root
+    out_dir = output_folder(cfg.out) if cfg.out else None
     entries = suite_datasets(suite_root)
     if cfg.only:
         entries = [e for e in entries if e["name"] in cfg.only]
     if encoder is None:
         encoder = load_encoder(model, pretrained, cfg.device, cfg.precision)
     records = []
-    out_dir = Path(cfg.out) if cfg.out else None
     for entry in entries:
         task_cfg = EvalConfig(
             model=model,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,10 +51,32 @@ def expand_shards(spec: str | os.PathLike | list[str]) -> list[str]:
     return paths
 
 
+class DamagedShard(ClipcidError):
+    """A shard that ends before its end (a truncated download) or is not a tar at all. The samples
+    before the damage were whole and were yielded."""
+
+    def __init__(self, path: str | Path, complete: int, reason: str):
+        super().__init__(
+            f"shard {path} is damaged after {complete} whole sample(s) ({reason}); download it again, or leave it out"
+        )
+        self.path, self.complete = str(path), complete
+
+
 def iter_tar_samples(path: str | Path) -> Iterator[dict]:
     """Raw samples of one tar in file order: {'__key__': str, 'png': bytes, 'txt': bytes, ...}.
 
-    Grouping by key prefix is webdataset's; nothing is decoded here.
+    Grouping by key prefix is webdataset's; nothing is decoded here. Each member is read whole before its
+    sample is yielded, so every yielded sample is complete; damage raises DamagedShard after them.
     """
-    files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": open(path, "rb")}])
-    yield from wds.tariterators.group_by_keys(files)
+    complete = 0
+    try:
+        with open(path, "rb") as stream:
+            files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
+            for sample in wds.tariterators.group_by_keys(files):
+                yield sample
+                complete += 1
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__
+        raise DamagedShard(path, complete, reason) from e
+    except OSError as e:
+        raise ClipcidError(f"cannot read shard {path}: {e.strerror or e}") from e

@@ -29,6 +29,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create an output folder, or say in one line why it cannot be one (it is a file)."""
+    from clipcid.errors import ClipcidError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ClipcidError(f"{flag} {folder} is a file, not a folder; give a folder path")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
