@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +128,72 @@ def run_two_gloo_processes(args: list[str], timeout: int = 600) -> None:
         timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -- processes killed at a moment, for tests/test_faults.py and benchmarks/faults.py -------------------
+
+
+def _clipcid(*args: str) -> list[str]:
+    return [sys.executable, "-m", "clipcid", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it (torchrun starts its ranks in sessions of their own)."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_and_kill_when(cmd: list[str], trigger: Path, pattern: str = "*", timeout: float = 300) -> bool:
+    """Start `cmd`; SIGKILL its whole process group as soon as a file matching `pattern` appears in
+    `trigger`. True when it was killed, False when it finished first."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if trigger.is_dir() and any(trigger.glob(pattern)):
+            kill_tree(proc.pid)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+            return False
+        time.sleep(0.005)
+    kill_tree(proc.pid)
+    raise AssertionError(f"{cmd} neither finished nor made {trigger}/{pattern} in {timeout} s")
+
+
+def run_ok(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def same_files(a: Path, b: Path, patterns=("**/*.npy", "**/*.parquet")) -> None:
+    names = sorted({p.relative_to(a) for pat in patterns for p in a.glob(pat) if "edges" not in p.parts})
+    assert names, f"nothing to compare in {a}"
+    assert names == sorted({p.relative_to(b) for pat in patterns for p in b.glob(pat) if "edges" not in p.parts})
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs after the kill and resume"
