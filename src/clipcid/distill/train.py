@@ -297,9 +297,32 @@ class Trainer:
                     self.step_in_epoch = 0
                     self.save_checkpoint()
         self.run_folder.export(self.student, self.pfc, asdict(cfg))
+        if env.is_main:
+            self._export_for_open_clip()
         if self.writer:
             self.writer.close()
         return {"steps": self.step, "last": last_logged}
+
+    def _export_for_open_clip(self) -> None:
+        """RUN/open_clip/: the student as a folder plain open_clip and CLIP_benchmark load (local-dir:)."""
+        from clipcid.export import ExportConfig, export_model
+
+        cfg = self.cfg
+        terms = ", ".join(f"{name} x {w:g}" for name, w in self.objective.weights.items() if w)
+        description = (
+            f"`clipcid distill`: {self.step} steps of batch {cfg.batch_size} x {self.env.world_size} process(es) on "
+            f"{self.train.total:,} pairs of `{cfg.data}`, loss terms {terms}; teacher embeddings "
+            f"`{cfg.teacher_emb}`, balance `{cfg.balance}`, clusters `{cfg.clusters}`; lr {cfg.lr:g}, seed {cfg.seed}."
+        )
+        export_model(
+            ExportConfig(
+                cfg.model,
+                str(self.out / "student.pt"),
+                str(self.out / "open_clip"),
+                description=description,
+                overwrite=True,
+            )  # fmt: skip
+        )
 
     def _loader(self):
         cfg, env = self.cfg, self.env
