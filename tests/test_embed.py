@@ -135,13 +135,13 @@ def test_resume_after_crash_skips_finished_parts(shards, tmp_path, tiny_checkpoi
     real_write = embed_module._write_part
     calls = []
 
-    def crash_on_second_part(root, index, chunks, dim):
+    def crash_on_second_part(root, index, *rest):
         calls.append(index)
         if len(calls) == 2:
             # Leave a half-written temporary behind, as a killed process would.
             (root / "img_emb" / f"img_emb_{index}.npy.999.tmp").write_bytes(b"partial")
             raise RuntimeError("simulated crash")
-        return real_write(root, index, chunks, dim)
+        return real_write(root, index, *rest)
 
     monkeypatch.setattr(embed_module, "_write_part", crash_on_second_part)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -245,3 +245,41 @@ def test_two_gloo_processes_equal_one(shards, tmp_path, tiny_checkpoint):
                 np.testing.assert_array_equal(got, want)
             else:
                 assert got == want
+
+
+def test_parts_are_named_and_described_as_clip_retrieval_writes_them(tmp_path, tiny_checkpoint):
+    from clipcid.embed.artifact import Embeddings
+
+    for s in range(12):  # 12 parts: clip-retrieval pads their numbers to two digits
+        samples = [
+            {
+                "__key__": f"{s:05d}{r:04d}",
+                "png": shape_png("red", "circle"),
+                "txt": f"a red circle {r}",
+                "json": {"url": f"https://example.org/{s}/{r}.png", "key": f"{s:05d}{r:04d}"},
+            }
+            for r in range(2)
+        ]
+        write_tar_atomic(tmp_path / "shards" / f"{s:05d}.tar", samples)
+    embed(_cfg(tmp_path / "shards", tmp_path / "emb", tiny_checkpoint))
+    names = sorted(p.name for p in (tmp_path / "emb" / "img_emb").iterdir())
+    assert names == [f"img_emb_{i:02d}.npy" for i in range(12)]
+    assert sorted(p.name for p in (tmp_path / "emb" / "metadata").iterdir())[:2] == [
+        "metadata_00.parquet",
+        "metadata_01.parquet",
+    ]
+    meta = pq.read_table(tmp_path / "emb" / "metadata" / "metadata_11.parquet")
+    assert meta.column_names[:4] == ["image_path", "caption", "key", "url"]
+    assert meta.column("url").to_pylist() == ["https://example.org/11/0.png", "https://example.org/11/1.png"]
+    assert meta.column("image_path").to_pylist() == meta.column("key").to_pylist()  # webdataset: the key
+    # Readers take clip-retrieval's padded names and plain ones alike, in part order.
+    plain = tmp_path / "plain"
+    shutil.copytree(tmp_path / "emb", plain)
+    for f in list(plain.rglob("*_[0-9][0-9].*")):
+        stem, number = f.stem.rsplit("_", 1)
+        f.rename(f.with_name(f"{stem}_{int(number)}{f.suffix}"))
+    a, b = Embeddings.open(tmp_path / "emb"), Embeddings.open(plain)
+    assert a.part_ids == b.part_ids == list(range(12))
+    for i in (2, 10, 11):
+        np.testing.assert_array_equal(a.images.part(i), b.images.part(i))
+        assert list(a.keys(i)) == list(b.keys(i)) == [f"{i:05d}0000", f"{i:05d}0001"]

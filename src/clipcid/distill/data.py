@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-import clipcid.embed.artifact as artifact
 from clipcid.balance.artifact import BalanceResult
 from clipcid.cluster.artifact import Clusters
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
@@ -136,7 +135,7 @@ def load_train_rows(
         use = embeddings.valid(i).copy()
         bad.rows += int((~use).sum())
         bad.total_rows += len(use)
-        if artifact.damage_of(embeddings.root, i):
+        if embeddings.damage_of(i):
             bad.shards.append(parts[i].name)
         if kept is not None:
             use &= kept.keep(i)

@@ -1,10 +1,11 @@
 """The embeddings folder, written and read only here: clip-retrieval's layout plus a settings file.
 
 ROOT/img_emb/img_emb_{i}.npy and ROOT/text_emb/text_emb_{i}.npy (one row per input row; zeros where
-the row is invalid), ROOT/metadata/metadata_{i}.parquet (key, shard, row, caption, valid, error), one
-part per input shard, row j of part i being row j of shard i; ROOT/embed.json holds the settings and
-says "complete": true once every part is written (it is rewritten last). A part is written under
-temporary names and renamed, metadata last, so a part with metadata is whole.
+the row is invalid), ROOT/metadata/metadata_{i}.parquet (clip-retrieval's columns image_path, caption,
+key and url where known, then clipcid's shard, row, valid, error), one part per input shard, row j of
+part i being row j of shard i, part numbers zero-padded as clip-retrieval pads them; ROOT/embed.json
+holds the settings and says "complete": true once every part is written (it is rewritten last). A part
+is written under temporary names and renamed, metadata last, so a part with metadata is whole.
 
 Readers memory-map the parts and never load them all. A row is valid when its metadata says so and
 both of its vectors are finite; folders from other tools (clip-retrieval itself) have no embed.json and
@@ -14,6 +15,7 @@ are read as they are.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,35 +34,53 @@ DAMAGED_KEY = b"clipcid.damaged"
 ROWS_AT_ONCE = 65536  # rows checked per read (the artifact modules sit below stage.py and its ROW_CHUNK)
 
 
-def vectors_path(root: Path, kind: str, i: int) -> Path:
-    return Path(root) / f"{kind}_emb" / f"{kind}_emb_{i}.npy"
+def part_label(i: int, n_parts: int) -> str:
+    """Part numbers zero-padded as clip-retrieval pads them: int(log10(parts)) + 1 digits."""
+    return str(i).zfill(int(math.log10(max(n_parts, 1))) + 1)
 
 
-def metadata_path(root: Path, i: int) -> Path:
-    return Path(root) / "metadata" / f"metadata_{i}.parquet"
+def _named(folder: Path, stem: str, i: int, n_parts: int, suffix: str) -> Path:
+    """The padded name; an unpadded one already there (written elsewhere, or by an older clipcid) is read."""
+    padded = folder / f"{stem}_{part_label(i, n_parts)}{suffix}"
+    plain = folder / f"{stem}_{i}{suffix}"
+    return plain if not padded.is_file() and plain.is_file() else padded
 
 
-def part_done(root: Path, i: int) -> bool:
-    return metadata_path(root, i).is_file() and all(vectors_path(root, k, i).is_file() for k in KINDS)
+def vectors_path(root: Path, kind: str, i: int, n_parts: int) -> Path:
+    return _named(Path(root) / f"{kind}_emb", f"{kind}_emb", i, n_parts, ".npy")
+
+
+def metadata_path(root: Path, i: int, n_parts: int) -> Path:
+    return _named(Path(root) / "metadata", "metadata", i, n_parts, ".parquet")
+
+
+def part_done(root: Path, i: int, n_parts: int) -> bool:
+    return metadata_path(root, i, n_parts).is_file() and all(vectors_path(root, k, i, n_parts).is_file() for k in KINDS)
 
 
 def write_part(
-    root: Path, i: int, img: np.ndarray, txt: np.ndarray, metadata: dict[str, pa.Array], damaged: str | None = None
+    root: Path,
+    i: int,
+    n_parts: int,
+    img: np.ndarray,
+    txt: np.ndarray,
+    metadata: dict[str, pa.Array],
+    damaged: str | None = None,
 ) -> None:
     """One whole part: vectors first, metadata last (its presence marks the part done). A part of a
     damaged shard holds the samples before the damage, and says so in its metadata file's schema."""
-    save_npy_atomic(vectors_path(root, "img", i), img)
-    save_npy_atomic(vectors_path(root, "text", i), txt)
+    save_npy_atomic(vectors_path(root, "img", i, n_parts), img)
+    save_npy_atomic(vectors_path(root, "text", i, n_parts), txt)
     table = pa.table(metadata)
     if damaged:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), DAMAGED_KEY: damaged.encode()})
-    with atomic_path(metadata_path(root, i)) as tmp:
+    with atomic_path(metadata_path(root, i, n_parts)) as tmp:
         pq.write_table(table, tmp)
 
 
-def damage_of(root: Path, i: int) -> str | None:
+def damage_of(root: Path, i: int, n_parts: int) -> str | None:
     """Why part i holds fewer rows than its shard, or None."""
-    meta = pq.read_schema(metadata_path(root, i)).metadata or {}
+    meta = pq.read_schema(metadata_path(root, i, n_parts)).metadata or {}
     return meta[DAMAGED_KEY].decode() if DAMAGED_KEY in meta else None
 
 
@@ -96,7 +116,7 @@ class EmbeddingStore:
     def part(self, i: int) -> np.ndarray:
         cache = self.__dict__.setdefault("_memmaps", {})  # opening a memmap per row read is slow
         if i not in cache:
-            cache[i] = np.load(vectors_path(self.root, self.kind, i), mmap_mode="r")
+            cache[i] = np.load(vectors_path(self.root, self.kind, i, len(self.part_ids)), mmap_mode="r")
         return cache[i]
 
     def valid(self, i: int) -> np.ndarray:
@@ -137,7 +157,7 @@ class Embeddings:
         settings = None if record is None else record.get("settings", record)
         if record is not None and not record.get("complete", False):
             parts = settings.get("parts", 0)
-            done = sum(part_done(root, i) for i in range(parts))
+            done = sum(part_done(root, i, parts) for i in range(parts))
             raise ClipcidError(
                 f"{root} is an unfinished embed run ({done} of {parts} parts written); "
                 "run the same `clipcid embed` again to finish it"
@@ -175,11 +195,18 @@ class Embeddings:
         return self.images.part_ids
 
     @property
+    def n_parts(self) -> int:
+        return len(self.images.part_ids)
+
+    def damage_of(self, i: int) -> str | None:
+        return damage_of(self.root, i, self.n_parts)
+
+    @property
     def sizes(self) -> list[int]:
         return self.images.sizes
 
     def metadata(self, i: int, columns: list[str] | None = None) -> pa.Table:
-        path = metadata_path(self.root, i)
+        path = metadata_path(self.root, i, self.n_parts)
         if not path.is_file():
             raise ClipcidError(f"{self.root}: part {i} has no metadata ({path.name}); the folder is incomplete")
         return pq.read_table(path, columns=columns)
@@ -192,10 +219,12 @@ class Embeddings:
         broken producer count as invalid)."""
         if i not in self._valid:
             n = self.sizes[i]
-            if metadata_path(self.root, i).is_file():
+            if metadata_path(self.root, i, self.n_parts).is_file():
                 marked = self.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False).astype(bool)
                 if len(marked) != n:
-                    raise ClipcidError(f"{metadata_path(self.root, i)} has {len(marked)} rows but part {i} has {n}")
+                    raise ClipcidError(
+                        f"{metadata_path(self.root, i, self.n_parts)} has {len(marked)} rows but part {i} has {n}"
+                    )
             else:
                 marked = np.ones(n, dtype=bool)
             finite = np.ones(n, dtype=bool)
@@ -213,7 +242,7 @@ class Embeddings:
         """Rows marked valid whose vectors are not finite (counted, and treated as invalid)."""
         count = 0
         for i in self.part_ids:
-            if metadata_path(self.root, i).is_file():
+            if metadata_path(self.root, i, self.n_parts).is_file():
                 marked = self.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False).astype(bool)
                 count += int((marked & ~self.valid(i)).sum())
         return count
@@ -232,9 +261,10 @@ def _scan(root: Path, kind: str) -> tuple[list[int], list[int], int]:
         raise ClipcidError(f"{folder}: part(s) {missing[:5]} missing; finish `clipcid embed` first")
     sizes, dims = [], set()
     for i in part_ids:
-        arr = np.load(vectors_path(root, kind, i), mmap_mode="r")
+        path = vectors_path(root, kind, i, len(part_ids))
+        arr = np.load(path, mmap_mode="r")
         if arr.ndim != 2:
-            raise ClipcidError(f"{vectors_path(root, kind, i)} is not a 2-D array")
+            raise ClipcidError(f"{path} is not a 2-D array")
         sizes.append(arr.shape[0])
         dims.add(arr.shape[1])
     if len(dims) > 1:

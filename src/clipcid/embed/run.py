@@ -127,6 +127,8 @@ class PartBatches(torch.utils.data.IterableDataset):
             "shard": part.name,
             "first_row": first_row,
             "keys": [r.key for r in rows],
+            "image_paths": [r.image_path or r.key for r in rows],
+            "urls": [r.url for r in rows],
             "captions": captions,
             "valid": torch.tensor(valid, dtype=torch.bool),
             "errors": errors,
@@ -137,14 +139,16 @@ class PartBatches(torch.utils.data.IterableDataset):
         }
 
 
-def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder, damaged: str | None = None) -> dict:
+def _write_part(
+    root: Path, index: int, n_parts: int, chunks: list[dict], encoder: PairEncoder, damaged: str | None = None
+) -> dict:
     """Assemble one part's batches (in row order) and write it through the artifact module."""
     chunks.sort(key=lambda c: c["first_row"])
     n = sum(len(c["keys"]) for c in chunks)
     img = np.zeros((n, encoder.image_dim), dtype=encoder.dtype)
     txt = np.zeros((n, encoder.text_dim), dtype=encoder.dtype)
     valid = np.zeros(n, dtype=bool)
-    keys, captions, errors = [], [], []
+    columns: dict[str, list] = {name: [] for name in ("keys", "image_paths", "urls", "captions", "errors")}
     for c in chunks:
         rows = np.arange(c["first_row"], c["first_row"] + len(c["keys"]))
         ok = c["valid"].numpy()
@@ -152,25 +156,26 @@ def _write_part(root: Path, index: int, chunks: list[dict], encoder: PairEncoder
         if c["img"] is not None:
             img[rows[ok]] = c["img"]
             txt[rows[ok]] = c["txt"]
-        keys += c["keys"]
-        captions += c["captions"]
-        errors += c["errors"]
+        for name, values in columns.items():
+            values += c[name]
     shard = chunks[0]["shard"] if chunks else ""
-    artifact.write_part(
-        root,
-        index,
-        img,
-        txt,
+    # clip-retrieval's columns first (image_path, caption, key, url where known), then clipcid's.
+    metadata = {
+        "image_path": pa.array(columns["image_paths"], pa.string()),
+        "caption": pa.array(columns["captions"], pa.string()),
+        "key": pa.array(columns["keys"], pa.string()),
+    }
+    if any(columns["urls"]):
+        metadata["url"] = pa.array(columns["urls"], pa.string())
+    metadata.update(
         {
-            "key": pa.array(keys, pa.string()),
             "shard": pa.array([shard] * n, pa.string()),
             "row": pa.array(np.arange(n), pa.int64()),
-            "caption": pa.array(captions, pa.string()),
             "valid": pa.array(valid),
-            "error": pa.array([e or None for e in errors], pa.string()),
-        },
-        damaged=damaged,
+            "error": pa.array([e or None for e in columns["errors"]], pa.string()),
+        }
     )
+    artifact.write_part(root, index, n_parts, img, txt, metadata, damaged=damaged)
     return {"rows": n, "invalid": int((~valid).sum())}
 
 
@@ -218,7 +223,7 @@ def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel],
 
 def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, teacher, encoder) -> tuple:
     mine = parts_of_rank(range(len(parts)), env)
-    todo = [(i, parts[i]) for i in mine if not artifact.part_done(root, i)]
+    todo = [(i, parts[i]) for i in mine if not artifact.part_done(root, i, len(parts))]
     if len(todo) < len(mine):
         log.info("rank %d: %d part(s) already done, %d to go", env.rank, len(mine) - len(todo), len(todo))
     dataset = PartBatches(todo, teacher.preprocess, teacher.tokenizer, cfg.batch_size)
@@ -234,7 +239,10 @@ def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, 
     images_done, start = 0, time.monotonic()
     with torch.inference_mode(), progress_bar(None, f"embed (rank {env.rank})", "img", env.is_main) as bar:
         for batch in loader:
-            chunk = {k: batch[k] for k in ("shard", "first_row", "keys", "captions", "valid", "errors")}
+            chunk = {
+                k: batch[k]
+                for k in ("shard", "first_row", "keys", "image_paths", "urls", "captions", "valid", "errors")
+            }
             chunk["img"] = chunk["txt"] = None
             if batch["images"] is not None:
                 with precision.autocast(env.device, cfg.precision):
@@ -251,7 +259,8 @@ def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, 
             if batch["last"]:
                 if batch["damaged"]:
                     log.warning("%s", batch["damaged"])
-                stats = _write_part(root, batch["part"], pending.pop(batch["part"]), encoder, batch["damaged"])
+                part_chunks = pending.pop(batch["part"])
+                stats = _write_part(root, batch["part"], len(parts), part_chunks, encoder, batch["damaged"])
                 if stats["invalid"]:
                     log.warning("part %d (%s): %d invalid row(s)", batch["part"], chunk["shard"], stats["invalid"])
     if pending:
@@ -264,11 +273,12 @@ def _summarise(root: Path, settings: dict, images_done: int, elapsed: float) -> 
     errors: dict[str, int] = {}
     damaged = []
     for i in range(settings["parts"]):
-        if not artifact.part_done(root, i):
+        if not artifact.part_done(root, i, settings["parts"]):
             raise ClipcidError(f"part {i} is missing after the run; run `clipcid embed` again to finish it")
-        if artifact.damage_of(root, i):
-            damaged.append({"part": i, "shard": settings["shards"][i], "problem": artifact.damage_of(root, i)})
-        meta = pq.read_table(artifact.metadata_path(root, i), columns=["valid", "error"])
+        problem = artifact.damage_of(root, i, settings["parts"])
+        if problem:
+            damaged.append({"part": i, "shard": settings["shards"][i], "problem": problem})
+        meta = pq.read_table(artifact.metadata_path(root, i, settings["parts"]), columns=["valid", "error"])
         valid = meta.column("valid").to_numpy(zero_copy_only=False)
         rows += len(valid)
         invalid += int((~valid).sum())
@@ -316,7 +326,7 @@ def project_embeddings(
     root = Path(out)
     with RunFolder(root, artifact.SETTINGS_FILE, settings, overwrite) as folder, torch.inference_mode():
         for i in source.part_ids:
-            if artifact.part_done(root, i):
+            if artifact.part_done(root, i, source.n_parts):
                 continue
             valid = torch.from_numpy(source.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False))
             img = torch.from_numpy(np.array(source.images.part(i), dtype=np.float32))
@@ -324,9 +334,10 @@ def project_embeddings(
             artifact.write_part(
                 root,
                 i,
+                source.n_parts,
                 (F.normalize(image_head(img), dim=-1) * valid[:, None]).numpy().astype(np.float16),
                 (F.normalize(text_head(txt), dim=-1) * valid[:, None]).numpy().astype(np.float16),
                 {name: source.metadata(i).column(name) for name in source.metadata(i).column_names},
-                damaged=artifact.damage_of(source.root, i),
+                damaged=source.damage_of(i),
             )
         return folder.finish(_summarise(root, settings, 0, 0.0))

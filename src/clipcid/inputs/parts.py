@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class Row:
     key: str
     image: bytes | None  # None: the sample has no image
     caption: str | None
+    image_path: str | None = None  # where the image came from, when it is a file of its own
+    url: str | None = None  # where it was downloaded from, when the source says (img2dataset does)
 
 
 def _pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
@@ -123,36 +126,52 @@ def _text(value) -> str | None:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def _url_of(meta) -> str | None:
+    if meta is None:
+        return None
+    try:
+        value = json.loads(meta).get("url") if isinstance(meta, bytes | str) else None
+    except (ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
 def iter_rows(part: Part) -> Iterator[Row]:
     """Rows of one part, in the order every stage numbers them."""
     if part.kind == "tar":
         for sample in iter_tar_samples(part.path):
-            yield Row(sample["__key__"], _image_of(sample), _text(sample.get("txt")))
+            yield Row(sample["__key__"], _image_of(sample), _text(sample.get("txt")), url=_url_of(sample.get("json")))
     elif part.kind == "files":
         by_key: dict[str, dict] = {}
         for f in sorted(os.listdir(part.path)):
             key, _, ext = f.rpartition(".")
-            if ext.lower() in IMAGE_EXTENSIONS + ("txt",):
+            if ext.lower() in IMAGE_EXTENSIONS + ("txt", "json"):
                 by_key.setdefault(key, {})[ext.lower()] = os.path.join(part.path, f)
         for key in sorted(by_key):
             files = by_key[key]
             image_file = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+            if image_file is None and "txt" not in files:
+                continue  # a stray .json (img2dataset writes one per failed download too)
             image = Path(image_file).read_bytes() if image_file else None
             caption = Path(files["txt"]).read_text(encoding="utf-8") if "txt" in files else None
-            yield Row(key, image, caption)
+            url = _url_of(Path(files["json"]).read_bytes()) if "json" in files else None
+            yield Row(key, image, caption, image_path=image_file, url=url)
     elif part.kind == "parquet_bytes":
         table = pq.read_table(part.path)
         img_col = next(c for c in IMAGE_EXTENSIONS if c in table.column_names)
         cap_col = next((c for c in TABLE_CAPTION_COLUMNS if c in table.column_names), None)
         keys = table.column("key").to_pylist() if "key" in table.column_names else None
+        urls = table.column("url").to_pylist() if "url" in table.column_names else None
         images = table.column(img_col).to_pylist()
         captions = table.column(cap_col).to_pylist() if cap_col else [None] * len(images)
         for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
-            yield Row(str(keys[i]) if keys else f"{i:09d}", image, _text(caption))
+            key = str(keys[i]) if keys else f"{i:09d}"
+            yield Row(key, image, _text(caption), url=str(urls[i]) if urls and urls[i] else None)
     elif part.kind == "table":
         table = _read_table(part.path).slice(part.start, part.stop - part.start)
         base = Path(part.path).parent
         keys = table.column("key").to_pylist() if "key" in table.column_names else None
+        urls = table.column("url").to_pylist() if "url" in table.column_names else None
         for i, (path, caption) in enumerate(
             zip(
                 table.column(part.image_column).to_pylist(),
@@ -161,9 +180,12 @@ def iter_rows(part: Part) -> Iterator[Row]:
             )
         ):
             image = None
+            full = None
             if path:
                 full = Path(path) if os.path.isabs(path) else base / path
                 image = full.read_bytes() if full.is_file() else None
-            yield Row(str(keys[i]) if keys else f"{part.start + i:09d}", image, _text(caption))
+            key = str(keys[i]) if keys else f"{part.start + i:09d}"
+            url = str(urls[i]) if urls and urls[i] else None
+            yield Row(key, image, _text(caption), image_path=str(full) if full else None, url=url)
     else:
         raise ValueError(f"unknown part kind {part.kind}")
