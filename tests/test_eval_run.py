@@ -114,14 +114,25 @@ def test_eval_suite_on_a_real_model(tmp_path, tiny_checkpoint):
     result = run_eval_suite(
         EvalSuiteConfig("clipcid-tiny", str(tmp_path / "out"), str(tiny_checkpoint), str(suite), workers=0)
     )
-    assert [(r["dataset"], r["task"]) for r in result["records"]] == [
-        ("digits", "zeroshot_classification"),
-        ("digits", "linear_probe"),
+    assert [(r["dataset"], r["task"]) for r in result["records"]] == [  # CLIP_benchmark's names (issue 14)
+        ("wds/digits", "zeroshot_classification"),
+        ("wds/digits", "linear_probe"),
     ]
     lp = result["records"][1]["metrics"]["lp_acc1"]
     assert 0.3 < lp <= 1.0  # random features still separate digits far above chance
     assert result["summary"]["linear_probe_mean_acc1"] == pytest.approx(lp)
     saved = json.loads((tmp_path / "out" / "digits_linear_probe.json").read_text())
     assert saved["metrics"]["lp_acc1"] == pytest.approx(lp)
+    # CLIP_benchmark's linear-probe keys are there too, and the same dataset by its CLIP_benchmark spelling.
+    assert {"weight_decay", "epochs", "seed", "fewshot_k", "normalized"} <= set(saved["metrics"])
+    assert len(list((suite / "digits" / "test").glob("*.tar"))) >= 4  # enough shards for its 4 loader workers
+    code = main(
+        ["eval", "--model", "clipcid-tiny", "--pretrained", str(tiny_checkpoint), "--dataset", "wds/digits",
+         "--dataset_root", str(suite / "{dataset}"), "--task", "zeroshot_classification", "--workers", "0",
+         "--output", str(tmp_path / "cb.json")]
+    )  # fmt: skip
+    assert code == 0
+    again = json.loads((tmp_path / "cb.json").read_text())
+    assert again["dataset"] == "wds/digits" and again["metrics"]["acc1"] == result["records"][0]["metrics"]["acc1"]
     assert "linear_probe_mean_acc1" in (tmp_path / "out" / "summary.csv").read_text()
     assert "| digits | linear_probe | lp_acc1 |" in (tmp_path / "out" / "summary.md").read_text()

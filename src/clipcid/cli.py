@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["balance", "inspect"]:  # `clipcid balance inspect` reads better than a separate name
         argv = ["balance-inspect", *argv[2:]]
+    # CLIP_benchmark spells flags with underscores (--dataset_root, --batch_size); take both spellings.
+    argv = [a.replace("_", "-") if a.startswith("--") and "=" not in a else a for a in argv]
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:

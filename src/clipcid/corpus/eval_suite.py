@@ -32,6 +32,7 @@ from clipcid.util.tables import run_pool
 log = logging.getLogger("clipcid")
 
 SHARD_SIZE = 1000
+MIN_SHARDS = 4
 EMOJI_TEMPLATES = ["an emoji of {c}.", "a {c} emoji.", "an icon of {c}."]
 FLAG_TEMPLATES = ["the flag of {c}."]
 DIGIT_TEMPLATES = ["the digit {c}.", "a drawing of the digit {c}.", "the number {c}."]
@@ -241,10 +242,12 @@ def write_wds_dataset(ds: SuiteDataset, out: Path, image_size: int, workers: int
     jobs, total = [], 0
     for split, entries in ds.splits.items():
         (tmp / split).mkdir(parents=True)
-        n_shards = max(1, (len(entries) + SHARD_SIZE - 1) // SHARD_SIZE)
+        # CLIP_benchmark hands a wds split's shards to its 4 loader workers: each must get at least one.
+        n_shards = min(max(MIN_SHARDS, (len(entries) + SHARD_SIZE - 1) // SHARD_SIZE), max(1, len(entries)))
         (tmp / split / "nshards.txt").write_text(f"{n_shards}\n")
         for shard in range(n_shards):
-            chunk = entries[shard * SHARD_SIZE : (shard + 1) * SHARD_SIZE]
+            lo, hi = len(entries) * shard // n_shards, len(entries) * (shard + 1) // n_shards
+            chunk = entries[lo:hi]  # contiguous and never empty: the split's order is kept
             jobs.append((str(tmp / split), ds.dataset_type, shard, image_size, chunk))
             total += len(chunk)
     results = list(run_pool(_render_eval_shard, jobs, workers, ds.name, "img", total))

@@ -31,6 +31,11 @@ class EvalDataset:
     templates: list[str] = field(default_factory=list)
     _folder_classes: list[str] = field(default_factory=list)  # imagefolder: folder name per class index
 
+    @property
+    def benchmark_name(self) -> str:
+        """The name CLIP_benchmark gives it in results: `wds/NAME` for a webdataset folder."""
+        return f"wds/{self.name}" if self.layout == "wds" else self.name
+
     def sources(self, split: str) -> list[Path]:
         """Independent pieces of a split (tar shards or class folders), for parallel reading."""
         self.require_split(split)
@@ -113,8 +118,21 @@ def suite_datasets(suite_root: str | os.PathLike) -> list[dict]:
     return json.loads(suite_file.read_text())["datasets"]
 
 
-def build_dataset(spec: str, suite_root: str | os.PathLike = DEFAULT_SUITE_ROOT) -> EvalDataset:
-    """`wds:PATH` or a CLIP_benchmark wds folder, `imagefolder:PATH`, or a held-out suite name."""
+def build_dataset(
+    spec: str, suite_root: str | os.PathLike = DEFAULT_SUITE_ROOT, dataset_root: str | None = None
+) -> EvalDataset:
+    """`wds:PATH` or a CLIP_benchmark wds folder, `imagefolder:PATH`, or a held-out suite name; and
+    CLIP_benchmark's spelling, `wds/NAME` with `dataset_root` the dataset's folder (a template with
+    {dataset} and {dataset_cleaned} as CLIP_benchmark takes it; default: the suite's folder NAME)."""
+    if spec.startswith("wds/"):
+        name = spec.removeprefix("wds/")
+        if dataset_root:
+            root = Path(dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-")))
+        else:
+            root = Path(suite_root) / name
+        if not root.is_dir():
+            raise ClipcidError(f"dataset {spec}: no folder {root}; give the dataset's folder with --dataset-root")
+        return load_wds(root, name)
     if spec.startswith("imagefolder:"):
         path = Path(spec.split(":", 1)[1])
         return load_imagefolder(path, path.name)

@@ -137,4 +137,15 @@ def linear_probe(
     probe = fit_logistic_regression(train_x, train_y, n_classes, WD_GRID[best], device=device)
     metrics = classification_metrics(probe.logits(test_x), test_y, prefix="lp_")
     metrics.update({"lp_weight_decay": float(WD_GRID[best]), "lp_val_acc1": scores[best], "lp_fits": len(scores) + 1})
+    # CLIP_benchmark's keys too. Its probe runs SGD for a number of epochs; this one fits L-BFGS to
+    # convergence, so there is no epoch count to report.
+    metrics.update(
+        {
+            "weight_decay": float(WD_GRID[best]),
+            "epochs": None,
+            "seed": seed,
+            "fewshot_k": fewshot_k or -1,
+            "normalized": True,
+        }
+    )
     return metrics

@@ -44,6 +44,9 @@ class EvalConfig:
     fewshot_k: int | None = option(None, "linear probe: k training samples per class")
     feature_root: str | None = option(None, "cache image features here")
     suite_root: str = option(DEFAULT_SUITE_ROOT, "where `clipcid data build-eval` wrote the suite")
+    dataset_root: str | None = option(
+        None, "with --dataset wds/NAME (CLIP_benchmark's spelling): the dataset's folder, may use {dataset}"
+    )
     workers: int = option(help="data loading processes", default_factory=default_workers)
     device: str = option("auto", "auto, cpu or cuda")
     precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
@@ -168,11 +171,12 @@ class TaskRunner:
 
 
 def result_record(dataset: str, model: str, pretrained: str | None, task: str, metrics: dict) -> dict:
-    """CLIP_benchmark's result schema (NaN metrics are written as null, which JSON can hold)."""
+    """CLIP_benchmark's result schema (NaN metrics are written as null, which JSON can hold);
+    `clip_benchmark build` joins model and pretrained, so pretrained is always a string."""
     return {
         "dataset": dataset,
         "model": model,
-        "pretrained": pretrained,
+        "pretrained": pretrained or "",
         "task": task,
         "metrics": metrics,
         "language": "en",
@@ -188,7 +192,7 @@ def output_path(template: str, dataset: str, model: str, pretrained: str | None,
 
 
 def run_eval(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
-    dataset = build_dataset(cfg.dataset, cfg.suite_root)
+    dataset = build_dataset(cfg.dataset, cfg.suite_root, cfg.dataset_root)
     tasks = auto_tasks(dataset) if cfg.task == "auto" else [cfg.task]
     if cfg.task == "linear_probe" and "train" not in dataset.splits and cfg.train_split == "train":
         dataset.require_split("train")
@@ -197,7 +201,7 @@ def run_eval(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
     runner = TaskRunner(encoder, dataset, cfg)
     records = []
     for task in tasks:
-        record = result_record(dataset.name, cfg.model, cfg.pretrained, task, runner.run(task))
+        record = result_record(dataset.benchmark_name, cfg.model, cfg.pretrained, task, runner.run(task))
         records.append(record)
         if cfg.output:
             save_json_atomic(output_path(cfg.output, dataset.name, cfg.model, cfg.pretrained, task, len(tasks)), record)
@@ -228,7 +232,11 @@ def summarise(records: list[dict], name_level: set[str] | frozenset[str] = froze
     linear-probe acc1, retrieval recall@5 (both ways)."""
 
     def mean(task: str, only: set[str] | None = None) -> float | None:
-        values = [main_metric(r)[1] for r in records if r["task"] == task and (only is None or r["dataset"] in only)]
+        values = [
+            main_metric(r)[1]
+            for r in records
+            if r["task"] == task and (only is None or r["dataset"].removeprefix("wds/") in only)
+        ]
         return float(np.mean(values)) if values else None
 
     return {
@@ -240,7 +248,7 @@ def summarise(records: list[dict], name_level: set[str] | frozenset[str] = froze
 
 
 def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> None:
-    rows = [[r["dataset"], r["task"], *main_metric(r)] for r in records]
+    rows = [[r["dataset"].removeprefix("wds/"), r["task"], *main_metric(r)] for r in records]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["dataset", "task", "metric", "value"])
@@ -281,7 +289,7 @@ def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict
         dataset = build_dataset(entry["name"], suite_root)
         runner = TaskRunner(encoder, dataset, task_cfg)
         for task in entry["tasks"]:
-            record = result_record(dataset.name, model, pretrained, task, runner.run(task))
+            record = result_record(dataset.benchmark_name, model, pretrained, task, runner.run(task))
             records.append(record)
             if out_dir:
                 save_json_atomic(out_dir / f"{dataset.name}_{task}.json", record)
