@@ -1,194 +1,188 @@
-"""Training-step cost of the CID terms, in one run (same student, same batch, synthetic inputs, so
-that data loading is out of the picture):
+"""What the CID terms cost on top of a plain CLIP training step, measured with the trainer's own step.
 
-(a) all CID terms (CLIP + cluster CE + KL + instance) against the plain CLIP loss: goal <= 1.10x,
-    the teacher being offline;
-(b) open_clip-style online distillation (the teacher runs forward on every batch) with a teacher
-    about 4x the student (clipcid-small, 3.5x the parameters, 7.7x the image tower);
-(c) PartialFC alone at k = 100k and 1M classes, sample rate 0.1 against the full classifier:
-    time of forward + backward and peak memory (each in a fresh process).
+Synthetic inputs (no data loading): one batch of random images, tokens, teacher embeddings and cluster
+labels, on the device. Three steps, timed alternately in rounds so that machine noise hits them alike,
+each the median of --steps steps after warm-ups, the best round kept:
 
-    python benchmarks/train_step.py --batch-size 64 --steps 10
+- plain: `distill`'s step with the CLIP loss only;
+- CID:   the same step with every CID term (CLIP + cluster CE + KL over a PartialFC classifier of --k
+         classes at --sample-rate + instance), the teacher offline (its embeddings are inputs);
+- online: open_clip-style distillation, the teacher model running forward on every batch
+          (--teacher-model) plus the similarity loss.
+
+The table gives their times, the ratios to plain measured in the same run, and on a GPU the peak memory
+of plain and CID. With --profile DIR a torch.profiler trace of CID steps goes to DIR and its busiest
+operations (and the host synchronisations) are printed.
+
+    python benchmarks/train_step.py                                   # the CPU defaults: clipcid-tiny
+    python benchmarks/train_step.py --device cuda --precision bf16 --model ViT-B-32 --k 1000000 \\
+        --sample-rate 0.1 --teacher-dim 1280 --batch-size 256 --teacher-model ViT-L-14
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+import statistics
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
-import open_clip
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipcid.distill.train import Student
+from clipcid.distill.train import DistillConfig, Trainer
 from clipcid.losses.baselines import similarity_distillation
-from clipcid.losses.partial_fc import PartialFC
-from clipcid.models import register_model_configs
-
-register_model_configs()  # the project's configs, for open_clip.create_model("clipcid-tiny")
-
-TEACHER_DIM = 384
+from clipcid.models import load_model
+from clipcid.stage import DistEnv, pick_device
+from clipcid.util import precision as amp
 
 
-def median_step(fn, steps: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_trainer(args, device: torch.device, cid: bool) -> Trainer:
+    weights = {} if cid else {"w_cls": 0.0, "w_kl": 0.0, "w_ins": 0.0}
+    cfg = DistillConfig(
+        data="",
+        out="/tmp/clipcid-train-step",
+        model=args.model,
+        teacher_emb="synthetic" if cid else None,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        pfc_sample_rate=args.sample_rate,
+        device=str(device),
+        **weights,
+    )
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(args.k, args.teacher_dim)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    train = SimpleNamespace(
+        store_img=SimpleNamespace(dim=args.teacher_dim) if cid else None,
+        num_classes=args.k if cid else 0,
+        centroids=centroids if cid else None,
+        total=0,
+    )
+    env = DistEnv(0, 1, 0, device)
+    return Trainer(cfg, env, train=train, total_steps=10_000)
+
+
+def synthetic_batch(args, trainer: Trainer, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    size = trainer.student.clip.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    context = trainer.tokenizer.context_length
+    return {
+        "images": torch.randn(args.batch_size, 3, size, size, generator=g).to(device),
+        "tokens": torch.randint(1, 40000, (args.batch_size, context), generator=g).to(device),
+        "teacher_img": F.normalize(torch.randn(args.batch_size, args.teacher_dim, generator=g), dim=1).to(device),
+        "teacher_txt": F.normalize(torch.randn(args.batch_size, args.teacher_dim, generator=g), dim=1).to(device),
+        "labels": torch.randint(0, args.k, (args.batch_size,), generator=g).to(device),
+    }
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
     times = []
-    for i in range(steps + 2):
+    for _ in range(steps):
         start = time.perf_counter()
         fn()
-        if i >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def student_steps(batch: int, steps: int, k: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    clip = open_clip.create_model("clipcid-tiny")
-    student = Student(clip, 256, TEACHER_DIM, "linear")
-    pfc = PartialFC(F.normalize(torch.randn(k, TEACHER_DIM), dim=1), k, TEACHER_DIM, sample_rate=1.0)
-    opt = torch.optim.AdamW(list(student.parameters()) + list(pfc.parameters()), lr=1e-4)
-    images = torch.randn(batch, 3, 64, 64)
-    tokens = torch.randint(1, 49000, (batch, 32))
-    t_img = F.normalize(torch.randn(batch, TEACHER_DIM), dim=1)
-    t_txt = F.normalize(torch.randn(batch, TEACHER_DIM), dim=1)
-    labels = torch.randint(0, k, (batch,))
-    clip_loss = open_clip.ClipLoss()
-    teacher = open_clip.create_model("clipcid-small").eval()
-
-    def plain():
-        f = student(images, tokens, need_cls=False, need_proj=False)
-        loss = clip_loss(f["img"], f["txt"], f["logit_scale"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def cid():
-        f = student(images, tokens, t_img, t_txt)
-        terms = pfc(f["cls_img"], t_img, labels)
-        loss = clip_loss(f["img"], f["txt"], f["logit_scale"]) + terms["cls"] + 0.5 * terms["kl"] + f["ins"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def online():
-        with torch.no_grad():
-            ti = F.normalize(teacher.encode_image(images), dim=1)
-            tt = F.normalize(teacher.encode_text(tokens), dim=1)
-        f = student(images, tokens, need_cls=False, need_proj=False)
-        loss = clip_loss(f["img"], f["txt"], f["logit_scale"]) + similarity_distillation(
-            f["img"], f["txt"], f["logit_scale"], ti, tt
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    # Alternate the variants so that machine noise hits all of them alike.
-    results = {"plain": [], "cid": [], "online": []}
-    for _ in range(3):
-        for name, fn in (("plain", plain), ("cid", cid), ("online", online)):
-            results[name].append(median_step(fn, max(1, steps // 3)))
-    return {name: min(v) for name, v in results.items()}
-
-
-def pfc_child(k: int, rate: float, batch: int, dim: int) -> None:
-    """In a fresh process: time and peak memory of PartialFC forward + backward."""
-    torch.manual_seed(0)
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter: count only what follows
-    base = _rss_kb("VmRSS")
-    pfc = PartialFC(F.normalize(torch.randn(k, dim), dim=1), k, dim, sample_rate=rate)
-    student = torch.randn(batch, dim, requires_grad=True)
-    teacher = torch.randn(batch, dim)
-    labels = torch.randint(0, k, (batch,))
-
-    def step():
-        terms = pfc(student, teacher, labels)
-        pfc.weight.grad = None
-        (terms["cls"] + terms["kl"]).backward()
-
-    seconds = median_step(step, 5)
-    print(json.dumps({"seconds": seconds, "peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
+    p.add_argument("--model", default="clipcid-tiny", help="student architecture")
+    p.add_argument("--teacher-model", default="clipcid-small", help="the online teacher's architecture")
+    p.add_argument("--k", type=int, default=1000, help="clusters")
+    p.add_argument(
+        "--sample-rate", type=float, default=None, help="PartialFC sample rate (default: 1.0, 0.1 above 100k)"
+    )
+    p.add_argument("--teacher-dim", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=9)
-    p.add_argument("--k", type=int, default=1000, help="clusters for (a)")
-    p.add_argument("--pfc-batch", type=int, default=256)
-    p.add_argument("--pfc-dim", type=int, default=512)
-    p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--pfc-only", action="store_true", help="only the PartialFC table")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--profile", default=None, help="write a torch.profiler trace of CID steps here")
     args = p.parse_args()
-    if args.child:
-        pfc_child(int(args.child[0]), float(args.child[1]), args.pfc_batch, args.pfc_dim)
-        return
-    if not args.pfc_only:
-        step_table(args)
-    pfc_table(args)
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+
+    plain_trainer, cid_trainer = make_trainer(args, device, cid=False), make_trainer(args, device, cid=True)
+    batch = synthetic_batch(args, cid_trainer, device)
+    teacher = load_model(args.teacher_model, None, device).model.eval()
+
+    def plain():
+        plain_trainer.train_step([batch])
+        plain_trainer.values.pop()
+
+    def cid():
+        cid_trainer.train_step([batch])
+        cid_trainer.values.pop()
+
+    t = plain_trainer
+
+    def online():
+        with torch.no_grad(), amp.autocast(device, args.precision):
+            ti = F.normalize(teacher.encode_image(batch["images"]).float(), dim=1)
+            tt = F.normalize(teacher.encode_text(batch["tokens"]).float(), dim=1)
+        t.optimizer.zero_grad(set_to_none=True)
+        with amp.autocast(device, args.precision):
+            f = t.student(batch["images"], batch["tokens"], need_cls=False, need_proj=False)
+        img, txt, scale = f["img"].float(), f["txt"].float(), f["logit_scale"].float()
+        loss = t.objective.clip_loss(img, txt, scale) + similarity_distillation(img, txt, scale, ti, tt)
+        loss.backward()
+        t.optimizer.step()
+
+    results: dict[str, list[float]] = {"plain": [], "cid": [], "online": []}
+    peak: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, fn in (("plain", plain), ("cid", cid), ("online", online)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            results[name].append(timed(fn, args.steps, args.warmup, device))
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+    best = {name: min(v) for name, v in results.items()}
+    rate = cid_trainer.pfc.sample_rate if cid_trainer.pfc is not None else 1.0
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{where}, torch {torch.__version__}, {args.precision}, student {args.model}, batch {args.batch_size}, "
+          f"teacher dim {args.teacher_dim}; median of {args.steps} steps after {args.warmup}, best of {args.rounds} "
+          "alternating rounds\n")  # fmt: skip
+    memory = f"{peak['plain']:.1f} → {peak['cid']:.1f} GiB" if peak else "–"
+    print("| batch | classes | sample rate | plain CLIP step | CID step (all terms) | CID / plain | "
+          f"online KD, {args.teacher_model} forward | peak memory plain → CID |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {args.batch_size} | {args.k:,} | {rate:g} | {1000 * best['plain']:.1f} ms | {1000 * best['cid']:.1f} ms "
+        f"| **{best['cid'] / best['plain']:.2f}** | {1000 * best['online']:.1f} ms "
+        f"({best['online'] / best['plain']:.2f}×) | {memory} |"
+    )
+    if args.profile:
+        profile(cid, device, args.profile)
 
 
-def step_table(args) -> None:
-    t = student_steps(args.batch_size, args.steps, args.k)
-    print(
-        f"clipcid-tiny student, batch {args.batch_size}, teacher dim {TEACHER_DIM}, k {args.k}, "
-        f"threads {torch.get_num_threads()}\n"
-    )
-    print("| step | seconds | ratio to plain CLIP |")
-    print("|---|---:|---:|")
-    print(f"| plain CLIP loss (anchor) | {t['plain']:.3f} | 1.000 |")
-    print(
-        f"| CLIP + cluster CE + KL + instance (CID, teacher offline) | {t['cid']:.3f} | {t['cid'] / t['plain']:.3f} |"
-    )
-    print(
-        f"| CLIP + online similarity distillation (clipcid-small teacher forward) | {t['online']:.3f} | "
-        f"{t['online'] / t['plain']:.3f} |"
-    )
+def profile(step, device: torch.device, folder: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-
-def pfc_table(args) -> None:
-    print(
-        f"\nPartialFC forward + backward (peak memory above the process's RSS before), batch {args.pfc_batch}, "
-        f"dim {args.pfc_dim}\n"
-    )
-    print("| classes | sample rate | seconds | ratio | peak MB |")
-    print("|---:|---:|---:|---:|---:|")
-    for k in (100_000, 1_000_000):
-        rows = {}
-        for rate in (1.0, 0.1):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    str(k),
-                    str(rate),
-                    "--pfc-batch",
-                    str(args.pfc_batch),
-                    "--pfc-dim",
-                    str(args.pfc_dim),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            rows[rate] = json.loads(out.stdout.strip().splitlines()[-1])
-        for rate in (1.0, 0.1):
-            r = rows[rate]
-            label = "1.0 (full, anchor)" if rate == 1.0 else str(rate)
-            print(
-                f"| {k:,} | {label} | {r['seconds']:.3f} | {r['seconds'] / rows[1.0]['seconds']:.3f} | "
-                f"{r['peak_mb']:.0f} |"
-            )
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(5):
+            step()
+        synchronize(device)
+    prof.export_chrome_trace(f"{folder}/cid_steps.json")
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    syncs = sum(e.count for e in prof.key_averages() if "Synchronize" in e.key)
+    print(f"host synchronisations in 5 CID steps: {syncs}")
 
 
 if __name__ == "__main__":

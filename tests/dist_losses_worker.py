@@ -45,7 +45,7 @@ def run(problem: dict, rows: slice, margin: float = 0.2) -> dict:
         "losses": {k: v.item() for k, v in losses.items()},
         "grad_student": student.grad,
         "grad_txt": txt_s.grad,
-        "grad_weight": pfc.weight.grad,
+        "grad_weight": pfc.dense_grad(),
         "shard": (pfc.start, pfc.end),
         "grad_scale": ins.logit_scale.grad,
     }

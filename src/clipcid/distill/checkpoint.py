@@ -86,9 +86,8 @@ class TrainingRun:
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": rng_state(),
-            "pfc": None
-            if pfc is None
-            else {"weight": pfc.weight.detach().cpu(), "generator": pfc.generator.get_state()},
+            # The classifier shard with its own AdamW moments, step count and sampling generator.
+            "pfc": None if pfc is None else {"buffers": pfc.state_dict(), **pfc.optimizer_state()},
         }
         torch.save(state, tmp / f"rank{self.env.rank}.pt")
         if self.env.is_main:
@@ -131,8 +130,8 @@ class TrainingRun:
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         if pfc is not None and state["pfc"] is not None:
-            pfc.weight.data.copy_(state["pfc"]["weight"])
-            pfc.generator.set_state(state["pfc"]["generator"])
+            pfc.load_state_dict(state["pfc"]["buffers"])
+            pfc.load_optimizer_state(state["pfc"])
         step = state["step"]
         if self.env.is_main:
             self.truncate_logs(step)
@@ -167,5 +166,5 @@ class TrainingRun:
                 torch.save({"heads": heads, "config": config}, tmp)
         if pfc is not None:
             with atomic_path(self.out / f"classifier_rank{self.env.rank}.pt") as tmp:
-                torch.save({"weight": pfc.weight.detach().cpu(), "shard": (pfc.start, pfc.end)}, tmp)
+                torch.save({"weight": pfc.weight.cpu(), "shard": (pfc.start, pfc.end)}, tmp)
         barrier(self.env)

@@ -21,10 +21,9 @@ from torch import nn
 
 from clipcid.config import option
 from clipcid.distill.checkpoint import TrainingRun
-from clipcid.distill.data import TrainBatches, batches_per_worker, epoch_assignment, load_train_rows
+from clipcid.distill.data import TrainBatches, TrainRows, batches_per_worker, epoch_assignment, load_train_rows
 from clipcid.distill.objective import TEACHER_TERMS, TERMS, Objective
 from clipcid.errors import ClipcidError
-from clipcid.losses.partial_fc import PartialFC
 from clipcid.models import embedding_dim, load_model, lock_text_tower, padding_trimmer
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed
 from clipcid.util import precision
@@ -104,15 +103,14 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def build_optimizer(cfg: DistillConfig, student: nn.Module, pfc: PartialFC | None) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DistillConfig, student: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the student and its heads; the cluster classifier steps itself (PartialFC.step: only
+    the sampled rows, no weight decay: cosine logits ignore its rows' norms)."""
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.wd, "lr_scale": 1.0},
         {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    if pfc is not None:
-        # Cosine logits ignore the classifier's norm, so weight decay would only shrink it and speed it up.
-        groups.append({"params": [pfc.weight], "weight_decay": 0.0, "lr_scale": cfg.pfc_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
@@ -136,12 +134,51 @@ def validate(cfg: DistillConfig) -> None:
         raise ClipcidError("--eval-every needs --eval-suite-root (the folder `clipcid data build-eval` wrote)")
 
 
+class StepValues:
+    """A step's loss values on their way to the host: copied without waiting (pinned memory and an
+    event on a GPU), read when the next step begins. One host synchronisation per step at most, and
+    none inside it."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending_step = device, None
+        self._names: list[str] = []
+        self._host: torch.Tensor | None = None
+        self._event = None
+        self._lr = 0.0
+        self.epoch = 0
+
+    def push(self, step: int, values: dict[str, torch.Tensor], lr: float, epoch: int) -> None:
+        self._names = list(values)
+        stacked = torch.stack([torch.as_tensor(v, device=self.device).float() for v in values.values()])
+        if self.device.type == "cuda":
+            self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            self._host.copy_(stacked, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = stacked
+        self.pending_step, self._lr, self.epoch = step + 1, lr, epoch
+
+    def pop(self) -> tuple[int, dict[str, float]] | None:
+        if self.pending_step is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        values = dict(zip(self._names, self._host.tolist(), strict=True))
+        values["lr"] = self._lr
+        step, self.pending_step = self.pending_step, None
+        return step, values
+
+
 class Trainer:
-    def __init__(self, cfg: DistillConfig, env: DistEnv):
+    def __init__(self, cfg: DistillConfig, env: DistEnv, train: TrainRows | None = None, total_steps: int = 0):
+        """`train` and `total_steps` given: the rows come from elsewhere (benchmarks' synthetic batches)."""
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.out)
         validate(cfg)
-        self.train = load_train_rows(cfg.data, cfg.teacher_emb, cfg.balance, cfg.clusters, cfg.max_bad_fraction)
+        self.train = train or load_train_rows(
+            cfg.data, cfg.teacher_emb, cfg.balance, cfg.clusters, cfg.max_bad_fraction
+        )
         loaded = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
         clip = loaded.model.train()
         if cfg.grad_checkpointing:
@@ -166,12 +203,15 @@ class Trainer:
                 device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
-        self.optimizer = build_optimizer(cfg, self.student, self.pfc)
+        self.optimizer = build_optimizer(cfg, self.student)
         self.scaler = torch.amp.GradScaler(enabled=precision.needs_grad_scaler(cfg.precision, env.device))
-        self.steps_per_epoch = self._steps_per_epoch()
+        self.steps_per_epoch = total_steps or self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.run_folder = TrainingRun(self.out, env)
+        self.values = StepValues(env.device)
+        self._window: tuple[float, int] = (time.monotonic(), 0)  # samples since the last log line
+        self._last_logged: dict[str, float] = {}
         self.writer = None
 
     def _steps_per_epoch(self) -> int:
@@ -203,6 +243,7 @@ class Trainer:
         return steps
 
     def save_checkpoint(self) -> None:
+        self.log_previous_step()  # nothing of a step whose loss was not finite may reach a checkpoint
         self.run_folder.save(
             self.step,
             self.epoch,
@@ -221,37 +262,54 @@ class Trainer:
         images, tokens = batch["images"].to(dev), self.trim(batch["tokens"]).to(dev)
         return self.objective.terms(self.ddp, batch, images, tokens, precision.autocast(dev, self.cfg.precision))
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict]) -> None:
+        """One optimizer step. Its loss values reach the host without the step waiting for them
+        (StepValues): they are checked and logged when the next step starts, or before a checkpoint."""
         lr = lr_at(self.step, self.cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
-        logged: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             terms = self.losses(batch)
             loss = self.objective.total(terms) / len(micro_batches)
-            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            if bad or not torch.isfinite(loss):
-                raise ClipcidError(
-                    f"step {self.step}: loss is not finite ({', '.join(bad) or 'total'}); nothing "
-                    "was saved from this step. Lower --lr, use fp32, or resume from the last "
-                    "checkpoint"
-                )
             self.scaler.scale(loss).backward()
             for name, value in terms.items():
-                logged[name] = logged.get(name, 0.0) + value.item() / len(micro_batches)
-            logged["total"] = logged.get("total", 0.0) + loss.item()
+                sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
+            sums["total"] = sums.get("total", 0.0) + loss.detach()
         if self.pfc is not None:
             self.pfc.finish_backward()
+        if self.scaler.is_enabled() and self.pfc is not None and self.pfc.grad() is not None:
+            self.pfc.grad().div_(self.scaler.get_scale())  # fp16: the classifier is not in the optimizer
         if self.cfg.grad_clip_norm:
             self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
+            grads = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.pfc is not None and self.pfc.grad() is not None:
+                grads.append(self.pfc.active)
+            torch.nn.utils.clip_grad_norm_(grads, self.cfg.grad_clip_norm)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before  # fp16 overflow
+        if self.pfc is not None and not skipped:
+            self.pfc.step(lr * self.cfg.pfc_lr_scale)
         with torch.no_grad():  # as open_clip: keep the temperature below 100
             self.student.clip.logit_scale.clamp_(0, math.log(100))
-        logged["lr"] = lr
+        self.values.push(self.step, sums, lr, self.epoch)
+
+    def checked_values(self) -> dict[str, float] | None:
+        """The last step's values, once they are on the host; a non-finite one stops training here,
+        before anything of that step is saved."""
+        done = self.values.pop()
+        if done is None:
+            return None
+        step, logged = done
+        bad = [name for name, value in logged.items() if not math.isfinite(value)]
+        if bad:
+            raise ClipcidError(
+                f"step {step}: loss is not finite ({', '.join(n for n in bad if n != 'total') or 'total'}); "
+                "nothing was saved from this step. Lower --lr, use fp32, or resume from the last checkpoint"
+            )
         return logged
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -266,9 +324,8 @@ class Trainer:
             restored = self.run_folder.load(cfg.resume, self.student, self.optimizer, self.scaler, self.pfc)
             if restored is not None:
                 self.step, self.epoch, self.step_in_epoch = restored
-        last_logged: dict[str, float] = {}
         stop_at = min(self.total_steps, cfg.max_steps or self.total_steps)
-        window_start, window_samples = time.monotonic(), 0
+        self._window = (time.monotonic(), 0)
         with progress_bar(stop_at, "distill", "step", env.is_main) as bar:
             bar.update(self.step)
             while self.step < stop_at:
@@ -277,15 +334,13 @@ class Trainer:
                     micro.append(batch)
                     if len(micro) < cfg.accum_freq:
                         continue
-                    last_logged = self.train_step(micro)
+                    self.log_previous_step()  # its values arrived while this batch was loading
+                    self.train_step(micro)
                     micro = []
                     self.step += 1
                     self.step_in_epoch += 1
-                    window_samples += cfg.batch_size * cfg.accum_freq * env.world_size
+                    self._window = (self._window[0], self._window[1] + cfg.batch_size * cfg.accum_freq * env.world_size)
                     bar.update(1)
-                    self._log(last_logged, window_start, window_samples)
-                    if self.step % cfg.log_every_n_steps == 0:
-                        window_start, window_samples = time.monotonic(), 0
                     if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0:
                         self.save_checkpoint()
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -296,12 +351,13 @@ class Trainer:
                     self.epoch += 1
                     self.step_in_epoch = 0
                     self.save_checkpoint()
+        self.log_previous_step()
         self.run_folder.export(self.student, self.pfc, asdict(cfg))
         if env.is_main:
             self._export_for_open_clip()
         if self.writer:
             self.writer.close()
-        return {"steps": self.step, "last": last_logged}
+        return {"steps": self.step, "last": self._last_logged}
 
     def _export_for_open_clip(self) -> None:
         """RUN/open_clip/: the student as a folder plain open_clip and CLIP_benchmark load (local-dir:)."""
@@ -344,27 +400,35 @@ class Trainer:
             dataset, batch_size=None, num_workers=cfg.workers, pin_memory=env.device.type == "cuda"
         )
 
-    def _log(self, logged: dict[str, float], window_start: float, window_samples: int) -> None:
+    def log_previous_step(self) -> None:
+        """Check and log the last step whose values are on their way (see StepValues)."""
+        step, epoch = self.values.pending_step, self.values.epoch
+        logged = self.checked_values()
+        if logged is not None:
+            self._last_logged = logged
+            self._log(step, epoch, logged)
+
+    def _log(self, step: int, epoch: int, logged: dict[str, float]) -> None:
         if not self.env.is_main:
             return
         for name, value in logged.items():
-            self.writer.add_scalar(f"train/{name}", value, self.step)
-        if self.step % self.cfg.log_every_n_steps == 0 or self.step == 1:
-            rate = window_samples / max(time.monotonic() - window_start, 1e-9)
+            self.writer.add_scalar(f"train/{name}", value, step)
+        if step % self.cfg.log_every_n_steps == 0 or step == 1:
+            start, samples = self._window
+            rate = samples / max(time.monotonic() - start, 1e-9)
+            self._window = (time.monotonic(), 0)
             terms = " ".join(f"{k} {v:.4f}" for k, v in logged.items() if k not in ("lr", "total"))
             log.info(
                 "step %d/%d epoch %d: loss %.4f (%s) lr %.2e, %.1f samples/s",
-                self.step,
+                step,
                 self.total_steps,
-                self.epoch,
+                epoch,
                 logged["total"],
                 terms,
                 logged["lr"],
                 rate,
             )
-            self.run_folder.append(
-                "train_log.jsonl", {"step": self.step, "epoch": self.epoch, **logged, "samples_per_s": rate}
-            )
+            self.run_folder.append("train_log.jsonl", {"step": step, "epoch": epoch, **logged, "samples_per_s": rate})
 
     def evaluate(self) -> None:
         from clipcid.evaluation.features import OpenClipEncoder
