@@ -4,7 +4,8 @@ fast they are. Run by hand on a GPU machine:
 
     python benchmarks/gpu_pipeline.py --out /tmp/gpu-check
 
-Stages: shards of coloured shapes (224 px) -> `embed` with a randomly initialised larger teacher ->
+Stages: shards of coloured shapes as img2dataset writes them by default (256-px JPEG, quality 95) ->
+`embed` with a randomly initialised larger teacher ->
 `balance` -> `cluster` -> `distill` of the student twice (CLIP loss only, then all CID terms) ->
 zero-shot + linear probe of the CID student on a held-out image folder of the same shapes.
 Prints one table: seconds and images/s per stage, and the CID step's cost against the CLIP-only
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import COLOURS, SHAPES, shape_png  # noqa: E402
@@ -37,16 +39,24 @@ from clipcid.evaluation.run import EvalConfig, run_eval  # noqa: E402
 from clipcid.inputs.shards import write_tar_atomic  # noqa: E402
 
 
-def write_shard(args: tuple[Path, int, int, int]) -> None:
-    folder, index, per_shard, size = args
+def as_jpeg(png: bytes) -> bytes:
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as im:
+        im.convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_shard(args: tuple[Path, int, int, int, str]) -> None:
+    folder, index, per_shard, size, image_format = args
     rng = np.random.default_rng(index)
     samples = []
     for r in range(per_shard):
         colour, shape = COLOURS[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+        png = shape_png(colour, shape, size=size, jitter=int(rng.integers(24)))
         samples.append(
             {
                 "__key__": f"{index:05d}{r:05d}",
-                "png": shape_png(colour, shape, size=size, jitter=int(rng.integers(24))),
+                image_format: as_jpeg(png) if image_format == "jpg" else png,
                 "txt": f"a {colour} {shape}",
                 "json": {"colour": colour, "shape": shape},
             }
@@ -78,7 +88,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--per-shard", type=int, default=1024)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=256, help="image side (img2dataset's default 256)")
+    p.add_argument("--format", default="jpg", choices=["jpg", "png"], help="image encoding (img2dataset: jpg)")
     p.add_argument("--teacher", default="ViT-L-14")
     p.add_argument("--student", default="ViT-B-32")
     p.add_argument("--batch-size", type=int, default=256)
@@ -97,9 +108,10 @@ def main() -> None:
 
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
-        list(pool.map(write_shard, [(data, i, args.per_shard, args.size) for i in range(args.shards)]))
+        jobs = [(data, i, args.per_shard, args.size, args.format) for i in range(args.shards)]
+        list(pool.map(write_shard, jobs))
     write_imagefolder(out / "heldout", per_class=128, size=args.size)
-    rows.append(("synthetic shards", time.perf_counter() - start, None, f"{n} pairs, {args.size} px"))
+    rows.append(("synthetic shards", time.perf_counter() - start, None, f"{n} pairs, {args.size} px {args.format}"))
 
     start = time.perf_counter()
     embed(

@@ -99,7 +99,8 @@ class Objective:
     def terms(self, model: nn.Module, batch: dict, images: torch.Tensor, tokens: torch.Tensor, autocast):
         """The named terms of one (micro-)batch; `model` is the student, or its DDP wrapper."""
         w, dev = self.weights, self.env.device
-        t_img, t_txt = batch["teacher_img"].to(dev), batch["teacher_txt"].to(dev)
+        t_img = batch["teacher_img"].to(dev, non_blocking=True)
+        t_txt = batch["teacher_txt"].to(dev, non_blocking=True)
         with autocast:
             f = model(
                 images,
@@ -113,7 +114,7 @@ class Objective:
         if w["clip"]:
             out["clip"] = self.clip_loss(img, txt, logit_scale)
         if self.pfc is not None:
-            out.update(self.pfc(f["cls_img"], t_img, batch["labels"].to(dev)))
+            out.update(self.pfc(f["cls_img"], t_img, batch["labels"].to(dev, non_blocking=True)))
         if w["ins"]:
             out["ins"] = f["ins"]
         if w["simkd"]:

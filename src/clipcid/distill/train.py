@@ -21,7 +21,14 @@ from torch import nn
 
 from clipcid.config import option
 from clipcid.distill.checkpoint import TrainingRun
-from clipcid.distill.data import TrainBatches, TrainRows, batches_per_worker, epoch_assignment, load_train_rows
+from clipcid.distill.data import (
+    TrainBatches,
+    TrainRows,
+    batches_per_worker,
+    epoch_assignment,
+    load_train_rows,
+    split_preprocess,
+)
 from clipcid.distill.objective import TEACHER_TERMS, TERMS, Objective
 from clipcid.errors import ClipcidError
 from clipcid.models import embedding_dim, load_model, lock_text_tower, padding_trimmer
@@ -186,11 +193,10 @@ class Trainer:
         if cfg.lock_text:
             lock_text_tower(clip)
         self.trim = padding_trimmer(clip)
-        self.preprocess, self.preprocess_val, self.tokenizer = (
-            loaded.train_preprocess,
-            loaded.preprocess,
-            loaded.tokenizer,
-        )
+        # The loader workers decode and augment to uint8; the float conversion and normalisation run
+        # on the device (less to copy, less for the workers to do).
+        self.preprocess, self.device_normalize = split_preprocess(loaded.train_preprocess)
+        self.preprocess_val, self.tokenizer = loaded.preprocess, loaded.tokenizer
         student_dim = embedding_dim(clip)
         teacher_dim = self.train.store_img.dim if self.train.store_img is not None else student_dim
         self.objective = Objective(cfg, clip, student_dim, teacher_dim, self.train, env)
@@ -259,7 +265,10 @@ class Trainer:
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         dev = self.env.device
-        images, tokens = batch["images"].to(dev), self.trim(batch["tokens"]).to(dev)
+        images = batch["images"].to(dev, non_blocking=True)
+        if self.device_normalize is not None:
+            images = self.device_normalize(images)
+        tokens = self.trim(batch["tokens"]).to(dev, non_blocking=True)
         return self.objective.terms(self.ddp, batch, images, tokens, precision.autocast(dev, self.cfg.precision))
 
     def train_step(self, micro_batches: list[dict]) -> None:
