@@ -60,7 +60,8 @@ lint: $(VENV)/.installed
 INTEROP_VENV := .venv-interop
 interop: setup
 	[ -x $(INTEROP_VENV)/bin/python ] || $(PYTHON) -m venv $(INTEROP_VENV)
-	$(INTEROP_VENV)/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" "clip-benchmark==1.6.2" "autofaiss==2.18.0"
+	$(INTEROP_VENV)/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" "clip-benchmark==1.6.2" "autofaiss==2.18.0" \
+		requests "pyarrow<18"  # clip-benchmark imports requests undeclared; autofaiss pins numpy<2
 	$(PY) interop/check.py --interop-python $(INTEROP_VENV)/bin/python --out interop-out
 
 # The README's picture of the report: headless Chromium (Debian package, installed when missing).
