@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from eval_stubs import StubEncoder, write_classification_wds
+from eval_stubs import StubEncoder, solid_png, write_classification_wds
 
 from clipcid.evaluation.datasets import build_dataset
 from clipcid.evaluation.features import image_features
 from clipcid.evaluation.run import EvalConfig, run_eval
 from clipcid.evaluation.zeroshot_classification import classification_metrics, zeroshot_classifier
+from clipcid.inputs.shards import write_tar_atomic
 
 # 4 red, 3 green, 3 blue-labelled images; one "blue" image is purple, which the stub encodes as red:
 # acc1 = 9/10, recall per class 1, 1, 2/3.
@@ -64,3 +65,25 @@ def test_feature_cache_round_trip(tmp_path):
     second = image_features(Exploding(), ds, "test", workers=0, feature_root=str(tmp_path / "cache"))
     np.testing.assert_array_equal(first[0], second[0])
     assert first[1] == second[1] == [label for _, label in TEST_ITEMS]
+
+
+def test_features_come_in_the_splits_order_whatever_the_workers(tmp_path):
+    # Four shards read by two workers come back interleaved batch by batch; the features must not.
+    colours = ["red", "green", "blue", "purple"]
+    root = tmp_path / "shards4"
+    (root / "test").mkdir(parents=True)
+    labels = []
+    for shard in range(4):
+        items = [colours[(shard + i) % 4] for i in range(5 + shard)]
+        labels += [(shard + i) % 4 for i in range(5 + shard)]
+        samples = [
+            {"__key__": f"{shard}{i:03d}", "png": solid_png(c), "cls": str(colours.index(c))}
+            for i, c in enumerate(items)
+        ]
+        write_tar_atomic(root / "test" / f"{shard}.tar", samples)
+    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
+    ds = build_dataset(str(root))
+    alone = image_features(StubEncoder(), ds, "test", batch_size=2, workers=0)
+    two = image_features(StubEncoder(), ds, "test", batch_size=2, workers=2)
+    assert alone[1] == two[1] == labels
+    np.testing.assert_array_equal(alone[0], two[0])

@@ -69,40 +69,44 @@ def checkpoint_cache_id(model: str, pretrained: str | None) -> str:
 
 
 class _SplitImages(torch.utils.data.IterableDataset):
-    """(transformed image, or None when its features are known already; target; content hash)."""
+    """Per row: its place (source, row), the transformed image (None when the features of the same
+    picture are known already), its target and its content hash."""
 
     def __init__(self, dataset: EvalDataset, split: str, preprocess, known: set[str]):
         self.dataset, self.split, self.preprocess, self.known = dataset, split, preprocess, known
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, object, str]]:
-        sources = self.dataset.sources(self.split)
+    def __iter__(self) -> Iterator[tuple]:
+        sources = list(enumerate(self.dataset.sources(self.split)))
         info = torch.utils.data.get_worker_info()
         if info is not None:
             sources = sources[info.id :: info.num_workers]
-        for source in sources:
-            for image, target in self.dataset.iter_source(source):
+        for s, source in sources:
+            for r, (image, target) in enumerate(self.dataset.iter_source(source)):
                 digest = hashlib.sha1(image).hexdigest()
                 if digest in self.known:
-                    yield None, target, digest
+                    yield (s, r), None, target, digest
                     continue
                 with Image.open(io.BytesIO(image)) as im:
-                    yield self.preprocess(im.convert("RGB")), target, digest
+                    yield (s, r), self.preprocess(im.convert("RGB")), target, digest
 
 
-def _collate(batch: list[tuple[torch.Tensor | None, object, str]]) -> tuple[torch.Tensor | None, list, list]:
-    images = [b[0] for b in batch if b[0] is not None]
-    # The digests of the rows that came with a picture, then those of every row.
-    sent = [b[2] for b in batch if b[0] is not None]
-    return (torch.stack(images) if images else None), [b[1] for b in batch], [sent, [b[2] for b in batch]]
+def _collate(batch: list[tuple]) -> dict:
+    images = [b[1] for b in batch if b[1] is not None]
+    return {
+        "places": [b[0] for b in batch],
+        "images": torch.stack(images) if images else None,
+        "sent": [b[3] for b in batch if b[1] is not None],  # digests of the rows that came with a picture
+        "digests": [b[3] for b in batch],
+        "targets": [b[2] for b in batch],
+    }
 
 
-def _encode_batch(encoder: Encoder, images: torch.Tensor | None, digests: list[list[str]], memo: dict) -> np.ndarray:
+def _encode_batch(encoder: Encoder, batch: dict, memo: dict) -> np.ndarray:
     """Features of a batch in order: pictures that came encoded (and remembered), the others looked up."""
-    sent, every = digests
-    if images is not None:
-        for digest, feature in zip(sent, encoder.encode_images(images).numpy(), strict=True):
+    if batch["images"] is not None:
+        for digest, feature in zip(batch["sent"], encoder.encode_images(batch["images"]).numpy(), strict=True):
             memo[digest] = feature
-    return np.stack([memo[d] for d in every])
+    return np.stack([memo[d] for d in batch["digests"]])
 
 
 def image_features(
@@ -113,7 +117,8 @@ def image_features(
     workers: int = 2,
     feature_root: str | None = None,
 ) -> tuple[np.ndarray, list]:
-    """(N x D float32 normalised features, N targets) for one split, read from the cache if there."""
+    """(N x D float32 normalised features, N targets) for one split, in the split's own order (shard
+    by shard, row by row) whatever the number of loader workers; read from the cache if there."""
     dataset.require_split(split)
     cache = Path(feature_root) / encoder.cache_id / dataset.name if feature_root else None
     if cache is not None and (cache / f"{split}.json").is_file():
@@ -127,13 +132,16 @@ def image_features(
         num_workers=min(workers, n_sources),
         collate_fn=_collate,
     )
-    feats, targets = [], []
+    feats, targets, places = [], [], []
     with progress_bar(None, f"features {dataset.name}/{split}", "img") as bar:
-        for images, batch_targets, digests in loader:
-            feats.append(_encode_batch(encoder, images, digests, memo))
-            targets.extend(batch_targets)
-            bar.update(len(batch_targets))
+        for batch in loader:
+            feats.append(_encode_batch(encoder, batch, memo))
+            targets.extend(batch["targets"])
+            places.extend(batch["places"])
+            bar.update(len(batch["targets"]))
     features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    order = sorted(range(len(places)), key=places.__getitem__)  # workers interleave their shards' batches
+    features, targets = features[order] if len(order) else features, [targets[i] for i in order]
     if cache is not None:
         with atomic_path(cache / f"{split}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, features)
