@@ -76,7 +76,7 @@ def many_rows(tmp_path_factory) -> Path:
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
     for i, rows in enumerate(np.array_split(np.arange(len(x)), 8)):
         keys = pa.array([f"{i}-{r}" for r in range(len(rows))])
-        write_part(root, i, x[rows], x[rows], {"key": keys, "valid": pa.array([True] * len(rows))})
+        write_part(root, i, 8, x[rows], x[rows], {"key": keys, "valid": pa.array([True] * len(rows))})
     return root
 
 
