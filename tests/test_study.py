@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,6 +81,9 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
     monkeypatch.setattr(study_module, "run_eval_suite", lambda *a, **k: pytest.fail("evaluated again"))
     again = run_study(_config(artifacts, out, PLAN))
     assert again["aggregate"] == result["aggregate"]
+    # `--seeds 1` runs only seed 1, but the tables keep covering every finished run in the folder.
+    one_seed = run_study(replace(_config(artifacts, out, PLAN), seeds=[1]))
+    assert one_seed["aggregate"] == result["aggregate"] and one_seed["seeds"] == [0, 1]
 
     # A plan that changes a finished variant's settings is refused, not mixed in.
     changed = json.loads(json.dumps(PLAN))

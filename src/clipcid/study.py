@@ -286,10 +286,17 @@ class Study:
                 self.write_results()
         return self.write_results()
 
+    def finished_seeds(self) -> list[int]:
+        """Every seed with a finished run in the folder: `--seeds` chooses what to run, but the tables
+        cover all that was run, so a study finished in several sittings (or seeds run on other
+        machines and copied in) reads as one."""
+        found = {int(f.parent.name.removeprefix("seed")) for f in (self.out / "runs").glob("*/seed*/run.json")}
+        return sorted(found | set(self.seeds))
+
     def records(self) -> list[dict]:
         out = []
         for v in self.plan.variants:
-            for seed in self.seeds:
+            for seed in self.finished_seeds():
                 record = _finished(run_folder(self.out, v.name, seed))
                 if record is not None:
                     out.append(record)
@@ -301,7 +308,7 @@ class Study:
         payload = {
             "plan": self.cfg.plan,
             "reference": self.plan.reference,
-            "seeds": self.seeds,
+            "seeds": self.finished_seeds(),
             "artifacts": self.artifacts,
             "base": self.plan.base,
             "variants": [v.__dict__ for v in self.plan.variants],
