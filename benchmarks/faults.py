@@ -8,6 +8,7 @@ bytes in every .npy and .parquet; distill: the same weights within float toleran
 logged once). Run by hand:
 
     python benchmarks/faults.py --out /tmp/faults --probes 10
+    python benchmarks/faults.py --out /tmp/faults --probes 10 --stages distill
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--probes", type=int, default=10, help="random kill points per stage")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", nargs="+", default=None, help="only these stages (embed, balance, cluster, distill)")
     args = p.parse_args()
     rng = random.Random(args.seed)
     root = Path(args.out)
@@ -92,8 +94,14 @@ def main() -> None:
     torch.manual_seed(0)
     torch.save({"state_dict": open_clip.create_model("clipcid-tiny").state_dict()}, root / "tiny.pt")
     plan = stages(root)
-    run_ok(plan["embed"][0](root / "emb"))
-    run_ok(plan["cluster"][0](root / "clusters"))
+    if args.stages:
+        unknown = set(args.stages) - set(plan)
+        if unknown:
+            p.error(f"--stages: no stage {', '.join(sorted(unknown))}; choose from {', '.join(plan)}")
+        plan = {name: plan[name] for name in plan if name in args.stages}
+    every = stages(root)  # the inputs of balance, cluster and distill are made whichever stages are probed
+    run_ok(every["embed"][0](root / "emb"))
+    run_ok(every["cluster"][0](root / "clusters"))
     rows = []
     for name, (command, check) in plan.items():
         reference = root / f"{name}-reference"
