@@ -123,3 +123,15 @@ def test_plan_errors_name_the_problem(artifacts, tmp_path):
         run_study(_config(artifacts, tmp_path / "s1", bad))
     with pytest.raises(ClipcidError, match="no variant 'nope'"):
         run_study(_config(artifacts, tmp_path / "s2", {**PLAN, "reference": "nope"}))
+
+
+def test_the_shipped_plans_load_with_known_settings():
+    from importlib.resources import files
+
+    plans = sorted(p.name for p in files("clipcid").joinpath("configs").iterdir() if p.name.startswith("study"))
+    assert plans == ["study.json", "study_scale.json"]
+    for name in plans:
+        plan = study_module.load_plan(str(files("clipcid").joinpath("configs", name)), {"model": "clipcid-tiny"})
+        assert plan.reference in {v.name for v in plan.variants} and plan.seeds
+    main = study_module.load_plan(str(files("clipcid").joinpath("configs", "study.json")), {"model": "clipcid-tiny"})
+    assert len(main.variants) == 15 and main.seeds == [0, 1, 2]
