@@ -64,16 +64,16 @@ def rows_without_teacher(parts: list[Part]) -> tuple[TrainRows, BadData]:
     damaged shard gives the rows before its damage."""
     rows, keys, bad = [], [], BadData()
     for part in parts:
-        usable = []
+        usable, seen = [], 0
         try:
             for r, row in enumerate(iter_rows(part)):
-                bad.rows += 1
+                seen += 1
                 if row.image is not None and row.caption and _decodes(row.image):
                     usable.append((r, row.key))
-                    bad.rows -= 1
         except DamagedShard as e:
             log.warning("%s", e)
             bad.shards.append(part.name)
+        bad.rows += seen - len(usable)
         rows.append(np.array([r for r, _ in usable], dtype=np.int64))
         keys.append(np.array([k for _, k in usable], dtype=object))
     labels = [np.full(len(r), -1, dtype=np.int64) for r in rows]
