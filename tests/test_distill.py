@@ -92,6 +92,23 @@ def test_resume_equals_uninterrupted(pipeline, tmp_path):
     assert [r["step"] for r in _log(interrupted)][-5:] == [5, 6, 7, 8, 9]
 
 
+def test_only_the_newest_checkpoints_are_kept(pipeline, tmp_path):
+    pruned = tmp_path / "pruned"
+    distill(_cfg(pipeline, pruned, max_steps=4, save_every_n_steps=1, keep_checkpoints=2))
+    assert sorted(p.name for p in (pruned / "checkpoints").iterdir()) == [
+        "latest.txt",
+        "step_00000003",
+        "step_00000004",
+    ]
+    distill(_cfg(pipeline, pruned, max_steps=5, save_every_n_steps=1, keep_checkpoints=2, resume="latest"))
+    assert sorted(p.name for p in (pruned / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000005"]
+    every = tmp_path / "every"
+    distill(_cfg(pipeline, every, max_steps=3, save_every_n_steps=1, keep_checkpoints=0))
+    assert len(list((every / "checkpoints").glob("step_*"))) == 3
+    with pytest.raises(ClipcidError, match="--keep-checkpoints"):
+        distill(_cfg(pipeline, tmp_path / "bad", keep_checkpoints=-1))
+
+
 def test_resume_with_two_loader_workers_continues_their_turns(pipeline, tmp_path):
     # Stopped after an odd step, the next batch is due from the second worker, not the first.
     straight = tmp_path / "straight"

@@ -71,8 +71,20 @@ class TrainingRun:
     def checkpoints(self) -> Path:
         return self.out / "checkpoints"
 
-    def save(self, step: int, epoch: int, step_in_epoch: int, student: nn.Module, optimizer, scaler, pfc, config):
-        """All ranks write into a temporary folder; rank 0 renames it and points `latest` at it."""
+    def save(
+        self,
+        step: int,
+        epoch: int,
+        step_in_epoch: int,
+        student: nn.Module,
+        optimizer,
+        scaler,
+        pfc,
+        config,
+        keep: int = 0,
+    ):
+        """All ranks write into a temporary folder; rank 0 renames it, points `latest` at it, and then
+        deletes all but the newest `keep` checkpoints (0: keeps all)."""
         folder = self.checkpoints / f"step_{step:08d}"
         tmp = folder.with_name(folder.name + ".partial")
         if self.env.is_main:
@@ -98,7 +110,18 @@ class TrainingRun:
             tmp.rename(folder)
             with atomic_path(self.checkpoints / "latest.txt") as f:
                 f.write_text(folder.name + "\n")
+            if keep:
+                self.prune(keep)
         barrier(self.env)
+
+    def prune(self, keep: int) -> None:
+        """Delete complete checkpoints older than the newest `keep`; the one `latest` names is always kept.
+        Only runs after `latest` points at a new complete checkpoint, so a crash here loses nothing needed."""
+        latest = (self.checkpoints / "latest.txt").read_text().strip()
+        complete = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+        for old in complete[:-keep]:
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def resolve(self, which: str) -> Path | None:
         """The checkpoint folder `--resume` names (latest, or a path); None: nothing to resume."""

@@ -44,6 +44,7 @@ RUNTIME_FIELDS = (
     "out",
     "resume",
     "save_every_n_steps",
+    "keep_checkpoints",
     "log_every_n_steps",
     "eval_every",
     "eval_suite_root",
@@ -83,6 +84,7 @@ class DistillConfig:
     seed: int = option(0, "seed of the student's init, the data order and the classifier's sampling")
     resume: str | None = option(None, "latest, or a checkpoint folder")
     save_every_n_steps: int | None = option(None, "checkpoint every N steps (and at every epoch's end)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept in RUN/checkpoints, older ones deleted (0: keep all)")
     log_every_n_steps: int = option(10, "log line and train_log.jsonl row every N steps")
     w_clip: float = option(1.0, "weight of the student's own CLIP loss (0 turns it off)")
     w_cls: float = option(1.0, "weight of cluster discrimination (cross-entropy on the pseudo-labels)")
@@ -131,6 +133,8 @@ def validate(cfg: DistillConfig) -> None:
         raise ClipcidError("--fc-init must be centroids or random")
     if cfg.accum_freq < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
         raise ClipcidError("--batch-size, --epochs and --accum-freq must be at least 1")
+    if cfg.keep_checkpoints < 0:
+        raise ClipcidError("--keep-checkpoints must be 0 (keep all) or more")
     distilling = [TERMS[t] for t in TEACHER_TERMS if getattr(cfg, TERMS[t])]
     if distilling and not cfg.teacher_emb:
         raise ClipcidError(
@@ -259,6 +263,7 @@ class Trainer:
             self.scaler,
             self.pfc,
             asdict(self.cfg),
+            keep=self.cfg.keep_checkpoints,
         )
 
     # -- one step ------------------------------------------------------------------------------------
