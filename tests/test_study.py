@@ -129,7 +129,7 @@ def test_the_shipped_plans_load_with_known_settings():
     from importlib.resources import files
 
     plans = sorted(p.name for p in files("clipcid").joinpath("configs").iterdir() if p.name.startswith("study"))
-    assert plans == ["study.json", "study_scale.json"]
+    assert plans == ["study.json", "study_scale.json", "study_settings.json"]
     for name in plans:
         plan = study_module.load_plan(str(files("clipcid").joinpath("configs", name)), {"model": "clipcid-tiny"})
         assert plan.reference in {v.name for v in plan.variants} and plan.seeds
