@@ -134,4 +134,4 @@ def test_the_shipped_plans_load_with_known_settings():
         plan = study_module.load_plan(str(files("clipcid").joinpath("configs", name)), {"model": "clipcid-tiny"})
         assert plan.reference in {v.name for v in plan.variants} and plan.seeds
     main = study_module.load_plan(str(files("clipcid").joinpath("configs", "study.json")), {"model": "clipcid-tiny"})
-    assert len(main.variants) == 15 and main.seeds == [0, 1, 2]
+    assert len(main.variants) == 16 and main.seeds == [0, 1, 2]
