@@ -25,6 +25,7 @@ PLAN = {
         {"name": "clip_only", "label": "CLIP only", "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0}},
         {"name": "random_half", "label": "CID, random half", "data": {"balance": {"random_removal": 0.5}}},
     ],
+    "comparisons": [["clip_only", "random_half"]],
 }
 
 
@@ -73,7 +74,17 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
     md = (out / "study.md").read_text()
     assert "| CLIP only |" in md and "CID, random half" in md and "digits/linear_probe" in md
     csv_rows = (out / "study.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("variant,metric,seeds,mean,sd") and len(csv_rows) > 4
+    assert csv_rows[0].startswith("variant,metric,seeds,mean,sd,against,diff") and len(csv_rows) > 4
+    # A comparison the plan asks for, here the reference against the variant: the same pairs, negated.
+    (asked,) = result["comparisons"]
+    assert (asked["variant"], asked["against"]) == ("clip_only", "random_half")
+    back = asked["differences"]["linear_probe_mean_acc1"]
+    assert back["mean"] == pytest.approx(-lp["vs_reference"]["mean"])
+    assert back["low"] == pytest.approx(-lp["vs_reference"]["high"])
+    assert "The plan's other comparisons" in md
+    report_tables = study_module.study_tables_html(json.loads((out / "study.json").read_text()))
+    assert "other comparisons" in report_tables and report_tables.count("<table>") == 3
+    assert any(r.startswith("clip_only,linear_probe_mean_acc1,2,,,random_half,") for r in csv_rows)
     assert (out / "study.png").stat().st_size > 1000
 
     # Started again: every finished run is skipped, nothing is trained or evaluated.
@@ -123,6 +134,10 @@ def test_plan_errors_name_the_problem(artifacts, tmp_path):
         run_study(_config(artifacts, tmp_path / "s1", bad))
     with pytest.raises(ClipcidError, match="no variant 'nope'"):
         run_study(_config(artifacts, tmp_path / "s2", {**PLAN, "reference": "nope"}))
+    with pytest.raises(ClipcidError, match="no variant 'fd'"):
+        run_study(_config(artifacts, tmp_path / "s3", {**PLAN, "comparisons": [["clip_only", "fd"]]}))
+    with pytest.raises(ClipcidError, match="comparisons must be pairs"):
+        run_study(_config(artifacts, tmp_path / "s4", {**PLAN, "comparisons": [["clip_only"]]}))
 
 
 def test_the_shipped_plans_load_with_known_settings():

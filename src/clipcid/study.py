@@ -6,6 +6,8 @@ data ("data": {"balance": ..., "cluster": ...}): "given" uses the artifacts' fol
 stage (no balance: train on every valid row), an object runs the stage with those settings inside the
 study folder (cached, shared by every variant that asks for the same; random removal is drawn per
 seed). "same_steps_as": VARIANT trains for as many steps as that variant did with the same seed.
+"comparisons": [[A, B], ...] asks for A minus B besides each variant minus the reference (the
+plan's questions that are not about the reference, e.g. CID against the strongest baseline).
 
 Per seed, every variant starts from the same student initialisation and reads the same data in the
 same order where its data are the same (both follow DistillConfig.seed). Each (variant, seed) is a
@@ -77,6 +79,8 @@ class Plan:
     seeds: list[int]
     base: dict
     variants: list[Variant]
+    # Further questions the plan asks, as (variant, against) pairs: each gets its paired differences.
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -122,8 +126,20 @@ def load_plan(path: str, base_train: dict) -> Plan:
         raise ClipcidError(f"{path}: base: {', '.join(unknown)} are not distill settings")
     if "model" not in base:
         raise ClipcidError(f"{path}: the base recipe names no student model (base.train.model)")
-    plan = Plan(raw.get("reference", variants[0].name if variants else ""), raw.get("seeds", [0]), base, variants)
+    comparisons = raw.get("comparisons", [])
+    if not all(isinstance(c, list) and len(c) == 2 and all(isinstance(n, str) for n in c) for c in comparisons):
+        raise ClipcidError(f'{path}: comparisons must be pairs of variant names, e.g. [["cid", "fd"]]')
+    plan = Plan(
+        raw.get("reference", variants[0].name if variants else ""),
+        raw.get("seeds", [0]),
+        base,
+        variants,
+        [(a, b) for a, b in comparisons],
+    )
     plan.variant(plan.reference)
+    for pair in plan.comparisons:
+        for name in pair:
+            plan.variant(name)
     for v in variants:
         if v.same_steps_as:
             plan.variant(v.same_steps_as)
@@ -305,6 +321,7 @@ class Study:
     def write_results(self) -> dict:
         records = self.records()
         tables = aggregate(records, self.plan)
+        compared = comparisons(records, self.plan)
         payload = {
             "plan": self.cfg.plan,
             "reference": self.plan.reference,
@@ -314,13 +331,14 @@ class Study:
             "variants": [v.__dict__ for v in self.plan.variants],
             "runs": records,
             "aggregate": tables,
+            "comparisons": compared,
         }
         output_folder(self.out)
         save_json_atomic(self.out / "study.json", payload)
         with atomic_path(self.out / "study.md") as tmp:
-            tmp.write_text(study_markdown(tables, self.plan), encoding="utf-8")
+            tmp.write_text(study_markdown(tables, self.plan, compared), encoding="utf-8")
         with atomic_path(self.out / "study.csv") as tmp:
-            tmp.write_text(study_csv(tables), encoding="utf-8")
+            tmp.write_text(study_csv(tables, self.plan.reference, compared), encoding="utf-8")
         if records:
             study_plot(tables, self.plan, self.out / "study.png")
         return payload
@@ -414,6 +432,17 @@ def aggregate(records: list[dict], plan: Plan) -> dict:
     return table
 
 
+def comparisons(records: list[dict], plan: Plan) -> list[dict]:
+    """The plan's own questions: for each (variant, against), the paired difference of each average."""
+    values = metric_values(records)
+    out = []
+    for a, b in plan.comparisons:
+        if a in values and b in values:
+            diffs = {k: paired_interval(values[a][k], values[b][k]) for k, _ in AVERAGES if k in values[a]}
+            out.append({"variant": a, "against": b, "differences": diffs})
+    return out
+
+
 def _pct(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "–"
@@ -428,7 +457,10 @@ def _cell(entry: dict | None) -> str:
 
 
 def _diff_cell(entry: dict | None) -> str:
-    d = (entry or {}).get("vs_reference")
+    return _interval_cell((entry or {}).get("vs_reference"))
+
+
+def _interval_cell(d: dict | None) -> str:
     if not d:
         return "–"
     if d["low"] is None:
@@ -460,12 +492,26 @@ def difference_rows(tables: dict, plan: Plan) -> tuple[list[str], list[list[str]
     return head, rows
 
 
+def comparison_rows(compared: list[dict], plan: Plan) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the plan's own comparisons (first minus second, paired by seed)."""
+    head = ["variant", "against", *[label for _, label in AVERAGES]]
+    rows = [
+        [
+            plan.variant(c["variant"]).label,
+            plan.variant(c["against"]).label,
+            *[_interval_cell(c["differences"].get(k)) for k, _ in AVERAGES],
+        ]
+        for c in compared
+    ]
+    return head, rows
+
+
 def _markdown_table(head: list[str], rows: list[list[str]], left: int) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def study_markdown(tables: dict, plan: Plan) -> str:
+def study_markdown(tables: dict, plan: Plan, compared: list[dict] | None = None) -> str:
     ref = plan.variant(plan.reference).label
     keys = {k for k, _ in AVERAGES}
     lines = [
@@ -481,6 +527,9 @@ def study_markdown(tables: dict, plan: Plan) -> str:
         "",
         *_markdown_table(*difference_rows(tables, plan), left=1),
     ]
+    if compared:
+        lines += ["", "The plan's other comparisons (first minus second, paired by seed):", ""]
+        lines += _markdown_table(*comparison_rows(compared, plan), left=2)
     tasks = sorted({m for row in tables.values() for m in row if m not in keys})
     shown = [v for v in plan.variants if v.name in tables]
     if tasks:
@@ -495,6 +544,7 @@ def study_tables_html(study: dict) -> str:
     import html
 
     plan = Plan(study["reference"], study["seeds"], study["base"], [Variant(**v) for v in study["variants"]])
+    compared = study.get("comparisons") or []
 
     def table(head: list[str], rows: list[list[str]]) -> str:
         def cell(text: str) -> str:
@@ -512,17 +562,32 @@ def study_tables_html(study: dict) -> str:
         table(*summary_rows(study["aggregate"], plan))
         + f"<p>Difference from {ref}, paired by seed [95 % interval]:</p>"
         + table(*difference_rows(study["aggregate"], plan))
+        + (
+            "<p>The plan's other comparisons, first minus second, paired by seed [95 % interval]:</p>"
+            + table(*comparison_rows(compared, plan))
+            if compared
+            else ""
+        )
     )
 
 
-def study_csv(tables: dict) -> str:
+def study_csv(tables: dict, reference: str, compared: list[dict]) -> str:
+    """One row per variant and metric (its mean, sd and difference from the reference), then one per
+    comparison of the plan and average (the difference only)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["variant", "metric", "seeds", "mean", "sd", "diff_vs_reference", "ci95_low", "ci95_high"])
+    w.writerow(["variant", "metric", "seeds", "mean", "sd", "against", "diff", "ci95_low", "ci95_high"])
     for variant, row in tables.items():
         for metric, e in row.items():
             d = e.get("vs_reference") or {}
-            w.writerow([variant, metric, e["n"], e["mean"], e["sd"], d.get("mean"), d.get("low"), d.get("high")])
+            against = reference if d else None
+            w.writerow(
+                [variant, metric, e["n"], e["mean"], e["sd"], against, d.get("mean"), d.get("low"), d.get("high")]
+            )
+    for c in compared:
+        for metric, d in c["differences"].items():
+            if d:
+                w.writerow([c["variant"], metric, d["n"], None, None, c["against"], d["mean"], d["low"], d["high"]])
     return buf.getvalue()
 
 
