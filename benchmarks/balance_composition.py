@@ -43,20 +43,20 @@ def main() -> None:
     by_random[rng.choice(len(kind), int((~by_balance).sum()), replace=False)] = False
     removals = {"random removal (anchor)": by_random, "Image Semantic Balance": by_balance}
 
+    tasks = ("names_emoji_fluent3d", "names_emoji_fluenthc", "names_icons_lucide")
+    classes = {t: (demo / "eval" / t / "classnames.txt").read_text(encoding="utf-8").splitlines() for t in tasks}
     rows = []
     for label, keep in removals.items():
         row = [label, f"{keep.sum():,}"]
         for k in ("emoji", "icon", "flag"):
             sel = kind == k
             row.append(f"{(keep & sel).sum():,} ({(keep & sel).sum() / sel.sum():.1%})")
-        row.append(f"{len(set(name[keep])):,}")
-        for task in ("names_emoji_fluent3d", "names_emoji_fluenthc", "names_icons_lucide"):
-            classes = (demo / "eval" / task / "classnames.txt").read_text(encoding="utf-8").splitlines()
-            seen = set(name[keep])
-            row.append(f"{np.mean([c in seen for c in classes]):.1%}")
+        seen = set(name[keep])
+        row.append(f"{len(seen):,}")
+        row += [f"{np.mean([c in seen for c in classes[t]]):.1%}" for t in tasks]
         rows.append(row)
     header = ["removal", "kept", "emoji kept", "icons kept", "flags kept", "distinct names"]
-    header += ["names_emoji_fluent3d classes named", "names_emoji_fluenthc", "names_icons_lucide"]
+    header += [f"{tasks[0]} classes named", *tasks[1:]]
     print(f"{demo}: {len(kind):,} pairs, {(~by_balance).sum():,} removed by each\n")
     print(format_table(header, rows))
 

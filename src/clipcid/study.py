@@ -321,7 +321,7 @@ class Study:
     def write_results(self) -> dict:
         records = self.records()
         tables = aggregate(records, self.plan)
-        compared = comparisons(records, self.plan)
+        compared = comparisons(tables, self.plan)
         payload = {
             "plan": self.cfg.plan,
             "reference": self.plan.reference,
@@ -432,13 +432,17 @@ def aggregate(records: list[dict], plan: Plan) -> dict:
     return table
 
 
-def comparisons(records: list[dict], plan: Plan) -> list[dict]:
-    """The plan's own questions: for each (variant, against), the paired difference of each average."""
-    values = metric_values(records)
+def comparisons(tables: dict, plan: Plan) -> list[dict]:
+    """The plan's own questions: for each (variant, against), the paired difference of each average,
+    from the per-seed values the aggregate already holds."""
     out = []
     for a, b in plan.comparisons:
-        if a in values and b in values:
-            diffs = {k: paired_interval(values[a][k], values[b][k]) for k, _ in AVERAGES if k in values[a]}
+        if a in tables and b in tables:
+            diffs = {
+                k: paired_interval(tables[a][k]["seeds"], tables[b][k]["seeds"])
+                for k, _ in AVERAGES
+                if k in tables[a] and k in tables[b]
+            }
             out.append({"variant": a, "against": b, "differences": diffs})
     return out
 

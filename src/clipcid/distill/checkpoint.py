@@ -111,13 +111,12 @@ class TrainingRun:
             with atomic_path(self.checkpoints / "latest.txt") as f:
                 f.write_text(folder.name + "\n")
             if keep:
-                self.prune(keep)
+                self.prune(keep, latest=folder.name)
         barrier(self.env)
 
-    def prune(self, keep: int) -> None:
-        """Delete complete checkpoints older than the newest `keep`; the one `latest` names is always kept.
-        Only runs after `latest` points at a new complete checkpoint, so a crash here loses nothing needed."""
-        latest = (self.checkpoints / "latest.txt").read_text().strip()
+    def prune(self, keep: int, latest: str) -> None:
+        """Delete complete checkpoints older than the newest `keep`; `latest` (the one latest.txt names) is
+        always kept. Only runs after latest.txt points at it, so a crash here loses nothing needed."""
         complete = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
         for old in complete[:-keep]:
             if old.name != latest:
