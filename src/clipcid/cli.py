@@ -1,4 +1,4 @@
-"""`clipcid COMMAND ...`: a table of command -> (config dataclass, stage function, printer).
+"""The command line: a table of command -> (config dataclass, stage function, printer).
 
 Every flag is generated from a field of the command's config (its help from the field's metadata,
 clipcid/config.py), so each setting a stage has is reachable and its default is written once.
@@ -19,6 +19,12 @@ from clipcid.errors import ClipcidError
 from clipcid.util.progress import setup_logging
 
 log = logging.getLogger("clipcid")
+
+DESCRIPTION = """clipcid makes small CLIP models learn from large ones (CLIP-CID: cluster-instance
+discrimination distillation, Yang et al., AAAI 2025). `clipcid run --data SHARDS --teacher MODEL
+--student ARCH --out DIR` runs the whole method on your image-text shards (hold-out, teacher
+embeddings, Image Semantic Balance, clustering, distillation, evaluation, export, report); each
+stage is also a command of its own. `clipcid COMMAND --help` lists a command's settings."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,18 @@ def _print_demo(result, cfg) -> None:
 
 
 COMMANDS: dict[str, Command] = {
+    "run": Command(
+        "the whole method on your shards: hold-out, embed, balance, cluster, distill, eval, export, report",
+        _lazy("clipcid.pipeline", "RunConfig"),
+        _lazy("clipcid.pipeline", "run_pipeline"),
+        _print_demo,
+    ),
+    "holdout": Command(
+        "set pairs aside by a hash of their image bytes, before any model runs (a retrieval gallery)",
+        _lazy("clipcid.holdout", "HoldoutConfig"),
+        _lazy("clipcid.holdout", "hold_out"),
+        _print_stats("clipcid.holdout"),
+    ),
     "data build-demo": Command(
         "render the training corpus into webdataset shards",
         _lazy("clipcid.corpus.build", "BuildDemoConfig"),
@@ -197,7 +215,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         kind, convert = _flag_type(str(f.type))
         if kind == "bool":
-            action = argparse.BooleanOptionalAction if default else "store_true"
+            # A bool that may be left unset (None: a recipe decides) takes --flag and --no-flag.
+            optional = default is None or default
+            action = argparse.BooleanOptionalAction if optional else "store_true"
             parser.add_argument(flag, action=action, default=default, help=help_text)
         elif kind == "list":
             parser.add_argument(flag, nargs="+", type=convert, default=default, required=required, help=help_text)
@@ -206,7 +226,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipcid", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="clipcid", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,10 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipcid.config import validate
+
     command = COMMANDS[args.command_name]
     config = command.config()
     names = {f.name for f in dataclasses.fields(config)}
     cfg = config(**{k: v for k, v in vars(args).items() if k in names})
+    validate(cfg)  # every number within its bounds, one line otherwise, before anything starts
     command.show(command.run()(cfg), cfg)
     return 0
 
@@ -266,3 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clipcid: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a library's error we did not foresee: still one line
+        if args.debug:
+            raise
+        text = one_line(str(e)).strip().splitlines()
+        detail = f": {text[0][:300]}" if text else ""
+        print(
+            f"clipcid: error: unexpected {type(e).__name__}{detail} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

@@ -44,7 +44,7 @@ class ExportConfig:
     out: str = option(help="folder to write; open_clip loads it as local-dir:OUT")
     name: str | None = option(None, "the model's name in its card (default: the folder's name)")
     description: str | None = option(None, "what the model is and how it was trained, for the card")
-    results: str | None = option(None, "an eval-suite summary.json (and its task JSONs beside it) for the card")
+    results: str | None = option(None, "a folder of results for the card (an eval-suite --out; or its summary.json)")
     overwrite: bool = option(False, "replace an existing folder")
 
 
@@ -104,16 +104,17 @@ def check_export(folder: Path, loaded) -> None:
             raise ClipcidError(f"{folder}: the exported model does not give the original's outputs")
 
 
-def _results_table(summary_file: Path) -> str:
-    from clipcid.evaluation.run import AVERAGES, main_metric
+def _results_table(folder: Path) -> str:
+    from clipcid.evaluation.run import AVERAGES, main_metric, read_suite_results
 
-    summary = json.loads(summary_file.read_text())
+    summary, records = read_suite_results(folder)
+    if summary is None and not records:
+        return "(not given)"
     lines = ["| held-out result (%) | value |", "|---|---:|"]
-    lines += [f"| **{label}** | {100 * summary[key]:.2f} |" for key, label in AVERAGES if summary.get(key) is not None]
-    for f in sorted(summary_file.parent.glob("*_*.json")):
-        if f.name == "summary.json":
-            continue
-        record = json.loads(f.read_text())
+    lines += [
+        f"| **{label}** | {100 * summary[key]:.2f} |" for key, label in AVERAGES if (summary or {}).get(key) is not None
+    ]
+    for record in records.values():
         metric, value = main_metric(record)
         lines.append(f"| {record['dataset']} {record['task']} ({metric}) | {100 * value:.2f} |")
     return "\n".join(lines)
@@ -136,7 +137,10 @@ def model_card(cfg: ExportConfig, loaded, model_cfg: dict, preprocess: dict) -> 
     size = size[0] if isinstance(size, list | tuple) else size
     mean = ", ".join(f"{v:.3f}" for v in preprocess.get("mean", ()))
     std = ", ".join(f"{v:.3f}" for v in preprocess.get("std", ()))
-    results = _results_table(Path(cfg.results)) if cfg.results and Path(cfg.results).is_file() else "(not given)"
+    results_folder = Path(cfg.results) if cfg.results else None
+    if results_folder is not None and results_folder.is_file():
+        results_folder = results_folder.parent  # a summary.json: its task JSONs are beside it
+    results = _results_table(results_folder) if results_folder is not None else "(not given)"
     return f"""# {name}
 
 A CLIP model exported by clipcid from `{cfg.model}` (`{Path(cfg.pretrained).name}`).

@@ -133,10 +133,37 @@ def register_model_configs() -> None:
 
                 transformers.logging.set_verbosity_error()
                 transformers.logging.disable_progress_bar()
-            open_clip.factory._MODEL_CONFIGS[LIT_MODEL] = lit_config(minilm)
+            configs = {LIT_MODEL: lit_config(minilm)}
             for name, (trunk, size, dim) in LIT_PRETRAINED_MODELS.items():
-                open_clip.factory._MODEL_CONFIGS[name] = pretrained_trunk_config(minilm, trunk, size, dim)
+                configs[name] = pretrained_trunk_config(minilm, trunk, size, dim)
+            open_clip.add_model_config(write_config_folder(configs, str(minilm)))
         _registered = True
+
+
+def write_config_folder(configs: dict[str, dict], machine_part: str) -> Path:
+    """The configs as JSON files in a folder of the user's cache (one per installation: the folder's
+    name follows `machine_part`, the MiniLM path they hold), for open_clip's public add_model_config.
+    Files are rewritten only when their content changed, each atomically."""
+    import hashlib
+    import tempfile
+
+    from clipcid.util.fileio import atomic_path
+
+    name = hashlib.sha1(machine_part.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    for root in (cache / "clipcid", Path(tempfile.gettempdir()) / f"clipcid-{os.getuid()}"):
+        folder = root / "model_configs" / name
+        try:
+            for model, config in configs.items():
+                text = json.dumps(config, indent=2) + "\n"
+                path = folder / f"{model}.json"
+                if not path.is_file() or path.read_text() != text:
+                    with atomic_path(path) as tmp:
+                        tmp.write_text(text)
+            return folder
+        except OSError:  # a read-only home: the temporary folder serves
+            continue
+    raise ClipcidError(f"cannot write model configs to {cache} or the temporary folder")
 
 
 def pretrained_trunk_of(name: str) -> PretrainedTrunk | None:
@@ -236,13 +263,38 @@ class LoadedModel:
     train_preprocess: Any = None  # open_clip's training transform (augmentation)
 
 
-def _check_model_name(name: str) -> None:
+def _check_model_name(name: str, flag: str = "--model") -> None:
     register_model_configs()
+    if name.startswith("local-dir:"):
+        folder = Path(name.removeprefix("local-dir:"))
+        if not (folder / "open_clip_config.json").is_file():
+            raise ClipcidError(
+                f"{flag} {name}: {folder} is not a model folder (no open_clip_config.json; `clipcid export` writes one)"
+            )
+        return
     known = open_clip.list_models()
-    if name not in known and not name.startswith(("hf-hub:", "local-dir:")):
+    if name not in known and not name.startswith("hf-hub:"):
         near = [m for m in known if name.lower() in m.lower()][:5]
         hint = f" (did you mean {', '.join(near)}?)" if near else " (see `clipcid models` for the list)"
         raise ClipcidError(f"unknown model architecture '{name}'{hint}")
+
+
+def check_model_spec(name: str, pretrained: str | None, flag: str = "--model") -> None:
+    """What can be told without loading anything: the architecture exists, and `pretrained` is a file
+    that exists or a tag the architecture has. One line naming `flag` otherwise."""
+    _check_model_name(name, flag)
+    if not pretrained or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not Path(pretrained).is_file():
+            raise ClipcidError(f"checkpoint not found: {pretrained}")
+    elif not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            known = ", ".join(tags) if tags else "it has none here"
+            raise ClipcidError(
+                f"--pretrained {pretrained} is neither a checkpoint file nor a pretrained tag of {name} ({known})"
+            )
 
 
 def load_model(
@@ -257,24 +309,15 @@ def load_model(
     (reproducible, so that every rank of a distributed job builds the same weights), except for an
     image trunk with shipped ImageNet weights (PRETRAINED_TRUNKS), which starts from those.
     """
-    _check_model_name(name)
-    if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        if not Path(pretrained).is_file():
-            raise ClipcidError(f"checkpoint not found: {pretrained}")
+    check_model_spec(name, pretrained)
     if pretrained and Path(pretrained).is_file():
         check_checkpoint(name, pretrained)
-    elif pretrained and not name.startswith(("hf-hub:", "local-dir:")):
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            known = ", ".join(tags) if tags else "it has none here"
-            raise ClipcidError(
-                f"--pretrained {pretrained} is neither a checkpoint file nor a pretrained tag of {name} ({known})"
-            )
-    torch.manual_seed(seed)
     trunk = pretrained_trunk_of(name)
     norm = {"image_mean": trunk.mean, "image_std": trunk.std} if trunk else {}
     quiet = quiet_model_creation() if trunk is not None else contextlib.nullcontext()
-    with quiet:
+    # The random init comes from `seed` alone, and torch's global generator is left as it was.
+    with quiet, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, **norm
         )

@@ -1,4 +1,6 @@
-"""The demo's report.html: one self-contained page (images inline) of what ran and what came out."""
+"""The report of a `clipcid run` (and of the demo, which is a run with sections of its own):
+OUT/report.html, one self-contained page (images inline) of what ran and what came out, and
+OUT/results.md, its results table. Every artifact is read through its owner module."""
 
 from __future__ import annotations
 
@@ -7,20 +9,51 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from clipcid.balance import artifact as balance_artifact
 from clipcid.balance.inspect import groups_html
 from clipcid.cluster import artifact as cluster_artifact
+from clipcid.distill.checkpoint import read_train_log
 from clipcid.distill.objective import TERMS
-from clipcid.evaluation.run import AVERAGES, main_metric
+from clipcid.errors import ClipcidError
+from clipcid.evaluation import zeroshot_retrieval as zsr
+from clipcid.evaluation.run import (
+    AVERAGES,
+    HOLDOUT_DATASET,
+    main_metric,
+    read_model_evaluation,
+    read_ranks,
+    read_showcase,
+    read_suite_results,
+)
+from clipcid.holdout import HoldOut
 from clipcid.util.fileio import atomic_path
 from clipcid.util.html import page, png_src
 from clipcid.util.plots import new_figure, save_png
 
-MODELS = (("teacher", "teacher"), ("student-clip", "student, CLIP loss only"), ("student-cid", "student, CLIP-CID"))
+# The models of a run, in the order tables show them: (name, label).
+MODELS = (("teacher", "teacher"), ("baseline", "baseline (CLIP loss only)"), ("student", "student (CLIP-CID)"))
+HOLDOUT_ROWS = tuple(
+    (f"{kind}_retrieval_recall@{k}", f"held-out {label} R@{k}")
+    for kind, label in (("image", "text→image"), ("text", "image→text"))
+    for k in zsr.RECALL_KS
+)
+
+
+@dataclass
+class Extras:
+    """What a caller adds to a run's report (the demo: its intro, its teacher's training, a showcase)."""
+
+    title: str = "clipcid run"
+    intro: str = ""
+    after_results: list[str] = field(default_factory=list)  # HTML sections after the results
+    timings: dict[str, float] = field(default_factory=dict)  # stages run before the pipeline
+    curves: list[tuple[Path, str]] = field(default_factory=list)  # more training runs to plot
 
 
 def _img_tag(png: bytes, alt: str) -> str:
@@ -32,10 +65,9 @@ def _file_img(path: Path, alt: str) -> str:
 
 
 def _loss_curves(run: Path, title: str) -> str:
-    log_file = run / "train_log.jsonl"
-    if not log_file.is_file():
+    rows = read_train_log(run)
+    if not rows:
         return f"<p>no training log in {html.escape(str(run))}</p>"
-    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     terms = [k for k in (*TERMS, "total") if k in rows[-1]]
     fig, ax = new_figure(6.5, 3.6)
     steps = [r["step"] for r in rows]
@@ -46,134 +78,185 @@ def _loss_curves(run: Path, title: str) -> str:
     return _img_tag(save_png(fig, dpi=90), title)
 
 
-def results_rows(out: Path) -> tuple[list[str], list[tuple[str, bool, list[float | None]]]]:
-    """(model labels, rows of (task, is_average, value per model)) from OUT/results/NAME/."""
-    summaries, records = {}, {}
-    for name, _ in MODELS:
-        folder = out / "results" / name
-        if (folder / "summary.json").is_file():
-            summaries[name] = json.loads((folder / "summary.json").read_text())
-            records[name] = {
-                f.stem: json.loads(f.read_text()) for f in folder.glob("*_*.json") if f.name != "summary.json"
-            }
-    names = [n for n, _ in MODELS if n in summaries]
-    rows = [(label, True, [summaries[n].get(key) for n in names]) for key, label in AVERAGES]
-    for task in sorted({t for r in records.values() for t in r}):
-        rows.append((task, False, [_main(records[n].get(task)) for n in names]))
-    return [label for n, label in MODELS if n in summaries], rows
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
-def _results_html(table: tuple[list[str], list[tuple[str, bool, list[float | None]]]]) -> str:
-    labels, rows = table
-    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
-    body = []
-    for task, is_average, values in rows:
-        cells = "".join(f"<td>{_pct(v)}</td>" for v in values)
-        name = f"<b>{task}</b>" if is_average else html.escape(task)
-        body.append(f"<tr{' class=avg' if is_average else ''}><td>{name}</td>{cells}</tr>")
-    return f"<table><tr><th>task</th>{head}</tr>{''.join(body)}</table>"
+@dataclass
+class Table:
+    """The results table: one column per model, and the CID student minus the baseline when both ran."""
+
+    labels: list[str]
+    rows: list[tuple[str, bool, list[str], str]]  # (task, is a headline row, cells, difference cell)
+    difference: str | None
 
 
-def results_markdown(table: tuple[list[str], list[tuple[str, bool, list[float | None]]]]) -> str:
-    """The results table (from results_rows) in Markdown, as docs/results.md shows it."""
-    labels, rows = table
-    lines = ["| task (%) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    for task, is_average, values in rows:
-        name = f"**{task}**" if is_average else task
-        lines.append(f"| {name} | " + " | ".join(_pct(v) for v in values) + " |")
-    return "\n".join(lines) + "\n"
+def results_table(out: Path) -> Table:
+    out = Path(out)
+    present = [(n, label) for n, label in MODELS if (out / "eval" / n).is_dir()]
+    results = {n: read_suite_results(out / "eval" / n) for n, _ in present}
+    compare = "baseline" in results and "student" in results
+    rows: list[tuple[str, bool, list[str], str]] = []
+    holdout = {n: r[1].get(f"{HOLDOUT_DATASET}_zeroshot_retrieval") for n, r in results.items()}
+    if any(holdout.values()):
+        ranks = {n: read_ranks(out / "eval" / n, HOLDOUT_DATASET) for n, _ in present}
+        n_pairs = next(len(r.image_rank) for r in ranks.values() if r is not None)
+        for key, label in HOLDOUT_ROWS:
+            cells = []
+            for n, _ in present:
+                m = (holdout[n] or {}).get("metrics", {})
+                interval = (m.get(f"{key}_ci95_low"), m.get(f"{key}_ci95_high"))
+                ci = f" [{_pct(interval[0])}, {_pct(interval[1])}]" if interval[0] is not None else ""
+                cells.append(f"{_pct(m.get(key))}{ci}")
+            diff = ""
+            if compare and ranks.get("student") is not None and ranks.get("baseline") is not None:
+                k = int(key.rsplit("@", 1)[1])
+                kind = key.split("_recall")[0]
+                d, low, high = zsr.paired_difference(ranks["student"], ranks["baseline"], k)[kind]
+                mark = " **" if low > 0 or high < 0 else ""
+                diff = f"{_pct(d, True)} [{_pct(low, True)}, {_pct(high, True)}]{mark}"
+            rows.append((f"{label} ({n_pairs:,} pairs)", True, cells, diff))
+    summaries = {n: r[0] or {} for n, r in results.items()}
+    for key, label in AVERAGES:
+        values = [summaries[n].get(key) for n, _ in present]
+        if any(v is not None for v in values):
+            pair = [summaries[n].get(key) for n in ("student", "baseline")] if compare else [None]
+            diff = _pct(pair[0] - pair[1], True) if None not in pair else ""
+            rows.append((label, True, [_pct(v) for v in values], diff))
+    tasks = sorted({t for _, records in results.values() for t in records} - {f"{HOLDOUT_DATASET}_zeroshot_retrieval"})
+    for task in tasks:
+        values = [_main(results[n][1].get(task)) for n, _ in present]
+        diff = ""
+        if compare and values[-1] is not None and values[-2] is not None:
+            diff = _pct(values[-1] - values[-2], True)
+        rows.append((task, False, [_pct(v) for v in values], diff))
+    return Table([label for _, label in present], rows, "student − baseline" if compare else None)
 
 
 def _main(record: dict | None) -> float | None:
     return None if record is None else main_metric(record)[1]
 
 
-def _thumb(png: bytes, frame: str = "#ddd", size: int = 64) -> str:
-    return f'<img class=thumb style="border:3px solid {frame};width:{size}px" src="{png_src(png)}">'
+def results_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in table.labels)
+    head += f"<th>{html.escape(table.difference)}</th>" if table.difference else ""
+    body = []
+    for task, headline, cells, diff in table.rows:
+        tds = "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+        if table.difference:
+            bold = diff.endswith(" **")
+            text = html.escape(diff.removesuffix(" **"))
+            tds += f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
+        name = f"<b>{html.escape(task)}</b>" if headline else html.escape(task)
+        body.append(f"<tr{' class=avg' if headline else ''}><td>{name}</td>{tds}</tr>")
+    return f"<table><tr><th>task (%)</th>{head}</tr>{''.join(body)}</table>"
 
 
-def showcase_html(out: Path, suite_root: Path) -> str:
-    """The models at work: top-3 zero-shot answers beside held-out pictures, top-5 pictures per query."""
-    path = out / "results" / "showcase.json"
-    if not path.is_file():
+def results_markdown(table: Table) -> str:
+    """The results table in Markdown, as docs/results.md shows it."""
+    labels = table.labels + ([table.difference] if table.difference else [])
+    lines = ["| task (%) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for task, headline, cells, diff in table.rows:
+        name = f"**{task}**" if headline else task
+        lines.append(f"| {name} | " + " | ".join(cells + ([diff] if table.difference else [])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _thumb(image: bytes, frame: str = "#ddd", size: int = 64) -> str:
+    return f'<img class=thumb style="border:3px solid {frame};width:{size}px" src="{png_src(image)}">'
+
+
+def holdout_showcase_html(out: Path) -> str:
+    """Held-out captions with each model's five best held-out pictures (the pair's own framed green)."""
+    shown = {n: read_showcase(out / "eval" / n) for n, _ in MODELS}
+    shown = {n: s for n, s in shown.items() if s and s["queries"]}
+    if not shown:
         return ""
     from clipcid.evaluation.datasets import build_dataset
-    from clipcid.evaluation.showcase import pictures
 
-    shown = json.loads(path.read_text())
-    models = [(n, label) for n, label in MODELS if n in shown]
-    if not models:
-        return ""
-    first = shown[models[0][0]]
-    dataset = build_dataset(first["dataset"], suite_root)
-    names = dataset.classnames
-    wanted = set(first["examples"]) | {i for n, _ in models for row in shown[n]["retrieved"] for i in row}
-    images = pictures(dataset, wanted)
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in models)
-    rows = []
-    for k, index in enumerate(first["examples"]):
-        truth = first["targets"][k]
-        cells = []
-        for n, _ in models:
-            answers = []
-            for c in shown[n]["top3"][k]:
-                name = html.escape(names[c])
-                answers.append(f"<b class=right>{name} ✓</b>" if c == truth else name)
-            cells.append("<td>" + "<br>".join(answers) + "</td>")
-        picture = f"<td>{_thumb(images[index])}<br><small>{html.escape(names[truth])}</small></td>"
-        rows.append(f"<tr>{picture}{''.join(cells)}</tr>")
-    queries = []
+    holdout = HoldOut.open(out / "holdout")
+    captions = holdout.pairs().column("caption").to_pylist()
+    first = next(iter(shown.values()))
+    wanted = set(first["queries"]) | {i for s in shown.values() for row in s["retrieved"] for i in row}
+    dataset = build_dataset(f"wds:{holdout.gallery}")
+    images = {i: image for i, (image, _) in enumerate(dataset.iter_split("test")) if i in wanted}
+    blocks = []
     for q, query in enumerate(first["queries"]):
-        want = first["query_targets"][q]
         lines = []
-        for n, label in models:
-            thumbs = "".join(
-                _thumb(images[i], "#2a2" if t == want else "#ccc", 48)
-                for i, t in zip(shown[n]["retrieved"][q], shown[n]["retrieved_targets"][q], strict=True)
-            )
-            lines.append(f"<tr><td>{html.escape(label)}</td><td class=left>{thumbs}</td></tr>")
-        queries.append(f"<h4>“{html.escape(query)}”</h4><table>{''.join(lines)}</table>")
+        for n, label in MODELS:
+            if n in shown:
+                thumbs = "".join(
+                    _thumb(images[i], "#2a2" if i == query else "#ccc", 56) for i in shown[n]["retrieved"][q]
+                )
+                lines.append(f"<tr><td>{html.escape(label)}</td><td class=left>{thumbs}</td></tr>")
+        title = f"<h4>“{html.escape(captions[query])}” {_thumb(images[query], '#2a2', 40)}</h4>"
+        blocks.append(f"{title}<table>{''.join(lines)}</table>")
     return (
-        f"<h2>The models at work</h2><p>Held-out pictures of <code>{html.escape(dataset.name)}</code> "
-        f"({len(names):,} classes: zero-shot by name in a style the corpus does not contain). Each model's three "
-        "best names per picture, the right one marked ✓:</p>"
-        f"<table class=show><tr><th>picture (true name)</th>{head}</tr>{''.join(rows)}</table>"
-        f"<p>Text queries against the same {len(names):,} pictures: each model's five best, framed green when "
-        f"right.</p>{''.join(queries)}"
+        f"<h2>The models at work on held-out pairs</h2><p>Captions of pairs that no model trained on, and each "
+        f"model's five best pictures among the {len(captions):,} held-out pictures; the caption's own picture is "
+        f"framed green.</p>{''.join(blocks)}"
     )
 
 
-def study_html(out: Path) -> str:
-    """The study's tables and plot, when OUT/study holds one."""
-    folder = out / "study"
-    if not (folder / "study.json").is_file():
+def models_html(out: Path) -> str:
+    """Each model's size and speed (measured in its evaluation, on its device)."""
+    rows = []
+    for n, label in MODELS:
+        record = read_model_evaluation(out / "eval" / n)
+        if record is None or "parameters" not in record:
+            continue
+        p = record["parameters"]
+        rows.append(
+            f"<tr><td>{html.escape(label)}</td><td>{p['total'] / 1e6:.2f} M</td><td>{p['visual'] / 1e6:.2f} M</td>"
+            f"<td>{p['text'] / 1e6:.2f} M</td><td>{record['images_per_second']:,.0f}</td>"
+            f"<td>{html.escape(record['speed_device'])}, batch {record['speed_batch']}</td></tr>"
+        )
+    if not rows:
         return ""
-    from clipcid.study import study_tables_html
-
-    study = json.loads((folder / "study.json").read_text())
     return (
-        f"<h2>Study: {len(study['runs'])} runs</h2><p>From <code>clipcid study</code> on this demo's artifacts "
-        f"(<code>{html.escape(str(folder))}</code>; study.md holds every task). Mean ± standard deviation over "
-        "seeds; differences against the reference are paired by seed, with 95 % t intervals (bold: the interval "
-        f"excludes zero).</p>{study_tables_html(study)}{_file_img(folder / 'study.png', 'study')}"
+        "<h2>Models: size and speed</h2><table><tr><th>model</th><th>parameters</th><th>image tower</th>"
+        "<th>text tower</th><th>images / s</th><th>measured on</th></tr>" + "".join(rows) + "</table>"
     )
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+def holdout_html(out: Path) -> str:
+    folder = out / "holdout"
+    if not (folder / "holdout.json").is_file():
+        return "<h2>Hold-out</h2><p>No pairs were held out (--holdout 0).</p>"
+    h = HoldOut.open(folder)
+    s = h.stats
+    settings = h.record["settings"]
+    balance = balance_artifact.read_stats(out / "balance")
+    return (
+        f"<h2>Hold-out</h2><p>{s['held_out']:,} of {s['rows']:,} pairs ({100 * s['held_out_fraction']:.2f}%, "
+        f"--holdout {settings['fraction']:g}) were set aside before any model ran, chosen by a hash of the image "
+        f"bytes. No stage trained on them, and balance dropped the {balance.get('near_held_out', 0):,} training "
+        f"pictures within its threshold of a held-out picture. {s['usable']:,} held-out pairs have a picture that "
+        f"decodes and a caption; the {s['gallery_pairs']:,} of smallest hash form the retrieval gallery above "
+        "(recall@k depends on the gallery's size). Intervals: 95 % bootstrap over the pairs; differences are "
+        "paired (** : the interval excludes zero).</p>"
+    )
 
 
-def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
+def write_report(out: Path, extras: Extras | None = None) -> Path:
+    """OUT/report.html and OUT/results.md of a finished run."""
     out = Path(out)
-    results = results_rows(out)
-    table = _results_html(results)
+    extras = extras or Extras()
+    recipe_file = out / "recipe.json"
+    if not recipe_file.is_file():
+        raise ClipcidError(f"{out} holds no run (no recipe.json); run `clipcid run` first")
+    recipe = json.loads(recipe_file.read_text())
+    table = results_table(out)
     balance_stats = balance_artifact.read_stats(out / "balance")
     cluster_stats = cluster_artifact.read_stats(out / "clusters")
-    groups, _ = groups_html(str(out / "balance"), str(out / "corpus"), str(out / "teacher_emb"), top=8, per_group=10)
+    emb = recipe["run"]["teacher_emb"] or str(out / "teacher_emb")
+    groups, _ = groups_html(str(out / "balance"), recipe["run"]["data"], emb, top=8, per_group=10)
     t = balance_stats["threshold_all_metrics"]
-    largest_share = balance_stats["largest_group"] / max(balance_stats["valid"], 1)
+    largest_share = balance_stats["largest_group"] / max(balance_stats["balanced"], 1)
     chaining = (
-        f" The largest group holds {100 * largest_share:.1f}% of all images: union-find joins neighbours of "
+        f" The largest group holds {100 * largest_share:.1f}% of the images: union-find joins neighbours of "
         "neighbours, so in a dense part of the teacher's space a chain of near pairs merges images that are "
         "not alike (see the grids below); a better teacher, or a lower threshold, makes fewer such chains."
         if largest_share > 0.01
@@ -184,36 +267,40 @@ def write_report(out: Path, timings: dict[str, float], recipe: dict) -> Path:
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
         + f", torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
+    run_state = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {"stages": {}}
+    timings = {**extras.timings, **{k: v["seconds"] for k, v in run_state["stages"].items()}}
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items())
-    curves = "".join(
-        _loss_curves(out / "runs" / run, title)
-        for run, title in (
-            ("teacher", "teacher (LiT: CLIP loss on the projections, per epoch)"),
-            ("student-clip", "student, CLIP loss only"),
-            ("student-cid", "student, CLIP-CID: every term"),
-        )
+    world = run_state.get("world_size", 1)
+    curves = "".join(_loss_curves(run, title) for run, title in extras.curves)
+    curves += "".join(
+        _loss_curves(out / "runs" / name, title)
+        for name, title in (("baseline", "baseline, CLIP loss only"), ("student", "student, CLIP-CID: every term"))
+        if (out / "runs" / name).is_dir()
+    )
+    teacher = recipe["embed"]["model"] or "(embeddings only)"
+    intro = extras.intro or (
+        f"<p>CLIP-CID distillation (Yang et al., AAAI 2025) of <code>{html.escape(teacher)}</code> into "
+        f"<code>{html.escape(recipe['distill']['model'])}</code> on <code>{html.escape(recipe['run']['data'])}</code>. "
+        "The held-out figures are on pairs of the same data that no stage trained on.</p>"
     )
     body = f"""
-<h1>clipcid demo</h1>
-<p>CLIP-CID distillation (Yang et al., AAAI 2025) on the offline emoji, flag and icon corpus: a teacher
-made here LiT-style from two pretrained networks (an ImageNet EfficientNet-Lite0 and the MiniLM sentence
-encoder, both locked; only their projections learned the corpus), then two small students of one
-architecture trained on the same balanced data for the same steps, one with the CLIP loss alone, one
-with CLIP-CID's cluster- and instance-level distillation. All numbers are on held-out styles the
-corpus does not contain.</p>
-<h2>Results (%)</h2>{table}
-{showcase_html(out, out / "eval")}
-{study_html(out)}
+<h1>{html.escape(extras.title)}</h1>{intro}
+<h2>Results (%)</h2>{results_html(table)}
+{holdout_html(out)}
+{holdout_showcase_html(out)}
+{"".join(extras.after_results)}
+{models_html(out)}
 <h2>What ran</h2>
-<p>{html.escape(machine)}. Seconds per stage (installs not included); the settings follow.</p>
+<p>{html.escape(machine)}; {world} process(es). Seconds per stage, when it last did its work (installs not
+included); the settings follow (OUT/recipe.json).</p>
 <table><tr><th>stage</th><th>seconds</th></tr>{timing_rows}
 <tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td></tr></table>
 <pre>{html.escape(json.dumps(recipe, indent=2))}</pre>
 <h2>Image Semantic Balance</h2>
 <p>threshold {balance_stats["threshold"]:.4g} ({html.escape(balance_stats["metric"])}; l2 {t["l2"]:.4g}, cosine
-distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["valid"]:,} images, removed
+distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["balanced"]:,} images, removed
 {100 * balance_stats["removed_fraction"]:.2f}%; {balance_stats["merged_groups"]:,} merged groups, the largest
-{balance_stats["largest_group"]:,}.{chaining}</p>
+{balance_stats["largest_group"]:,}.{chaining} The curve shows what other thresholds would remove.</p>
 {_file_img(out / "balance" / "group_sizes.png", "group sizes")}
 {_file_img(out / "balance" / "removal_curve.png", "removed fraction against threshold")}
 <h3>Largest merged groups (kept image framed green)</h3>{groups}
@@ -228,12 +315,11 @@ distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["v
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}td:first-child{text-align:left}tr.avg{background:#eef}img.plot{width:520px;"
         "margin:4px}pre{background:#f6f6f6;padding:8px;font-size:12px}b.right{color:#181}td.left{text-align:left}"
-        "table.show td{text-align:left;vertical-align:top;font-size:13px}img.thumb{margin:1px}"
+        "table.show td{text-align:left;vertical-align:top;font-size:13px}img.thumb{margin:1px;vertical-align:middle}"
     )
-    text = page("clipcid demo report", body, style)
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(results_markdown(results), encoding="utf-8")
+        tmp.write_text(results_markdown(table), encoding="utf-8")
     path = out / "report.html"
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(page(f"{extras.title} report", body, style), encoding="utf-8")
     return path

@@ -1,9 +1,10 @@
 """What every stage shares: the torchrun context, which parts a rank takes, row chunks, unit rows,
-and the one rule for a stage's output folder (RunFolder)."""
+and the one rule for a stage's output folder (RunFolder), with the records and identities built on it."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -54,10 +55,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+        # Both backends where there is a GPU: a stage that works on the CPU (k-means training, the
+        # balance merge) can then share the group of a pipeline that trains on the GPU.
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank, world_size, local_rank, dev)
 
 
@@ -73,12 +75,16 @@ def shutdown(env: DistEnv) -> None:
 
 @contextlib.contextmanager
 def distributed(device: str = "auto") -> Iterator[DistEnv]:
-    """A stage's process group for its whole run (torchrun), or a single process."""
+    """A stage's process group for its whole run (torchrun), or a single process. Inside a pipeline
+    that holds the group already (`clipcid run` under torchrun) the stage joins it, on the device it
+    asks for, and leaves it open for the next stage."""
+    owner = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(device)
     try:
         yield env
     finally:
-        shutdown(env)
+        if owner:
+            shutdown(env)
 
 
 def parts_of_rank(part_ids: Sequence[int], env: DistEnv) -> list[int]:
@@ -106,6 +112,38 @@ def settings_difference(old: dict, new: dict) -> str:
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def digest(value) -> str:
+    """A short fingerprint of a JSON value (settings), stable across processes and machines."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_record(path: Path) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def record_matches(path: Path, settings: dict) -> bool:
+    """Whether the record at `path` was written with exactly these settings (a cache inside a run
+    folder, e.g. cluster's trained centroids or balance's edge blocks, is reused only then)."""
+    record = read_record(path)
+    return record is not None and record.get("settings") == settings
+
+
+def write_record(path: Path, settings: dict, **summary) -> None:
+    save_json_atomic(path, {**summary, "settings": settings})
+
+
+def identity(path: Path) -> str | None:
+    """What a finished artifact was made from and with, as one fingerprint (the digest of the settings
+    in its settings file), for the settings of the stages that read it: a stage redone with other
+    settings changes the identity, so the stages after it do not take their old outputs for current.
+    None when there is no settings file (a folder made by another tool)."""
+    record = read_record(path)
+    if record is None:
+        return None
+    return digest(record.get("settings", record))
 
 
 def finished(record: dict | None) -> bool:
@@ -147,7 +185,7 @@ class RunFolder:
         return self.path / self.settings_file
 
     def recorded(self) -> dict | None:
-        return json.loads(self.settings_path.read_text()) if self.settings_path.is_file() else None
+        return read_record(self.settings_path)
 
     def claim(self) -> RunFolder:
         if self.path.exists() and not self.path.is_dir():
@@ -176,14 +214,28 @@ class RunFolder:
         save_json_atomic(self.settings_path, {**summary, "settings": self.settings, "complete": False})
 
     def is_complete(self) -> bool:
+        return self.finished_run() is not None
+
+    def finished_run(self) -> dict | None:
+        """The flat view `finish` returned, when the folder holds a complete run with these very settings;
+        else None. Stages ask this first, so that a finished run costs a file read, not a model load."""
         previous = self.recorded()
-        return bool(previous and previous.get("complete") and previous.get("settings") == self.settings)
+        if not (previous and previous.get("complete") and previous.get("settings") == self.settings):
+            return None
+        summary = {k: v for k, v in previous.items() if k not in ("settings", "complete")}
+        return {**self.settings, **summary, "complete": True}
 
     def finish(self, summary: dict | None = None) -> dict:
         """Record the run as complete (its summary and settings), atomically, last. Returns the flat
         view callers print: settings, then the summary."""
         save_json_atomic(self.settings_path, {**(summary or {}), "settings": self.settings, "complete": True})
         return {**self.settings, **(summary or {}), "complete": True}
+
+    def discard(self) -> None:
+        """Forget an unfinished run whose outputs are not worth keeping (its input was refused after a
+        cheap first pass): the folder then holds nothing that a run with other settings must respect."""
+        self._clear()
+        save_json_atomic(self.settings_path, {"settings": self.settings, "complete": False})
 
     def release(self) -> None:
         if self._locked:

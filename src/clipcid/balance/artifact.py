@@ -1,8 +1,9 @@
 """The balance folder, written and read only here.
 
 OUT/keep/keep_{i}.npy (bool per embedding row: kept by Image Semantic Balance), OUT/groups/groups_{i}.npy
-(group id per row, -1 for invalid rows), OUT/stats.json ({"settings", "complete", and the statistics};
-rewritten complete last), OUT/group_sizes.png, OUT/removal_curve.png; OUT/edges/ caches the search.
+(group id per row; -1 for invalid rows, held-out rows and their near-duplicates), OUT/stats.json
+({"settings", "complete", and the statistics}; rewritten complete last), OUT/group_sizes.png,
+OUT/removal_curve.png; OUT/edges/ caches the search.
 A folder of keep masks made elsewhere (no stats.json) is read as it is.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.stage import finished, read_finished
+from clipcid.stage import finished, identity, read_finished
 from clipcid.util.fileio import save_npy_atomic
 
 SETTINGS_FILE = "stats.json"
@@ -39,6 +40,11 @@ def write_masks(out: Path, store: EmbeddingStore, global_rows: np.ndarray, label
         lo, hi = store.offsets[i], store.offsets[i + 1]
         save_npy_atomic(groups_path(out, i), group_rows[lo:hi])
         save_npy_atomic(keep_path(out, i), keep_rows[lo:hi])
+
+
+def identity_of(folder: str | Path) -> str | None:
+    """The fingerprint of the settings a balance folder was made with (None: masks made elsewhere)."""
+    return identity(Path(folder) / SETTINGS_FILE)
 
 
 def read_stats(folder: str | Path) -> dict:

@@ -14,13 +14,17 @@ Search: exact (blocked matrix products against a threshold, the upper triangle o
 exact search on a sample). Edges are found once at a looser threshold and kept with their
 similarities, so the removal curve and --target-removal need no second search.
 
+With a hold-out (--holdout, clipcid/holdout.py), its rows take part in the search but not in the graph
+that is balanced, and every row within the threshold of a held-out picture is dropped too, so that
+the held-out figures measure generalisation rather than memory. The threshold of --target-removal is
+chosen on the rows that are not held out.
+
 Outputs in OUT (balance/artifact.py owns the layout): keep and group masks per part, stats.json, plots;
 edges/ holds the per-block edge files that make a crashed run resumable.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -34,11 +38,24 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from clipcid.balance.artifact import SETTINGS_FILE, write_masks
-from clipcid.config import option
+from clipcid.config import option, validate
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.stage import ROW_CHUNK, DistEnv, RunFolder, barrier, distributed, parts_of_rank, row_chunks, unit_rows
-from clipcid.util.fileio import atomic_path, save_json_atomic, save_npy_atomic
+from clipcid.holdout import HoldOut
+from clipcid.stage import (
+    ROW_CHUNK,
+    DistEnv,
+    RunFolder,
+    barrier,
+    distributed,
+    parts_of_rank,
+    read_record,
+    record_matches,
+    row_chunks,
+    unit_rows,
+    write_record,
+)
+from clipcid.util.fileio import atomic_path, save_npy_atomic
 from clipcid.util.plots import new_figure, save_png
 from clipcid.util.progress import progress_bar
 
@@ -53,15 +70,20 @@ CURVE_REACH = 1.5
 class BalanceConfig:
     emb: str = option(help="teacher embeddings folder (clipcid embed)")
     out: str = option(help="output folder: keep masks, groups, stats.json, plots")
-    threshold: float = option(0.07, "distance below which two images merge")
+    threshold: float = option(0.07, "distance below which two images merge", above=0)
     metric: str = option("l2", "what the threshold bounds: |a-b|, |a-b|^2, or 1 - cos", METRICS)
-    target_removal: float | None = option(None, "pick the threshold that removes this fraction instead")
-    random_removal: float | None = option(None, "a control, not the method: remove this fraction at random (--seed)")
+    target_removal: float | None = option(
+        None, "pick the threshold that removes this fraction instead", above=0, below=1
+    )
+    random_removal: float | None = option(
+        None, "a control, not the method: remove this fraction at random (--seed)", at_least=0, below=1
+    )
+    holdout: str | None = option(None, "hold-out folder (clipcid holdout): not balanced, near-duplicates dropped")
     search: str = option("exact", "exact (blocked matrix products) or ivf (faiss cells: millions)", ("exact", "ivf"))
-    nlist: int | None = option(None, "ivf: number of cells (default sqrt(N*nprobe))")
-    nprobe: int = option(4, "ivf: cells each point is compared against")
-    memory_gb: float = option(2.0, "memory for one block of the search")
-    recall_sample: int = option(1000, "ivf: queries checked against exact search")
+    nlist: int | None = option(None, "ivf: number of cells (default sqrt(N*nprobe))", at_least=1)
+    nprobe: int = option(4, "ivf: cells each point is compared against", at_least=1)
+    memory_gb: float = option(2.0, "memory for one block of the search", above=0)
+    recall_sample: int = option(1000, "ivf: queries checked against exact search", at_least=1)
     seed: int = option(0, "seed of the IVF cells and of --random-removal")
     device: str = option("auto", "auto, cpu or cuda")
     plots: bool = option(True, "write group_sizes.png and removal_curve.png")
@@ -73,9 +95,15 @@ RUNTIME_FIELDS = ("out", "memory_gb", "recall_sample", "device", "plots", "overw
 
 
 def run_settings(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
-    """What the folder's content follows from: the config and the embeddings' own settings."""
+    """What the folder's content follows from: the config, and what its inputs were made from (the
+    embeddings' and the hold-out's identities, so that either made again means balance again)."""
     own = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
-    return {**own, "embeddings": (embeddings.settings or {}).get("inputs"), "rows": embeddings.images.total}
+    return {
+        **own,
+        "embeddings": embeddings.identity,
+        "holdout": HoldOut.open(cfg.holdout).identity if cfg.holdout else None,
+        "rows": embeddings.images.total,
+    }
 
 
 def to_similarity(threshold: float, metric: str) -> float:
@@ -112,9 +140,9 @@ def block_size_for(memory_gb: float, dim: int) -> int:
 class ValidEmbeddings:
     """The valid rows of an embedding store as one matrix of unit vectors, by position 0..n-1.
 
-    The stored float16 rows are held in memory when they fit half the budget, else read from the
-    memmapped parts; either way a block is normalised in float32 the same way, so results do not
-    depend on which.
+    The stored rows (of whatever dtype the parts hold) are held in memory when they fit half the
+    budget, else read from the memmapped parts; either way a block is normalised in float32 the same
+    way, so results do not depend on which.
     """
 
     def __init__(self, store: EmbeddingStore, memory_gb: float):
@@ -123,7 +151,7 @@ class ValidEmbeddings:
         self.global_rows = np.flatnonzero(valid)
         self.n = len(self.global_rows)
         self._raw = None
-        if self.n * store.dim * 2 <= memory_gb * 1e9 / 2:
+        if self.n * store.dim * store.itemsize <= memory_gb * 1e9 / 2:
             self._raw = np.concatenate([np.asarray(store.part(i))[store.valid(i)] for i in store.part_ids])
 
     def block(self, start: int, stop: int) -> np.ndarray:
@@ -240,8 +268,39 @@ def removed_fraction(n: int, a, b, s, similarity: float) -> float:
     return 1.0 - (labels.max() + 1) / n
 
 
-def most_central_members(data: ValidEmbeddings, labels: np.ndarray, device: torch.device) -> np.ndarray:
-    """keep[i]: whether position i is its component's member nearest the component mean."""
+class Graph:
+    """The near-pair graph over some of the valid rows: vertices 0..n-1 stand for the data positions
+    `positions`; edges (a < b) carry their similarity."""
+
+    def __init__(self, n_all: int, a: np.ndarray, b: np.ndarray, s: np.ndarray, members: np.ndarray | None = None):
+        members = np.ones(n_all, dtype=bool) if members is None else members
+        self.positions = np.flatnonzero(members)
+        compact = np.full(n_all, -1, dtype=np.int64)
+        compact[self.positions] = np.arange(len(self.positions))
+        inside = members[a] & members[b]
+        self.n = len(self.positions)
+        self.a, self.b, self.s = compact[a[inside]], compact[b[inside]], s[inside]
+
+    def removed_fraction(self, similarity: float) -> float:
+        return removed_fraction(self.n, self.a, self.b, self.s, similarity)
+
+
+def neighbours_of(marked: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, similarity: float) -> np.ndarray:
+    """Positions joined by an edge above `similarity` to a marked position, and not marked themselves."""
+    sel = s > similarity
+    a, b = a[sel], b[sel]
+    near = np.zeros(len(marked), dtype=bool)
+    near[b[marked[a]]] = True
+    near[a[marked[b]]] = True
+    return near & ~marked
+
+
+def most_central_members(
+    data: ValidEmbeddings, labels: np.ndarray, device: torch.device, positions: np.ndarray | None = None
+) -> np.ndarray:
+    """keep[i]: whether vertex i is its component's member nearest the component mean (vertex i is the
+    data position positions[i], or i itself)."""
+    positions = np.arange(len(labels)) if positions is None else positions
     sizes = np.bincount(labels)
     multi = sizes[labels] > 1
     keep = ~multi
@@ -255,12 +314,12 @@ def most_central_members(data: ValidEmbeddings, labels: np.ndarray, device: torc
     spans = row_chunks(len(members))
     for s, e in spans:  # pass 1: component sums (the mean's direction)
         pos = members[s:e]
-        x = torch.from_numpy(data.gather(pos)).to(device, torch.float64)
+        x = torch.from_numpy(data.gather(positions[pos])).to(device, torch.float64)
         sums.index_add_(0, torch.from_numpy(compact[labels[pos]]).to(device), x)
     scores = np.empty(len(members), dtype=np.float64)
     for s, e in spans:  # pass 2: each member's similarity to its component's mean direction
         pos = members[s:e]
-        x = torch.from_numpy(data.gather(pos)).to(device, torch.float64)
+        x = torch.from_numpy(data.gather(positions[pos])).to(device, torch.float64)
         c = torch.from_numpy(compact[labels[pos]]).to(device)
         scores[s:e] = (x * sums[c]).sum(dim=1).cpu().numpy()
     # Per component, the highest score; ties go to the earliest row.
@@ -323,16 +382,17 @@ class EdgeSearch:
         settings = self._settings(sim_min)
         settings_file = self.folder / "settings.json"
         if self.env.is_main:
-            if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+            previous = read_record(settings_file)
+            if previous is not None and not record_matches(settings_file, settings):
                 # Edges of another threshold are not reusable; IVF cells of the same data are.
                 for f in self.folder.glob("block_*.npz"):
                     f.unlink()
-                previous = json.loads(settings_file.read_text())
-                if {k: v for k, v in previous.items() if k != "sim_min"} != {
+                old = previous.get("settings", {})
+                if {k: v for k, v in old.items() if k != "sim_min"} != {
                     k: v for k, v in settings.items() if k != "sim_min"
                 }:
                     shutil.rmtree(self.folder)
-            save_json_atomic(settings_file, settings)
+            write_record(settings_file, settings)
         barrier(self.env)
         join = self._prepare_ivf() if self.cfg.search == "ivf" else None
         n_jobs = len(join.jobs) if join is not None else len(self.blocks)
@@ -397,23 +457,14 @@ def choose_threshold_for_removal(n, a, b, s, target: float, metric: str, upper: 
 
 
 def balance(cfg: BalanceConfig) -> dict:
-    if cfg.metric not in METRICS:
-        raise ClipcidError(f"--metric must be one of {', '.join(METRICS)}, not {cfg.metric}")
-    if cfg.search not in ("exact", "ivf"):
-        raise ClipcidError(f"--search must be exact or ivf, not {cfg.search}")
-    if cfg.target_removal is not None and not 0 < cfg.target_removal < 1:
-        raise ClipcidError("--target-removal must be a fraction between 0 and 1")
-    if not cfg.threshold > 0:  # NaN too
-        raise ClipcidError("--threshold must be a positive number")
-    if cfg.random_removal is not None:
-        if not 0 <= cfg.random_removal < 1:
-            raise ClipcidError("--random-removal must be a fraction in [0, 1)")
-        if cfg.target_removal is not None:
-            raise ClipcidError("--random-removal and --target-removal exclude each other")
-    if not cfg.memory_gb > 0:
-        raise ClipcidError("--memory-gb must be a positive number of gigabytes")
+    validate(cfg)
+    if cfg.random_removal is not None and cfg.target_removal is not None:
+        raise ClipcidError("--random-removal and --target-removal exclude each other")
     embeddings = Embeddings.open(cfg.emb)
     folder = RunFolder(cfg.out, SETTINGS_FILE, run_settings(cfg, embeddings), cfg.overwrite)
+    done = folder.finished_run()
+    if done is not None:
+        return done
     with distributed(cfg.device) as env:
         if env.is_main:
             folder.claim()
@@ -428,11 +479,19 @@ def balance(cfg: BalanceConfig) -> dict:
             folder.release()
 
 
+def held_out_positions(cfg: BalanceConfig, embeddings: Embeddings, data_rows: np.ndarray) -> np.ndarray:
+    """Per valid position, whether its row is held out (all False without --holdout)."""
+    if not cfg.holdout:
+        return np.zeros(len(data_rows), dtype=bool)
+    return HoldOut.open(cfg.holdout).masks(embeddings.sizes)[data_rows]
+
+
 def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
     start = time.monotonic()
     out = Path(cfg.out)
     store = embeddings.images
     data = ValidEmbeddings(store, cfg.memory_gb)
+    held = held_out_positions(cfg, embeddings, data.global_rows)
     device = env.device
     search = EdgeSearch(cfg, data, env, device)
     timings: dict[str, float] = {}
@@ -441,38 +500,47 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
     reach = threshold * CURVE_REACH
     t0 = time.monotonic()
     a, b, s = search.run(to_similarity(reach, cfg.metric))
+    # The graph that is balanced: the rows that are not held out.
+    training = Graph(data.n, a, b, s, ~held)
     if cfg.target_removal is not None:
         # Widen the search until the wanted removal is within reach, then bisect on the kept edges.
-        while removed_fraction(data.n, a, b, s, to_similarity(reach, cfg.metric)) < cfg.target_removal:
+        while training.removed_fraction(to_similarity(reach, cfg.metric)) < cfg.target_removal:
             if to_similarity(reach, cfg.metric) <= -1.0:
                 raise ClipcidError(f"no threshold removes {cfg.target_removal:.0%}: the data has too few images")
             reach *= 2
             a, b, s = search.run(to_similarity(reach, cfg.metric))
-        threshold = choose_threshold_for_removal(data.n, a, b, s, cfg.target_removal, cfg.metric, reach)
+            training = Graph(data.n, a, b, s, ~held)
+        threshold = choose_threshold_for_removal(
+            training.n, training.a, training.b, training.s, cfg.target_removal, cfg.metric, reach
+        )
     timings["search_s"] = time.monotonic() - t0
     if not env.is_main:
         return {}
 
     similarity = to_similarity(threshold, cfg.metric)
     t0 = time.monotonic()
-    sel = s > similarity
-    labels = components(data.n, a[sel], b[sel])
-    keep = most_central_members(data, labels, device)
+    near = neighbours_of(held, a, b, s, similarity)
+    balanced = Graph(data.n, a, b, s, ~held & ~near)
+    sel = balanced.s > similarity
+    labels = components(balanced.n, balanced.a[sel], balanced.b[sel])
+    keep = most_central_members(data, labels, device, balanced.positions)
     timings["components_s"] = time.monotonic() - t0
-    write_masks(out, store, data.global_rows, labels, keep)
+    write_masks(out, store, data.global_rows[balanced.positions], labels, keep)
 
     curve = [
-        (reach * f / 12, removed_fraction(data.n, a, b, s, to_similarity(reach * f / 12, cfg.metric)))
-        for f in range(1, 13)
+        (reach * f / 12, training.removed_fraction(to_similarity(reach * f / 12, cfg.metric))) for f in range(1, 13)
     ]
-    sizes = np.bincount(labels) if data.n else np.zeros(0, np.int64)
+    sizes = np.bincount(labels) if balanced.n else np.zeros(0, np.int64)
     stats = {
         "rows": store.total,
         "valid": data.n,
         "invalid": store.total - data.n,
+        "held_out": int(held.sum()),
+        "near_held_out": int(near.sum()),
+        "balanced": balanced.n,
         "kept": int(keep.sum()),
-        "removed": int(data.n - keep.sum()),
-        "removed_fraction": float(1 - keep.sum() / data.n) if data.n else 0.0,
+        "removed": int(balanced.n - keep.sum()),
+        "removed_fraction": float(1 - keep.sum() / balanced.n) if balanced.n else 0.0,
         "groups": int(len(sizes)),
         "merged_groups": int((sizes > 1).sum()),
         "largest_group": int(sizes.max()) if len(sizes) else 0,
@@ -489,10 +557,11 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
         "non_finite_rows": embeddings.non_finite_rows(),
     }
     if cfg.search == "ivf":
+        all_sel = s > similarity
         stats["ivf"] = {
             "nlist": search.nlist,
             "nprobe": cfg.nprobe,
-            **ivf_pair_recall(data, a[sel], b[sel], similarity, cfg.recall_sample, cfg.seed),
+            **ivf_pair_recall(data, a[all_sel], b[all_sel], similarity, cfg.recall_sample, cfg.seed),
         }
     timings["total_s"] = time.monotonic() - start
     stats["timings"] = timings
@@ -502,10 +571,13 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
 
 
 def _random_removal(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
-    """The control for Image Semantic Balance: remove exactly round(f * valid) valid rows, drawn
-    uniformly by the seed, in the same layout (every row is a group of its own)."""
+    """The control for Image Semantic Balance: remove exactly round(f * rows) of the valid rows that are
+    not held out, drawn uniformly by the seed, in the same layout (every row is a group of its own).
+    Near-duplicates of held-out pictures are not searched for: this control makes no search."""
     store = embeddings.images
-    rows = np.flatnonzero(store.valid_mask())
+    valid = np.flatnonzero(store.valid_mask())
+    held = held_out_positions(cfg, embeddings, valid)
+    rows = valid[~held]
     n = len(rows)
     removed = round(cfg.random_removal * n)
     keep = np.ones(n, dtype=bool)
@@ -513,8 +585,11 @@ def _random_removal(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
     write_masks(Path(cfg.out), store, rows, np.arange(n), keep)
     return {
         "rows": store.total,
-        "valid": n,
-        "invalid": store.total - n,
+        "valid": len(valid),
+        "invalid": store.total - len(valid),
+        "held_out": int(held.sum()),
+        "near_held_out": 0,
+        "balanced": n,
         "kept": int(keep.sum()),
         "removed": removed,
         "removed_fraction": removed / n if n else 0.0,
@@ -550,9 +625,20 @@ def _plots(out: Path, sizes: np.ndarray, curve, metric: str, threshold: float) -
 
 
 def summary_text(stats: dict) -> str:
+    lines = [f"rows {stats['rows']:,}  valid {stats['valid']:,}  invalid {stats['invalid']:,}"]
+    if stats.get("held_out"):
+        lines.append(
+            f"held out {stats['held_out']:,}, and {stats.get('near_held_out', 0):,} near-duplicates of held-out "
+            f"pictures dropped; balanced {stats.get('balanced', stats['valid']):,}"
+        )
+    if stats.get("random_removal") is not None:
+        lines.append(
+            f"random removal (a control, seed {stats['seed']}): kept {stats['kept']:,}  removed {stats['removed']:,} "
+            f"({100 * stats['removed_fraction']:.2f}%)"
+        )
+        return "\n".join(lines)
     t = stats["threshold_all_metrics"]
-    lines = [
-        f"rows {stats['rows']:,}  valid {stats['valid']:,}  invalid {stats['invalid']:,}",
+    lines += [
         f"threshold {stats['threshold']:.5g} ({stats['metric']}) = l2 {t['l2']:.5g} = sql2 {t['sql2']:.5g} "
         f"= cosine distance {t['cosine']:.5g} (similarity > {t['similarity']:.6f})",
         f"kept {stats['kept']:,}  removed {stats['removed']:,} ({100 * stats['removed_fraction']:.2f}%)",

@@ -16,7 +16,7 @@ import numpy as np
 
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
-from clipcid.stage import finished, read_finished
+from clipcid.stage import finished, identity, read_finished, record_matches
 from clipcid.util.fileio import save_json_atomic, save_npy_atomic
 
 SETTINGS_FILE = "stats.json"
@@ -35,8 +35,7 @@ def similarity_path(folder: Path, i: int) -> Path:
 
 def trained(folder: Path, settings: dict) -> bool:
     """Whether centroids of exactly these training settings are there."""
-    f = Path(folder) / TRAINING_FILE
-    return f.is_file() and json.loads(f.read_text())["settings"] == settings
+    return record_matches(Path(folder) / TRAINING_FILE, settings)
 
 
 def write_training(folder: Path, centroids: np.ndarray, coarse: np.ndarray | None, record: dict) -> None:
@@ -64,6 +63,11 @@ def write_labels(folder: Path, i: int, labels: np.ndarray, similarity: np.ndarra
 
 def labels_done(folder: Path, i: int) -> bool:
     return labels_path(folder, i).is_file()
+
+
+def identity_of(folder: str | Path) -> str | None:
+    """The fingerprint of the settings a clusters folder was made with."""
+    return identity(Path(folder) / SETTINGS_FILE)
 
 
 def read_stats(folder: str | Path) -> dict:

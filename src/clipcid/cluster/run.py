@@ -24,9 +24,11 @@ import torch
 
 import clipcid.cluster.artifact as artifact
 from clipcid.balance.artifact import BalanceResult
-from clipcid.config import option
+from clipcid.balance.artifact import identity_of as balance_identity
+from clipcid.config import option, validate
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
+from clipcid.holdout import HoldOut
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed, parts_of_rank, row_chunks, unit_rows
 from clipcid.util.plots import new_figure, save_png
 from clipcid.util.progress import progress_bar
@@ -44,26 +46,30 @@ class ClusterConfig:
     out: str = option(help="output folder: centroids, labels, stats.json")
     k: str = option("auto", "number of clusters, or auto (kept rows / --images-per-cluster)")
     balance: str | None = option(None, "balance folder: cluster only the kept rows")
-    images_per_cluster: float = option(225.0, "what --k auto aims at: the paper's 1M clusters for 225M images")
-    niter: int = option(20, "k-means iterations")
+    holdout: str | None = option(None, "hold-out folder (clipcid holdout): its rows are not clustered")
+    images_per_cluster: float = option(225.0, "what --k auto aims at: the paper's 1M clusters for 225M images", above=0)
+    niter: int = option(20, "k-means iterations", at_least=1)
     seed: int = option(0, "seed of the sample and the seeding")
-    max_points_per_centroid: int = option(256, "training sample per centroid (faiss's rule)")
+    max_points_per_centroid: int = option(256, "training sample per centroid (faiss's rule)", at_least=1)
     init: str = option("auto", "seeding; auto = greedy k-means++ when n*k*d <= 2e10", ("auto", "kmeans++", "random"))
-    nredo: int = option(1, "restarts; the best objective is kept")
+    nredo: int = option(1, "restarts; the best objective is kept", at_least=1)
     two_level: str = option("auto", "coarse then fine k-means; auto = on above k = 65,536", ("auto", "on", "off"))
     gpu: bool = option(False, "train k-means on the GPU (faiss-gpu)")
-    assign_nprobe: int = option(8, "two-level mode: coarse cells searched when assigning a row")
-    refine_iterations: int = option(5, "two-level mode: Lloyd iterations over all centroids after training")
+    assign_nprobe: int = option(8, "two-level mode: coarse cells searched when assigning a row", at_least=1)
+    refine_iterations: int = option(5, "two-level mode: Lloyd iterations over all centroids after training", at_least=0)
     plots: bool = option(True, "write cluster_sizes.png")
     overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
-def kept_mask(embeddings: Embeddings, balance_dir: str | None) -> np.ndarray:
-    """Global rows to cluster: valid, and kept by Image Semantic Balance when a balance folder is given."""
+def kept_mask(embeddings: Embeddings, balance_dir: str | None, holdout_dir: str | None = None) -> np.ndarray:
+    """Global rows to cluster: valid, kept by Image Semantic Balance when a balance folder is given,
+    and not held out when a hold-out folder is."""
     mask = embeddings.valid_mask()
-    if balance_dir is None:
-        return mask
-    return mask & BalanceResult.open(balance_dir, embeddings).keep_mask()
+    if balance_dir is not None:
+        mask &= BalanceResult.open(balance_dir, embeddings).keep_mask()
+    if holdout_dir is not None:
+        mask &= ~HoldOut.open(holdout_dir).masks(embeddings.sizes)
+    return mask
 
 
 def resolve_k(k: int | str, n_kept: int, images_per_cluster: float = PAPER_IMAGES_PER_CLUSTER) -> int:
@@ -230,18 +236,18 @@ class Assigner:
 
 
 def cluster(cfg: ClusterConfig) -> dict:
-    if cfg.two_level not in ("auto", "on", "off"):
-        raise ClipcidError("--two-level must be auto, on or off")
-    if cfg.init not in ("auto", "kmeans++", "random"):
-        raise ClipcidError("--init must be auto, kmeans++ or random")
+    validate(cfg)
     embeddings = Embeddings.open(cfg.emb)
-    kept = kept_mask(embeddings, cfg.balance)
+    kept = kept_mask(embeddings, cfg.balance, cfg.holdout)
     kept_rows = np.flatnonzero(kept)
     if len(kept_rows) == 0:
         raise ClipcidError("no kept, valid rows to cluster")
     k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
-    settings = _settings(cfg, k, embeddings.images, len(kept_rows))
+    settings = _settings(cfg, k, embeddings, len(kept_rows))
     folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, {**settings, "emb": cfg.emb}, cfg.overwrite)
+    done = folder.finished_run()
+    if done is not None:
+        return done
     with distributed("cuda" if cfg.gpu else "cpu") as env:
         if env.is_main:
             folder.claim()
@@ -253,12 +259,19 @@ def cluster(cfg: ClusterConfig) -> dict:
             folder.release()
 
 
-def _settings(cfg: ClusterConfig, k: int, store: EmbeddingStore, n_kept: int) -> dict:
+def _settings(cfg: ClusterConfig, k: int, embeddings: Embeddings, n_kept: int) -> dict:
+    """What the centroids and labels follow from: the config, and what the inputs were made from (the
+    identities of the embeddings, the balance and the hold-out), so that any of them made again means
+    clustering again."""
+    store = embeddings.images
     return {
         "k": k,
         "n_kept": n_kept,
         "sizes": store.sizes,
         "dim": store.dim,
+        "embeddings": embeddings.identity,
+        "balance_identity": balance_identity(cfg.balance) if cfg.balance else None,
+        "holdout": HoldOut.open(cfg.holdout).identity if cfg.holdout else None,
         "niter": cfg.niter,
         "seed": cfg.seed,
         "max_points_per_centroid": cfg.max_points_per_centroid,

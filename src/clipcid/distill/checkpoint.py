@@ -4,7 +4,8 @@ RUN/params.json ({"settings", "complete", ...}), RUN/checkpoints/step_N/ (model.
 its heads and the config; rank{R}.pt: that rank's optimizer, scaler, RNG and classifier shard),
 RUN/checkpoints/latest.txt, RUN/train_log.jsonl and RUN/results.jsonl (one row per logged step),
 RUN/tensorboard/, and when done RUN/student.pt (the student alone: open_clip loads it),
-RUN/distill_heads.pt, RUN/classifier_rank{R}.pt.
+RUN/distill_heads.pt, RUN/classifier_rank{R}.pt, RUN/open_clip/ (the student as a folder plain
+open_clip loads, export.py's layout). Other modules find these files through the functions here.
 
 Every checkpoint file holds tensors and plain values only and is read with torch.load(weights_only=True):
 a checkpoint from anywhere cannot run code. Random generator states are stored as tensors.
@@ -23,8 +24,12 @@ import torch
 from torch import nn
 
 from clipcid.errors import ClipcidError
-from clipcid.stage import DistEnv, barrier
+from clipcid.stage import DistEnv, RunFolder, barrier, identity, read_finished
 from clipcid.util.fileio import atomic_path
+
+PARAMS_FILE = "params.json"
+STUDENT_FILE = "student.pt"
+TRAIN_LOG = "train_log.jsonl"
 
 log = logging.getLogger("clipcid")
 
@@ -63,9 +68,58 @@ def load_safely(path: Path, device: torch.device | str = "cpu") -> dict:
         ) from e
 
 
+def student_path(run: str | Path) -> Path:
+    """The finished student (its open_clip state dict) of a run folder."""
+    return Path(run) / STUDENT_FILE
+
+
+def open_clip_folder(run: str | Path) -> Path:
+    return Path(run) / "open_clip"
+
+
+def read_params(run: str | Path) -> dict:
+    """params.json of a finished run, or one clear error."""
+    return read_finished(Path(run) / PARAMS_FILE, "distill")
+
+
+def identity_of(run: str | Path) -> str | None:
+    """The fingerprint of the settings a run was trained with (and so of its student)."""
+    return identity(Path(run) / PARAMS_FILE)
+
+
+def read_train_log(run: str | Path) -> list[dict]:
+    """The logged steps of a run (train_log.jsonl), oldest first; empty when there are none."""
+    path = Path(run) / TRAIN_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def discard_checkpoints(run: str | Path) -> None:
+    """Drop the resume points of a finished run (the student and the logs stay)."""
+    shutil.rmtree(Path(run) / "checkpoints", ignore_errors=True)
+
+
 class TrainingRun:
     def __init__(self, out: str | Path, env: DistEnv):
         self.out, self.env = Path(out), env
+
+    @staticmethod
+    def folder(out: str | Path, settings: dict, overwrite: bool = False) -> RunFolder:
+        """The run folder's settings rule (params.json), stage.py's one rule."""
+        return RunFolder(out, PARAMS_FILE, settings, overwrite)
+
+    def tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def export_open_clip(self, arch: str, description: str) -> None:
+        """RUN/open_clip/: the finished student as a folder plain open_clip and CLIP_benchmark load."""
+        from clipcid.export import ExportConfig, export_model
+
+        student, folder = str(student_path(self.out)), str(open_clip_folder(self.out))
+        export_model(ExportConfig(arch, student, folder, description=description, overwrite=True))
 
     @property
     def checkpoints(self) -> Path:
@@ -164,7 +218,7 @@ class TrainingRun:
 
     def truncate_logs(self, step: int) -> None:
         """Drop log rows of steps after the checkpoint: they are trained again, and logged again."""
-        for name in ("train_log.jsonl", "results.jsonl"):
+        for name in (TRAIN_LOG, "results.jsonl"):
             path = self.out / name
             if path.is_file():
                 rows = [line for line in path.read_text().splitlines() if line.strip()]
@@ -181,7 +235,7 @@ class TrainingRun:
         """The student alone, loadable by open_clip.create_model_and_transforms(ARCH, pretrained=PATH);
         heads and classifier apart."""
         if self.env.is_main:
-            with atomic_path(self.out / "student.pt") as tmp:
+            with atomic_path(student_path(self.out)) as tmp:
                 torch.save({"state_dict": student.clip.state_dict()}, tmp)
             heads = {k: v for k, v in student.state_dict().items() if not k.startswith("clip.")}
             with atomic_path(self.out / "distill_heads.pt") as tmp:

@@ -24,6 +24,7 @@ from clipcid.balance.artifact import BalanceResult
 from clipcid.cluster.artifact import Clusters
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
+from clipcid.holdout import HoldOut
 from clipcid.inputs.parts import Part, discover_parts, iter_rows
 from clipcid.inputs.shards import DamagedShard
 
@@ -59,21 +60,26 @@ def _decodes(image: bytes) -> bool:
         return False
 
 
-def rows_without_teacher(parts: list[Part]) -> tuple[TrainRows, BadData]:
-    """Every row with an image that opens and a caption, for a run without teacher embeddings. A
-    damaged shard gives the rows before its damage."""
+def rows_without_teacher(parts: list[Part], holdout: HoldOut | None = None) -> tuple[TrainRows, BadData]:
+    """Every row with an image that opens and a caption (and not held out), for a run without teacher
+    embeddings. A damaged shard gives the rows before its damage."""
     rows, keys, bad = [], [], BadData()
-    for part in parts:
+    if holdout is not None:
+        holdout.check_parts(len(parts))
+    for i, part in enumerate(parts):
         usable, seen = [], 0
+        held = holdout.mask(i) if holdout is not None else None
         try:
             for r, row in enumerate(iter_rows(part)):
                 seen += 1
+                if held is not None and held[r]:
+                    continue
                 if row.image is not None and row.caption and _decodes(row.image):
                     usable.append((r, row.key))
         except DamagedShard as e:
             log.warning("%s", e)
             bad.shards.append(part.name)
-        bad.rows += seen - len(usable)
+        bad.rows += seen - len(usable) - (int(held[:seen].sum()) if held is not None else 0)
         rows.append(np.array([r for r, _ in usable], dtype=np.int64))
         keys.append(np.array([k for _, k in usable], dtype=object))
     labels = [np.full(len(r), -1, dtype=np.int64) for r in rows]
@@ -112,13 +118,19 @@ class BadData:
 
 
 def load_train_rows(
-    data: str, teacher_emb: str | None, balance: str | None, clusters: str | None, max_bad_fraction: float = 0.01
+    data: str,
+    teacher_emb: str | None,
+    balance: str | None,
+    clusters: str | None,
+    max_bad_fraction: float = 0.01,
+    holdout: str | None = None,
 ) -> TrainRows:
     parts = discover_parts(data)
+    held_out = HoldOut.open(holdout) if holdout else None
     if teacher_emb is None:
         if balance or clusters:
             raise ClipcidError("--balance and --clusters refer to teacher embeddings: pass --teacher-emb too")
-        train, bad = rows_without_teacher(parts)
+        train, bad = rows_without_teacher(parts, held_out)
         bad.total_shards = len(parts)
         bad.check(max_bad_fraction)
         return train
@@ -131,6 +143,8 @@ def load_train_rows(
         )
     kept = BalanceResult.open(balance, embeddings) if balance else None
     labelled = Clusters.open(clusters, embeddings) if clusters else None
+    if held_out is not None:
+        held_out.check_parts(len(parts))
     rows, labels, keys = [], [], []
     bad = BadData(total_shards=len(parts))
     for i in img.part_ids:
@@ -141,6 +155,8 @@ def load_train_rows(
             bad.shards.append(parts[i].name)
         if kept is not None:
             use &= kept.keep(i)
+        if held_out is not None:
+            use &= ~held_out.mask(i, img.sizes[i])
         part_labels = np.full(img.sizes[i], -1, dtype=np.int64)
         if labelled is not None:
             part_labels = labelled.labels(i)

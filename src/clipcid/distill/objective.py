@@ -72,7 +72,11 @@ class Objective:
     def __init__(self, cfg, clip: nn.Module, student_dim: int, teacher_dim: int, train, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.weights = {name: float(getattr(cfg, field)) for name, field in TERMS.items()}
-        self.student = Student(clip, student_dim, teacher_dim, cfg.head, cfg.local_loss).to(env.device)
+        # The heads draw their initialisation from a generator seeded here, whatever ran before (a
+        # model load, a data check): the same seed gives the same heads.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.student = Student(clip, student_dim, teacher_dim, cfg.head, cfg.local_loss).to(env.device)
         self.pfc: PartialFC | None = None
         if self.weights["cls"] or self.weights["kl"]:
             if train.centroids is None:

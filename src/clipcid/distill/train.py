@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from clipcid.config import option
-from clipcid.distill.checkpoint import TrainingRun
+from clipcid.config import validate as check_bounds
+from clipcid.distill.checkpoint import TRAIN_LOG, TrainingRun
 from clipcid.distill.data import (
     TrainBatches,
     TrainRows,
@@ -32,7 +33,7 @@ from clipcid.distill.data import (
 from clipcid.distill.objective import TEACHER_TERMS, TERMS, Objective
 from clipcid.errors import ClipcidError
 from clipcid.models import embedding_dim, load_model, lock_text_tower, padding_trimmer
-from clipcid.stage import DistEnv, RunFolder, barrier, distributed
+from clipcid.stage import DistEnv, barrier, distributed
 from clipcid.util import precision
 from clipcid.util.progress import progress_bar
 from clipcid.util.schedule import cosine_with_warmup
@@ -62,49 +63,60 @@ class DistillConfig:
     teacher_emb: str | None = option(None, "teacher embeddings folder; without it only the CLIP loss can train")
     balance: str | None = option(None, "balance folder: train only on the kept rows")
     clusters: str | None = option(None, "clusters folder: needed by the cluster-level terms")
+    holdout: str | None = option(None, "hold-out folder (clipcid holdout): its rows are never trained on")
     pretrained: str | None = option(None, "start the student from this open_clip tag or checkpoint")
-    batch_size: int = option(64, "pairs per step and process")
-    epochs: int = option(1, "passes over the data")
-    train_num_samples: int | None = option(None, "pairs per epoch, at most (all usable rows by default)")
+    batch_size: int = option(64, "pairs per step and process", at_least=1)
+    epochs: int = option(1, "passes over the data", at_least=1)
+    train_num_samples: int | None = option(None, "pairs per epoch, at most (all usable rows by default)", at_least=1)
     dataset_resampled: bool = option(False, "draw shards with replacement each epoch, as webdataset's resampled")
-    lr: float = option(5e-4, "peak learning rate")
-    wd: float = option(0.2, "AdamW weight decay (not on biases, norms, temperatures)")
-    warmup: int = option(100, "warm-up steps")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.98, "AdamW beta2")
-    eps: float = option(1e-6, "AdamW epsilon")
+    lr: float = option(5e-4, "peak learning rate", above=0)
+    wd: float = option(0.2, "AdamW weight decay (not on biases, norms, temperatures)", at_least=0)
+    warmup: int = option(100, "warm-up steps", at_least=0)
+    beta1: float = option(0.9, "AdamW beta1", at_least=0, below=1)
+    beta2: float = option(0.98, "AdamW beta2", at_least=0, below=1)
+    eps: float = option(1e-6, "AdamW epsilon", above=0)
     precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
     grad_checkpointing: bool = option(False, "recompute activations in backward (less memory)")
     lock_text: bool = option(False, "LiT: freeze the text tower (a pretrained HF tower keeps its projection)")
-    accum_freq: int = option(1, "micro-batches per optimizer step")
-    grad_clip_norm: float | None = option(None, "clip the gradient norm to this")
+    accum_freq: int = option(1, "micro-batches per optimizer step", at_least=1)
+    grad_clip_norm: float | None = option(None, "clip the gradient norm to this", above=0)
     local_loss: bool = option(False, "contrastive losses: local rows against global columns")
     gather_with_grad: bool = option(True, "gather embeddings across processes with their gradients")
-    workers: int = option(2, "data loading processes (they set the data order: resume with the same number)")
+    workers: int = option(
+        2, "data loading processes (they set the data order: resume with the same number)", at_least=0
+    )
     seed: int = option(0, "seed of the student's init, the data order and the classifier's sampling")
     resume: str | None = option(None, "latest, or a checkpoint folder")
-    save_every_n_steps: int | None = option(None, "checkpoint every N steps (and at every epoch's end)")
-    keep_checkpoints: int = option(2, "newest checkpoints kept in RUN/checkpoints, older ones deleted (0: keep all)")
-    log_every_n_steps: int = option(10, "log line and train_log.jsonl row every N steps")
-    w_clip: float = option(1.0, "weight of the student's own CLIP loss (0 turns it off)")
-    w_cls: float = option(1.0, "weight of cluster discrimination (cross-entropy on the pseudo-labels)")
-    w_kl: float = option(0.5, "weight of KL to the teacher's cluster distribution")
-    w_ins: float = option(1.0, "weight of instance-level teacher-student contrastive distillation")
-    w_simkd: float = option(0.0, "baseline: similarity-matrix distillation (open_clip style)")
-    w_fd: float = option(0.0, "baseline: feature distillation (CLIP-KD style MSE)")
-    cls_scale: float = option(32.0, "cluster logits: scale s of s * cos")
-    margin: float = option(0.0, "cluster logits: ArcFace margin on the target")
-    kl_temperature: float = option(1.0, "temperature T of the KL term")
-    pfc_sample_rate: float | None = option(None, "share of classes sampled per step (1.0, or 0.1 above 100k)")
-    pfc_lr_scale: float = option(1.0, "learning-rate multiplier of the cluster classifier")
+    save_every_n_steps: int | None = option(None, "checkpoint every N steps (and at every epoch's end)", at_least=1)
+    keep_checkpoints: int = option(
+        2, "newest checkpoints kept in RUN/checkpoints, older ones deleted (0: keep all)", at_least=0
+    )
+    log_every_n_steps: int = option(10, "log line and train_log.jsonl row every N steps", at_least=1)
+    w_clip: float = option(1.0, "weight of the student's own CLIP loss (0 turns it off)", at_least=0)
+    w_cls: float = option(1.0, "weight of cluster discrimination (cross-entropy on the pseudo-labels)", at_least=0)
+    w_kl: float = option(0.5, "weight of KL to the teacher's cluster distribution", at_least=0)
+    w_ins: float = option(1.0, "weight of instance-level teacher-student contrastive distillation", at_least=0)
+    w_simkd: float = option(0.0, "baseline: similarity-matrix distillation (open_clip style)", at_least=0)
+    w_fd: float = option(0.0, "baseline: feature distillation (CLIP-KD style MSE)", at_least=0)
+    cls_scale: float = option(32.0, "cluster logits: scale s of s * cos", above=0)
+    margin: float = option(0.0, "cluster logits: ArcFace margin on the target", at_least=0)
+    kl_temperature: float = option(1.0, "temperature T of the KL term", above=0)
+    pfc_sample_rate: float | None = option(
+        None, "share of classes sampled per step (1.0, or 0.1 above 100k)", above=0, at_most=1
+    )
+    pfc_lr_scale: float = option(1.0, "learning-rate multiplier of the cluster classifier", at_least=0)
     fc_init: str = option("centroids", "classifier start: the k-means centroids, or random", ("centroids", "random"))
     head: str = option("linear", "heads from the student's width to the teacher's", ("linear", "mlp"))
-    teacher_logit_scale: float = option(100.0, "similarity distillation: the teacher's logit scale")
-    eval_every: int | None = option(None, "evaluate the held-out suite every N steps")
+    teacher_logit_scale: float = option(100.0, "similarity distillation: the teacher's logit scale", above=0)
+    eval_every: int | None = option(None, "evaluate the held-out suite every N steps", at_least=1)
     eval_suite_root: str | None = option(None, "the suite for --eval-every")
     device: str = option("auto", "auto, cpu or cuda")
-    max_steps: int | None = option(None, "stop after this many steps (the schedule still spans the whole run)")
-    max_bad_fraction: float = option(0.01, "stop when more than this share of rows or shards cannot be trained on")
+    max_steps: int | None = option(
+        None, "stop after this many steps (the schedule still spans the whole run)", at_least=1
+    )
+    max_bad_fraction: float = option(
+        0.01, "stop when more than this share of rows or shards cannot be trained on", at_least=0, at_most=1
+    )
     overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
@@ -128,13 +140,8 @@ def lr_at(step: int, cfg: DistillConfig, total_steps: int) -> float:
 
 
 def validate(cfg: DistillConfig) -> None:
+    check_bounds(cfg)
     cfg.precision = precision.canonical(cfg.precision)
-    if cfg.fc_init not in ("centroids", "random"):
-        raise ClipcidError("--fc-init must be centroids or random")
-    if cfg.accum_freq < 1 or cfg.batch_size < 1 or cfg.epochs < 1:
-        raise ClipcidError("--batch-size, --epochs and --accum-freq must be at least 1")
-    if cfg.keep_checkpoints < 0:
-        raise ClipcidError("--keep-checkpoints must be 0 (keep all) or more")
     distilling = [TERMS[t] for t in TEACHER_TERMS if getattr(cfg, TERMS[t])]
     if distilling and not cfg.teacher_emb:
         raise ClipcidError(
@@ -188,7 +195,7 @@ class Trainer:
         self.out = Path(cfg.out)
         validate(cfg)
         self.train = train or load_train_rows(
-            cfg.data, cfg.teacher_emb, cfg.balance, cfg.clusters, cfg.max_bad_fraction
+            cfg.data, cfg.teacher_emb, cfg.balance, cfg.clusters, cfg.max_bad_fraction, cfg.holdout
         )
         loaded = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
         clip = loaded.model.train()
@@ -331,9 +338,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
         if env.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            self.writer = self.run_folder.tensorboard()
         if cfg.resume:
             restored = self.run_folder.load(cfg.resume, self.student, self.optimizer, self.scaler, self.pfc)
             if restored is not None:
@@ -374,24 +379,13 @@ class Trainer:
         return {"steps": self.step, "last": self._last_logged}
 
     def _export_for_open_clip(self) -> None:
-        """RUN/open_clip/: the student as a folder plain open_clip and CLIP_benchmark load (local-dir:)."""
-        from clipcid.export import ExportConfig, export_model
-
         cfg = self.cfg
         terms = ", ".join(f"{name} x {w:g}" for name, w in self.objective.weights.items() if w)
-        description = (
+        self.run_folder.export_open_clip(
+            cfg.model,
             f"`clipcid distill`: {self.step} steps of batch {cfg.batch_size} x {self.env.world_size} process(es) on "
             f"{self.train.total:,} pairs of `{cfg.data}`, loss terms {terms}; teacher embeddings "
-            f"`{cfg.teacher_emb}`, balance `{cfg.balance}`, clusters `{cfg.clusters}`; lr {cfg.lr:g}, seed {cfg.seed}."
-        )
-        export_model(
-            ExportConfig(
-                cfg.model,
-                str(self.out / "student.pt"),
-                str(self.out / "open_clip"),
-                description=description,
-                overwrite=True,
-            )  # fmt: skip
+            f"`{cfg.teacher_emb}`, balance `{cfg.balance}`, clusters `{cfg.clusters}`; lr {cfg.lr:g}, seed {cfg.seed}.",
         )
 
     def _loader(self):
@@ -442,7 +436,7 @@ class Trainer:
                 logged["lr"],
                 rate,
             )
-            self.run_folder.append("train_log.jsonl", {"step": step, "epoch": epoch, **logged, "samples_per_s": rate})
+            self.run_folder.append(TRAIN_LOG, {"step": step, "epoch": epoch, **logged, "samples_per_s": rate})
 
     def evaluate(self) -> None:
         from clipcid.evaluation.features import OpenClipEncoder
@@ -467,12 +461,36 @@ class Trainer:
         barrier(self.env)
 
 
+def run_settings(cfg: DistillConfig) -> dict:
+    """What the student follows from: the config, the number of processes (the global batch), and what
+    the inputs were made from (so that a teacher, balance, clusters or hold-out made again means
+    training again)."""
+    from clipcid.balance.artifact import identity_of as balance_identity
+    from clipcid.cluster.artifact import identity_of as clusters_identity
+    from clipcid.embed.artifact import Embeddings
+    from clipcid.holdout import HoldOut
+
+    return {
+        **{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "inputs": {
+            "teacher_emb": Embeddings.open(cfg.teacher_emb).identity if cfg.teacher_emb else None,
+            "balance": balance_identity(cfg.balance) if cfg.balance else None,
+            "clusters": clusters_identity(cfg.clusters) if cfg.clusters else None,
+            "holdout": HoldOut.open(cfg.holdout).identity if cfg.holdout else None,
+        },
+    }
+
+
 def distill(cfg: DistillConfig) -> dict:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    validate(cfg)
+    folder = TrainingRun.folder(cfg.out, run_settings(cfg), cfg.overwrite)
+    done = folder.finished_run()  # before the data and the model load: a finished run costs a file read
+    if done is not None:
+        return {"steps": done["steps"], "last": done.get("last", {})}
     with distributed(cfg.device) as env:
         if env.world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // env.world_size))
-        folder = RunFolder(cfg.out, "params.json", settings, cfg.overwrite)
         if env.is_main:
             folder.claim()
         barrier(env)
@@ -489,7 +507,7 @@ def distill(cfg: DistillConfig) -> dict:
                 folder.update(described)
             result = trainer.run()
             if env.is_main:
-                folder.finish({**described, "steps": result["steps"]})
+                folder.finish({**described, "steps": result["steps"], "last": result["last"]})
             return result
         finally:
             folder.release()

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcid.errors import ClipcidError
+from clipcid.stage import digest, identity
 from clipcid.util.fileio import atomic_path, save_npy_atomic
 
 SETTINGS_FILE = "embed.json"
@@ -113,6 +114,11 @@ class EmbeddingStore:
     def total(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per stored number (float16 from `clipcid embed`; other tools may store float32)."""
+        return int(self.part(self.part_ids[0]).dtype.itemsize) if self.part_ids else 4
+
     def part(self, i: int) -> np.ndarray:
         cache = self.__dict__.setdefault("_memmaps", {})  # opening a memmap per row read is slow
         if i not in cache:
@@ -176,6 +182,16 @@ class Embeddings:
         for store in stores.values():
             store.folder = folder
         return folder
+
+    @property
+    def identity(self) -> str:
+        """What the vectors were made from and with (embed.json's settings); for another tool's folder,
+        its parts' sizes and modification times."""
+        own = identity(self.root / SETTINGS_FILE)
+        if own is not None:
+            return own
+        files = [f for kind in self._stores for f in sorted((self.root / f"{kind}_emb").glob("*.npy"))]
+        return digest([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
     def store(self, kind: str) -> EmbeddingStore:
         if kind not in self._stores:

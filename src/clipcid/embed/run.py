@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 import clipcid.embed.artifact as artifact
-from clipcid.config import default_workers, option
+from clipcid.config import default_workers, option, validate
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import Part, discover_parts, fingerprint, iter_rows
@@ -39,15 +39,19 @@ class EmbedConfig:
     model: str = option(help="open_clip architecture, e.g. ViT-bigG-14 or clipcid-small")
     out: str = option(help="output folder (clip-retrieval layout)")
     pretrained: str | None = option(None, "open_clip pretrained tag or checkpoint path")
-    batch_size: int = option(256, "images per forward pass")
+    batch_size: int = option(256, "images per forward pass", at_least=1)
     precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
-    workers: int = option(help="data loading processes", default_factory=default_workers)
+    workers: int = option(help="data loading processes", default_factory=default_workers, at_least=0)
     device: str = option("auto", "auto, cpu or cuda")
-    rows_per_part: int = option(10000, "table input: rows per part")
+    rows_per_part: int = option(10000, "table input: rows per part", at_least=1)
     image_column: str | None = option(None, "table input: column holding image paths")
     caption_column: str | None = option(None, "table input: column holding captions")
     seed: int = option(0, "seed of the random init when no --pretrained")
     overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
+
+
+# Settings that do not change what is written (how fast, where).
+RUNTIME_FIELDS = ("out", "batch_size", "workers", "device", "overwrite")
 
 
 @dataclass
@@ -183,18 +187,9 @@ def embed(cfg: EmbedConfig, encoder: Callable[[LoadedModel], PairEncoder] = clip
     """Compute teacher embeddings for every part not yet done; returns the summary (rank 0).
     `encoder` picks what is computed (default: the CLIP embeddings; `clipcid lit` asks for the
     locked towers' features instead)."""
+    validate(cfg)
     cfg.precision = precision.canonical(cfg.precision)
-    with distributed(cfg.device) as env:
-        return _embed(cfg, env, encoder)
-
-
-def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel], PairEncoder]) -> dict:
-    root = Path(cfg.out)
     parts = discover_parts(cfg.data, cfg.rows_per_part, cfg.image_column, cfg.caption_column)
-    teacher = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
-    encoder = make_encoder(teacher)
-    if cfg.pretrained is None and env.is_main and encoder.normalize:
-        log.warning("no --pretrained given: embedding with a randomly initialised %s (seed %d)", cfg.model, cfg.seed)
     settings = {
         "model": cfg.model,
         "pretrained": cfg.pretrained,
@@ -202,12 +197,30 @@ def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel],
         "parts": len(parts),
         "shards": [p.name for p in parts],
         "inputs": [fingerprint(p) for p in parts],
-        "dim": encoder.image_dim,
-        "text_dim": encoder.text_dim,
+        "encoder": getattr(encoder, "__name__", "encoder"),  # what is computed: CLIP embeddings, or features
         "precision": cfg.precision,
         "seed": cfg.seed,
     }
-    folder = RunFolder(root, artifact.SETTINGS_FILE, settings, cfg.overwrite)
+    folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, settings, cfg.overwrite)
+    done = folder.finished_run()  # before the model loads: a finished run costs a file read
+    if done is not None:
+        return done
+    with distributed(cfg.device) as env:
+        return _embed(cfg, env, encoder, parts, folder)
+
+
+def _embed(
+    cfg: EmbedConfig,
+    env: DistEnv,
+    make_encoder: Callable[[LoadedModel], PairEncoder],
+    parts: list[Part],
+    folder: RunFolder,
+) -> dict:
+    root = Path(cfg.out)
+    teacher = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
+    encoder = make_encoder(teacher)
+    if cfg.pretrained is None and env.is_main and encoder.normalize:
+        log.warning("no --pretrained given: embedding with a randomly initialised %s (seed %d)", cfg.model, cfg.seed)
     if env.is_main:
         folder.claim()
     barrier(env)
@@ -216,7 +229,8 @@ def _embed(cfg: EmbedConfig, env: DistEnv, make_encoder: Callable[[LoadedModel],
         barrier(env)
         if not env.is_main:
             return {}
-        return folder.finish(_summarise(root, settings, *done))
+        summary = _summarise(root, folder.settings, *done)
+        return folder.finish({**summary, "dim": encoder.image_dim, "text_dim": encoder.text_dim})
     finally:
         folder.release()
 
@@ -319,12 +333,14 @@ def project_embeddings(
     settings = {
         **{k: info.get(k) for k in ("data", "parts", "shards", "inputs", "precision", "seed")},
         **settings,
-        "dim": dim,
-        "text_dim": dim,
-        "projected_from": str(features),
+        "projected_from": source.identity,
     }
     root = Path(out)
-    with RunFolder(root, artifact.SETTINGS_FILE, settings, overwrite) as folder, torch.inference_mode():
+    folder = RunFolder(root, artifact.SETTINGS_FILE, settings, overwrite)
+    done = folder.finished_run()
+    if done is not None:
+        return done
+    with folder, torch.inference_mode():
         for i in source.part_ids:
             if artifact.part_done(root, i, source.n_parts):
                 continue
@@ -340,4 +356,4 @@ def project_embeddings(
                 {name: source.metadata(i).column(name) for name in source.metadata(i).column_names},
                 damaged=source.damage_of(i),
             )
-        return folder.finish(_summarise(root, settings, 0, 0.0))
+        return folder.finish({**_summarise(root, settings, 0, 0.0), "dim": dim, "text_dim": dim})

@@ -1,9 +1,15 @@
-"""`clipcid eval` and `clipcid eval-suite`: tasks on datasets, results in CLIP_benchmark's JSON schema."""
+"""`clipcid eval` and `clipcid eval-suite`: tasks on datasets, results in CLIP_benchmark's JSON schema.
+
+This module also owns the result files: a suite's folder (one JSON per task, summary.json/.md/.csv), a
+model's evaluation folder in a `clipcid run` (the same, plus eval.json with the settings, the model's
+size and speed, the retrieval ranks and the held-out showcase), and a run's results.json (every record
+with its role). Everything else reads them through the functions here."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipcid.config import default_workers, option
+from clipcid.config import default_workers, option, validate
 from clipcid.errors import ClipcidError
 from clipcid.evaluation import linear_probe as lp
 from clipcid.evaluation import zeroshot_classification as zsc
@@ -38,16 +44,16 @@ class EvalConfig:
     pretrained: str | None = option(None, "open_clip tag or checkpoint path")
     task: str = option("auto", "what to run", ("auto", "zeroshot_classification", "linear_probe", "zeroshot_retrieval"))
     output: str | None = option(None, "result JSON; may use {dataset} {model} {pretrained} {task}")
-    batch_size: int = option(256, "images per forward pass")
+    batch_size: int = option(256, "images per forward pass", at_least=1)
     templates: str | None = option(None, "file with one prompt template per line, {c} = class")
     classnames: str | None = option(None, "file with one class name per line")
-    fewshot_k: int | None = option(None, "linear probe: k training samples per class")
+    fewshot_k: int | None = option(None, "linear probe: k training samples per class", at_least=1)
     feature_root: str | None = option(None, "cache image features here")
     suite_root: str = option(DEFAULT_SUITE_ROOT, "where `clipcid data build-eval` wrote the suite")
     dataset_root: str | None = option(
         None, "with --dataset wds/NAME (CLIP_benchmark's spelling): the dataset's folder, may use {dataset}"
     )
-    workers: int = option(help="data loading processes", default_factory=default_workers)
+    workers: int = option(help="data loading processes", default_factory=default_workers, at_least=0)
     device: str = option("auto", "auto, cpu or cuda")
     precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
     seed: int = option(0, "seed of the linear probe's few-shot sample")
@@ -61,8 +67,8 @@ class EvalSuiteConfig:
     out: str | None = option(help="folder for one JSON per task, summary.md, summary.csv, summary.json")
     pretrained: str | None = option(None, "open_clip tag or checkpoint path")
     suite_root: str = option(DEFAULT_SUITE_ROOT, "where `clipcid data build-eval` wrote the suite")
-    batch_size: int = option(256, "images per forward pass")
-    workers: int = option(help="data loading processes", default_factory=default_workers)
+    batch_size: int = option(256, "images per forward pass", at_least=1)
+    workers: int = option(help="data loading processes", default_factory=default_workers, at_least=0)
     device: str = option("auto", "auto, cpu or cuda")
     precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
     feature_root: str | None = option(None, "cache image features here")
@@ -107,6 +113,7 @@ class TaskRunner:
     def __init__(self, encoder: Encoder, dataset: EvalDataset, cfg: EvalConfig):
         self.encoder, self.dataset, self.cfg = encoder, dataset, cfg
         self._features: dict[str, tuple[np.ndarray, list]] = {}
+        self.ranks: zsr.Ranks | None = None  # of the last retrieval task: paired comparisons need them
 
     def features(self, split: str) -> tuple[np.ndarray, list]:
         if split not in self._features:
@@ -158,7 +165,8 @@ class TaskRunner:
         else:
             feats, captions = self.features(self.cfg.test_split)
             texts = [c for caps in captions for c in caps]
-            metrics = zsr.evaluate(feats, captions, text_features(self.encoder, texts, self.cfg.batch_size))
+            self.ranks = zsr.ranks(feats, captions, text_features(self.encoder, texts, self.cfg.batch_size))
+            metrics = zsr.metrics(self.ranks)
         metric, value = main_metric({"task": task, "metrics": metrics})
         log.info("%s %s: %s %.4f (%.1f s)", self.dataset.name, task, metric, value, time.monotonic() - start)
         return metrics
@@ -192,6 +200,7 @@ def output_path(template: str, dataset: str, model: str, pretrained: str | None,
 
 
 def run_eval(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
+    validate(cfg)
     dataset = build_dataset(cfg.dataset, cfg.suite_root, cfg.dataset_root)
     tasks = auto_tasks(dataset) if cfg.task == "auto" else [cfg.task]
     if cfg.task == "linear_probe" and "train" not in dataset.splits and cfg.train_split == "train":
@@ -268,6 +277,7 @@ def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> 
 
 def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict:
     """Every task of the held-out suite; one JSON per task plus summary.md and summary.csv in cfg.out."""
+    validate(cfg)
     model, pretrained, suite_root = cfg.model, cfg.pretrained, cfg.suite_root
     out_dir = output_folder(cfg.out) if cfg.out else None
     entries = suite_datasets(suite_root)
@@ -298,3 +308,210 @@ def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict
         write_summary(records, summary, out_dir, f"{model} ({pretrained or 'random init'})")
         save_json_atomic(out_dir / "summary.json", {"model": model, "pretrained": pretrained, **summary})
     return {"records": records, "summary": summary}
+
+
+# -- result files, read and written only here ------------------------------------------------------
+
+SUMMARY_FILE = "summary.json"
+RESULTS_FILE = "results.json"
+MODEL_EVAL_FILE = "eval.json"
+
+
+def task_file(folder: Path, dataset: str, task: str) -> Path:
+    return Path(folder) / f"{dataset.removeprefix('wds/').replace('/', '_')}_{task}.json"
+
+
+def read_suite_results(folder: str | Path) -> tuple[dict | None, dict[str, dict]]:
+    """(summary.json or None, {file stem: record}) of a folder of results (a suite's, or a model's
+    evaluation in a run)."""
+    folder = Path(folder)
+    summary = json.loads((folder / SUMMARY_FILE).read_text()) if (folder / SUMMARY_FILE).is_file() else None
+    records = {}
+    for f in sorted(folder.glob("*_*.json")):
+        record = json.loads(f.read_text())
+        if isinstance(record, dict) and {"dataset", "task", "metrics"} <= set(record):
+            records[f.stem] = record
+    return summary, records
+
+
+def write_results(path: str | Path, records: list[dict]) -> None:
+    """A run's results.json: CLIP_benchmark records, each with its `role` (teacher, student, baseline)."""
+    save_json_atomic(path, records)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def read_model_evaluation(folder: str | Path) -> dict | None:
+    """A model's finished evaluation in a run: eval.json's record (size, speed, summary), or None."""
+    from clipcid.stage import finished, read_record
+
+    record = read_record(Path(folder) / MODEL_EVAL_FILE)
+    return record if finished(record) else None
+
+
+def read_ranks(folder: str | Path, dataset: str) -> zsr.Ranks | None:
+    path = Path(folder) / f"{dataset.removeprefix('wds/')}_ranks.npz"
+    return zsr.Ranks.load(path) if path.is_file() else None
+
+
+def read_showcase(folder: str | Path) -> dict | None:
+    path = Path(folder) / "showcase.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class ModelEvalConfig:
+    """How one model of a `clipcid run` is evaluated: on the held-out pairs, on the extra datasets and
+    on a suite (not a CLI command; the run and the demo use it)."""
+
+    out: str
+    model: str | None  # None: a teacher known only by its embeddings
+    pretrained: str | None
+    model_identity: str | None  # what the weights were made from (a run's settings), for the settings
+    holdout: str | None = None
+    teacher_emb: str | None = None  # take the held-out features from here instead of running the model
+    datasets: list[str] | None = None
+    dataset_root: str | None = None
+    suite_root: str | None = None
+    batch_size: int = 256
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    queries: int = 4
+    overwrite: bool = False
+
+
+def _holdout_features(cfg: ModelEvalConfig, encoder: Encoder | None) -> tuple[np.ndarray, np.ndarray, list]:
+    """(image features, caption features, captions) of the held-out gallery, in its order."""
+    from clipcid.holdout import HoldOut
+
+    holdout = HoldOut.open(cfg.holdout)
+    pairs = holdout.pairs()
+    captions = [[c] for c in pairs.column("caption").to_pylist()]
+    if cfg.teacher_emb is not None:
+        from clipcid.embed.artifact import Embeddings
+        from clipcid.stage import unit_rows
+
+        emb = Embeddings.open(cfg.teacher_emb)
+        holdout.check_parts(emb.n_parts)
+        rows = emb.images.offsets[pairs.column("part").to_numpy()] + pairs.column("row").to_numpy()
+        order = np.argsort(rows, kind="stable")  # EmbeddingStore.rows reads sorted rows
+        img, txt = np.empty((len(rows), emb.images.dim), np.float32), np.empty((len(rows), emb.texts.dim), np.float32)
+        img[order], txt[order] = emb.images.rows(rows[order]), emb.texts.rows(rows[order])
+        return unit_rows(img), unit_rows(txt), captions
+    dataset = build_dataset(f"wds:{holdout.gallery}")
+    feats, caps = image_features(encoder, dataset, "test", cfg.batch_size, cfg.workers)
+    return feats, text_features(encoder, [c[0] for c in caps], cfg.batch_size), caps
+
+
+def holdout_showcase(image_feats: np.ndarray, text_feats: np.ndarray, queries: int, top: int = 5) -> dict:
+    """Each of a few held-out captions (evenly spread, the same for every model) with the model's `top`
+    best pictures of the gallery, by position in the gallery."""
+    n = len(image_feats)
+    chosen = sorted({int(i) for i in np.linspace(0, n - 1, num=min(queries, n))}) if n else []
+    scores = text_feats[chosen] @ image_feats.T if chosen else np.zeros((0, n))
+    return {"queries": chosen, "retrieved": np.argsort(-scores, axis=1, kind="stable")[:, :top].tolist()}
+
+
+def evaluate_model(cfg: ModelEvalConfig) -> dict:
+    """One model's records in cfg.out (one JSON per task, the held-out ranks and showcase, summary.json,
+    eval.json with its size and speed); a finished evaluation with the same settings is returned as it is."""
+    from clipcid.stage import RunFolder
+
+    settings = {
+        k: v for k, v in cfg.__dict__.items() if k not in ("out", "batch_size", "workers", "device", "overwrite")
+    }
+    if cfg.holdout:
+        from clipcid.holdout import HoldOut
+
+        settings["holdout"] = HoldOut.open(cfg.holdout).identity
+    folder = RunFolder(cfg.out, MODEL_EVAL_FILE, settings, cfg.overwrite)
+    done = folder.finished_run()
+    if done is not None:
+        return done
+    with folder:
+        out = Path(cfg.out)
+        encoder = load_encoder(cfg.model, cfg.pretrained, cfg.device, cfg.precision) if cfg.model else None
+        records, extra = [], []
+        if cfg.holdout:
+            img, txt, captions = _holdout_features(cfg, encoder)
+            ranks = zsr.ranks(img, captions, txt)
+            ranks.save(out / "holdout_pairs_ranks.npz")
+            metrics = zsr.metrics(ranks)
+            records.append(
+                result_record(f"wds/{HOLDOUT_DATASET}", cfg.model or "", cfg.pretrained, "zeroshot_retrieval", metrics)
+            )
+            save_json_atomic(out / "showcase.json", holdout_showcase(img, txt, cfg.queries))
+        if cfg.datasets or cfg.suite_root:
+            if encoder is None:
+                raise ClipcidError(
+                    "--eval and --eval-suite need the teacher's model (--teacher), not only its embeddings"
+                )
+            for spec in cfg.datasets or []:
+                task_cfg = EvalConfig(
+                    cfg.model,
+                    spec,
+                    cfg.pretrained,
+                    dataset_root=cfg.dataset_root,
+                    batch_size=cfg.batch_size,
+                    workers=cfg.workers,
+                    precision=cfg.precision,
+                    device=cfg.device,
+                    suite_root=cfg.suite_root or DEFAULT_SUITE_ROOT,
+                )
+                extra += run_eval(task_cfg, encoder)
+            if cfg.suite_root:
+                suite_cfg = EvalSuiteConfig(
+                    cfg.model,
+                    None,
+                    cfg.pretrained,
+                    cfg.suite_root,
+                    cfg.batch_size,
+                    cfg.workers,
+                    cfg.device,
+                    cfg.precision,
+                )
+                extra += run_eval_suite(suite_cfg, encoder)["records"]
+        name_level = (
+            {e["name"] for e in suite_datasets(cfg.suite_root) if e.get("name_level")} if cfg.suite_root else set()
+        )
+        summary = summarise(extra, name_level)
+        for record in records + extra:
+            save_json_atomic(task_file(out, record["dataset"], record["task"]), record)
+        if records:
+            summary["holdout_retrieval"] = records[0]["metrics"]
+        save_json_atomic(out / SUMMARY_FILE, {"model": cfg.model, "pretrained": cfg.pretrained, **summary})
+        measured = model_size_and_speed(encoder, cfg.batch_size) if encoder is not None else {}
+        return folder.finish({"records": len(records) + len(extra), "summary": summary, **measured})
+
+
+HOLDOUT_DATASET = "holdout_pairs"
+
+
+def model_size_and_speed(encoder: OpenClipEncoder, batch_size: int, repeats: int = 3) -> dict:
+    """Parameters, and images per second of the image tower at its own resolution (median of `repeats`
+    timed batches after one warm-up, random pixels), on the evaluation's device."""
+    import torch
+
+    from clipcid.models import count_parameters
+
+    model = encoder.model
+    size = model.visual.preprocess_cfg.get("size", 224)
+    size = size if isinstance(size, int) else size[0]
+    batch = min(batch_size, 64)
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        encoder.encode_images(images)  # returns on the CPU: the device has finished
+        if i:
+            times.append(time.perf_counter() - start)
+    return {
+        "parameters": count_parameters(model),
+        "images_per_second": batch / float(np.median(times)),
+        "speed_batch": batch,
+        "speed_device": str(encoder.device),
+    }

@@ -13,8 +13,10 @@ PAGE_STYLE = (
 )
 
 
-def png_src(png: bytes) -> str:
-    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+def png_src(data: bytes) -> str:
+    """A data URI for an image's bytes, with the type its bytes say (PNG, JPEG or WebP)."""
+    kind = "jpeg" if data[:2] == b"\xff\xd8" else "webp" if data[8:12] == b"WEBP" else "png"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
 def page(title: str, body: str, style: str = "") -> str:

@@ -1,0 +1,328 @@
+"""`clipcid holdout`: pairs set aside before any model runs, and the folder that records them (written
+and read only here).
+
+A row is held out when a hash of its image bytes falls below --fraction: the choice follows the
+picture alone, so it does not move when shards are added, renamed or re-keyed, and byte-identical
+copies of a picture all fall on the same side. Nothing trains on a held-out row (balance, cluster,
+distill and lit all take the masks), and balance also drops the training rows that are near-duplicates
+of a held-out picture. The held-out pairs whose image decodes and whose caption is not empty are the
+retrieval gallery: the --eval-pairs of them with the smallest hashes (a uniform sample; recall@k depends
+on the gallery's size, so it is bounded and stated), written as a CLIP_benchmark retrieval dataset
+that any model can be evaluated on (`clipcid eval --dataset wds:OUT/holdout_pairs`).
+
+OUT/mask/holdout_{i}.npy      bool per row of part i (rows as every stage numbers them)
+OUT/index/holdout_{i}.npz     the held-out rows of part i: row, hash, usable
+OUT/holdout_pairs/            the gallery: test/{j}.tar (image, txt caption, json with part, row, key),
+                              dataset_type.txt, pairs.parquet (part, row, key, caption, in dataset order)
+OUT/holdout.json              settings, "complete", and the counts
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from clipcid.config import option, validate
+from clipcid.errors import ClipcidError
+from clipcid.inputs.parts import IMAGE_EXTENSIONS, Part, discover_parts, fingerprint, iter_rows
+from clipcid.inputs.shards import DamagedShard, iter_tar_samples, write_tar_atomic
+from clipcid.stage import DistEnv, RunFolder, barrier, distributed, identity, parts_of_rank, read_finished
+from clipcid.util.fileio import atomic_path, save_npy_atomic
+from clipcid.util.progress import progress_bar
+
+log = logging.getLogger("clipcid")
+
+SETTINGS_FILE = "holdout.json"
+PAIRS = "holdout_pairs"
+PAIRS_INDEX = "pairs.parquet"
+GALLERY_SHARDS = 4  # CLIP_benchmark hands a split's shards to 4 loader workers
+# Precision of a retrieval figure: at 200 pairs, R@1 near 10 % has a 95 % interval of about ±4 points.
+MIN_PAIRS = 200
+
+
+@dataclass
+class HoldoutConfig:
+    data: str = option(help="shards (as `clipcid embed --data` takes them)")
+    out: str = option(help="output folder: masks per part, the held-out gallery, holdout.json")
+    fraction: float = option(0.01, "share of pairs held out, chosen by a hash of the image bytes", at_least=0, below=1)
+    min_pairs: int = option(MIN_PAIRS, "refuse a hold-out with fewer usable pairs than this", at_least=0)
+    eval_pairs: int = option(5000, "held-out pairs in the retrieval gallery (those of smallest hash)", at_least=1)
+    rows_per_part: int = option(10000, "table input: rows per part", at_least=1)
+    image_column: str | None = option(None, "table input: column holding image paths")
+    caption_column: str | None = option(None, "table input: column holding captions")
+    overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
+
+
+RUNTIME_FIELDS = ("out", "overwrite")
+
+
+def image_hash(image: bytes) -> int:
+    """64 bits of BLAKE2b over the image bytes: the row's place in [0, 2^64), uniform over pictures."""
+    return int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "big")
+
+
+def held_out(hash_value: int, fraction: float) -> bool:
+    return hash_value < int(fraction * 2**64)
+
+
+def _usable(image: bytes, caption: str | None) -> bool:
+    if not caption or not caption.strip():
+        return False
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im.convert("RGB")
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
+def mask_path(folder: Path, i: int) -> Path:
+    return Path(folder) / "mask" / f"holdout_{i}.npy"
+
+
+def index_path(folder: Path, i: int) -> Path:
+    return Path(folder) / "index" / f"holdout_{i}.npz"
+
+
+def _staging_path(folder: Path, i: int) -> Path:
+    return Path(folder) / "staging" / f"part_{i}.tar"
+
+
+def _ext_of(image: bytes) -> str:
+    """The file extension the gallery stores an image under (what it is, not what it was called)."""
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            kind = (im.format or "png").lower()
+    except (UnidentifiedImageError, OSError):
+        kind = "png"
+    kind = "jpg" if kind == "jpeg" else kind
+    return kind if kind in IMAGE_EXTENSIONS else "png"
+
+
+def _hold_out_part(folder: Path, i: int, part: Part, fraction: float) -> int:
+    """Mask, index and staged samples of one part, mask last (it marks the part done). Returns the rows."""
+    mask, rows, hashes, usable, staged = [], [], [], [], []
+    try:
+        for r, row in enumerate(iter_rows(part)):
+            h = image_hash(row.image) if row.image is not None else None
+            out = h is not None and held_out(h, fraction)
+            mask.append(out)
+            if out:
+                ok = _usable(row.image, row.caption)
+                rows.append(r)
+                hashes.append(h)
+                usable.append(ok)
+                if ok:
+                    caption = " ".join(row.caption.split())  # one line: a retrieval sample's txt lists captions
+                    staged.append(
+                        {
+                            "__key__": f"{i:06d}_{r:09d}",
+                            _ext_of(row.image): row.image,
+                            "txt": caption,
+                            "json": {"part": i, "row": r, "key": row.key},
+                        }
+                    )
+    except DamagedShard as e:
+        log.warning("%s", e)  # the rows before the damage are whole, as embed keeps them
+    write_tar_atomic(_staging_path(folder, i), staged)
+    with atomic_path(index_path(folder, i)) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            row=np.asarray(rows, dtype=np.int64),
+            hash=np.asarray(hashes, dtype=np.uint64),
+            usable=np.asarray(usable, dtype=bool),
+        )
+    save_npy_atomic(mask_path(folder, i), np.asarray(mask, dtype=bool))
+    return len(mask)
+
+
+def suggested_fraction(fraction: float, usable: int, wanted: int) -> float:
+    """The fraction that should give `wanted` usable pairs, from the `usable` that `fraction` gave."""
+    per_unit = max(usable, 1) / max(fraction, 1e-12)
+    return min(0.5, wanted / per_unit * 1.1)
+
+
+def hold_out(cfg: HoldoutConfig) -> dict:
+    """Mask every part, then assemble the gallery; returns the counts (rank 0)."""
+    validate(cfg)
+    parts = discover_parts(cfg.data, cfg.rows_per_part, cfg.image_column, cfg.caption_column)
+    settings = {
+        **{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+        "data": str(cfg.data),
+        "inputs": [fingerprint(p) for p in parts],
+    }
+    folder = RunFolder(cfg.out, SETTINGS_FILE, settings, cfg.overwrite)
+    done = folder.finished_run()
+    if done is not None:
+        return done
+    with distributed("cpu") as env:
+        if env.is_main:
+            folder.claim()
+        barrier(env)
+        try:
+            return _hold_out(cfg, env, parts, folder)
+        finally:
+            folder.release()
+
+
+def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFolder) -> dict:
+    out = Path(cfg.out)
+    for sub in ("mask", "index", "staging"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    mine = [i for i in parts_of_rank(range(len(parts)), env) if not mask_path(out, i).is_file()]
+    with progress_bar(len(mine), f"hold out (rank {env.rank})", "part", env.is_main) as bar:
+        for i in mine:
+            _hold_out_part(out, i, parts[i], cfg.fraction)
+            bar.update(1)
+    barrier(env)
+    rows = sum(len(np.load(mask_path(out, i), mmap_mode="r")) for i in range(len(parts)))
+    index = [np.load(index_path(out, i)) for i in range(len(parts))]
+    n_held = sum(len(x["row"]) for x in index)
+    n_usable = sum(int(x["usable"].sum()) for x in index)
+    if cfg.fraction > 0 and n_usable < cfg.min_pairs:
+        barrier(env)
+        if env.is_main:
+            folder.discard()  # cheap to redo (a small corpus), and another --holdout must not be refused
+        better = suggested_fraction(cfg.fraction, n_usable, cfg.min_pairs)
+        raise ClipcidError(
+            f"--holdout {cfg.fraction:g} holds out {n_usable} usable pairs of {rows:,}, fewer than the {cfg.min_pairs} "
+            f"needed to measure retrieval; use --holdout {better:.3g} (about {cfg.min_pairs} pairs), "
+            "or --holdout 0 to hold out nothing"
+        )
+    if env.is_main and not (out / PAIRS / PAIRS_INDEX).is_file():
+        _write_gallery(out, index, cfg.eval_pairs)
+    barrier(env)
+    if not env.is_main:
+        return {}
+    shutil.rmtree(out / "staging", ignore_errors=True)
+    gallery = pq.read_metadata(out / PAIRS / PAIRS_INDEX).num_rows
+    summary = {
+        "rows": rows,
+        "held_out": n_held,
+        "usable": n_usable,
+        "gallery_pairs": gallery,
+        "held_out_fraction": n_held / rows if rows else 0.0,
+    }
+    log.info(
+        "held out %d of %d rows (%.2f%%); %d usable pairs, %d in the retrieval gallery",
+        n_held,
+        rows,
+        100 * summary["held_out_fraction"],
+        n_usable,
+        gallery,
+    )
+    return folder.finish(summary)
+
+
+def _write_gallery(out: Path, index: list, eval_pairs: int) -> None:
+    """The usable held-out pairs of smallest hash, in hash order, as a CLIP_benchmark retrieval dataset."""
+    candidates = [
+        (int(h), i, int(r))
+        for i, x in enumerate(index)
+        for r, h, ok in zip(x["row"], x["hash"], x["usable"], strict=True)
+        if ok
+    ]
+    chosen = sorted(candidates)[:eval_pairs]
+    wanted = {(i, r): n for n, (_, i, r) in enumerate(chosen)}
+    samples: list[dict | None] = [None] * len(chosen)
+    for i in sorted({i for _, i, _ in chosen}):
+        for sample in iter_tar_samples(_staging_path(out, i)):
+            meta = json.loads(sample["json"])
+            n = wanted.get((meta["part"], meta["row"]))
+            if n is not None:
+                samples[n] = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+                samples[n]["__meta__"] = meta
+    tmp = out / f"{PAIRS}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "test").mkdir(parents=True)
+    n_shards = max(1, min(GALLERY_SHARDS, len(samples)))
+    for shard in range(n_shards):
+        lo, hi = len(samples) * shard // n_shards, len(samples) * (shard + 1) // n_shards
+        chunk = [{k: v for k, v in s.items() if k != "__meta__"} for s in samples[lo:hi]]
+        write_tar_atomic(tmp / "test" / f"{shard}.tar", chunk)
+    (tmp / "test" / "nshards.txt").write_text(f"{n_shards}\n")
+    (tmp / "dataset_type.txt").write_text("retrieval\n")
+    table = pa.table(
+        {
+            "part": pa.array([s["__meta__"]["part"] for s in samples], pa.int64()),
+            "row": pa.array([s["__meta__"]["row"] for s in samples], pa.int64()),
+            "key": pa.array([s["__meta__"]["key"] for s in samples], pa.string()),
+            "caption": pa.array([s["txt"].decode() if isinstance(s["txt"], bytes) else s["txt"] for s in samples]),
+        }
+    )
+    pq.write_table(table, tmp / PAIRS_INDEX)
+    shutil.rmtree(out / PAIRS, ignore_errors=True)
+    tmp.rename(out / PAIRS)
+
+
+class HoldOut:
+    """A finished hold-out folder: the mask of each part, and the gallery of held-out pairs."""
+
+    def __init__(self, folder: Path, record: dict):
+        self.folder, self.record = folder, record
+
+    @classmethod
+    def open(cls, folder: str | Path) -> HoldOut:
+        folder = Path(folder)
+        if not (folder / SETTINGS_FILE).is_file():
+            raise ClipcidError(f"{folder} is not a hold-out folder (no {SETTINGS_FILE}); run `clipcid holdout` first")
+        return cls(folder, read_finished(folder / SETTINGS_FILE, "holdout"))
+
+    @property
+    def identity(self) -> str | None:
+        return identity(self.folder / SETTINGS_FILE)
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.record["settings"]["inputs"])
+
+    def mask(self, i: int, n_rows: int | None = None) -> np.ndarray:
+        """Held-out rows of part i; `n_rows` (the part's rows in the stage asking) is checked."""
+        mask = np.load(mask_path(self.folder, i))
+        if n_rows is not None and len(mask) != n_rows:
+            raise ClipcidError(
+                f"hold-out part {i} has {len(mask)} rows but the data asking has {n_rows}: {self.folder} was made "
+                "from other shards"
+            )
+        return mask
+
+    def check_parts(self, n_parts: int) -> None:
+        if n_parts != self.n_parts:
+            raise ClipcidError(f"the hold-out {self.folder} has {self.n_parts} parts, the data {n_parts}")
+
+    def masks(self, sizes: list[int]) -> np.ndarray:
+        """The held-out rows of every part, concatenated (global row numbering)."""
+        self.check_parts(len(sizes))
+        if not sizes:
+            return np.zeros(0, dtype=bool)
+        return np.concatenate([self.mask(i, n) for i, n in enumerate(sizes)])
+
+    @property
+    def gallery(self) -> Path:
+        """The held-out pairs as a CLIP_benchmark retrieval dataset (wds layout)."""
+        return self.folder / PAIRS
+
+    def pairs(self) -> pa.Table:
+        """(part, row, key, caption) of each gallery pair, in the dataset's order."""
+        return pq.read_table(self.gallery / PAIRS_INDEX)
+
+    @property
+    def stats(self) -> dict:
+        return {k: v for k, v in self.record.items() if k not in ("settings", "complete")}
+
+
+def summary_text(stats: dict) -> str:
+    return (
+        f"held out {stats['held_out']:,} of {stats['rows']:,} rows ({100 * stats['held_out_fraction']:.2f}%); "
+        f"{stats['usable']:,} usable pairs, {stats['gallery_pairs']:,} in the retrieval gallery"
+    )
