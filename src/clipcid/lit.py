@@ -27,10 +27,11 @@ import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.timm_model import TimmModel
 
-from clipcid.config import default_workers, option
+from clipcid.config import default_workers, option, validate
 from clipcid.embed import EmbedConfig, PairEncoder, embed, project_embeddings
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
+from clipcid.holdout import HoldOut
 from clipcid.models import LoadedModel, load_model, pretrained_trunk_of
 from clipcid.stage import RunFolder, pick_device
 from clipcid.util.fileio import atomic_path
@@ -44,18 +45,19 @@ class LitConfig:
     data: str = option(help="training shards")
     out: str = option(help="run folder: features/ (the locked towers' features), model.pt, params.json")
     model: str = option("clipcid-lit-efficientnet-lite0", "a LiT architecture with shipped ImageNet weights")
-    epochs: int = option(20, "passes over the cached features")
-    batch_size: int = option(1024, "pairs per step")
-    lr: float = option(1e-3, "peak learning rate")
-    wd: float = option(0.1, "weight decay of the projections")
-    warmup: int = option(50, "warm-up steps")
+    epochs: int = option(20, "passes over the cached features", at_least=1)
+    batch_size: int = option(1024, "pairs per step", at_least=2)
+    lr: float = option(1e-3, "peak learning rate", above=0)
+    wd: float = option(0.1, "weight decay of the projections", at_least=0)
+    warmup: int = option(50, "warm-up steps", at_least=0)
     seed: int = option(0, "seed of the projections' init and the data order")
-    workers: int = option(help="data loading processes (feature pass)", default_factory=default_workers)
-    feature_batch_size: int = option(256, "images per forward pass of the feature pass")
+    workers: int = option(help="data loading processes (feature pass)", default_factory=default_workers, at_least=0)
+    feature_batch_size: int = option(256, "images per forward pass of the feature pass", at_least=1)
     device: str = option("auto", "auto, cpu or cuda")
     emb_out: str | None = option(
         None, "also write the teacher's embeddings of --data here, projected from the features (= clipcid embed)"
     )
+    holdout: str | None = option(None, "hold-out folder (clipcid holdout): its rows are not trained on")
     overwrite: bool = option(False, "replace what --out holds if it was made with other settings")
 
 
@@ -90,9 +92,12 @@ def locked_features(loaded: LoadedModel) -> PairEncoder:
     )
 
 
-def _load_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_features(folder: Path, holdout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     features = Embeddings.open(folder)
-    rows = np.flatnonzero(features.valid_mask())
+    use = features.valid_mask()
+    if holdout:
+        use &= ~HoldOut.open(holdout).masks(features.sizes)
+    rows = np.flatnonzero(use)
     if len(rows) == 0:
         raise ClipcidError(f"{folder}: no valid rows to train on")
     return torch.from_numpy(features.images.rows(rows)), torch.from_numpy(features.texts.rows(rows))
@@ -158,10 +163,11 @@ def train_projections(model: torch.nn.Module, img: torch.Tensor, txt: torch.Tens
 def lit(cfg: LitConfig) -> dict:
     """Features of the locked towers (computed once, resumable), then the projections; writes RUN/model.pt."""
     out = Path(cfg.out)
-    if cfg.epochs < 1 or cfg.batch_size < 2:
-        raise ClipcidError("--epochs must be at least 1 and --batch-size at least 2")
+    validate(cfg)
     ignored = ("out", "workers", "device", "feature_batch_size", "emb_out", "overwrite")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    if cfg.holdout:
+        settings["holdout"] = HoldOut.open(cfg.holdout).identity
     with RunFolder(out, "params.json", settings, cfg.overwrite) as folder:
         if folder.is_complete() and (out / "model.pt").is_file():
             log.info("%s: LiT teacher already trained with these settings", out)
@@ -179,7 +185,7 @@ def lit(cfg: LitConfig) -> dict:
             ),
             encoder=locked_features,
         )
-        img, txt = _load_features(out / "features")
+        img, txt = _load_features(out / "features", cfg.holdout)
         loaded = load_model(cfg.model, None, "cpu", cfg.seed)  # ImageNet trunk, projections from the seed
         check_lit_architecture(cfg.model, loaded.model)
         start = time.monotonic()
@@ -195,6 +201,12 @@ def lit(cfg: LitConfig) -> dict:
             }
         )
     return _write_embeddings(cfg, result)
+
+
+def read_history(run: str | Path) -> list[dict]:
+    """The teacher's training, one row per epoch (RUN/train_log.jsonl); empty when not trained."""
+    path = Path(run) / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _write_embeddings(cfg: LitConfig, result: dict) -> dict:

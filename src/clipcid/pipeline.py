@@ -423,8 +423,8 @@ class StageTimes:
 
 
 class Pipeline:
-    def __init__(self, out: Path, recipe: dict, env: DistEnv, overwrite_from: str | None):
-        self.out, self.recipe, self.env = out, recipe, env
+    def __init__(self, out: Path, recipe: dict, env: DistEnv, overwrite_from: str | None, extras=None):
+        self.out, self.recipe, self.env, self.extras = out, recipe, env, extras
         self.times = StageTimes(out)
         names = [s for s, _ in STAGES] + ["export"]
         self.overwrite = set(names[names.index(overwrite_from) :]) if overwrite_from else set()
@@ -475,7 +475,7 @@ class Pipeline:
             self.stage_rank0("export", self.export, lambda: identity(self.out / "models" / "models.json"))
             from clipcid.report import write_report
 
-            report = write_report(self.out)
+            report = write_report(self.out, self.extras() if self.extras else None)
             self.times.complete(self.env.world_size)
             log.info("report: %s", report)
         barrier(self.env)
@@ -634,8 +634,18 @@ def _small_local_checkpoint(pretrained: str | None) -> bool:
     )
 
 
-def run_pipeline(cfg: RunConfig) -> dict:
-    """`clipcid run`: check everything that can be checked, print and write the settings, run the stages."""
+def read_models(out: str | Path) -> dict[str, dict]:
+    """OUT/models/models.json of a finished run: per model, its role, architecture, weights, folder (None
+    when referenced), size and speed, and the identity of what made it."""
+    from clipcid.stage import read_finished
+
+    record = read_finished(Path(out) / "models" / "models.json", "run")
+    return {name: {**entry, "identity": record["settings"].get(name)} for name, entry in record["models"].items()}
+
+
+def run_pipeline(cfg: RunConfig, extras=None) -> dict:
+    """`clipcid run`: check everything that can be checked, print and write the settings, run the stages.
+    `extras` (Python only: the demo's) is called before the report is written and returns report.Extras."""
     validate(cfg)
     recipe, sources = resolve_recipe(cfg)
     out = output_folder(cfg.out)
@@ -652,7 +662,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
             print(describe(recipe, sources), flush=True)
             save_json_atomic(out / "recipe.json", recipe)
         barrier(env)
-        return Pipeline(out, recipe, env, changed[0] if changed else None).run()
+        return Pipeline(out, recipe, env, changed[0] if changed else None, extras).run()
 
 
 def summary_text(result: dict) -> str:

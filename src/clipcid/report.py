@@ -53,7 +53,7 @@ class Extras:
     intro: str = ""
     after_results: list[str] = field(default_factory=list)  # HTML sections after the results
     timings: dict[str, float] = field(default_factory=dict)  # stages run before the pipeline
-    curves: list[tuple[Path, str]] = field(default_factory=list)  # more training runs to plot
+    curves: list[tuple[list[dict], str]] = field(default_factory=list)  # more training logs to plot
 
 
 def _img_tag(png: bytes, alt: str) -> str:
@@ -64,10 +64,9 @@ def _file_img(path: Path, alt: str) -> str:
     return _img_tag(path.read_bytes(), alt) if path.is_file() else f"<p>({html.escape(alt)}: not found)</p>"
 
 
-def _loss_curves(run: Path, title: str) -> str:
-    rows = read_train_log(run)
+def _loss_curves(rows: list[dict], title: str) -> str:
     if not rows:
-        return f"<p>no training log in {html.escape(str(run))}</p>"
+        return f"<p>no training log for {html.escape(title)}</p>"
     terms = [k for k in (*TERMS, "total") if k in rows[-1]]
     fig, ax = new_figure(6.5, 3.6)
     steps = [r["step"] for r in rows]
@@ -119,13 +118,12 @@ def results_table(out: Path) -> Table:
                 diff = f"{_pct(d, True)} [{_pct(low, True)}, {_pct(high, True)}]{mark}"
             rows.append((f"{label} ({n_pairs:,} pairs)", True, cells, diff))
     summaries = {n: r[0] or {} for n, r in results.items()}
-    for key, label in AVERAGES:
-        values = [summaries[n].get(key) for n, _ in present]
-        if any(v is not None for v in values):
-            pair = [summaries[n].get(key) for n in ("student", "baseline")] if compare else [None]
-            diff = _pct(pair[0] - pair[1], True) if None not in pair else ""
-            rows.append((label, True, [_pct(v) for v in values], diff))
     tasks = sorted({t for _, records in results.values() for t in records} - {f"{HOLDOUT_DATASET}_zeroshot_retrieval"})
+    for key, label in AVERAGES if tasks else ():  # the means of the other tasks, when there are any
+        values = [summaries[n].get(key) for n, _ in present]
+        pair = [summaries[n].get(key) for n in ("student", "baseline")] if compare else [None]
+        diff = _pct(pair[0] - pair[1], True) if None not in pair else ""
+        rows.append((label, True, [_pct(v) for v in values], diff))
     for task in tasks:
         values = [_main(results[n][1].get(task)) for n, _ in present]
         diff = ""
@@ -271,9 +269,9 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
     timings = {**extras.timings, **{k: v["seconds"] for k, v in run_state["stages"].items()}}
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items())
     world = run_state.get("world_size", 1)
-    curves = "".join(_loss_curves(run, title) for run, title in extras.curves)
+    curves = "".join(_loss_curves(rows, title) for rows, title in extras.curves)
     curves += "".join(
-        _loss_curves(out / "runs" / name, title)
+        _loss_curves(read_train_log(out / "runs" / name), title)
         for name, title in (("baseline", "baseline, CLIP loss only"), ("student", "student, CLIP-CID: every term"))
         if (out / "runs" / name).is_dir()
     )

@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,11 +216,14 @@ class RunFolder:
     def is_complete(self) -> bool:
         return self.finished_run() is not None
 
-    def finished_run(self) -> dict | None:
-        """The flat view `finish` returned, when the folder holds a complete run with these very settings;
-        else None. Stages ask this first, so that a finished run costs a file read, not a model load."""
+    def finished_run(self, whole: Callable[[], bool] | None = None) -> dict | None:
+        """The flat view `finish` returned, when the folder holds a complete run with these very settings
+        and `whole()` finds its outputs all there; else None. Stages ask this first, so that a finished run
+        costs a file read, not a model load (and a file deleted since is made again)."""
         previous = self.recorded()
         if not (previous and previous.get("complete") and previous.get("settings") == self.settings):
+            return None
+        if whole is not None and not whole():
             return None
         summary = {k: v for k, v in previous.items() if k not in ("settings", "complete")}
         return {**self.settings, **summary, "complete": True}

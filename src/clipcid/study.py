@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -59,8 +58,9 @@ class StudyConfig:
     suite_root: str | None = option(None, "held-out suite (clipcid data build-eval)")
     seeds: list[int] | None = option(None, "seeds to run (default: the plan's)")
     only: list[str] | None = option(None, "run only these variants (and those they take their steps from)")
-    workers: int = option(2, "data loading processes of each run (it sets the data order: keep it fixed)")
-    quick: bool = option(False, "the demo folder was made with --quick (take that recipe)")
+    holdout: str | None = option(None, "hold-out folder (clipcid holdout): never trained on")
+    workers: int = option(2, "data loading processes of each run (it sets the data order: keep it fixed)", at_least=0)
+    overwrite: bool = option(False, "redo a run whose settings the plan has changed")
 
 
 @dataclass
@@ -154,19 +154,15 @@ def _key(spec: object) -> str:
 
 
 class DataCache:
-    """Balance and clusters of each data variant, made once inside the study folder."""
+    """Balance and clusters of each data variant, made once inside the study folder (each stage returns
+    at once when its folder finished with the same settings: stage.py's rule)."""
 
     def __init__(self, out: Path, artifacts: dict):
         self.out, self.artifacts = out / "data", artifacts
 
     def _stage(self, kind: str, spec: dict, run) -> str:
         folder = self.out / f"{kind}-{_key(spec)}"
-        marker = folder / "study_stage.json"
-        if marker.is_file() and json.loads(marker.read_text())["spec"] == spec:
-            return str(folder)
-        log.info("study: %s for %s", kind, json.dumps(spec, sort_keys=True))
         run(str(folder))
-        save_json_atomic(marker, {"spec": spec})
         return str(folder)
 
     def balance(self, spec, seed: int) -> str | None:
@@ -176,8 +172,11 @@ class DataCache:
             return None
         if "random_removal" in spec:
             spec = {**spec, "seed": seed}  # a control drawn anew per seed
+        holdout = self.artifacts.get("holdout")
         return self._stage(
-            "balance", spec, lambda out: balance(BalanceConfig(emb=self.artifacts["teacher_emb"], out=out, **spec))
+            "balance",
+            spec,
+            lambda out: balance(BalanceConfig(emb=self.artifacts["teacher_emb"], out=out, holdout=holdout, **spec)),
         )
 
     def clusters(self, balance_spec, cluster_spec, seed: int) -> str:
@@ -190,7 +189,13 @@ class DataCache:
             "clusters",
             spec,
             lambda out: cluster(
-                ClusterConfig(emb=self.artifacts["teacher_emb"], out=out, balance=balance_dir, **settings)
+                ClusterConfig(
+                    emb=self.artifacts["teacher_emb"],
+                    out=out,
+                    balance=balance_dir,
+                    holdout=self.artifacts.get("holdout"),
+                    **settings,
+                )
             ),
         )
 
@@ -202,9 +207,20 @@ def run_folder(out: Path, variant: str, seed: int) -> Path:
     return out / "runs" / variant / f"seed{seed}"
 
 
+RUN_FILE = "run.json"
+
+
 def _finished(folder: Path) -> dict | None:
-    f = folder / "run.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    from clipcid.stage import finished, read_record
+
+    record = read_record(folder / RUN_FILE)
+    return record if finished(record) else None
+
+
+def read_study(folder: str | Path) -> dict | None:
+    """study.json of a study folder, or None."""
+    path = Path(folder) / "study.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class Study:
@@ -223,7 +239,11 @@ class Study:
         train = {**self.plan.base, **variant.train, "seed": seed}
         balance_spec = variant.data.get("balance", GIVEN)
         cluster_spec = variant.data.get("cluster", GIVEN)
-        paths = {"data": self.artifacts["data"], "teacher_emb": self.artifacts["teacher_emb"]}
+        paths = {
+            "data": self.artifacts["data"],
+            "teacher_emb": self.artifacts["teacher_emb"],
+            "holdout": self.artifacts.get("holdout"),
+        }
         paths["balance"] = self.data.balance(balance_spec, seed)
         probe = DistillConfig(data="", out="", **train)  # the defaults of what the variant leaves unset
         needs_clusters = probe.w_cls or probe.w_kl
@@ -236,16 +256,21 @@ class Study:
 
     def run(self, variant: Variant, seed: int) -> dict:
         """Train and evaluate one (variant, seed) unless done; returns its record."""
+        from clipcid.distill.checkpoint import discard_checkpoints, student_path
+        from clipcid.stage import RunFolder
+
         folder = run_folder(self.out, variant.name, seed)
-        done = _finished(folder)
         settings = self.settings(variant, seed)
+        run = RunFolder(folder, RUN_FILE, settings, self.cfg.overwrite)
+        done = run.finished_run()
         if done is not None:
-            if done["settings"] != settings:
-                raise ClipcidError(
-                    f"{folder} was trained with other settings than the plan now gives variant {variant.name}; "
-                    f"rename the variant or delete {folder}"
-                )
-            return done
+            return {k: v for k, v in run.recorded().items() if k != "complete"}
+        try:
+            run.claim()
+        except ClipcidError as e:
+            raise ClipcidError(
+                f"{e} (the plan now gives variant {variant.name} other settings: rename the variant, or --overwrite)"
+            ) from None
         log.info("study: %s, seed %d", variant.name, seed)
         start = time.monotonic()
         model = settings["model"]
@@ -264,7 +289,7 @@ class Study:
             EvalSuiteConfig(
                 model,
                 str(folder / "eval"),
-                str(folder / "train" / "student.pt"),
+                str(student_path(folder / "train")),
                 self.artifacts["suite_root"],
                 workers=self.cfg.workers,
             )
@@ -272,18 +297,18 @@ class Study:
         record = {
             "variant": variant.name,
             "seed": seed,
-            "settings": settings,
             "steps": result["steps"],
             "train_seconds": train_s,
             "eval_seconds": time.monotonic() - start - train_s,
             "summary": evaluation["summary"],
             "tasks": {f"{r['dataset']}/{r['task']}": main_metric(r)[1] for r in evaluation["records"]},
         }
-        save_json_atomic(folder / "run.json", record)  # written last: marks the run finished
+        run.finish(record)  # written last: marks the run finished
+        run.release()
         # The student and its evaluation are kept; resume points are not needed any more (and a study
         # of many runs would fill the disk with them).
-        shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)
-        return record
+        discard_checkpoints(folder / "train")
+        return {**record, "settings": settings}
 
     def execute(self) -> dict:
         names = [v.name for v in self.plan.variants]
@@ -347,23 +372,28 @@ class Study:
 def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
     """The shards, teacher embeddings, balance, clusters and suite, from --demo and/or explicit flags;
     and the base training recipe (the demo's student recipe with its CID weights, when --demo)."""
-    artifacts: dict[str, str | None] = {k: None for k in ("data", "teacher_emb", "balance", "clusters", "suite_root")}
+    keys = ("data", "teacher_emb", "balance", "clusters", "suite_root", "holdout")
+    artifacts: dict[str, str | None] = {k: None for k in keys}
     base: dict = {}
     if cfg.demo:
-        from clipcid.recipe import load_recipe
+        from clipcid.distill.train import RUNTIME_FIELDS
 
         demo = Path(cfg.demo)
-        if not (demo / "stages" / "cluster.json").is_file():
-            raise ClipcidError(f"{demo} is not a finished demo folder (no stages/cluster.json); run `clipcid demo`")
+        recipe_file = demo / "recipe.json"
+        if not (demo / "clusters" / "stats.json").is_file() or not recipe_file.is_file():
+            raise ClipcidError(f"{demo} is not a finished demo (no clusters/ or recipe.json): run `clipcid demo`")
+        used = json.loads(recipe_file.read_text())
         artifacts.update(
             data=str(demo / "corpus"),
             teacher_emb=str(demo / "teacher_emb"),
             balance=str(demo / "balance"),
             clusters=str(demo / "clusters"),
             suite_root=str(demo / "eval"),
+            holdout=str(demo / "holdout") if (demo / "holdout" / "holdout.json").is_file() else None,
         )
-        recipe = load_recipe(cfg.quick)
-        base = {**recipe["student"], **recipe["cid_weights"]}
+        # The student's training settings as the demo's run resolved them, not where or how often it saves
+        # and logs: each study run sets those itself.
+        base = {k: v for k, v in used.get("distill", {}).items() if k not in RUNTIME_FIELDS and k != "workers"}
     for key in artifacts:
         if getattr(cfg, key):
             artifacts[key] = getattr(cfg, key)

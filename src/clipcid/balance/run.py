@@ -37,7 +37,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from clipcid.balance.artifact import SETTINGS_FILE, write_masks
+from clipcid.balance.artifact import SETTINGS_FILE, keep_path, write_masks
 from clipcid.config import option, validate
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
@@ -462,7 +462,7 @@ def balance(cfg: BalanceConfig) -> dict:
         raise ClipcidError("--random-removal and --target-removal exclude each other")
     embeddings = Embeddings.open(cfg.emb)
     folder = RunFolder(cfg.out, SETTINGS_FILE, run_settings(cfg, embeddings), cfg.overwrite)
-    done = folder.finished_run()
+    done = folder.finished_run(lambda: all(keep_path(cfg.out, i).is_file() for i in embeddings.part_ids))
     if done is not None:
         return done
     with distributed(cfg.device) as env:

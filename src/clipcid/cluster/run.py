@@ -245,7 +245,7 @@ def cluster(cfg: ClusterConfig) -> dict:
     k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
     settings = _settings(cfg, k, embeddings, len(kept_rows))
     folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, {**settings, "emb": cfg.emb}, cfg.overwrite)
-    done = folder.finished_run()
+    done = folder.finished_run(lambda: all(artifact.labels_done(Path(cfg.out), i) for i in embeddings.part_ids))
     if done is not None:
         return done
     with distributed("cuda" if cfg.gpu else "cpu") as env:

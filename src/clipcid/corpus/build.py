@@ -1,8 +1,8 @@
 """`clipcid data build-demo`: the offline training corpus as img2dataset-style webdataset shards.
 
 Layout (as img2dataset writes it): OUT/00000.tar (KEY.png, KEY.txt, KEY.json), OUT/00000.parquet
-(one row per planned sample, with its status), OUT/00000_stats.json, plus OUT/build.json (settings)
-and OUT/sources.json (per source and style: planned, written, failed).
+(one row per planned sample, with its status), OUT/00000_stats.json, plus OUT/build.json (settings and
+counts, by stage.py's run folder rule) and OUT/sources.json (per source and style: planned, written, failed).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipcid.config import default_workers, option
+from clipcid.config import default_workers, option, validate
 from clipcid.corpus import sources as S
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
-from clipcid.util.fileio import atomic_path, output_folder, remove_stale_temporaries, save_json_atomic
+from clipcid.stage import RunFolder
+from clipcid.util.fileio import atomic_path, save_json_atomic
 from clipcid.util.tables import format_table, run_pool
 
 log = logging.getLogger("clipcid")
@@ -34,13 +35,14 @@ DEFAULT_NPM_ROOT = "node_modules"
 @dataclass
 class BuildDemoConfig:
     out: str = option(help="output folder for the shards")
-    image_size: int = option(64, "rendered image size in pixels")
-    limit: int | None = option(None, "build only the first N planned samples")
-    shard_size: int = option(1000, "samples per shard")
-    workers: int = option(help="rendering processes", default_factory=default_workers)
+    image_size: int = option(64, "rendered image size in pixels", at_least=8)
+    limit: int | None = option(None, "build only the first N planned samples", at_least=1)
+    shard_size: int = option(1000, "samples per shard (keys hold 4 digits for the row)", at_least=1, at_most=10000)
+    workers: int = option(help="rendering processes", default_factory=default_workers, at_least=0)
     seed: int = option(0, "seed of the sample order")
     npm_root: str = option(DEFAULT_NPM_ROOT, "where `make sources` installed the npm sets")
     allow_missing: bool = option(False, "build even if some sources are missing")
+    overwrite: bool = option(False, "replace what --out holds if it was built with other settings")
 
 
 @dataclass
@@ -188,24 +190,23 @@ def plan_training_corpus(items: list[S.Artwork], limit: int | None, seed: int) -
 
 def build_demo_corpus(cfg: BuildDemoConfig) -> dict:
     """Build (or finish building) the training corpus; returns the per-source summary."""
+    validate(cfg)
     out = Path(cfg.out)
-    output_folder(out)
-    remove_stale_temporaries(out)
     settings = {
         "image_size": cfg.image_size,
         "limit": cfg.limit,
         "shard_size": cfg.shard_size,
         "seed": cfg.seed,
     }
-    build_file = out / "build.json"
-    if build_file.is_file():
-        previous = json.loads(build_file.read_text())["settings"]
-        if previous != settings:
-            raise ClipcidError(
-                f"{out} holds a corpus built with other settings ({previous}); use another --out or delete it"
-            )
-    if cfg.shard_size < 1 or cfg.shard_size > 10000:
-        raise ClipcidError("--shard-size must be between 1 and 10000 (keys hold 4 digits for the row)")
+    folder = RunFolder(out, "build.json", settings, cfg.overwrite)
+    done = folder.finished_run(lambda: (out / "sources.json").is_file())
+    if done is not None:
+        return json.loads((out / "sources.json").read_text())
+    with folder:
+        return _build(cfg, out, folder)
+
+
+def _build(cfg: BuildDemoConfig, out: Path, folder: RunFolder) -> dict:
 
     items, status = collect_training_artwork(Path(cfg.npm_root))
     missing = [s for s in status.values() if s.missing]
@@ -218,7 +219,7 @@ def build_demo_corpus(cfg: BuildDemoConfig) -> dict:
     planned = plan_training_corpus(items, cfg.limit, cfg.seed)
     if not planned:
         raise ClipcidError("no artwork found to build the corpus from; run `make sources`")
-    save_json_atomic(build_file, {"settings": settings, "planned": len(planned)})
+    folder.update({"planned": len(planned)})
 
     # img2dataset keys: 5 digits of shard, 4 of row.
     jobs, sizes = [], []
@@ -254,6 +255,7 @@ def build_demo_corpus(cfg: BuildDemoConfig) -> dict:
         "sources": [asdict(s) for s in sorted(status.values(), key=lambda s: (s.source, s.style))],
     }
     save_json_atomic(out / "sources.json", summary)
+    folder.finish({k: summary[k] for k in ("shards", "planned", "written", "failed")})
     return summary
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipcid.config import default_workers, option
+from clipcid.config import default_workers, option, validate
 from clipcid.corpus import sources as S
 from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
-from clipcid.util.fileio import output_folder, save_json_atomic
+from clipcid.stage import RunFolder
+from clipcid.util.fileio import save_json_atomic
 from clipcid.util.tables import run_pool
 
 log = logging.getLogger("clipcid")
@@ -274,20 +275,18 @@ def write_wds_dataset(ds: SuiteDataset, out: Path, image_size: int, workers: int
 @dataclass
 class BuildEvalConfig:
     out: str = option(help="output folder of the suite")
-    image_size: int = option(64, "rendered image size in pixels")
+    image_size: int = option(64, "rendered image size in pixels", at_least=8)
     npm_root: str = option(DEFAULT_NPM_ROOT, "where `make sources` installed the npm sets")
-    workers: int = option(help="rendering processes", default_factory=default_workers)
+    workers: int = option(help="rendering processes", default_factory=default_workers, at_least=0)
     only: list[str] | None = option(None, "build only these datasets")
+    overwrite: bool = option(False, "replace a suite built at another image size")
 
 
 def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
     """Build every dataset of the suite (or those named in `only`); finished datasets are kept."""
     out, image_size, npm_root, workers, only = cfg.out, cfg.image_size, cfg.npm_root, cfg.workers, cfg.only
+    validate(cfg)
     out_dir = Path(out)
-    output_folder(out_dir)
-    suite_file = out_dir / "suite.json"
-    if suite_file.is_file() and json.loads(suite_file.read_text())["image_size"] != image_size:
-        raise ClipcidError(f"{out_dir} holds a suite built at another image size; use another --out or delete it")
     root = Path(npm_root)
     try:
         index = S.EmojiIndex(S.read_unicode_emoji())
@@ -317,6 +316,17 @@ def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
         if unknown:
             raise ClipcidError(f"unknown eval dataset(s) {', '.join(unknown)}; known: {', '.join(builders)}")
         builders = {name: build for name, build in builders.items() if name in only}
+    # stage.py's rule: the suite folder holds datasets of one image size; each dataset is whole once its
+    # info.json is there (written last), and suite.json lists those present.
+    folder = RunFolder(out_dir, "suite.json", {"image_size": image_size}, cfg.overwrite)
+    done = folder.finished_run(lambda: all((out_dir / name / "info.json").is_file() for name in builders))
+    if done is not None:
+        return [info for info in done["datasets"] if info["name"] in builders]
+    with folder:
+        return _build(builders, folder, out_dir, image_size, workers)
+
+
+def _build(builders: dict, folder: RunFolder, out_dir: Path, image_size: int, workers: int) -> list[dict]:
     infos = []
     for name, build in builders.items():
         info_file = out_dir / name / "info.json"
@@ -331,5 +341,5 @@ def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
         infos.append(info)
     # The suite file lists every dataset present, including ones built by an earlier `--only` run.
     present = [json.loads(f.read_text()) for f in sorted(out_dir.glob("*/info.json"))]
-    save_json_atomic(suite_file, {"image_size": image_size, "datasets": present})
+    folder.finish({"datasets": present})
     return infos

@@ -21,7 +21,7 @@ from torch import nn
 
 from clipcid.config import option
 from clipcid.config import validate as check_bounds
-from clipcid.distill.checkpoint import TRAIN_LOG, TrainingRun
+from clipcid.distill.checkpoint import TRAIN_LOG, TrainingRun, student_path
 from clipcid.distill.data import (
     TrainBatches,
     TrainRows,
@@ -485,7 +485,8 @@ def run_settings(cfg: DistillConfig) -> dict:
 def distill(cfg: DistillConfig) -> dict:
     validate(cfg)
     folder = TrainingRun.folder(cfg.out, run_settings(cfg), cfg.overwrite)
-    done = folder.finished_run()  # before the data and the model load: a finished run costs a file read
+    # Before the data and the model load: a finished run costs a file read.
+    done = folder.finished_run(lambda: student_path(cfg.out).is_file())
     if done is not None:
         return {"steps": done["steps"], "last": done.get("last", {})}
     with distributed(cfg.device) as env:
@@ -507,7 +508,11 @@ def distill(cfg: DistillConfig) -> dict:
                 folder.update(described)
             result = trainer.run()
             if env.is_main:
-                folder.finish({**described, "steps": result["steps"], "last": result["last"]})
+                summary = {**described, "steps": result["steps"], "last": result["last"]}
+                if result["steps"] >= trainer.total_steps:
+                    folder.finish(summary)
+                else:  # stopped by --max-steps: the student is written, the run resumes when asked
+                    folder.update(summary)
             return result
         finally:
             folder.release()

@@ -202,7 +202,8 @@ def embed(cfg: EmbedConfig, encoder: Callable[[LoadedModel], PairEncoder] = clip
         "seed": cfg.seed,
     }
     folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, settings, cfg.overwrite)
-    done = folder.finished_run()  # before the model loads: a finished run costs a file read
+    # Before the model loads: a finished run costs a file read.
+    done = folder.finished_run(lambda: all(artifact.part_done(Path(cfg.out), i, len(parts)) for i in range(len(parts))))
     if done is not None:
         return done
     with distributed(cfg.device) as env:

@@ -429,11 +429,11 @@ def evaluate_model(cfg: ModelEvalConfig) -> dict:
 
         settings["holdout"] = HoldOut.open(cfg.holdout).identity
     folder = RunFolder(cfg.out, MODEL_EVAL_FILE, settings, cfg.overwrite)
-    done = folder.finished_run()
+    out = Path(cfg.out)
+    done = folder.finished_run(lambda: (out / SUMMARY_FILE).is_file())
     if done is not None:
         return done
     with folder:
-        out = Path(cfg.out)
         encoder = load_encoder(cfg.model, cfg.pretrained, cfg.device, cfg.precision) if cfg.model else None
         records, extra = [], []
         if cfg.holdout:
