@@ -69,6 +69,54 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, seed: int = 0) -> l
     return keys
 
 
+def make_img2dataset_shards(folder: Path, n_shards: int, per_shard: int, seed: int = 0, captions: bool = True) -> None:
+    """Shards as img2dataset's webdataset output writes them: KEY.jpg, KEY.txt, KEY.json (url, key, status,
+    caption, sizes) in 00000.tar, and beside each tar its .parquet (every planned row, failed downloads
+    too) and _stats.json. Pictures differ in shape, colour, place and size, so that few are byte-equal."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        samples, rows = [], []
+        for r in range(per_shard + 1):
+            colour, shape = COLOURS[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+            key, url = f"{s:05d}{r:04d}", f"https://example.org/{s}/{r}.jpg"
+            failed = r == per_shard  # img2dataset lists a failed download in the parquet, not in the tar
+            rows.append(
+                {
+                    "key": key,
+                    "url": url,
+                    "caption": f"a {colour} {shape}",
+                    "status": "failed_to_download" if failed else "success",
+                }
+            )
+            if failed:
+                continue
+            image = Image.open(io.BytesIO(shape_png(colour, shape, size=64, jitter=int(rng.integers(12)))))
+            image = image.rotate(float(rng.uniform(-20, 20)), fillcolor="white")
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="JPEG", quality=95)
+            meta = {
+                "url": url,
+                "key": key,
+                "status": "success",
+                "caption": f"a {colour} {shape}",
+                "width": 64,
+                "height": 64,
+            }
+            sample = {"__key__": key, "jpg": buf.getvalue(), "json": json.dumps(meta)}
+            if captions:
+                sample["txt"] = f"a {colour} {shape}"
+            samples.append(sample)
+        write_tar_atomic(folder / f"{s:05d}.tar", samples)
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{s:05d}.parquet")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard + 1, "successes": per_shard}))
+
+
 @pytest.fixture
 def shards(tmp_path: Path) -> tuple[Path, list[list[str]]]:
     folder = tmp_path / "shards"

@@ -288,6 +288,7 @@ def check_model_spec(name: str, pretrained: str | None, flag: str = "--model") -
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if not Path(pretrained).is_file():
             raise ClipcidError(f"checkpoint not found: {pretrained}")
+        readable_checkpoint(pretrained)
     elif not Path(pretrained).is_file():
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
@@ -295,6 +296,31 @@ def check_model_spec(name: str, pretrained: str | None, flag: str = "--model") -
             raise ClipcidError(
                 f"--pretrained {pretrained} is neither a checkpoint file nor a pretrained tag of {name} ({known})"
             )
+
+
+def readable_checkpoint(path: str) -> None:
+    """One line unless `path` opens as a checkpoint of tensors (memory-mapped: a 10 GB teacher is not
+    read for this); whether its keys fit the architecture is checked when the model is built."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt"):
+                return
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+    except Exception as e:
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError):
+            reason = "not a file of tensors, or one that would run code to load"
+        else:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        raise ClipcidError(f"{path} is not a checkpoint clipcid can load ({reason})") from e
 
 
 def load_model(

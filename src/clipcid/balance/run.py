@@ -97,7 +97,8 @@ RUNTIME_FIELDS = ("out", "memory_gb", "recall_sample", "device", "plots", "overw
 def run_settings(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
     """What the folder's content follows from: the config, and what its inputs were made from (the
     embeddings' and the hold-out's identities, so that either made again means balance again)."""
-    own = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    # The inputs by what they hold, not where they are: a run folder moved or copied stays valid.
+    own = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and k not in ("emb", "holdout")}
     return {
         **own,
         "embeddings": embeddings.identity,

@@ -244,7 +244,7 @@ def cluster(cfg: ClusterConfig) -> dict:
         raise ClipcidError("no kept, valid rows to cluster")
     k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
     settings = _settings(cfg, k, embeddings, len(kept_rows))
-    folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, {**settings, "emb": cfg.emb}, cfg.overwrite)
+    folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, settings, cfg.overwrite)
     done = folder.finished_run(lambda: all(artifact.labels_done(Path(cfg.out), i) for i in embeddings.part_ids))
     if done is not None:
         return done
@@ -278,7 +278,6 @@ def _settings(cfg: ClusterConfig, k: int, embeddings: Embeddings, n_kept: int) -
         "init": cfg.init,
         "nredo": cfg.nredo,
         "two_level": cfg.two_level,
-        "balance": cfg.balance,
     }
 
 
