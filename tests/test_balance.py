@@ -228,3 +228,44 @@ def test_two_gloo_processes_equal_one(tmp_path):
     )
     for a, b in zip(read_outputs(tmp_path / "single"), read_outputs(tmp_path / "double"), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_held_out_rows_and_their_near_duplicates_are_left_out_of_the_balanced_graph(tmp_path):
+    """Held-out pictures take part in the search only: they and every row within the threshold of one are
+    dropped, and the rest is balanced exactly as if those rows had never been there."""
+    from conftest import make_shards
+
+    from clipcid.holdout import HoldoutConfig, hold_out
+
+    x, groups = planted()  # 480 rows
+    make_shards(tmp_path / "shards", n_shards=3, per_shard=160, seed=5)
+    hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.3, min_pairs=1))
+    held = np.concatenate([np.load(tmp_path / "ho" / "mask" / f"holdout_{i}.npy") for i in range(3)])
+    emb = write_embeddings(tmp_path / "emb", x)
+    stats = balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "bal"), holdout=str(tmp_path / "ho")))
+    labels, keep = read_outputs(tmp_path / "bal")
+    near = np.zeros(len(x), bool)
+    for g in groups:
+        if held[g].any():
+            near[g] = ~held[g]
+    assert held.any() and near.any()
+    assert (labels[held | near] == -1).all() and not keep[held | near].any()
+    assert stats["held_out"] == held.sum() and stats["near_held_out"] == near.sum()
+    assert stats["balanced"] == len(x) - held.sum() - near.sum()
+    # The same partition and the same kept rows as balancing only the remaining rows.
+    rest = np.flatnonzero(~(held | near))
+    alone = write_embeddings(tmp_path / "alone", x[rest], parts=1)
+    balance(BalanceConfig(emb=str(alone), out=str(tmp_path / "bal_alone")))
+    labels_alone, keep_alone = read_outputs(tmp_path / "bal_alone", parts=1)
+    assert as_partition(labels[rest]) == as_partition(labels_alone)
+    np.testing.assert_array_equal(keep[rest], keep_alone)
+
+
+def test_random_removal_prints_its_summary(tmp_path, capsys):
+    from clipcid.cli import main
+
+    x, _ = planted(n_random=100)
+    emb = write_embeddings(tmp_path / "emb", x)
+    assert main(["balance", "--emb", str(emb), "--out", str(tmp_path / "bal"), "--random-removal", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "random removal (a control, seed 0): kept 135  removed 45 (25.00%)" in out

@@ -52,3 +52,47 @@ def test_sizes_match_the_documented_ones():
     assert small["visual"] > 5 * tiny["visual"]
     table = describe_models()
     assert "clipcid-tiny" in table and "9,033,345" in table
+
+
+def test_loading_a_model_leaves_the_global_generator_alone_and_heads_come_from_the_seed():
+    import torch
+
+    from clipcid.distill.objective import Student
+    from clipcid.models import load_model
+
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = load_model("clipcid-tiny", seed=1)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = load_model("clipcid-tiny", seed=1)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True)
+    )
+
+    from clipcid.distill.objective import Objective
+    from clipcid.distill.train import DistillConfig
+    from clipcid.stage import DistEnv
+
+    cfg = DistillConfig(data="", out="", model="clipcid-tiny", seed=3, w_cls=0.0, w_kl=0.0)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    heads = []
+    for draws in (0, 100):  # whatever drew from the global generator before
+        torch.rand(draws)
+        objective = Objective(cfg, a.model, 256, 512, None, env)
+        heads.append(objective.student.ins_img_head.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1]) and isinstance(objective.student, Student)
+
+
+def test_lit_configs_are_json_files_registered_through_open_clip_public_api():
+    import json
+
+    import open_clip
+
+    from clipcid.models import LIT_PRETRAINED_MODELS, minilm_folder, register_model_configs, write_config_folder
+
+    register_model_configs()
+    if minilm_folder() is None:
+        return  # the LiT configs need the MiniLM package (installed by `make setup`)
+    folder = write_config_folder({}, str(minilm_folder()))
+    for name in LIT_PRETRAINED_MODELS:
+        assert json.loads((folder / f"{name}.json").read_text()) == open_clip.get_model_config(name)

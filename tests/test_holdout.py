@@ -1,0 +1,84 @@
+"""The hold-out: chosen by the image bytes alone, written as masks per part and a retrieval gallery."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_img2dataset_shards
+
+from clipcid.errors import ClipcidError
+from clipcid.evaluation.datasets import build_dataset
+from clipcid.holdout import HoldOut, HoldoutConfig, held_out, hold_out, image_hash
+from clipcid.inputs.parts import discover_parts, iter_rows
+from clipcid.inputs.shards import iter_tar_samples, write_tar_atomic
+
+
+def _held_pictures(folder, data) -> set[bytes]:
+    h = HoldOut.open(folder)
+    out = set()
+    for i, part in enumerate(discover_parts(str(data))):
+        mask = h.mask(i)
+        out |= {row.image for r, row in enumerate(iter_rows(part)) if mask[r]}
+    return out
+
+
+def test_the_choice_follows_the_pictures_not_the_shards_or_keys(tmp_path):
+    make_img2dataset_shards(tmp_path / "a", n_shards=3, per_shard=40, seed=1)
+    hold_out(HoldoutConfig(str(tmp_path / "a"), str(tmp_path / "ho_a"), fraction=0.2, min_pairs=1))
+    # The same pairs with new keys, in other shards, and a shard of new pairs added in front.
+    make_img2dataset_shards(tmp_path / "new", n_shards=1, per_shard=40, seed=9)
+    (tmp_path / "b").mkdir()
+    write_tar_atomic(tmp_path / "b" / "00000.tar", list(iter_tar_samples(tmp_path / "new" / "00000.tar")))
+    old = [s for p in sorted((tmp_path / "a").glob("*.tar")) for s in iter_tar_samples(p)]
+    for n, chunk in enumerate((old[:70], old[70:])):
+        renamed = [{**{k: v for k, v in s.items() if not k.startswith("__")}, "__key__": f"x{n}{j:05d}"}
+                   for j, s in enumerate(chunk)]  # fmt: skip
+        write_tar_atomic(tmp_path / "b" / f"0000{n + 1}.tar", renamed)
+    hold_out(HoldoutConfig(str(tmp_path / "b"), str(tmp_path / "ho_b"), fraction=0.2, min_pairs=1))
+    held_a, held_b = (
+        _held_pictures(tmp_path / "ho_a", tmp_path / "a"),
+        _held_pictures(tmp_path / "ho_b", tmp_path / "b"),
+    )
+    old_pictures = {s["jpg"] for s in old}
+    assert held_a and held_b & old_pictures == held_a
+    assert all(held_out(image_hash(p), 0.2) for p in held_b)
+
+
+def test_the_gallery_is_a_retrieval_dataset_of_the_smallest_hashes(tmp_path):
+    make_img2dataset_shards(tmp_path / "shards", n_shards=3, per_shard=40, seed=3)
+    stats = hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.3, min_pairs=5,
+                                   eval_pairs=12))  # fmt: skip
+    h = HoldOut.open(tmp_path / "ho")
+    assert stats["gallery_pairs"] == 12 and stats["usable"] == stats["held_out"] > 12
+    pairs = h.pairs().to_pylist()
+    dataset = build_dataset(f"wds:{h.gallery}")
+    shown = list(dataset.iter_split("test"))
+    assert dataset.kind == "retrieval" and len(shown) == 12 and len(dataset.sources("test")) == 4
+    assert [c[0] for _, c in shown] == [p["caption"] for p in pairs]
+    hashes = [image_hash(image) for image, _ in shown]
+    assert hashes == sorted(hashes)  # in hash order
+    every = sorted(int(v) for i in range(3) for v in np.load(tmp_path / "ho" / "index" / f"holdout_{i}.npz")["hash"])
+    assert hashes == every[:12]  # the smallest
+    for p, (image, _) in zip(pairs, shown, strict=True):  # (part, row) points at the same picture
+        row = list(iter_rows(discover_parts(str(tmp_path / "shards"))[p["part"]]))[p["row"]]
+        assert row.image == image and row.key == p["key"]
+    assert not (tmp_path / "ho" / "staging").exists()
+
+
+def test_a_hold_out_too_small_says_which_fraction_would_do_and_another_is_then_accepted(tmp_path):
+    make_img2dataset_shards(tmp_path / "shards", n_shards=2, per_shard=50, seed=4)
+    with pytest.raises(ClipcidError, match=r"fewer than the 30 needed to measure retrieval; use --holdout (\S+)") as e:
+        hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.05, min_pairs=30))
+    suggested = float(str(e.value).split("use --holdout ")[1].split()[0])
+    stats = hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=suggested, min_pairs=30))
+    assert stats["usable"] >= 30 * 0.8  # the suggestion is an estimate from the first count
+    record = json.loads((tmp_path / "ho" / "holdout.json").read_text())
+    assert record["complete"] and record["settings"]["fraction"] == suggested
+
+
+def test_rows_without_a_caption_are_held_out_but_not_in_the_gallery(tmp_path):
+    make_img2dataset_shards(tmp_path / "shards", n_shards=1, per_shard=60, seed=6, captions=False)
+    stats = hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.3, min_pairs=0))
+    assert stats["held_out"] > 0 and stats["usable"] == 0 and stats["gallery_pairs"] == 0
