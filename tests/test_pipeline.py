@@ -268,6 +268,11 @@ def test_flags_win_over_the_recipe_and_every_section_is_checked(inputs):
     assert recipe["distill"]["batch_size"] == 16 and sources["distill"]["batch_size"].startswith("--recipe")
     assert recipe["distill"]["warmup"] == 7 and recipe["balance"]["search"] == "ivf"
     assert recipe["distill"]["epochs"] == 1 and "epochs" not in sources["distill"]
+    # A run's recipe.json as a recipe: its settings are taken, its inputs are not.
+    old = inputs / "old_run_recipe.json"
+    old.write_text(json.dumps({"run": {"data": "elsewhere", "teacher_emb": "old_emb", "baseline": True}}))
+    recipe, _ = resolve_recipe(RunConfig(out="x", data="d", recipe=str(old)))
+    assert recipe["run"] == {"data": "d", "teacher_emb": None, "baseline": True}
     with pytest.raises(ClipcidError, match="--k must be|no setting"):
         resolve_recipe(RunConfig(out="x", set=["cluster.kk=3"]))
     with pytest.raises(ClipcidError, match="--search must be one of exact, ivf, not x"):

@@ -70,6 +70,8 @@ ROLES = {"teacher": "teacher", "baseline": "baseline", "student": "student"}
 COPY_TEACHER_BELOW_BYTES = 2 * 1024**3
 # Sections a recipe may hold for stages `clipcid run` does not run (the demo's own).
 OTHER_SECTIONS = ("corpus", "lit")
+# What a run was made from: recorded in recipe.json's "run" section, taken from the command line only.
+INPUTS = ("data", "teacher_emb")
 
 
 @dataclass
@@ -235,6 +237,8 @@ def resolve_recipe(cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict[str,
             if not isinstance(values, dict):
                 raise ClipcidError(f"--recipe {cfg.recipe}: section '{section}' must be an object of settings")
             for name, value in values.items():
+                if section == "run" and name in INPUTS:
+                    continue  # a recipe is settings: the data and embeddings of another run are not taken
                 _set(recipe, sources, section, name, value, f"--recipe {cfg.recipe}")
     for flag_name, targets in FLAG_TARGETS.items():
         value = getattr(cfg, flag_name)

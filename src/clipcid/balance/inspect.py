@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipcid.balance.artifact import BalanceResult, read_stats
-from clipcid.config import option
+from clipcid.config import option, validate
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import discover_parts, iter_rows
@@ -68,11 +68,12 @@ class InspectConfig:
     data: str = option(help="the shards the embeddings were made from")
     out: str = option(help="HTML file to write")
     emb: str | None = option(None, "embeddings folder (default: the one balance used)")
-    top: int = option(24, "how many groups")
-    per_group: int = option(12, "images shown per group")
+    top: int = option(24, "how many groups", at_least=1)
+    per_group: int = option(12, "images shown per group", at_least=1)
 
 
 def inspect_balance(cfg: InspectConfig) -> int:
+    validate(cfg)
     sections, n = groups_html(cfg.balance, cfg.data, cfg.emb, cfg.top, cfg.per_group)
     stats = read_stats(cfg.balance)
     out = cfg.out
