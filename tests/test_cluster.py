@@ -116,3 +116,32 @@ def test_two_gloo_processes_equal_one(tmp_path):
     np.testing.assert_array_equal(
         np.load(tmp_path / "single" / "centroids.npy"), np.load(tmp_path / "double" / "centroids.npy")
     )
+
+
+def _unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_assignment_gives_faiss_ivf_labels_and_with_every_cell_probed_the_exact_nearest():
+    import faiss
+
+    from clipcid.cluster.run import Assigner
+
+    rng = np.random.default_rng(0)
+    d, k, cells = 48, 3000, 50
+    centroids, x = _unit_rows(rng, k, d), _unit_rows(rng, 5000, d)
+    coarse = centroids[rng.choice(k, cells, replace=False)].copy()
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(coarse)
+    ivf = faiss.IndexIVFFlat(quantizer, d, cells, faiss.METRIC_INNER_PRODUCT)
+    ivf.is_trained, ivf.nprobe = True, 6
+    ivf.add(centroids)
+    sims, ids = ivf.search(x, 1)
+    labels, ours = Assigner(centroids, coarse, nprobe=6, memory_gb=0.001).assign(x)  # many small blocks
+    np.testing.assert_array_equal(labels, ids[:, 0])
+    np.testing.assert_allclose(ours, sims[:, 0], atol=1e-5)
+    exact = (x @ centroids.T).argmax(axis=1)
+    assert (labels != exact).any()  # nprobe 6 of 50 misses some: the test can tell the two apart
+    np.testing.assert_array_equal(Assigner(centroids, coarse, nprobe=cells).assign(x)[0], exact)
+    np.testing.assert_array_equal(Assigner(centroids, None, nprobe=1).assign(x)[0], exact)

@@ -29,7 +29,16 @@ from clipcid.config import option, validate
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
 from clipcid.holdout import HoldOut
-from clipcid.stage import DistEnv, RunFolder, barrier, distributed, parts_of_rank, row_chunks, unit_rows
+from clipcid.stage import (
+    ROW_CHUNK,
+    DistEnv,
+    RunFolder,
+    barrier,
+    distributed,
+    parts_of_rank,
+    row_chunks,
+    unit_rows,
+)
 from clipcid.util.plots import new_figure, save_png
 from clipcid.util.progress import progress_bar
 
@@ -38,6 +47,7 @@ log = logging.getLogger("clipcid")
 PAPER_IMAGES_PER_CLUSTER = 225  # 1M clusters for 225M images
 TWO_LEVEL_ABOVE_K = 65536
 KMEANS_PP_BUDGET = 2e10  # n * k * d beyond which greedy k-means++ seeding costs more than it saves
+ROWS_PER_PRODUCT = 65536  # centroids filed at once (a block of k x cells scores)
 
 
 @dataclass
@@ -54,7 +64,9 @@ class ClusterConfig:
     init: str = option("auto", "seeding; auto = greedy k-means++ when n*k*d <= 2e10", ("auto", "kmeans++", "random"))
     nredo: int = option(1, "restarts; the best objective is kept", at_least=1)
     two_level: str = option("auto", "coarse then fine k-means; auto = on above k = 65,536", ("auto", "on", "off"))
-    gpu: bool = option(False, "train k-means on the GPU (faiss-gpu)")
+    device: str = option("auto", "where assignment runs (and training, with faiss-gpu): auto, cpu or cuda")
+    gpu: bool = option(False, "old spelling of --device cuda")
+    memory_gb: float = option(2.0, "memory for one block of the assignment's scores", above=0)
     assign_nprobe: int = option(8, "two-level mode: coarse cells searched when assigning a row", at_least=1)
     refine_iterations: int = option(5, "two-level mode: Lloyd iterations over all centroids after training", at_least=0)
     plots: bool = option(True, "write cluster_sizes.png")
@@ -125,7 +137,7 @@ def train_kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> tuple[
         spherical=True,
         nredo=1 if use_pp else cfg.nredo,
         max_points_per_centroid=cfg.max_points_per_centroid,
-        gpu=cfg.gpu,
+        gpu=cfg.device == "cuda" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0,
         verbose=False,
     )
     if use_pp:
@@ -188,12 +200,18 @@ def train_two_level(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarr
 
 
 def refine_with_ivf(
-    x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, iterations: int, nprobe: int
+    x: np.ndarray,
+    centroids: np.ndarray,
+    coarse: np.ndarray,
+    iterations: int,
+    nprobe: int,
+    device: torch.device | str = "cpu",
+    memory_gb: float = 2.0,
 ) -> np.ndarray:
     """Lloyd iterations over all k centroids with assignment through the IVF index: repairs the
     cells' borders, where two-level training splits clusters that straddle coarse cells."""
     for _ in range(iterations):
-        labels, _ = Assigner(centroids, coarse, nprobe).assign(x)
+        labels, _ = Assigner(centroids, coarse, nprobe, device, memory_gb).assign(x)
         sums = torch.zeros(centroids.shape, dtype=torch.float64)
         sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
         counts = np.bincount(labels, minlength=len(centroids))
@@ -212,27 +230,67 @@ def training_sample(store: EmbeddingStore, rows: np.ndarray, k: int, cfg: Cluste
 
 
 class Assigner:
-    """Nearest centroid by inner product: exact (flat) or, in two-level mode, through an IVF index
-    whose cells are the coarse centroids."""
+    """Nearest centroid by inner product, as matrix products in torch on the stage's device.
 
-    def __init__(self, centroids: np.ndarray, coarse: np.ndarray | None, nprobe: int):
-        import faiss
+    Flat: every centroid. Two-level: each row's `nprobe` nearest coarse cells first, then the fine
+    centroids filed under those cells (a fine centroid is filed under its own nearest coarse centroid, as
+    faiss's IVF files it on add), one matrix product per cell for all the rows that probe it, which is
+    what faiss's IVFFlat search computes query by query. The same labels as faiss's index, exact ties
+    aside; with nprobe = every cell, the exact nearest centroid."""
 
-        d = centroids.shape[1]
-        if coarse is None:
-            self.index = faiss.IndexFlatIP(d)
-        else:
-            quantizer = faiss.IndexFlatIP(d)
-            quantizer.add(coarse)
-            self.index = faiss.IndexIVFFlat(quantizer, d, len(coarse), faiss.METRIC_INNER_PRODUCT)
-            self.index.is_trained = True
-            self.index.nprobe = min(nprobe, len(coarse))
-            self._quantizer = quantizer  # the index does not own it
-        self.index.add(centroids)
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        coarse: np.ndarray | None,
+        nprobe: int,
+        device: torch.device | str = "cpu",
+        memory_gb: float = 2.0,
+    ):
+        self.device = torch.device(device)
+        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
+        self.coarse = None
+        width = len(centroids)
+        if coarse is not None:
+            self.coarse = torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32)).to(self.device)
+            self.nprobe = min(nprobe, len(coarse))
+            cell = torch.cat([(c @ self.coarse.T).argmax(dim=1) for c in self.centroids.split(ROWS_PER_PRODUCT)])
+            order = torch.argsort(cell, stable=True)
+            self.filed, self.filed_ids = self.centroids[order], order
+            self.bounds = torch.cat([cell.new_zeros(1), torch.bincount(cell, minlength=len(coarse)).cumsum(0)]).tolist()
+            width = len(coarse) + self.nprobe * int(torch.bincount(cell).max())
+        # Rows per call: the score block (rows x width floats) within half the budget.
+        self.rows_at_once = max(256, min(ROW_CHUNK, int(memory_gb * 1e9 / 2 / (4 * max(width, 1)))))
 
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sims, ids = self.index.search(np.ascontiguousarray(x), 1)
-        return ids[:, 0].astype(np.int64), sims[:, 0]
+        labels, sims = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+        for s, e in row_chunks(len(x), self.rows_at_once):
+            rows = torch.from_numpy(np.ascontiguousarray(x[s:e], dtype=np.float32)).to(self.device)
+            best, ids = self._flat(rows) if self.coarse is None else self._two_level(rows)
+            labels[s:e], sims[s:e] = ids.cpu().numpy(), best.cpu().numpy()
+        return labels, sims
+
+    def _flat(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (rows @ self.centroids.T).max(dim=1)
+
+    def _two_level(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probes = (rows @ self.coarse.T).topk(self.nprobe, dim=1).indices  # n x nprobe, nearest first
+        n = len(rows)
+        best = torch.full((n, self.nprobe), -torch.inf, device=self.device)
+        ids = torch.zeros((n, self.nprobe), dtype=torch.long, device=self.device)
+        flat = probes.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        cells, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+        for cell, lo, hi in zip(cells.tolist(), starts[:-1], starts[1:], strict=True):
+            a, b = self.bounds[cell], self.bounds[cell + 1]
+            if a == b:
+                continue  # a coarse cell with no fine centroid filed under it
+            slots = order[lo:hi]  # positions in the n x nprobe grid
+            row, probe = slots // self.nprobe, slots % self.nprobe
+            score, arg = (rows[row] @ self.filed[a:b].T).max(dim=1)
+            best[row, probe], ids[row, probe] = score, self.filed_ids[a + arg]
+        top, which = best.max(dim=1)  # the nearest probed cell wins a tie
+        return top, ids.gather(1, which[:, None])[:, 0]
 
 
 def cluster(cfg: ClusterConfig) -> dict:
@@ -248,7 +306,10 @@ def cluster(cfg: ClusterConfig) -> dict:
     done = folder.finished_run(lambda: all(artifact.labels_done(Path(cfg.out), i) for i in embeddings.part_ids))
     if done is not None:
         return done
-    with distributed("cuda" if cfg.gpu else "cpu") as env:
+    if cfg.gpu:
+        log.warning("--gpu is now spelled --device cuda; using --device cuda")
+        cfg.device = "cuda"
+    with distributed(cfg.device) as env:
         if env.is_main:
             folder.claim()
         barrier(env)
@@ -301,7 +362,9 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
         coarse = None
         if two_level:
             centroids, coarse, obj = train_two_level(x, k, cfg)
-            centroids = refine_with_ivf(x, centroids, coarse, cfg.refine_iterations, cfg.assign_nprobe)
+            centroids = refine_with_ivf(
+                x, centroids, coarse, cfg.refine_iterations, cfg.assign_nprobe, env.device, cfg.memory_gb
+            )
         else:
             centroids, obj = train_kmeans(x, k, cfg, cfg.seed)
         record = {
@@ -314,7 +377,7 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
         artifact.write_training(out, centroids, coarse, record)
     barrier(env)
     training, centroids, coarse = artifact.read_training(out)
-    assigner = Assigner(centroids, coarse, cfg.assign_nprobe)
+    assigner = Assigner(centroids, coarse, cfg.assign_nprobe, env.device, cfg.memory_gb)
 
     t0 = time.monotonic()
     todo = [i for i in parts_of_rank(store.part_ids, env) if not artifact.labels_done(out, i)]
