@@ -283,3 +283,30 @@ def test_parts_are_named_and_described_as_clip_retrieval_writes_them(tmp_path, t
     for i in (2, 10, 11):
         np.testing.assert_array_equal(a.images.part(i), b.images.part(i))
         assert list(a.keys(i)) == list(b.keys(i)) == [f"{i:05d}0000", f"{i:05d}0001"]
+
+
+def test_validity_is_decided_when_a_part_is_written_and_read_without_the_vectors(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from clipcid.embed.artifact import NON_FINITE, VALIDITY, EmbeddingStore, Embeddings, write_part
+    from clipcid.stage import RunFolder
+
+    img = np.ones((6, 4), np.float16)
+    txt = np.ones((6, 4), np.float16)
+    img[1, 2], txt[4, 0] = np.nan, np.inf
+    meta = {"key": pa.array([str(r) for r in range(6)]), "valid": pa.array([True, True, True, False, True, True])}
+    with RunFolder(tmp_path, "embed.json", {"parts": 1}) as folder:
+        write_part(tmp_path, 0, 1, img, txt, meta)
+        folder.finish({"validity": VALIDITY})
+    emb = Embeddings.open(tmp_path)
+    written = emb.metadata(0, ["valid", "error"]).to_pydict()
+    assert written["valid"] == [True, False, True, False, False, True]
+    assert written["error"] == [None, NON_FINITE, None, None, NON_FINITE, None]
+    assert np.isfinite(np.load(tmp_path / "img_emb" / "img_emb_0.npy")).all()  # zeroed, as invalid rows are
+
+    def no_vector_reads(self, i):
+        raise AssertionError("validity was read from the vectors")
+
+    monkeypatch.setattr(EmbeddingStore, "part", no_vector_reads)
+    assert emb.validity_decided and emb.valid(0).tolist() == written["valid"]
+    assert emb.non_finite_rows() == 2

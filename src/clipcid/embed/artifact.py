@@ -8,8 +8,10 @@ holds the settings and says "complete": true once every part is written (it is r
 is written under temporary names and renamed, metadata last, so a part with metadata is whole.
 
 Readers memory-map the parts and never load them all. A row is valid when its metadata says so and
-both of its vectors are finite; folders from other tools (clip-retrieval itself) have no embed.json and
-are read as they are.
+both of its vectors are finite. Validity is decided once, when a part is written: a row whose vectors
+are not finite is marked invalid there (error "non-finite embedding", vectors zeroed), and embed.json
+says so ("validity"), so that no reader reads every vector to find the valid rows. Folders from other
+tools (clip-retrieval itself) and older ones have no such promise: their vectors are checked on read.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipcid.errors import ClipcidError
-from clipcid.stage import digest, identity
+from clipcid.stage import ROW_CHUNK, digest, identity
 from clipcid.util.fileio import atomic_path, save_npy_atomic
 
 SETTINGS_FILE = "embed.json"
+VALIDITY = "decided-when-written"  # embed.json's promise: the metadata's valid column covers finiteness
+NON_FINITE = "non-finite embedding"
 KINDS = ("img", "text")
 DAMAGED_KEY = b"clipcid.damaged"
-ROWS_AT_ONCE = 65536  # rows checked per read (the artifact modules sit below stage.py and its ROW_CHUNK)
 
 
 def part_label(i: int, n_parts: int) -> str:
@@ -69,7 +72,24 @@ def write_part(
     damaged: str | None = None,
 ) -> None:
     """One whole part: vectors first, metadata last (its presence marks the part done). A part of a
-    damaged shard holds the samples before the damage, and says so in its metadata file's schema."""
+    damaged shard holds the samples before the damage, and says so in its metadata file's schema. Rows
+    whose vectors are not finite are marked invalid here, once for every reader."""
+    finite = np.ones(len(img), dtype=bool)
+    for s in range(0, len(img), ROW_CHUNK):
+        finite[s : s + ROW_CHUNK] = np.isfinite(img[s : s + ROW_CHUNK]).all(axis=1) & np.isfinite(
+            txt[s : s + ROW_CHUNK]
+        ).all(axis=1)
+    if not finite.all():
+        img, txt = img.copy(), txt.copy()
+        img[~finite], txt[~finite] = 0, 0
+        metadata = dict(metadata)
+        valid = np.asarray(metadata["valid"].to_numpy(zero_copy_only=False), dtype=bool)
+        metadata["valid"] = pa.array(valid & finite)
+        errors = metadata.get("error")
+        errors = [None] * len(img) if errors is None else errors.to_pylist()
+        metadata["error"] = pa.array(
+            [NON_FINITE if v and not f else e for v, f, e in zip(valid, finite, errors, strict=True)], pa.string()
+        )
     save_npy_atomic(vectors_path(root, "img", i, n_parts), img)
     save_npy_atomic(vectors_path(root, "text", i, n_parts), txt)
     table = pa.table(metadata)
@@ -150,8 +170,11 @@ class Embeddings:
     """An embeddings folder, checked once on open: complete, parts contiguous and of one width per kind,
     metadata and vectors of the same length."""
 
-    def __init__(self, root: Path, settings: dict | None, stores: dict[str, EmbeddingStore]):
+    def __init__(
+        self, root: Path, settings: dict | None, stores: dict[str, EmbeddingStore], validity_decided: bool = False
+    ):
         self.root, self.settings, self._stores = root, settings, stores
+        self.validity_decided = validity_decided  # the metadata's valid column covers finiteness
         self._valid: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -178,7 +201,7 @@ class Embeddings:
             raise ClipcidError(f"{root}: img_emb and text_emb hold different parts or row counts")
         if settings is not None and settings.get("parts") not in (None, len(img.part_ids)):
             raise ClipcidError(f"{root}: embed.json names {settings['parts']} parts but {len(img.part_ids)} are there")
-        folder = cls(root, settings, stores)
+        folder = cls(root, settings, stores, record is not None and record.get("validity") == VALIDITY)
         for store in stores.values():
             store.folder = folder
         return folder
@@ -244,10 +267,10 @@ class Embeddings:
             else:
                 marked = np.ones(n, dtype=bool)
             finite = np.ones(n, dtype=bool)
-            for store in self._stores.values():
+            for store in () if self.validity_decided else self._stores.values():
                 part = store.part(i)
-                for s in range(0, n, ROWS_AT_ONCE):
-                    finite[s : s + ROWS_AT_ONCE] &= np.isfinite(part[s : s + ROWS_AT_ONCE]).all(axis=1)
+                for s in range(0, n, ROW_CHUNK):
+                    finite[s : s + ROW_CHUNK] &= np.isfinite(part[s : s + ROW_CHUNK]).all(axis=1)
             self._valid[i] = marked & finite
         return self._valid[i]
 
@@ -255,8 +278,13 @@ class Embeddings:
         return np.concatenate([self.valid(i) for i in self.part_ids]) if self.part_ids else np.zeros(0, bool)
 
     def non_finite_rows(self) -> int:
-        """Rows marked valid whose vectors are not finite (counted, and treated as invalid)."""
+        """Rows whose vectors are not finite (counted, and treated as invalid)."""
         count = 0
+        if self.validity_decided:
+            for i in self.part_ids:
+                errors = self.metadata(i, ["error"]).column("error").to_pylist()
+                count += sum(e == NON_FINITE for e in errors)
+            return count
         for i in self.part_ids:
             if metadata_path(self.root, i, self.n_parts).is_file():
                 marked = self.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False).astype(bool)

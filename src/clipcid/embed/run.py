@@ -311,6 +311,7 @@ def _summarise(root: Path, settings: dict, images_done: int, elapsed: float) -> 
     return {
         "rows": rows,
         "invalid": invalid,
+        "validity": artifact.VALIDITY,  # every part went through write_part: its valid column is final
         "damaged_shards": damaged,
         "rank0_images_per_second": images_done / elapsed if elapsed > 0 else None,
     }
