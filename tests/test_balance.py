@@ -269,3 +269,25 @@ def test_random_removal_prints_its_summary(tmp_path, capsys):
     assert main(["balance", "--emb", str(emb), "--out", str(tmp_path / "bal"), "--random-removal", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "random removal (a control, seed 0): kept 135  removed 45 (25.00%)" in out
+
+
+def test_the_spanning_forest_has_the_components_of_all_edges_at_every_threshold():
+    from clipcid.balance.run import Forest, components
+
+    rng = np.random.default_rng(7)
+    n, m = 300, 2000
+    a, b = rng.integers(n, size=m), rng.integers(n, size=m)
+    a, b = a[a != b], b[a != b]
+    s = rng.uniform(0.5, 1.0, size=len(a)).astype(np.float32)
+    s[::7] = s[1::7][: len(s[::7])]  # ties too
+    halves = Forest.of(a[: len(a) // 2], b[: len(a) // 2], s[: len(a) // 2]).merge(
+        Forest.of(a[len(a) // 2 :], b[len(a) // 2 :], s[len(a) // 2 :])
+    )
+    whole = Forest.of(np.concatenate([a, a]), np.concatenate([b, b]), np.concatenate([s, s]))  # pairs twice
+    for forest in (whole, halves):
+        assert len(forest.a) <= n - 1 and (forest.a < forest.b).all()
+        for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
+            all_edges = components(n, a[s > t], b[s > t])
+            sel = forest.s > t
+            assert as_partition(components(n, forest.a[sel], forest.b[sel])) == as_partition(all_edges)
+            assert forest.removed_fraction(n, t) == pytest.approx(1 - (all_edges.max() + 1) / n)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from clipcid.balance.artifact import SETTINGS_FILE, keep_path, write_masks
 from clipcid.config import option, validate
@@ -250,85 +250,53 @@ class CellJoin:
         return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims).astype(np.float32)
 
 
-def _unique_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int):
-    key = a * n + b
-    _, first = np.unique(key, return_index=True)
-    return a[first], b[first], s[first]
-
-
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
 
-def removed_fraction(n: int, a, b, s, similarity: float) -> float:
-    if n == 0:
-        return 0.0
-    sel = s > similarity
-    labels = components(n, a[sel], b[sel])
-    return 1.0 - (labels.max() + 1) / n
-
-
-class Graph:
-    """The near-pair graph over some of the valid rows: vertices 0..n-1 stand for the data positions
-    `positions`; edges (a < b) carry their similarity."""
-
-    def __init__(self, n_all: int, a: np.ndarray, b: np.ndarray, s: np.ndarray, members: np.ndarray | None = None):
-        members = np.ones(n_all, dtype=bool) if members is None else members
-        self.positions = np.flatnonzero(members)
-        compact = np.full(n_all, -1, dtype=np.int64)
-        compact[self.positions] = np.arange(len(self.positions))
-        inside = members[a] & members[b]
-        self.n = len(self.positions)
-        self.a, self.b, self.s = compact[a[inside]], compact[b[inside]], s[inside]
-
-    def removed_fraction(self, similarity: float) -> float:
-        return removed_fraction(self.n, self.a, self.b, self.s, similarity)
-
-
-def neighbours_of(marked: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, similarity: float) -> np.ndarray:
-    """Positions joined by an edge above `similarity` to a marked position, and not marked themselves."""
-    sel = s > similarity
-    a, b = a[sel], b[sel]
-    near = np.zeros(len(marked), dtype=bool)
-    near[b[marked[a]]] = True
-    near[a[marked[b]]] = True
-    return near & ~marked
-
-
-def most_central_members(
-    data: ValidEmbeddings, labels: np.ndarray, device: torch.device, positions: np.ndarray | None = None
+def central_members_of_shard(
+    data: ValidEmbeddings,
+    labels: np.ndarray,
+    positions: np.ndarray,
+    shard: int,
+    shards: int,
+    memory_gb: float,
+    device: torch.device,
 ) -> np.ndarray:
-    """keep[i]: whether vertex i is its component's member nearest the component mean (vertex i is the
-    data position positions[i], or i itself)."""
-    positions = np.arange(len(labels)) if positions is None else positions
-    sizes = np.bincount(labels)
-    multi = sizes[labels] > 1
-    keep = ~multi
-    if not multi.any():
-        return keep
-    comp_ids = np.unique(labels[multi])
-    compact = np.full(len(sizes), -1, dtype=np.int64)
-    compact[comp_ids] = np.arange(len(comp_ids))
-    members = np.flatnonzero(multi)
-    sums = torch.zeros(len(comp_ids), data.store.dim, dtype=torch.float64, device=device)
-    spans = row_chunks(len(members))
-    for s, e in spans:  # pass 1: component sums (the mean's direction)
-        pos = members[s:e]
-        x = torch.from_numpy(data.gather(positions[pos])).to(device, torch.float64)
-        sums.index_add_(0, torch.from_numpy(compact[labels[pos]]).to(device), x)
-    scores = np.empty(len(members), dtype=np.float64)
-    for s, e in spans:  # pass 2: each member's similarity to its component's mean direction
-        pos = members[s:e]
-        x = torch.from_numpy(data.gather(positions[pos])).to(device, torch.float64)
-        c = torch.from_numpy(compact[labels[pos]]).to(device)
-        scores[s:e] = (x * sums[c]).sum(dim=1).cpu().numpy()
-    # Per component, the highest score; ties go to the earliest row.
-    order = np.lexsort((members, -scores, labels[members]))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = labels[members[order[1:]]] != labels[members[order[:-1]]]
-    keep[members[order[first]]] = True
-    return keep
+    """The kept position of every merged group g with g % shards == shard: the member nearest the group's
+    mean (the highest similarity to the sum of its unit rows; ties to the earliest row). Groups are taken
+    a batch at a time, their sums within the memory budget, so no rank holds every group's rows.
+    `labels[i]` is the group of vertex i, which stands for the data position positions[i]."""
+    sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    mine = np.flatnonzero((sizes > 1) & (np.arange(len(sizes)) % shards == shard))
+    if len(mine) == 0:
+        return np.zeros(0, dtype=np.int64)
+    owned = np.zeros(len(sizes), dtype=bool)
+    owned[mine] = True
+    members = np.flatnonzero(owned[labels])  # vertices in row order
+    members = members[np.argsort(labels[members], kind="stable")]  # by group, rows ascending inside
+    bounds = np.append(np.searchsorted(labels[members], mine, side="left"), len(members))
+    per_batch = max(1, int(memory_gb * 1e9 / 4 / (8 * data.store.dim)))  # float64 sums in a quarter
+    kept = []
+    for g0 in range(0, len(mine), per_batch):
+        g1 = min(g0 + per_batch, len(mine))
+        batch = members[bounds[g0] : bounds[g1]]
+        local = np.repeat(np.arange(g1 - g0), np.diff(bounds[g0 : g1 + 1]))
+        sums = torch.zeros(g1 - g0, data.store.dim, dtype=torch.float64, device=device)
+        scores = np.empty(len(batch), dtype=np.float64)
+        spans = row_chunks(len(batch))
+        for s, e in spans:  # pass 1: the groups' sums (the mean's direction), rows in order
+            x = torch.from_numpy(data.gather(positions[batch[s:e]])).to(device, torch.float64)
+            sums.index_add_(0, torch.from_numpy(local[s:e]).to(device), x)
+        for s, e in spans:  # pass 2: each member's similarity to its group's mean direction
+            x = torch.from_numpy(data.gather(positions[batch[s:e]])).to(device, torch.float64)
+            scores[s:e] = (x * sums[torch.from_numpy(local[s:e]).to(device)]).sum(dim=1).cpu().numpy()
+        order = np.lexsort((batch, -scores, local))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = local[order[1:]] != local[order[:-1]]
+        kept.append(batch[order[first]])
+    return np.concatenate(kept)
 
 
 def _size_histogram(labels: np.ndarray) -> dict[str, int]:
@@ -413,21 +381,104 @@ class EdgeSearch:
                     np.savez(f, a=a, b=b, s=s)
                 bar.update(1)
         barrier(self.env)
-        parts = [np.load(self.folder / f"block_{i:06d}.npz") for i in range(n_jobs)]
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        a = np.concatenate([p["a"] for p in parts]).astype(np.int64)
-        b = np.concatenate([p["b"] for p in parts]).astype(np.int64)
-        s = np.concatenate([p["s"] for p in parts]).astype(np.float32)
-        if join is not None:  # a pair can be found from both of its points, or through several probes
-            a, b, s = _unique_pairs(a, b, s, self.data.n)
-        return a, b, s
+        self.n_jobs = n_jobs
+
+    def block_file(self, i: int) -> Path:
+        return self.folder / f"block_{i:06d}.npz"
+
+    def _edges(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with np.load(self.block_file(i)) as f:
+            return f["a"].astype(np.int64), f["b"].astype(np.int64), f["s"].astype(np.float32)
+
+    def reduce(self, members: np.ndarray, marked: np.ndarray | None = None, tag: str = "forest"):
+        """Stream this rank's edge blocks, each reduced to a maximum-similarity spanning forest of its edges
+        among `members` and merged into the rank's; the ranks' forests then merge on rank 0. Returns, on
+        rank 0, the forest (at most N - 1 edges: at any threshold it has the components of all the edges)
+        and, with `marked`, each position's best similarity to a marked position (None elsewhere)."""
+        forest = Forest.empty()
+        best = np.full(self.data.n, -np.inf, dtype=np.float32) if marked is not None else None
+        for i in parts_of_rank(range(self.n_jobs), self.env):
+            a, b, s = self._edges(i)
+            if best is not None:
+                touching = marked[a] != marked[b]
+                other = np.where(marked[a[touching]], b[touching], a[touching])
+                np.maximum.at(best, other, s[touching])
+            inside = members[a] & members[b]
+            forest = forest.merge(Forest.of(a[inside], b[inside], s[inside]))
+        if self.env.world_size == 1:
+            return forest, best
+        with atomic_path(self.folder / f"{tag}_rank{self.env.rank}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, a=forest.a, b=forest.b, s=forest.s, best=best if best is not None else np.zeros(0))
+        barrier(self.env)
+        if not self.env.is_main:
+            return None, None
+        for r in range(1, self.env.world_size):
+            with np.load(self.folder / f"{tag}_rank{r}.npz") as f:
+                forest = forest.merge(Forest(f["a"], f["b"], f["s"]))
+                if best is not None:
+                    np.maximum(best, f["best"], out=best)
+        return forest, best
+
+    def edges_touching(self, rows: np.ndarray) -> set[tuple[int, int]]:
+        """Every found pair with an end among `rows` (the IVF recall check's sample), from every block."""
+        wanted = np.zeros(self.data.n, dtype=bool)
+        wanted[rows] = True
+        found = set()
+        for i in range(self.n_jobs):
+            a, b, _ = self._edges(i)
+            sel = wanted[a] | wanted[b]
+            found |= set(zip(a[sel].tolist(), b[sel].tolist(), strict=True))
+        return found
 
 
-def ivf_pair_recall(data: ValidEmbeddings, a, b, similarity: float, sample: int, seed: int) -> dict:
+class Forest:
+    """A maximum-similarity spanning forest: edges (a < b, similarity s) over data positions. Its edges
+    above any threshold t join exactly the components that all the edges above t join, so the removal
+    at t is the number of its edges above t over the rows, and components come from it."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, s: np.ndarray):
+        self.a, self.b, self.s = a.astype(np.int64), b.astype(np.int64), s.astype(np.float32)
+
+    @classmethod
+    def empty(cls) -> Forest:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    @classmethod
+    def of(cls, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> Forest:
+        """Kruskal's forest of these edges (scipy's minimum spanning tree of 2 - s: every weight positive,
+        the lightest the most similar). A pair found twice counts once, at its highest similarity."""
+        if len(a) == 0:
+            return cls.empty()
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        vertices, inverse = np.unique(np.concatenate([lo, hi]), return_inverse=True)
+        m, u, v = len(vertices), inverse[: len(lo)], inverse[len(lo) :]
+        weight = 2.0 - s.astype(np.float64)  # exact for float32 similarities in [-1, 1]
+        order = np.lexsort((weight, u * m + v))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (u * m + v)[order[1:]] != (u * m + v)[order[:-1]]
+        keep = order[first]
+        tree = minimum_spanning_tree(coo_matrix((weight[keep], (u[keep], v[keep])), shape=(m, m))).tocoo()
+        x, y = vertices[tree.row], vertices[tree.col]
+        return cls(np.minimum(x, y), np.maximum(x, y), (2.0 - tree.data).astype(np.float32))
+
+    def merge(self, other: Forest) -> Forest:
+        if len(other.a) == 0:
+            return self
+        if len(self.a) == 0:
+            return other
+        return Forest.of(
+            np.concatenate([self.a, other.a]), np.concatenate([self.b, other.b]), np.concatenate([self.s, other.s])
+        )
+
+    def removed_fraction(self, n: int, similarity: float) -> float:
+        return float((self.s > similarity).sum() / n) if n else 0.0
+
+
+def ivf_pair_recall(data: ValidEmbeddings, search: EdgeSearch, similarity: float, sample: int, seed: int) -> dict:
     """Share of the exact pairs (above `similarity`) of random query rows that IVF search found."""
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(data.n, size=min(sample, data.n), replace=False))
+    found = search.edges_touching(queries)
     q = torch.from_numpy(data.gather(queries))
     exact = set()
     for s, e in row_chunks(data.n):
@@ -436,7 +487,6 @@ def ivf_pair_recall(data: ValidEmbeddings, a, b, similarity: float, sample: int,
         for qi, j in zip(queries[r.numpy()], c.numpy() + s, strict=True):
             if qi != j:
                 exact.add((min(qi, j), max(qi, j)))
-    found = set(zip(a.tolist(), b.tolist(), strict=True))
     hits = sum(1 for pair in exact if pair in found)
     return {
         "sample_queries": len(queries),
@@ -445,12 +495,12 @@ def ivf_pair_recall(data: ValidEmbeddings, a, b, similarity: float, sample: int,
     }
 
 
-def choose_threshold_for_removal(n, a, b, s, target: float, metric: str, upper: float) -> float:
+def choose_threshold_for_removal(n: int, forest: Forest, target: float, metric: str, upper: float) -> float:
     """Bisection on the threshold (in `metric` units) so that the removed fraction reaches `target`."""
     lo, hi = 0.0, upper
     for _ in range(40):
         mid = (lo + hi) / 2
-        if removed_fraction(n, a, b, s, to_similarity(mid, metric)) >= target:
+        if forest.removed_fraction(n, to_similarity(mid, metric)) >= target:
             hi = mid
         else:
             lo = mid
@@ -487,6 +537,20 @@ def held_out_positions(cfg: BalanceConfig, embeddings: Embeddings, data_rows: np
     return HoldOut.open(cfg.holdout).masks(embeddings.sizes)[data_rows]
 
 
+def _shared(env: DistEnv, folder: Path, name: str, value=None):
+    """What rank 0 decided (a threshold, a mask, the groups), for every rank: through a file in the
+    edge folder, as the edges themselves travel."""
+    if env.world_size == 1:
+        return value
+    path = folder / f"{name}.npy"
+    if env.is_main:
+        save_npy_atomic(path, np.asarray(value))
+    barrier(env)
+    out = np.load(path, allow_pickle=False)
+    barrier(env)
+    return out
+
+
 def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
     start = time.monotonic()
     out = Path(cfg.out)
@@ -496,52 +560,77 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
     device = env.device
     search = EdgeSearch(cfg, data, env, device)
     timings: dict[str, float] = {}
+    training = ~held  # the rows that are balanced: not held out
+    n_training = int(training.sum())
 
     threshold = cfg.threshold
     reach = threshold * CURVE_REACH
     t0 = time.monotonic()
-    a, b, s = search.run(to_similarity(reach, cfg.metric))
-    # The graph that is balanced: the rows that are not held out.
-    training = Graph(data.n, a, b, s, ~held)
+    search.run(to_similarity(reach, cfg.metric))
+    forest, best_to_held = search.reduce(training, held if held.any() else None)
     if cfg.target_removal is not None:
-        # Widen the search until the wanted removal is within reach, then bisect on the kept edges.
-        while training.removed_fraction(to_similarity(reach, cfg.metric)) < cfg.target_removal:
+        # Widen the search until the wanted removal is within reach, then bisect on the forest (rank 0).
+        def short_of_target() -> bool:
+            if not env.is_main:
+                return bool(_shared(env, search.folder, "widen"))
+            short = forest.removed_fraction(n_training, to_similarity(reach, cfg.metric)) < cfg.target_removal
+            return bool(_shared(env, search.folder, "widen", short))
+
+        while short_of_target():
             if to_similarity(reach, cfg.metric) <= -1.0:
                 raise ClipcidError(f"no threshold removes {cfg.target_removal:.0%}: the data has too few images")
             reach *= 2
-            a, b, s = search.run(to_similarity(reach, cfg.metric))
-            training = Graph(data.n, a, b, s, ~held)
-        threshold = choose_threshold_for_removal(
-            training.n, training.a, training.b, training.s, cfg.target_removal, cfg.metric, reach
-        )
+            search.run(to_similarity(reach, cfg.metric))
+            forest, best_to_held = search.reduce(training, held if held.any() else None)
+        if env.is_main:
+            threshold = choose_threshold_for_removal(n_training, forest, cfg.target_removal, cfg.metric, reach)
     timings["search_s"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    similarity = to_similarity(threshold, cfg.metric)
+    # Training rows within the threshold of a held-out picture are not trained on either; the graph is
+    # then the one without them (a second pass over the edges, only when there are such rows).
+    near = best_to_held > similarity if env.is_main and best_to_held is not None else np.zeros(data.n, dtype=bool)
+    near = _shared(env, search.folder, "near", near)
+    balanced = training & ~near
+    training_forest = forest  # the removal curve is the training graph's, before the near rows go
+    if near.any():
+        forest, _ = search.reduce(balanced, tag="balanced")
+    positions = np.flatnonzero(balanced)
+    labels = None
+    if env.is_main:
+        compact = np.full(data.n, -1, dtype=np.int64)
+        compact[positions] = np.arange(len(positions))
+        sel = forest.s > similarity
+        labels = components(len(positions), compact[forest.a[sel]], compact[forest.b[sel]])
+    labels = _shared(env, search.folder, "groups", labels)
+    kept = central_members_of_shard(data, labels, positions, env.rank, env.world_size, cfg.memory_gb, device)
+    if env.world_size > 1:
+        save_npy_atomic(search.folder / f"kept_rank{env.rank}.npy", kept)
+        barrier(env)
+    timings["components_s"] = time.monotonic() - t0
     if not env.is_main:
         return {}
-
-    similarity = to_similarity(threshold, cfg.metric)
-    t0 = time.monotonic()
-    near = neighbours_of(held, a, b, s, similarity)
-    balanced = Graph(data.n, a, b, s, ~held & ~near)
-    sel = balanced.s > similarity
-    labels = components(balanced.n, balanced.a[sel], balanced.b[sel])
-    keep = most_central_members(data, labels, device, balanced.positions)
-    timings["components_s"] = time.monotonic() - t0
-    write_masks(out, store, data.global_rows[balanced.positions], labels, keep)
+    sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    keep = sizes[labels] == 1
+    for r in range(env.world_size):
+        keep[np.load(search.folder / f"kept_rank{r}.npy") if env.world_size > 1 else kept] = True
+    write_masks(out, store, data.global_rows[positions], labels, keep)
 
     curve = [
-        (reach * f / 12, training.removed_fraction(to_similarity(reach * f / 12, cfg.metric))) for f in range(1, 13)
+        (reach * f / 12, training_forest.removed_fraction(n_training, to_similarity(reach * f / 12, cfg.metric)))
+        for f in range(1, 13)
     ]
-    sizes = np.bincount(labels) if balanced.n else np.zeros(0, np.int64)
     stats = {
         "rows": store.total,
         "valid": data.n,
         "invalid": store.total - data.n,
         "held_out": int(held.sum()),
         "near_held_out": int(near.sum()),
-        "balanced": balanced.n,
+        "balanced": len(positions),
         "kept": int(keep.sum()),
-        "removed": int(balanced.n - keep.sum()),
-        "removed_fraction": float(1 - keep.sum() / balanced.n) if balanced.n else 0.0,
+        "removed": int(len(positions) - keep.sum()),
+        "removed_fraction": float(1 - keep.sum() / len(positions)) if len(positions) else 0.0,
         "groups": int(len(sizes)),
         "merged_groups": int((sizes > 1).sum()),
         "largest_group": int(sizes.max()) if len(sizes) else 0,
@@ -551,18 +640,17 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
         "threshold_all_metrics": thresholds_in_all_metrics(similarity),
         "target_removal": cfg.target_removal,
         "search": cfg.search,
-        "edges": int(sel.sum()),
+        "forest_edges": int(len(forest.a)),
         "block_size": search.block,
         "removal_curve": [{"threshold": t, "removed_fraction": f} for t, f in curve],
         "config": asdict(cfg),
         "non_finite_rows": embeddings.non_finite_rows(),
     }
     if cfg.search == "ivf":
-        all_sel = s > similarity
         stats["ivf"] = {
             "nlist": search.nlist,
             "nprobe": cfg.nprobe,
-            **ivf_pair_recall(data, a[all_sel], b[all_sel], similarity, cfg.recall_sample, cfg.seed),
+            **ivf_pair_recall(data, search, similarity, cfg.recall_sample, cfg.seed),
         }
     timings["total_s"] = time.monotonic() - start
     stats["timings"] = timings
