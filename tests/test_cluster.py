@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -105,17 +106,37 @@ def test_auto_k_and_errors(tmp_path):
         cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=3, balance=str(tmp_path / "bal")))
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
-    x, _ = blobs(n=1500, k=10)
+def same_clustering(a: Path, b: Path) -> None:
+    """Every rank trains on its share and the sums are all-reduced, so 2 ranks add in another order than
+    1: the same clustering up to float rounding (labels on 99.9 % of rows, centroids within 1e-4)."""
+    assert (labels_of(a) == labels_of(b)).mean() >= 0.999
+    np.testing.assert_allclose(np.load(a / "centroids.npy"), np.load(b / "centroids.npy"), atol=1e-4)
+
+
+@pytest.mark.parametrize("two_level", ["off", "on"])
+def test_two_gloo_processes_equal_one(tmp_path, two_level):
+    x, _ = blobs(n=1500, k=16)
     emb = write_embeddings(tmp_path / "emb", x)
-    cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "single"), k=10))
+    cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "single"), k=16, two_level=two_level))
     run_two_gloo_processes(
-        ["-m", "clipcid", "cluster", "--emb", str(emb), "--out", str(tmp_path / "double"), "--k", "10"]
+        [
+            "-m",
+            "clipcid",
+            "cluster",
+            "--emb",
+            str(emb),
+            "--out",
+            str(tmp_path / "double"),
+            "--k",
+            "16",
+            "--two-level",
+            two_level,
+            "--device",
+            "cpu",
+        ]  # fmt: skip
     )
-    np.testing.assert_array_equal(labels_of(tmp_path / "single"), labels_of(tmp_path / "double"))
-    np.testing.assert_array_equal(
-        np.load(tmp_path / "single" / "centroids.npy"), np.load(tmp_path / "double" / "centroids.npy")
-    )
+    same_clustering(tmp_path / "single", tmp_path / "double")
+    assert not (tmp_path / "double" / "training").exists()  # the scratch state goes once training is done
 
 
 def _unit_rows(rng, n, d):
@@ -145,3 +166,46 @@ def test_assignment_gives_faiss_ivf_labels_and_with_every_cell_probed_the_exact_
     assert (labels != exact).any()  # nprobe 6 of 50 misses some: the test can tell the two apart
     np.testing.assert_array_equal(Assigner(centroids, coarse, nprobe=cells).assign(x)[0], exact)
     np.testing.assert_array_equal(Assigner(centroids, None, nprobe=1).assign(x)[0], exact)
+
+
+def test_a_killed_training_resumes_from_its_last_finished_iteration(tmp_path, monkeypatch):
+    import clipcid.cluster.artifact as artifact
+    import clipcid.cluster.kmeans as kmeans
+
+    x, _ = blobs(n=1200, k=8)
+    emb = write_embeddings(tmp_path / "emb", x)
+    cfg = ClusterConfig(emb=str(emb), out=str(tmp_path / "straight"), k=8, niter=10, init="random", plots=False)
+    cluster(cfg)
+    real = artifact.write_kmeans_state
+
+    def crash_after_four(folder, stage, redo, iteration, centroids, objective):
+        real(folder, stage, redo, iteration, centroids, objective)
+        if iteration == 4:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(artifact, "write_kmeans_state", crash_after_four)
+    with pytest.raises(RuntimeError, match="killed"):
+        cluster(replace(cfg, out=str(tmp_path / "killed")))
+    monkeypatch.setattr(artifact, "write_kmeans_state", real)
+    ran = []
+    real_lloyd = kmeans.lloyd
+    monkeypatch.setattr(
+        kmeans, "lloyd", lambda env, x, c, a, its, *rest: ran.append(its) or real_lloyd(env, x, c, a, its, *rest)
+    )
+    stats = cluster(replace(cfg, out=str(tmp_path / "killed")))
+    assert ran == [range(4, 10)]  # iterations 1-4 were not done again
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "killed" / "centroids.npy"), np.load(tmp_path / "straight" / "centroids.npy")
+    )
+    np.testing.assert_array_equal(labels_of(tmp_path / "killed"), labels_of(tmp_path / "straight"))
+    assert len(stats["objective_per_iteration"]) == 10
+
+
+def test_a_sample_that_cannot_fit_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    from clipcid.embed.artifact import EmbeddingStore
+
+    x, _ = blobs(n=900, k=3)
+    emb = write_embeddings(tmp_path / "emb", x)
+    monkeypatch.setattr(EmbeddingStore, "rows", lambda self, rows: pytest.fail("rows were read"))
+    with pytest.raises(ClipcidError, match=r"more than --memory-gb 1e-05; raise --memory-gb, lower --max-points"):
+        cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=3, memory_gb=1e-5))

@@ -1,7 +1,9 @@
 """The clusters folder, written and read only here.
 
 OUT/centroids.npy (k x D float32, unit norm), OUT/coarse_centroids.npy (two-level mode),
-OUT/training.json (the trained centroids' settings, so that a rerun only assigns),
+OUT/training.json (the trained centroids' settings, so that a rerun only assigns), OUT/training/ while
+training runs (the centroids after each finished Lloyd iteration of each stage, each fine cell, each
+rank's sample cells: what a killed run resumes from; removed once training.json is written),
 OUT/labels/labels_{i}.npy (int64 per embedding row, -1 for dropped or invalid rows; its presence marks
 the part done), OUT/similarity/similarity_{i}.npy (to the centroid), OUT/stats.json ({"settings",
 "complete", and the statistics}; rewritten complete last), OUT/cluster_sizes.png.
@@ -10,13 +12,14 @@ the part done), OUT/similarity/similarity_{i}.npy (to the centroid), OUT/stats.j
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
-from clipcid.stage import finished, identity, read_finished, record_matches
+from clipcid.stage import finished, identity, read_finished, record_matches, write_record
 from clipcid.util.fileio import save_json_atomic, save_npy_atomic
 
 SETTINGS_FILE = "stats.json"
@@ -38,8 +41,53 @@ def trained(folder: Path, settings: dict) -> bool:
     return record_matches(Path(folder) / TRAINING_FILE, settings)
 
 
+def _scratch(folder: Path) -> Path:
+    return Path(folder) / "training"
+
+
+def begin_training(folder: Path, settings: dict) -> None:
+    """Rank 0, before training: the scratch state of a run with other settings goes."""
+    scratch = _scratch(folder)
+    if scratch.is_dir() and not record_matches(scratch / "settings.json", settings):
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    write_record(scratch / "settings.json", settings)
+
+
+def write_kmeans_state(folder: Path, stage: str, redo: int, iteration: int, centroids: np.ndarray, objective) -> None:
+    """The centroids after `iteration` finished Lloyd iterations of one stage (flat, coarse, refine)."""
+    scratch = _scratch(folder)
+    save_npy_atomic(scratch / f"{stage}_{redo}.npy", centroids)
+    save_json_atomic(scratch / f"{stage}_{redo}.json", {"iteration": iteration, "objective": list(objective)})
+
+
+def read_kmeans_state(folder: Path, stage: str, redo: int = 0) -> tuple[int, np.ndarray, list[float]] | None:
+    state = _scratch(folder) / f"{stage}_{redo}.json"
+    if not state.is_file():
+        return None
+    record = json.loads(state.read_text())
+    return record["iteration"], np.load(_scratch(folder) / f"{stage}_{redo}.npy"), record["objective"]
+
+
+def write_share_cells(folder: Path, rank: int, cells: np.ndarray) -> None:
+    save_npy_atomic(_scratch(folder) / f"cells_rank{rank}.npy", cells)
+
+
+def read_share_cells(folder: Path, rank: int) -> np.ndarray:
+    return np.load(_scratch(folder) / f"cells_rank{rank}.npy")
+
+
+def fine_cell_path(folder: Path, cell: int) -> Path:
+    return _scratch(folder) / "fine" / f"cell_{cell}.npy"
+
+
+def write_fine_cell(folder: Path, cell: int, centroids: np.ndarray) -> None:
+    save_npy_atomic(fine_cell_path(folder, cell), centroids)
+
+
 def write_training(folder: Path, centroids: np.ndarray, coarse: np.ndarray | None, record: dict) -> None:
-    """The trained centroids; labels of earlier centroids are stale and go first."""
+    """The trained centroids; labels of earlier centroids are stale and go first, and the scratch
+    state of training last."""
     folder = Path(folder)
     for f in (folder / "labels").glob("labels_*.npy") if (folder / "labels").is_dir() else []:
         f.unlink()
@@ -47,6 +95,7 @@ def write_training(folder: Path, centroids: np.ndarray, coarse: np.ndarray | Non
         save_npy_atomic(folder / "coarse_centroids.npy", coarse)
     save_npy_atomic(folder / "centroids.npy", centroids)
     save_json_atomic(folder / TRAINING_FILE, record)  # last: marks the training done
+    shutil.rmtree(_scratch(folder), ignore_errors=True)
 
 
 def read_training(folder: Path) -> tuple[dict, np.ndarray, np.ndarray | None]:

@@ -1,11 +1,12 @@
 """`clipcid cluster`: spherical k-means of the kept teacher image embeddings, one pseudo-label per row.
 
-Training runs faiss k-means (spherical) on a sample of at most k * max_points_per_centroid kept rows
-(faiss's own rule, applied while reading so that the rest never leaves the memmap), seeded with
-k-means++ where that is affordable. Then every kept row is assigned to its nearest centroid, part by
-part (split across ranks under torchrun). For very large k (the paper used 1M) a two-level mode
-trains sqrt(k) coarse clusters, then k-means inside each coarse cell with a share of k proportional
-to the cell's size, and assigns through an IVF index over the fine centroids.
+Training is spherical k-means trained by every rank (cluster/kmeans.py) on a sample of at most
+k * max_points_per_centroid kept rows (faiss's rule, applied while reading so that the rest never leaves
+the memmap), seeded with greedy k-means++ where that is affordable. Then every kept row is assigned to
+its nearest centroid, part by part (split across ranks under torchrun), by matrix products in torch. For
+very large k (the paper used 1M) a two-level mode trains sqrt(k) coarse clusters, then k-means inside
+each coarse cell with a share of k proportional to the cell's size, and assigns through the coarse cells
+(the fine centroids of each row's nprobe nearest cells).
 
 Outputs in OUT (cluster/artifact.py owns the layout): centroids, labels and similarities per part,
 stats.json, cluster_sizes.png.
@@ -14,7 +15,6 @@ stats.json, cluster_sizes.png.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ import torch
 import clipcid.cluster.artifact as artifact
 from clipcid.balance.artifact import BalanceResult
 from clipcid.balance.artifact import identity_of as balance_identity
+from clipcid.cluster import kmeans
 from clipcid.config import option, validate
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
@@ -46,7 +47,6 @@ log = logging.getLogger("clipcid")
 
 PAPER_IMAGES_PER_CLUSTER = 225  # 1M clusters for 225M images
 TWO_LEVEL_ABOVE_K = 65536
-KMEANS_PP_BUDGET = 2e10  # n * k * d beyond which greedy k-means++ seeding costs more than it saves
 ROWS_PER_PRODUCT = 65536  # centroids filed at once (a block of k x cells scores)
 
 
@@ -64,9 +64,9 @@ class ClusterConfig:
     init: str = option("auto", "seeding; auto = greedy k-means++ when n*k*d <= 2e10", ("auto", "kmeans++", "random"))
     nredo: int = option(1, "restarts; the best objective is kept", at_least=1)
     two_level: str = option("auto", "coarse then fine k-means; auto = on above k = 65,536", ("auto", "on", "off"))
-    device: str = option("auto", "where assignment runs (and training, with faiss-gpu): auto, cpu or cuda")
+    device: str = option("auto", "where training and assignment run: auto, cpu or cuda")
     gpu: bool = option(False, "old spelling of --device cuda")
-    memory_gb: float = option(2.0, "memory for one block of the assignment's scores", above=0)
+    memory_gb: float = option(8.0, "memory of a rank: its share of the training sample, and score blocks", above=0)
     assign_nprobe: int = option(8, "two-level mode: coarse cells searched when assigning a row", at_least=1)
     refine_iterations: int = option(5, "two-level mode: Lloyd iterations over all centroids after training", at_least=0)
     plots: bool = option(True, "write cluster_sizes.png")
@@ -100,61 +100,6 @@ def resolve_k(k: int | str, n_kept: int, images_per_cluster: float = PAPER_IMAGE
     return k
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Greedy k-means++ seeding on unit vectors (|a - b|^2 = 2 - 2 a.b): each step draws 2 + log k
-    candidates by D^2 sampling and keeps the one that lowers the potential most. Plain k-means++
-    still merges well-separated blobs now and then; the greedy variant rarely does."""
-    rng = np.random.default_rng(seed)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    trials = 2 + int(math.log(k))
-    chosen = [int(rng.integers(len(x)))]
-    dist = (2 - 2 * (xt @ xt[chosen[0]])).clamp_min(0)
-    for _ in range(1, k):
-        cumulative = np.cumsum(dist.numpy(), dtype=np.float64)
-        if cumulative[-1] <= 0:  # fewer distinct points than k: pick the rest at random
-            chosen.append(int(rng.integers(len(x))))
-            continue
-        candidates = np.minimum(np.searchsorted(cumulative, rng.random(trials) * cumulative[-1]), len(x) - 1)
-        cand_dist = torch.minimum(dist[None, :], (2 - 2 * (xt[candidates] @ xt.T)).clamp_min(0))
-        best = int(torch.argmin(cand_dist.sum(dim=1)))
-        chosen.append(int(candidates[best]))
-        dist = cand_dist[best]
-    return x[chosen].copy()
-
-
-def train_kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, list[float]]:
-    """faiss spherical k-means on x (already sampled); returns unit centroids and the objective per
-    iteration."""
-    import faiss
-
-    d = x.shape[1]
-    use_pp = cfg.init == "kmeans++" or (cfg.init == "auto" and len(x) * k * d <= KMEANS_PP_BUDGET and k > 1)
-    km = faiss.Kmeans(
-        d,
-        k,
-        niter=cfg.niter,
-        seed=seed,
-        spherical=True,
-        nredo=1 if use_pp else cfg.nredo,
-        max_points_per_centroid=cfg.max_points_per_centroid,
-        gpu=cfg.device == "cuda" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0,
-        verbose=False,
-    )
-    if use_pp:
-        best = None
-        for redo in range(cfg.nredo):
-            init = kmeans_plus_plus(x, k, seed + redo)
-            km.train(x, init_centroids=init)
-            # Spherical faiss k-means reports the summed similarity: larger is better.
-            if best is None or km.obj[-1] > best[1][-1]:
-                best = (km.centroids.copy(), list(km.obj))
-        centroids, obj = best
-    else:
-        km.train(x)
-        centroids, obj = km.centroids.copy(), list(km.obj)
-    return unit_rows(centroids.astype(np.float32)), [float(o) for o in obj]
-
-
 def proportional_split(k: int, sizes: np.ndarray) -> np.ndarray:
     """Integers summing to k, proportional to sizes (largest remainder), at least 1 and at most the
     cell's size for every non-empty cell."""
@@ -170,63 +115,6 @@ def proportional_split(k: int, sizes: np.ndarray) -> np.ndarray:
         over = np.where(out > 1, out - share, -np.inf)
         out[int(np.argmax(over))] -= 1
     return out
-
-
-def train_two_level(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Coarse k-means (sqrt(k) cells), then k-means inside each cell. Returns fine centroids, the
-    coarse centroids, and the coarse objective."""
-    import faiss
-
-    k1 = max(1, min(int(round(math.sqrt(k))), len(x)))
-    coarse, obj = train_kmeans(x, k1, cfg, cfg.seed)
-    index = faiss.IndexFlatIP(coarse.shape[1])
-    index.add(coarse)
-    cell = index.search(x, 1)[1][:, 0]
-    sizes = np.bincount(cell, minlength=k1)
-    per_cell = proportional_split(k, sizes)
-    fine = []
-    with progress_bar(k1, "two-level k-means", "cell") as bar:
-        for c in range(k1):
-            members = x[cell == c]
-            if per_cell[c] == 0:
-                bar.update(1)
-                continue
-            if per_cell[c] >= len(members):
-                fine.append(unit_rows(members[: per_cell[c]]))
-            else:
-                fine.append(train_kmeans(members, int(per_cell[c]), cfg, cfg.seed + 1 + c)[0])
-            bar.update(1)
-    return np.concatenate(fine).astype(np.float32), coarse, obj
-
-
-def refine_with_ivf(
-    x: np.ndarray,
-    centroids: np.ndarray,
-    coarse: np.ndarray,
-    iterations: int,
-    nprobe: int,
-    device: torch.device | str = "cpu",
-    memory_gb: float = 2.0,
-) -> np.ndarray:
-    """Lloyd iterations over all k centroids with assignment through the IVF index: repairs the
-    cells' borders, where two-level training splits clusters that straddle coarse cells."""
-    for _ in range(iterations):
-        labels, _ = Assigner(centroids, coarse, nprobe, device, memory_gb).assign(x)
-        sums = torch.zeros(centroids.shape, dtype=torch.float64)
-        sums.index_add_(0, torch.from_numpy(labels), torch.from_numpy(x).double())
-        counts = np.bincount(labels, minlength=len(centroids))
-        updated = unit_rows(sums.numpy().astype(np.float32))
-        centroids = np.where(counts[:, None] > 0, updated, centroids).astype(np.float32)
-    return centroids
-
-
-def training_sample(store: EmbeddingStore, rows: np.ndarray, k: int, cfg: ClusterConfig) -> np.ndarray:
-    """faiss's subsampling (k * max_points_per_centroid rows), done before reading."""
-    limit = k * cfg.max_points_per_centroid
-    if len(rows) > limit:
-        rng = np.random.default_rng(cfg.seed)
-        rows = np.sort(rng.choice(rows, size=limit, replace=False))
-    return unit_rows(store.rows(rows))
 
 
 class Assigner:
@@ -247,11 +135,11 @@ class Assigner:
         memory_gb: float = 2.0,
     ):
         self.device = torch.device(device)
-        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
+        self.centroids = torch.as_tensor(centroids, dtype=torch.float32).to(self.device)
         self.coarse = None
         width = len(centroids)
         if coarse is not None:
-            self.coarse = torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32)).to(self.device)
+            self.coarse = torch.as_tensor(coarse, dtype=torch.float32).to(self.device)
             self.nprobe = min(nprobe, len(coarse))
             cell = torch.cat([(c @ self.coarse.T).argmax(dim=1) for c in self.centroids.split(ROWS_PER_PRODUCT)])
             order = torch.argsort(cell, stable=True)
@@ -268,6 +156,14 @@ class Assigner:
             best, ids = self._flat(rows) if self.coarse is None else self._two_level(rows)
             labels[s:e], sims[s:e] = ids.cpu().numpy(), best.cpu().numpy()
         return labels, sims
+
+    def assign_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same for rows already on the device: (labels, similarities), on the device."""
+        parts = [self._flat(x[s:e]) if self.coarse is None else self._two_level(x[s:e])
+                 for s, e in row_chunks(len(x), self.rows_at_once)]  # fmt: skip
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, device=self.device)
+        return torch.cat([ids for _, ids in parts]), torch.cat([best for best, _ in parts])
 
     def _flat(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (rows @ self.centroids.T).max(dim=1)
@@ -349,32 +245,32 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
     two_level = cfg.two_level == "on" or (cfg.two_level == "auto" and k > TWO_LEVEL_ABOVE_K)
     timings: dict[str, float] = {}
 
-    if env.is_main and not artifact.trained(out, settings):
+    if not artifact.trained(out, settings):
         t0 = time.monotonic()
-        x = training_sample(store, kept_rows, k, cfg)
-        log.info(
-            "training %s k-means, k=%d, on %d of %d kept rows",
-            "two-level" if two_level else "flat",
-            k,
-            len(x),
-            len(kept_rows),
-        )
-        coarse = None
-        if two_level:
-            centroids, coarse, obj = train_two_level(x, k, cfg)
-            centroids = refine_with_ivf(
-                x, centroids, coarse, cfg.refine_iterations, cfg.assign_nprobe, env.device, cfg.memory_gb
-            )
-        else:
-            centroids, obj = train_kmeans(x, k, cfg, cfg.seed)
-        record = {
-            "settings": settings,
-            "objective": obj,
-            "two_level": two_level,
-            "train_rows": len(x),
-            "train_s": time.monotonic() - t0,
-        }
-        artifact.write_training(out, centroids, coarse, record)
+        sample = kmeans.draw_sample(kept_rows, k, cfg.max_points_per_centroid, cfg.seed)
+        kmeans.check_memory(len(sample), store.dim, env, cfg.memory_gb)
+        if env.is_main:
+            artifact.begin_training(out, settings)
+        barrier(env)
+        training_setup = kmeans.Training(
+            k, cfg.niter, cfg.seed, cfg.init, cfg.nredo, cfg.assign_nprobe, cfg.refine_iterations, cfg.memory_gb, out,
+            settings,
+        )  # fmt: skip
+
+        def make_assigner(centroids, coarse):
+            return Assigner(centroids, coarse, cfg.assign_nprobe, env.device, cfg.memory_gb)
+
+        centroids, coarse, obj = kmeans.train(env, store, sample, training_setup, two_level, make_assigner)
+        if env.is_main:
+            record = {
+                "settings": settings,
+                "objective": obj,
+                "two_level": two_level,
+                "train_rows": len(sample),
+                "train_s": time.monotonic() - t0,
+                "world_size": env.world_size,
+            }
+            artifact.write_training(out, unit_rows(centroids), coarse, record)
     barrier(env)
     training, centroids, coarse = artifact.read_training(out)
     assigner = Assigner(centroids, coarse, cfg.assign_nprobe, env.device, cfg.memory_gb)
