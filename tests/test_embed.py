@@ -288,7 +288,7 @@ def test_parts_are_named_and_described_as_clip_retrieval_writes_them(tmp_path, t
 def test_validity_is_decided_when_a_part_is_written_and_read_without_the_vectors(tmp_path, monkeypatch):
     import pyarrow as pa
 
-    from clipcid.embed.artifact import NON_FINITE, VALIDITY, EmbeddingStore, Embeddings, write_part
+    from clipcid.embed.artifact import NON_FINITE, VALIDITY, Embeddings, EmbeddingStore, write_part
     from clipcid.stage import RunFolder
 
     img = np.ones((6, 4), np.float16)
