@@ -143,17 +143,32 @@ class ValidEmbeddings:
 
     The stored rows (of whatever dtype the parts hold) are held in memory when they fit half the
     budget, else read from the memmapped parts; either way a block is normalised in float32 the same
-    way, so results do not depend on which.
+    way, so results do not depend on which. On a GPU, the normalised rows stay on the device when they
+    fit half the budget, so that a block is not normalised and uploaded again for every block pair.
     """
 
     def __init__(self, store: EmbeddingStore, memory_gb: float):
-        self.store = store
+        self.store, self.memory_gb = store, memory_gb
         valid = store.valid_mask()
         self.global_rows = np.flatnonzero(valid)
         self.n = len(self.global_rows)
         self._raw = None
         if self.n * store.dim * store.itemsize <= memory_gb * 1e9 / 2:
             self._raw = np.concatenate([np.asarray(store.part(i))[store.valid(i)] for i in store.part_ids])
+        self._on_device: torch.Tensor | None = None
+
+    def device_block(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """block(start, stop) on `device`; on a GPU from the rows kept there when they fit."""
+        if (
+            device.type == "cuda"
+            and self._on_device is None
+            and self.n * self.store.dim * 4 <= self.memory_gb * 1e9 / 2
+        ):
+            chunks = [torch.from_numpy(self.block(s, e)).to(device) for s, e in row_chunks(self.n)]
+            self._on_device = torch.cat(chunks) if chunks else torch.zeros(0, self.store.dim, device=device)
+        if self._on_device is not None and self._on_device.device == device:
+            return self._on_device[start:stop]
+        return torch.from_numpy(self.block(start, stop)).to(device)
 
     def block(self, start: int, stop: int) -> np.ndarray:
         if self._raw is not None:
@@ -171,10 +186,10 @@ def exact_block_edges(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (a < b) with similarity > sim_min, a in block i and b in block i or a later one."""
     a0, a1 = blocks[i]
-    q = torch.from_numpy(data.block(a0, a1)).to(device)
+    q = data.device_block(a0, a1, device)
     rows, cols, sims = [], [], []
     for b0, b1 in blocks[i:]:
-        k = q if b0 == a0 else torch.from_numpy(data.block(b0, b1)).to(device)
+        k = q if b0 == a0 else data.device_block(b0, b1, device)
         scores = q @ k.T
         r, c = torch.nonzero(scores > sim_min, as_tuple=True)
         if b0 == a0:  # the diagonal block: each pair once, no self pairs
