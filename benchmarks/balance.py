@@ -7,7 +7,7 @@
 (d) --big: 1M x 512 end to end with IVF (goal: under 3 minutes on the 2-core machine);
 (e) --real EMB_DIR: removed fraction against threshold on real embeddings.
 
-    python benchmarks/balance.py --n 200000 --dim 512 [--big] [--real demo/teacher_emb]
+    python benchmarks/balance.py --n 200000 --dim 512 [--big] [--real demo/teacher_emb] [--device cuda]
 """
 
 from __future__ import annotations
@@ -52,14 +52,16 @@ def planted_embeddings(root: Path, n: int, dim: int, seed: int = 0, part_rows: i
     return root
 
 
-def gemm_rate(block: int, dim: int) -> float:
+def gemm_rate(block: int, dim: int, device: str = "cpu") -> float:
     """FLOP/s of the block product the exact search runs (best of 3)."""
-    a = torch.randn(block, dim)
-    b = torch.randn(block, dim)
+    a = torch.randn(block, dim, device=device)
+    b = torch.randn(block, dim, device=device)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         a @ b.T
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * block * block * dim / best
 
@@ -105,6 +107,7 @@ def main() -> None:
     p.add_argument("--skip-faiss-flat", action="store_true")
     p.add_argument("--big", action="store_true", help="also run 1M x 512 end to end with IVF")
     p.add_argument("--real", default=None, help="embeddings folder for the removal table")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the search's matrix products)")
     args = p.parse_args()
     sim = to_similarity(args.threshold, "l2")
     print(f"threads {torch.get_num_threads()}, threshold l2 {args.threshold} (similarity > {sim:.6f})")
@@ -112,7 +115,7 @@ def main() -> None:
         tmp = Path(tmp)
         emb = planted_embeddings(tmp / "emb", args.n, args.dim)
         block = block_size_for(args.memory_gb, args.dim)
-        rate = gemm_rate(block, args.dim)
+        rate = gemm_rate(block, args.dim, args.device)
         floor = 2 * args.n * args.n * args.dim / rate
         exact = balance(
             BalanceConfig(
@@ -121,6 +124,7 @@ def main() -> None:
                 threshold=args.threshold,
                 memory_gb=args.memory_gb,
                 plots=False,
+                device=args.device,
             )
         )
         exact_s = exact["timings"]["total_s"]
@@ -134,6 +138,7 @@ def main() -> None:
                 nprobe=args.nprobe,
                 memory_gb=args.memory_gb,
                 plots=False,
+                device=args.device,
             )
         )
         ivf_s = ivf["timings"]["total_s"]
@@ -175,6 +180,7 @@ def main() -> None:
                     nprobe=args.nprobe,
                     memory_gb=args.memory_gb,
                     plots=False,
+                    device=args.device,
                 )
             )
             big_s = time.perf_counter() - start

@@ -1,0 +1,216 @@
+"""The middle stages' cost per row, measured: what docs/scaling.md's plan is computed from.
+
+On synthetic clustered embeddings (unit vectors around 20,000 random centres, ~10 % of them in planted
+near-duplicate groups) of 0.5M, 1M, 2M and 4M rows at 256-d, and 1M at 1,280-d, on 1 and 2 ranks
+(torchrun, gloo), it measures each stage alone, each in a process of its own so that its peak memory
+is its own:
+
+- join: balance's IVF cell join (nlist = sqrt(N * nprobe), nprobe 4), the edge blocks written;
+- merge: the blocks' spanning forests merged and the components taken (balance's reduce);
+- lloyd: one k-means iteration at k = 4,096 (flat: assign, sums, all-reduce);
+- assign: the two-level assignment of every row at k = 65,536 (256 cells, nprobe 8).
+
+It prints a table per stage: rows, ranks, seconds, rows per second, peak resident memory per rank, and
+the exponent of time against rows fitted over the 256-d sizes (the anchor: exponent 1, the cost of
+reading each row once; the IVF join is expected near 1.5 by nlist = sqrt(N * nprobe)). With --json it
+writes every figure there, and with --plot a log-log plot of seconds against rows.
+
+    python benchmarks/scale.py [--sizes 500000 1000000 2000000 4000000] [--ranks 1 2] [--json OUT.json]
+        [--plot OUT.png] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAGES = ("join", "merge", "lloyd", "assign")
+K_LLOYD, K_ASSIGN, CELLS, NPROBE_ASSIGN = 4096, 65536, 256, 8
+PART_ROWS = 250_000
+
+
+def write_data(root: Path, n: int, dim: int, seed: int = 0) -> Path:
+    """Parts of unit float16 rows around 20,000 centres, ~10 % planted near-duplicates, with embed.json
+    saying validity is decided (as `clipcid embed` writes it)."""
+    from clipcid.embed.artifact import VALIDITY
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20_000, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    (root / "img_emb").mkdir(parents=True, exist_ok=True)
+    (root / "metadata").mkdir(parents=True, exist_ok=True)
+    n_parts = -(-n // PART_ROWS)
+    for i in range(n_parts):
+        rows = min(PART_ROWS, n - i * PART_ROWS)
+        x = centres[rng.integers(len(centres), size=rows)] + 0.5 * rng.standard_normal((rows, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        dup = rng.choice(rows, size=rows // 10, replace=False)
+        x[dup] = x[rng.integers(rows, size=len(dup))] + 0.01 * rng.standard_normal((len(dup), dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x.astype(np.float16))
+        pq.write_table(pa.table({"key": [str(j) for j in range(rows)], "valid": np.ones(rows, bool)}),
+                       root / "metadata" / f"metadata_{i}.parquet")  # fmt: skip
+    settings = {"parts": n_parts, "inputs": [f"synthetic-{n}-{dim}-{seed}"]}
+    (root / "embed.json").write_text(json.dumps({"settings": settings, "complete": True, "validity": VALIDITY}))
+    return root
+
+
+def worker(stage: str, emb: str, out: str, device: str) -> None:
+    """One stage, measured inside this process (and its rank peers under torchrun)."""
+    import torch
+
+    from clipcid.balance.run import BalanceConfig, EdgeSearch, ValidEmbeddings, components, to_similarity
+    from clipcid.cluster.kmeans import lloyd
+    from clipcid.cluster.run import Assigner
+    from clipcid.embed.artifact import Embeddings
+    from clipcid.stage import barrier, distributed, unit_rows
+
+    with distributed(device) as env:
+        embeddings = Embeddings.open(emb)
+        store = embeddings.images
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+        cfg = BalanceConfig(emb=emb, out=out, search="ivf", nprobe=4, memory_gb=2.0, device=device)
+        if stage in ("join", "merge"):
+            data = ValidEmbeddings(store, cfg.memory_gb)
+            search = EdgeSearch(cfg, data, env, env.device)
+            sim = to_similarity(0.07 * 1.5, "l2")
+            if stage == "merge":
+                search.run(sim)  # the blocks the merge reads, not timed
+            barrier(env)
+            start = time.perf_counter()
+            if stage == "join":
+                search.run(sim)
+            else:
+                forest, _ = search.reduce(np.ones(data.n, dtype=bool))
+                if env.is_main:
+                    components(
+                        data.n,
+                        forest.a[forest.s > to_similarity(0.07, "l2")],
+                        forest.b[forest.s > to_similarity(0.07, "l2")],
+                    )
+            barrier(env)
+        else:
+            rows = np.array_split(np.arange(store.total), env.world_size)[env.rank]
+            x = torch.from_numpy(unit_rows(store.rows(rows))).to(env.device)
+            rng = np.random.default_rng(0)
+            k = min(K_LLOYD if stage == "lloyd" else K_ASSIGN, store.total)
+            centroids = torch.from_numpy(unit_rows(store.rows(np.sort(rng.choice(store.total, k, replace=False))))).to(
+                env.device
+            )
+            coarse = (
+                None if stage == "lloyd" else centroids[torch.from_numpy(rng.choice(k, min(CELLS, k), replace=False))]
+            )
+            barrier(env)
+            start = time.perf_counter()
+            if stage == "lloyd":
+                lloyd(env, x, centroids, lambda r, c: Assigner(c, None, 1, env.device).assign_tensor(r), range(1), 0)
+            else:
+                Assigner(centroids, coarse, NPROBE_ASSIGN, env.device).assign_tensor(x)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            barrier(env)
+        seconds = time.perf_counter() - start
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        report = {"stage": stage, "seconds": seconds, "peak_gb": peak_gb, "rank": env.rank, "ranks": env.world_size}
+        Path(out, f"report_{env.rank}.json").write_text(json.dumps(report))
+
+
+def measure(stage: str, emb: Path, ranks: int, device: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="clipcid-scale-") as out:
+        cmd = [sys.executable, __file__, "--worker", stage, "--emb", str(emb), "--out", out, "--device", device]
+        if ranks > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                   "127.0.0.1", "--master_port", str(port), *cmd[1:]]  # fmt: skip
+        subprocess.run(
+            cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
+        )
+        reports = [json.loads(p.read_text()) for p in sorted(Path(out).glob("report_*.json"))]
+    return {"seconds": max(r["seconds"] for r in reports), "peak_gb": max(r["peak_gb"] for r in reports)}
+
+
+def fitted_exponent(points: list[tuple[int, float]]) -> float | None:
+    if len(points) < 2:
+        return None
+    n, t = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(n, t, 1)[0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[500_000, 1_000_000, 2_000_000, 4_000_000])
+    p.add_argument("--wide", type=int, default=1_000_000, help="rows of the 1,280-d run (0: none)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--stages", nargs="+", default=list(STAGES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--emb", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.emb, args.out, args.device)
+        return
+    results = []
+    with tempfile.TemporaryDirectory(prefix="clipcid-scale-data-") as tmp:
+        shapes = [(n, 256) for n in args.sizes] + ([(args.wide, 1280)] if args.wide else [])
+        for n, dim in shapes:
+            emb = write_data(Path(tmp) / f"{n}_{dim}", n, dim)
+            for ranks in args.ranks:
+                for stage in args.stages:
+                    m = measure(stage, emb, ranks, args.device)
+                    results.append({"stage": stage, "rows": n, "dim": dim, "ranks": ranks, **m})
+                    line = f"{stage:<7} {n:>10,} x {dim:<5} {ranks} rank(s): {m['seconds']:8.1f} s, "
+                    print(line + f"{n / m['seconds']:>12,.0f} rows/s, peak {m['peak_gb']:.2f} GB per rank", flush=True)
+            shutil.rmtree(emb)
+    print(f"\n{os.cpu_count()} CPU cores, device {args.device}\n")
+    print("| stage | rows | dim | ranks | seconds | rows/s | peak GB per rank | exponent (256-d) | anchor exponent |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for stage in args.stages:
+        for ranks in args.ranks:
+            rows = [r for r in results if r["stage"] == stage and r["ranks"] == ranks]
+            exponent = fitted_exponent([(r["rows"], r["seconds"]) for r in rows if r["dim"] == 256])
+            for r in rows:
+                exp = f"{exponent:.2f}" if exponent is not None else "–"
+                print(f"| {stage} | {r['rows']:,} | {r['dim']} | {ranks} | {r['seconds']:.1f} | "
+                      f"{r['rows'] / r['seconds']:,.0f} | {r['peak_gb']:.2f} | {exp} | 1.00 |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.plot:
+        from clipcid.util.plots import new_figure, save_png
+
+        fig, ax = new_figure(6.5, 4.2)
+        for stage in args.stages:
+            for ranks in args.ranks:
+                rows = [r for r in results if r["stage"] == stage and r["ranks"] == ranks and r["dim"] == 256]
+                ax.plot([r["rows"] for r in rows], [r["seconds"] for r in rows], marker="o",
+                        linestyle="-" if ranks == 1 else "--", label=f"{stage}, {ranks} rank(s)")  # fmt: skip
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="rows (256-d)",
+            ylabel="seconds",
+            title="middle stages: time against rows",
+        )
+        ax.legend(fontsize=7)
+        save_png(fig, args.plot)
+
+
+if __name__ == "__main__":
+    main()
