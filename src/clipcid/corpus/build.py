@@ -199,7 +199,12 @@ def build_demo_corpus(cfg: BuildDemoConfig) -> dict:
         "seed": cfg.seed,
     }
     folder = RunFolder(out, "build.json", settings, cfg.overwrite)
-    done = folder.finished_run(lambda: (out / "sources.json").is_file())
+
+    def whole() -> bool:  # a shard deleted or left unfinished since is built again
+        shards = (folder.recorded() or {}).get("shards", 0)
+        return (out / "sources.json").is_file() and all(_shard_done(out, shard) for shard in range(shards))
+
+    done = folder.finished_run(whole)
     if done is not None:
         return json.loads((out / "sources.json").read_text())
     with folder:
