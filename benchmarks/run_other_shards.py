@@ -6,10 +6,11 @@ contrast, `demo/eval/retrieval_emoji_*`), each picture with one of its three cap
 name; "an emoji of NAME"; "NAME, SUBGROUP"), shuffled with a fixed seed and written as img2dataset's
 webdataset output (KEY.png, KEY.txt, KEY.json with url and key; a .parquet and _stats.json per shard).
 The teacher: `local-dir:DEMO/models/teacher`, the folder `clipcid demo` exports. Everything else is
-`clipcid run`'s defaults (the paper's threshold 0.07, k auto) but the hold-out (10 %: 1 % of 4,415 pairs is too few to measure, and so is 5 %) and the student's
-recipe, which is the demo's (clipcid-tiny, 1 epoch of batch 128, lr 1e-3, 50 warm-up steps, wd 0.1).
+`clipcid run`'s defaults (the paper's threshold 0.07, k auto) but the hold-out (10 %: 1 % of 4,415
+pairs is too few to measure, and so is 5 %) and the student's recipe, which is the demo's
+(clipcid-tiny, 1 epoch of batch 128, lr 1e-3, 50 warm-up steps, wd 0.1).
 
-    python benchmarks/run_other_shards.py --demo demo --out /tmp/other [--holdout 0.05] [--workers 2]
+    python benchmarks/run_other_shards.py --demo demo --out /tmp/other [--holdout 0.1] [--workers 2]
 
 Prints the seconds of every stage with its ratio to the anchor, the teacher's embed pass (the one cost
 any offline distillation pays), then the results table of the run's report.
