@@ -220,7 +220,8 @@ def _embed(
     root = Path(cfg.out)
     teacher = load_model(cfg.model, cfg.pretrained, env.device, cfg.seed)
     encoder = make_encoder(teacher)
-    if cfg.pretrained is None and env.is_main and encoder.normalize:
+    weights_in_name = cfg.model.startswith(("local-dir:", "hf-hub:"))  # such a model brings its weights
+    if cfg.pretrained is None and not weights_in_name and env.is_main and encoder.normalize:
         log.warning("no --pretrained given: embedding with a randomly initialised %s (seed %d)", cfg.model, cfg.seed)
     if env.is_main:
         folder.claim()
