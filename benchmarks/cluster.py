@@ -154,7 +154,9 @@ def main() -> None:
         tmp = Path(tmp)
         emb = write_blobs(tmp / "emb", args.n, args.dim, centres=args.k)
         anchor_s, anchor_sim = faiss_direct(emb, args.k, args.niter, 0, args.max_points_per_centroid)
-        ours_s, stats = ours(emb, tmp / "ours", args.k, args.niter, 0, args.max_points_per_centroid, init="random")
+        ours_s, stats = ours(
+            emb, tmp / "ours", args.k, args.niter, 0, args.max_points_per_centroid, init="random", device=args.device
+        )
         print(f"{args.n:,} x {args.dim}, k {args.k:,}, niter {args.niter}, random init, seed 0\n")
         print(row("method", "seconds", "ratio", "mean similarity to centroid"))
         print(row("---", "---:", "---:", "---:"))
@@ -178,6 +180,7 @@ def main() -> None:
                 args.max_points_per_centroid,
                 two_level="off",
                 init="random",
+                device=args.device,
             )
             two_s, two = ours(
                 big,
@@ -188,6 +191,7 @@ def main() -> None:
                 args.max_points_per_centroid,
                 two_level="on",
                 init="random",
+                device=args.device,
             )
             print(f"\n{args.two_level_n:,} x {args.dim}, k {args.two_level_k:,}\n")
             print(row("mode", "seconds", "ratio", "mean similarity to centroid", "empty clusters"))

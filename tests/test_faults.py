@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import _clipcid, make_shards, run_and_kill_when, run_ok, same_files, shape_png
+from test_cluster import same_clustering
 
 from clipcid.cli import main
 from clipcid.inputs.shards import write_tar_atomic
@@ -98,6 +99,34 @@ def test_cluster_killed_after_a_labels_part_resumes_to_the_same_bytes(many_rows,
     same_files(tmp_path / "straight", out)
 
 
+def _torchrun_two() -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    return torchrun + ["--master_port", port, "-m", "clipcid"]
+
+
+def test_two_ranks_killed_mid_merge_or_mid_assignment_resume_from_their_finished_parts(many_rows, tmp_path):
+    """A rank lost mid-way costs its unfinished parts: the edge blocks and label parts written stay."""
+    balance = ["balance", "--emb", str(many_rows), "--target-removal", "0.3", "--memory-gb", "0.00002"]
+    run_ok(_clipcid(*balance, "--out", str(tmp_path / "bal_one")))
+    out = tmp_path / "bal_two"
+    assert run_and_kill_when(_torchrun_two() + [*balance, "--out", str(out)], out / "edges", "block_000003.npz")
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "edges").glob("block_*.npz")}
+    run_ok(_torchrun_two() + [*balance, "--out", str(out)])
+    assert all((out / "edges" / name).stat().st_mtime_ns == t for name, t in kept.items())  # not searched again
+    same_files(tmp_path / "bal_one", out)
+    cluster = ["cluster", "--emb", str(many_rows), "--k", "20", "--device", "cpu"]
+    run_ok(_clipcid(*cluster, "--out", str(tmp_path / "cl_one")))
+    out = tmp_path / "cl_two"
+    assert run_and_kill_when(_torchrun_two() + [*cluster, "--out", str(out)], out / "labels", "labels_1.npy")
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("labels_*.npy")}
+    run_ok(_torchrun_two() + [*cluster, "--out", str(out)])
+    assert all((out / "labels" / name).stat().st_mtime_ns == t for name, t in done.items())
+    same_clustering(tmp_path / "cl_one", out)
+
+
 def _distill_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
         "distill",
@@ -128,11 +157,7 @@ def test_distill_with_two_loader_workers_killed_mid_epoch_resumes_exactly(corpus
 
 
 def test_distill_on_two_gloo_ranks_killed_mid_epoch_resumes_exactly(corpus, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    torchrun += ["--master_port", port, "-m", "clipcid"]
+    torchrun = _torchrun_two()
 
     def cmd(out: Path) -> list[str]:
         return torchrun + _distill_args(corpus, out, "--batch-size", "4", "--workers", "1")
