@@ -1,9 +1,9 @@
 """The middle stages' cost per row, measured: what docs/scaling.md's plan is computed from.
 
-On synthetic clustered embeddings (unit vectors around 20,000 random centres, ~10 % of them in planted
-near-duplicate groups) of 0.5M, 1M, 2M and 4M rows at 256-d, and 1M at 1,280-d, on 1 and 2 ranks
-(torchrun, gloo), it measures each stage alone, each in a process of its own so that its peak memory
-is its own:
+On synthetic clustered embeddings (unit vectors around 20,000 random centres, 60 % of them planted
+near-duplicates of others, 0.03 away, so that balance at 0.07 removes a third, near the paper's 43.7 %) of
+0.5M, 1M, 2M and 4M rows at 256-d, and 1M at 1,280-d, on 1 and 2 ranks (torchrun, gloo), it measures
+each stage alone, each in a process of its own so that its peak memory is its own:
 
 - join: balance's IVF cell join (nlist = sqrt(N * nprobe), nprobe 4), the edge blocks written;
 - merge: the blocks' spanning forests merged and the components taken (balance's reduce);
@@ -43,7 +43,7 @@ PART_ROWS = 250_000
 
 
 def write_data(root: Path, n: int, dim: int, seed: int = 0) -> Path:
-    """Parts of unit float16 rows around 20,000 centres, ~10 % planted near-duplicates, with embed.json
+    """Parts of unit float16 rows around 20,000 centres, 60 % planted near-duplicates, with embed.json
     saying validity is decided (as `clipcid embed` writes it)."""
     from clipcid.embed.artifact import VALIDITY
 
@@ -57,8 +57,9 @@ def write_data(root: Path, n: int, dim: int, seed: int = 0) -> Path:
         rows = min(PART_ROWS, n - i * PART_ROWS)
         x = centres[rng.integers(len(centres), size=rows)] + 0.5 * rng.standard_normal((rows, dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        dup = rng.choice(rows, size=rows // 10, replace=False)
-        x[dup] = x[rng.integers(rows, size=len(dup))] + 0.01 * rng.standard_normal((len(dup), dim), dtype=np.float32)
+        dup = rng.choice(rows, size=rows * 6 // 10, replace=False)
+        noise = rng.standard_normal((len(dup), dim), dtype=np.float32)  # |noise| 0.03: within 0.07 of the original
+        x[dup] = x[rng.integers(rows, size=len(dup))] + 0.03 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         np.save(root / "img_emb" / f"img_emb_{i}.npy", x.astype(np.float16))
         pq.write_table(pa.table({"key": [str(j) for j in range(rows)], "valid": np.ones(rows, bool)}),
@@ -125,6 +126,8 @@ def worker(stage: str, emb: str, out: str, device: str) -> None:
         seconds = time.perf_counter() - start
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         report = {"stage": stage, "seconds": seconds, "peak_gb": peak_gb, "rank": env.rank, "ranks": env.world_size}
+        if stage == "merge":  # counted after the clock stopped
+            report["edges"] = sum(len(np.load(search.block_file(i))["a"]) for i in range(search.n_jobs))
         Path(out, f"report_{env.rank}.json").write_text(json.dumps(report))
 
 
@@ -141,7 +144,10 @@ def measure(stage: str, emb: Path, ranks: int, device: str) -> dict:
             cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
         )
         reports = [json.loads(p.read_text()) for p in sorted(Path(out).glob("report_*.json"))]
-    return {"seconds": max(r["seconds"] for r in reports), "peak_gb": max(r["peak_gb"] for r in reports)}
+    measured = {"seconds": max(r["seconds"] for r in reports), "peak_gb": max(r["peak_gb"] for r in reports)}
+    if "edges" in reports[0]:
+        measured["edges"] = reports[0]["edges"]
+    return measured
 
 
 def fitted_exponent(points: list[tuple[int, float]]) -> float | None:
@@ -176,7 +182,8 @@ def main() -> None:
                 for stage in args.stages:
                     m = measure(stage, emb, ranks, args.device)
                     results.append({"stage": stage, "rows": n, "dim": dim, "ranks": ranks, **m})
-                    line = f"{stage:<7} {n:>10,} x {dim:<5} {ranks} rank(s): {m['seconds']:8.1f} s, "
+                    edges = f", {m['edges']:,} edges" if "edges" in m else ""
+                    line = f"{stage:<7} {n:>10,} x {dim:<5} {ranks} rank(s){edges}: {m['seconds']:8.1f} s, "
                     print(line + f"{n / m['seconds']:>12,.0f} rows/s, peak {m['peak_gb']:.2f} GB per rank", flush=True)
             shutil.rmtree(emb)
     print(f"\n{os.cpu_count()} CPU cores, device {args.device}\n")

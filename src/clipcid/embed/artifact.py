@@ -282,8 +282,9 @@ class Embeddings:
         count = 0
         if self.validity_decided:
             for i in self.part_ids:
-                errors = self.metadata(i, ["error"]).column("error").to_pylist()
-                count += sum(e == NON_FINITE for e in errors)
+                if "error" in pq.read_schema(metadata_path(self.root, i, self.n_parts)).names:
+                    errors = self.metadata(i, ["error"]).column("error").to_pylist()
+                    count += sum(e == NON_FINITE for e in errors)
             return count
         for i in self.part_ids:
             if metadata_path(self.root, i, self.n_parts).is_file():
