@@ -207,10 +207,11 @@ def test_bad_inputs(tmp_path):
         balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "bal"), metric="manhattan"))
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("search", ["exact", "ivf"])
+def test_two_gloo_processes_equal_one(tmp_path, search):
     x, _ = planted(n_random=600)
     emb = write_embeddings(tmp_path / "emb", x)
-    balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "single"), memory_gb=1e-4))
+    balance(BalanceConfig(emb=str(emb), out=str(tmp_path / "single"), memory_gb=1e-4, search=search))
     run_two_gloo_processes(
         [
             "-m",
@@ -224,6 +225,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
             "1e-4",
             "--device",
             "cpu",
+            "--search",
+            search,
         ]
     )
     for a, b in zip(read_outputs(tmp_path / "single"), read_outputs(tmp_path / "double"), strict=True):

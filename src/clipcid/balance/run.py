@@ -213,15 +213,17 @@ def train_cells(data: ValidEmbeddings, nlist: int, seed: int) -> np.ndarray:
     return km.centroids.astype(np.float32)
 
 
-def probe_cells(data: ValidEmbeddings, cells: np.ndarray, nprobe: int) -> np.ndarray:
-    """n x nprobe: each point's nearest cells, nearest first (column 0 is the cell it is stored in)."""
+def probe_cells(data: ValidEmbeddings, cells: np.ndarray, nprobe: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """len(rows) x nprobe: each point's nearest cells, nearest first (column 0 is the cell it is stored
+    in), for the contiguous positions `rows` (all by default)."""
     import faiss
 
     index = faiss.IndexFlatIP(cells.shape[1])
     index.add(cells)
-    out = np.empty((data.n, nprobe), dtype=np.int64)
-    for s, e in row_chunks(data.n):
-        out[s:e] = index.search(data.block(s, e), nprobe)[1]
+    first, n = (int(rows[0]), len(rows)) if rows is not None and len(rows) else (0, data.n if rows is None else 0)
+    out = np.empty((n, nprobe), dtype=np.int64)
+    for s, e in row_chunks(n):
+        out[s:e] = index.search(data.block(first + s, first + e), nprobe)[1]
     return out
 
 
@@ -353,14 +355,23 @@ class EdgeSearch:
         }
 
     def _prepare_ivf(self) -> CellJoin:
-        """Rank 0 trains the cells and probes every point once; the other ranks read its files."""
-        cells_file, probes_file = self.folder / "ivf_cells.npy", self.folder / "ivf_probes.npy"
-        if self.env.is_main and not probes_file.is_file():
-            cells = train_cells(self.data, self.nlist, self.cfg.seed)
-            save_npy_atomic(cells_file, cells)
-            save_npy_atomic(probes_file, probe_cells(self.data, cells, min(self.cfg.nprobe, self.nlist)))
+        """Rank 0 trains the cells (on a sample: cheap); every rank probes its share of the points (half the
+        search's arithmetic), and every rank reads all the probes (N x nprobe integers: O(N))."""
+        cells_file = self.folder / "ivf_cells.npy"
+        if self.env.is_main and not cells_file.is_file():
+            save_npy_atomic(cells_file, train_cells(self.data, self.nlist, self.cfg.seed))
         barrier(self.env)
-        return CellJoin(np.load(probes_file), self.nlist, self.block)
+        cells = np.load(cells_file)
+        shares = np.array_split(np.arange(self.data.n), self.env.world_size)
+        mine = self.folder / f"ivf_probes_{self.env.rank}_of_{self.env.world_size}.npy"
+        if not mine.is_file():
+            rows = shares[self.env.rank]
+            save_npy_atomic(mine, probe_cells(self.data, cells, min(self.cfg.nprobe, self.nlist), rows))
+        barrier(self.env)
+        probes = np.concatenate(
+            [np.load(self.folder / f"ivf_probes_{r}_of_{self.env.world_size}.npy") for r in range(self.env.world_size)]
+        )
+        return CellJoin(probes, self.nlist, self.block)
 
     def run(self, sim_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         settings = self._settings(sim_min)
@@ -407,10 +418,12 @@ class EdgeSearch:
 
     def reduce(self, members: np.ndarray, marked: np.ndarray | None = None, tag: str = "forest"):
         """Stream this rank's edge blocks, each reduced to a maximum-similarity spanning forest of its edges
-        among `members` and merged into the rank's; the ranks' forests then merge on rank 0. Returns, on
-        rank 0, the forest (at most N - 1 edges: at any threshold it has the components of all the edges)
-        and, with `marked`, each position's best similarity to a marked position (None elsewhere)."""
-        forest = Forest.empty()
+        among `members`; the blocks' forests are merged into the rank's once they hold as many edges as it
+        (so each edge takes part in a logarithmic number of merges, and memory stays O(N)); the ranks'
+        forests then merge in a tree, pairs of ranks at a time, onto rank 0. Returns, on rank 0, the forest
+        (at most N - 1 edges: at any threshold it has the components of all the edges) and, with `marked`,
+        each position's best similarity to a marked position (None elsewhere)."""
+        forest, pending = Forest.empty(), []
         best = np.full(self.data.n, -np.inf, dtype=np.float32) if marked is not None else None
         for i in parts_of_rank(range(self.n_jobs), self.env):
             a, b, s = self._edges(i)
@@ -419,19 +432,28 @@ class EdgeSearch:
                 other = np.where(marked[a[touching]], b[touching], a[touching])
                 np.maximum.at(best, other, s[touching])
             inside = members[a] & members[b]
-            forest = forest.merge(Forest.of(a[inside], b[inside], s[inside]))
-        if self.env.world_size == 1:
-            return forest, best
-        with atomic_path(self.folder / f"{tag}_rank{self.env.rank}.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, a=forest.a, b=forest.b, s=forest.s, best=best if best is not None else np.zeros(0))
-        barrier(self.env)
+            pending.append(Forest.of(a[inside], b[inside], s[inside]))
+            if sum(len(f.a) for f in pending) >= max(len(forest.a), ROW_CHUNK):
+                forest = Forest.union(forest, *pending)
+                pending = []
+        forest = Forest.union(forest, *pending)
+        step = 1
+        while step < self.env.world_size:  # a tree over the ranks: log2(ranks) rounds, in parallel
+            path = self.folder / f"{tag}_rank{self.env.rank}.npz"
+            if self.env.rank % (2 * step) == step:  # hand this rank's forest over and leave the tree
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, a=forest.a, b=forest.b, s=forest.s, best=best if best is not None else np.zeros(0))
+            barrier(self.env)
+            partner = self.env.rank + step
+            if self.env.rank % (2 * step) == 0 and partner < self.env.world_size:
+                with np.load(self.folder / f"{tag}_rank{partner}.npz") as f:
+                    forest = Forest.union(forest, Forest(f["a"], f["b"], f["s"]))
+                    if best is not None:
+                        np.maximum(best, f["best"], out=best)
+            barrier(self.env)
+            step *= 2
         if not self.env.is_main:
             return None, None
-        for r in range(1, self.env.world_size):
-            with np.load(self.folder / f"{tag}_rank{r}.npz") as f:
-                forest = forest.merge(Forest(f["a"], f["b"], f["s"]))
-                if best is not None:
-                    np.maximum(best, f["best"], out=best)
         return forest, best
 
     def edges_touching(self, rows: np.ndarray) -> set[tuple[int, int]]:
@@ -477,12 +499,18 @@ class Forest:
         return cls(np.minimum(x, y), np.maximum(x, y), (2.0 - tree.data).astype(np.float32))
 
     def merge(self, other: Forest) -> Forest:
-        if len(other.a) == 0:
-            return self
-        if len(self.a) == 0:
-            return other
+        return Forest.union(self, other)
+
+    @staticmethod
+    def union(*forests: Forest) -> Forest:
+        """The forest of all these forests' edges (one spanning-tree pass over their union)."""
+        forests = [f for f in forests if len(f.a)]
+        if len(forests) <= 1:
+            return forests[0] if forests else Forest.empty()
         return Forest.of(
-            np.concatenate([self.a, other.a]), np.concatenate([self.b, other.b]), np.concatenate([self.s, other.s])
+            np.concatenate([f.a for f in forests]),
+            np.concatenate([f.b for f in forests]),
+            np.concatenate([f.s for f in forests]),
         )
 
     def removed_fraction(self, n: int, similarity: float) -> float:

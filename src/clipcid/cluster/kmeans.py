@@ -84,7 +84,10 @@ def check_memory(n_sample: int, dim: int, env: DistEnv, memory_gb: float) -> Non
 
 
 def read_rows(store: EmbeddingStore, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(unit_rows(store.rows(rows))).to(device)
+    """This rank's rows as unit float32 rows on the device, normalised in place (one copy in memory)."""
+    x = store.rows(rows)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(x).to(device)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
