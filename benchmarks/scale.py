@@ -179,12 +179,18 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--from-json", default=None, help="print the tables (and --plot) of an earlier --json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--emb", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args.worker, args.emb, args.out, args.device)
+        return
+    if args.from_json:  # the tables and the plot of an earlier run (or of several merged)
+        earlier = json.loads(Path(args.from_json).read_text())
+        report(earlier["results"], sorted({r["stage"] for r in earlier["results"]}, key=STAGES.index),
+               sorted({r["ranks"] for r in earlier["results"]}), args.plot)  # fmt: skip
         return
     results = []
     with tempfile.TemporaryDirectory(prefix="clipcid-scale-data-") as tmp:
@@ -199,28 +205,34 @@ def main() -> None:
                     line = f"{stage:<7} {n:>10,} x {dim:<5} {ranks} rank(s){edges}: {m['seconds']:8.1f} s, "
                     print(line + f"{n / m['seconds']:>12,.0f} rows/s, peak {m['peak_gb']:.2f} GB per rank", flush=True)
             shutil.rmtree(emb)
-    print(f"\n{os.cpu_count()} CPU cores, device {args.device}\n")
-    print("| stage | rows | dim | ranks | seconds | rows/s | peak GB per rank | exponent (256-d) | anchor exponent |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for stage in args.stages:
-        for ranks in args.ranks:
-            rows = [r for r in results if r["stage"] == stage and r["ranks"] == ranks]
-            exponent = fitted_exponent([(r["rows"], r["seconds"]) for r in rows if r["dim"] == 256])
-            for r in rows:
-                exp = f"{exponent:.2f}" if exponent is not None else "–"
-                print(f"| {stage} | {r['rows']:,} | {r['dim']} | {ranks} | {r['seconds']:.1f} | "
-                      f"{r['rows'] / r['seconds']:,.0f} | {r['peak_gb']:.2f} | {exp} | 1.00 |")  # fmt: skip
+    report(results, args.stages, args.ranks, args.plot)
     gemm = plain_product_gflops()
     print(f"\nplain 4096 x 1280 x 4096 product, best of 5 after a warm-up, same run: {gemm:.1f} GFLOP/s")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "gemm_gflops": gemm}, indent=2))
-    if args.plot:
+
+
+def report(results: list[dict], stages: list[str], ranks_seen: list[int], plot: str | None) -> None:
+    print(f"\n{os.cpu_count()} CPU cores\n")
+    print("| stage | rows | dim | ranks | seconds | rows/s | peak GB per rank | exponent (256-d) | anchor exponent |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for stage in stages:
+        for ranks in ranks_seen:
+            rows = [r for r in results if r["stage"] == stage and r["ranks"] == ranks]
+            exponent = fitted_exponent([(r["rows"], r["seconds"]) for r in rows if r["dim"] == 256])
+            for r in sorted(rows, key=lambda r: (r["dim"], r["rows"])):
+                exp = f"{exponent:.2f}" if exponent is not None else "–"
+                edges = f" ({r['edges']:,} edges)" if "edges" in r else ""
+                print(f"| {stage}{edges} | {r['rows']:,} | {r['dim']} | {ranks} | {r['seconds']:.1f} | "
+                      f"{r['rows'] / r['seconds']:,.0f} | {r['peak_gb']:.2f} | {exp} | 1.00 |")  # fmt: skip
+    if plot:
         from clipcid.util.plots import new_figure, save_png
 
         fig, ax = new_figure(6.5, 4.2)
-        for stage in args.stages:
-            for ranks in args.ranks:
-                rows = [r for r in results if r["stage"] == stage and r["ranks"] == ranks and r["dim"] == 256]
+        for stage in stages:
+            for ranks in ranks_seen:
+                rows = sorted((r for r in results if r["stage"] == stage and r["ranks"] == ranks and r["dim"] == 256),
+                              key=lambda r: r["rows"])  # fmt: skip
                 ax.plot([r["rows"] for r in rows], [r["seconds"] for r in rows], marker="o",
                         linestyle="-" if ranks == 1 else "--", label=f"{stage}, {ranks} rank(s)")  # fmt: skip
         ax.set(
@@ -231,7 +243,7 @@ def main() -> None:
             title="middle stages: time against rows",
         )
         ax.legend(fontsize=7)
-        save_png(fig, args.plot)
+        save_png(fig, plot)
 
 
 if __name__ == "__main__":
