@@ -76,7 +76,6 @@ def ours(emb: Path, out: Path, k: int, niter: int, seed: int, max_points: int, *
 
 def assignment(k: int, dim: int, cells: int, rows: int, nprobe: int, device: str) -> None:
     """faiss IVFFlat search against the per-cell products, on clustered synthetic data."""
-    import torch
 
     from clipcid.cluster.run import Assigner
 
@@ -104,15 +103,9 @@ def assignment(k: int, dim: int, cells: int, rows: int, nprobe: int, device: str
     ours_s = time.perf_counter() - start
     # The work both do: each row against its nprobe cells' centroids (k / cells each) and the cells.
     flop = 2 * rows * (nprobe * k / cells + cells) * dim
-    a = torch.randn(4096, dim)
-    b = torch.randn(dim, 4096)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    gemm = 2 * 4096 * 4096 * dim / best / 1e9
+    from scale import plain_product_gflops
+
+    gemm = plain_product_gflops(dim)
     print(f"\nassignment: {rows:,} rows x {dim}, k {k:,} in {cells:,} cells, nprobe {nprobe}, {device}\n")
     print(row("method", "rows/s", "ratio", "effective GFLOP/s", "labels equal to faiss"))
     print(row("---", "---:", "---:", "---:", "---:"))
