@@ -82,3 +82,46 @@ def test_rows_without_a_caption_are_held_out_but_not_in_the_gallery(tmp_path):
     make_img2dataset_shards(tmp_path / "shards", n_shards=1, per_shard=60, seed=6, captions=False)
     stats = hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.3, min_pairs=0))
     assert stats["held_out"] > 0 and stats["usable"] == 0 and stats["gallery_pairs"] == 0
+
+
+def _with_sources(src, dst, rare: int) -> None:
+    """The shards again, each sample's JSON given a "source": the first `rare` samples "rare", the rest "common"."""
+    dst.mkdir()
+    n = 0
+    for tar in sorted(src.glob("*.tar")):
+        samples = []
+        for s in iter_tar_samples(tar):
+            meta = json.loads(s["json"])
+            meta["source"] = "rare" if n < rare else "common"
+            n += 1
+            samples.append({**{k: v for k, v in s.items() if not k.startswith("__")}, "__key__": s["__key__"],
+                            "json": json.dumps(meta)})  # fmt: skip
+        write_tar_atomic(dst / tar.name, samples)
+
+
+def test_a_stratified_hold_out_gives_each_stratum_its_floor_and_the_rest_by_the_cut(tmp_path):
+    make_img2dataset_shards(tmp_path / "plain", n_shards=2, per_shard=60, seed=5)
+    _with_sources(tmp_path / "plain", tmp_path / "shards", rare=8)
+    cfg = HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.1, min_pairs=1,
+                        stratify_by="source", min_per_stratum=5)  # fmt: skip
+    stats = hold_out(cfg)
+    h = HoldOut.open(tmp_path / "ho")
+    by_source: dict[str, list[tuple[int, bool]]] = {"rare": [], "common": []}
+    for i, part in enumerate(discover_parts(str(tmp_path / "shards"))):
+        mask = h.mask(i)
+        for r, row in enumerate(iter_rows(part)):
+            by_source[row.meta["source"]].append((image_hash(row.image), bool(mask[r])))
+    rare = sorted(by_source["rare"])
+    assert [out for _, out in rare] == [True] * 5 + [False] * 3  # the floor: its 5 smallest hashes
+    assert all(out == held_out(v, 0.1) for v, out in by_source["common"])  # the cut alone
+    assert sum(out for _, out in by_source["common"]) >= 5  # (so no floor there)
+    strata = h.strata()
+    assert strata["field"] == "source" and strata["strata"]["rare"]["held_out"] == 5
+    assert strata["strata"]["common"]["rows"] == 112 and stats["held_out"] == 5 + strata["strata"]["common"]["held_out"]
+    assert not (tmp_path / "ho" / "strata").exists()
+    # Unstratified settings are the settings of before: a hold-out made then is still finished.
+    hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho2"), fraction=0.1, min_pairs=1))
+    plain = HoldOut.open(tmp_path / "ho2")
+    assert "stratify_by" not in plain.record["settings"] and plain.strata() is None
+    with pytest.raises(ClipcidError, match="--min-per-stratum needs --stratify-by"):
+        hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho3"), min_per_stratum=3))

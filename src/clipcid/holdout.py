@@ -3,9 +3,12 @@ and read only here).
 
 A row is held out when a hash of its image bytes falls below --fraction: the choice follows the
 picture alone, so it does not move when shards are added, renamed or re-keyed, and byte-identical
-copies of a picture all fall on the same side. Nothing trains on a held-out row (balance, cluster,
-distill and lit all take the masks), and balance also drops the training rows that are near-duplicates
-of a held-out picture. The held-out pairs whose image decodes and whose caption is not empty are the
+copies of a picture all fall on the same side. --stratify-by FIELD (a key of each sample's JSON
+metadata, or a table column) adds a floor per stratum: a stratum (a source, a style) with fewer rows
+below the cut than --min-per-stratum holds out its --min-per-stratum rows of smallest hash instead,
+so that a small source is measured too; it takes a first pass of hashes and strata. Nothing trains on
+a held-out row (balance, cluster, distill and lit all take the masks), and balance also drops the
+training rows that are near-duplicates of a held-out picture. The held-out pairs whose image decodes and whose caption is not empty are the
 retrieval gallery: the --eval-pairs of them with the smallest hashes (a uniform sample; recall@k depends
 on the gallery's size, so it is bounded and stated), written as a CLIP_benchmark retrieval dataset
 that any model can be evaluated on (`clipcid eval --dataset wds:OUT/holdout_pairs`).
@@ -14,6 +17,7 @@ OUT/mask/holdout_{i}.npy      bool per row of part i (rows as every stage number
 OUT/index/holdout_{i}.npz     the held-out rows of part i: row, hash, usable
 OUT/holdout_pairs/            the gallery: test/{j}.tar (image, txt caption, json with part, row, key),
                               dataset_type.txt, pairs.parquet (part, row, key, caption, in dataset order)
+OUT/strata.json               --stratify-by: each stratum's rows, cut and held-out rows
 OUT/holdout.json              settings, "complete", and the counts
 """
 
@@ -37,7 +41,7 @@ from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import IMAGE_EXTENSIONS, Part, discover_parts, fingerprint, iter_rows
 from clipcid.inputs.shards import DamagedShard, iter_tar_samples, write_tar_atomic
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed, identity, parts_of_rank, read_finished
-from clipcid.util.fileio import atomic_path, save_npy_atomic
+from clipcid.util.fileio import atomic_path, save_json_atomic, save_npy_atomic
 from clipcid.util.progress import progress_bar
 
 log = logging.getLogger("clipcid")
@@ -45,6 +49,7 @@ log = logging.getLogger("clipcid")
 SETTINGS_FILE = "holdout.json"
 PAIRS = "holdout_pairs"
 PAIRS_INDEX = "pairs.parquet"
+STRATA_FILE = "strata.json"
 GALLERY_SHARDS = 4  # CLIP_benchmark hands a split's shards to 4 loader workers
 # Precision of a retrieval figure: at 200 pairs, R@1 near 10 % has a 95 % interval of about ±4 points.
 MIN_PAIRS = 200
@@ -56,6 +61,8 @@ class HoldoutConfig:
     out: str = option(help="output folder: masks per part, the held-out gallery, holdout.json")
     fraction: float = option(0.01, "share of pairs held out, chosen by a hash of the image bytes", at_least=0, below=1)
     min_pairs: int = option(MIN_PAIRS, "refuse a hold-out with fewer usable pairs than this", at_least=0)
+    stratify_by: str | None = option(None, "a metadata field (sample JSON key or table column) to stratify by")
+    min_per_stratum: int = option(0, "with --stratify-by: hold out at least this many rows of each stratum", at_least=0)
     eval_pairs: int = option(5000, "held-out pairs in the retrieval gallery (those of smallest hash)", at_least=1)
     rows_per_part: int = option(10000, "table input: rows per part", at_least=1)
     image_column: str | None = option(None, "table input: column holding image paths")
@@ -71,8 +78,31 @@ def image_hash(image: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "big")
 
 
+def cut_of(fraction: float) -> int:
+    """Rows whose hash is below this are held out."""
+    return int(fraction * 2**64)
+
+
 def held_out(hash_value: int, fraction: float) -> bool:
-    return hash_value < int(fraction * 2**64)
+    return hash_value < cut_of(fraction)
+
+
+def stratum_of(meta: dict | None, field: str) -> str:
+    value = (meta or {}).get(field)
+    return "" if value is None else str(value)
+
+
+def stratum_cuts(hashes: dict[str, list[int]], fraction: float, minimum: int) -> dict[str, int]:
+    """Per stratum, the hash below which its rows are held out: the fraction's cut, or just above its
+    `minimum`-th smallest hash where the cut would hold out fewer (every row of a stratum that small)."""
+    cuts = {}
+    for stratum, values in hashes.items():
+        cut = cut_of(fraction)
+        if minimum and sum(h < cut for h in values) < minimum:
+            smallest = sorted(values)[: minimum]
+            cut = smallest[-1] + 1 if smallest else cut
+        cuts[stratum] = cut
+    return cuts
 
 
 def _usable(image: bytes, caption: str | None) -> bool:
@@ -109,13 +139,31 @@ def _ext_of(image: bytes) -> str:
     return kind if kind in IMAGE_EXTENSIONS else "png"
 
 
-def _hold_out_part(folder: Path, i: int, part: Part, fraction: float) -> int:
-    """Mask, index and staged samples of one part, mask last (it marks the part done). Returns the rows."""
+def _strata_path(folder: Path, i: int) -> Path:
+    return Path(folder) / "strata" / f"part_{i}.json"
+
+
+def _hash_part(folder: Path, i: int, part: Part, field: str) -> None:
+    """The first pass of a stratified hold-out: every pictured row's hash, by stratum."""
+    by_stratum: dict[str, list[int]] = {}
+    try:
+        for row in iter_rows(part, (field,)):
+            if row.image is not None:
+                by_stratum.setdefault(stratum_of(row.meta, field), []).append(image_hash(row.image))
+    except DamagedShard as e:
+        log.warning("%s", e)
+    save_json_atomic(_strata_path(folder, i), by_stratum)
+
+
+def _hold_out_part(folder: Path, i: int, part: Part, cuts: dict[str, int] | int, field: str | None) -> int:
+    """Mask, index and staged samples of one part, mask last (it marks the part done). Returns the rows.
+    `cuts`: the hash cut, or the cut per stratum of `field`."""
     mask, rows, hashes, usable, staged = [], [], [], [], []
     try:
-        for r, row in enumerate(iter_rows(part)):
+        for r, row in enumerate(iter_rows(part, (field,) if field else ())):
             h = image_hash(row.image) if row.image is not None else None
-            out = h is not None and held_out(h, fraction)
+            cut = cuts if isinstance(cuts, int) else cuts[stratum_of(row.meta, field)]
+            out = h is not None and h < cut
             mask.append(out)
             if out:
                 ok = _usable(row.image, row.caption)
@@ -156,8 +204,12 @@ def hold_out(cfg: HoldoutConfig) -> dict:
     """Mask every part, then assemble the gallery; returns the counts (rank 0)."""
     validate(cfg)
     parts = discover_parts(cfg.data, cfg.rows_per_part, cfg.image_column, cfg.caption_column)
+    # Unstratified: the settings of a hold-out made before stratification existed (its folder stays finished).
+    unset = ("stratify_by", "min_per_stratum") if cfg.stratify_by is None else ()
+    if cfg.min_per_stratum and cfg.stratify_by is None:
+        raise ClipcidError("--min-per-stratum needs --stratify-by FIELD (the metadata field of each sample's stratum)")
     settings = {
-        **{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+        **{k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS + unset},
         "data": str(cfg.data),
         "inputs": [fingerprint(p) for p in parts],
     }
@@ -182,10 +234,13 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
     out = Path(cfg.out)
     for sub in ("mask", "index", "staging"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    cuts: dict[str, int] | int = cut_of(cfg.fraction)
+    if cfg.stratify_by:
+        cuts = _stratify(cfg, env, parts, out)
     mine = [i for i in parts_of_rank(range(len(parts)), env) if not mask_path(out, i).is_file()]
     with progress_bar(len(mine), f"hold out (rank {env.rank})", "part", env.is_main) as bar:
         for i in mine:
-            _hold_out_part(out, i, parts[i], cfg.fraction)
+            _hold_out_part(out, i, parts[i], cuts, cfg.stratify_by)
             bar.update(1)
     barrier(env)
     rows = sum(len(np.load(mask_path(out, i), mmap_mode="r")) for i in range(len(parts)))
@@ -202,12 +257,15 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
             f"needed to measure retrieval; use --holdout {better:.3g} (about {cfg.min_pairs} pairs), "
             "or --holdout 0 to hold out nothing"
         )
+    if cfg.stratify_by and env.is_main:
+        _count_strata(out, len(parts), cuts, cfg.stratify_by)
     if env.is_main and not (out / PAIRS / PAIRS_INDEX).is_file():
         _write_gallery(out, index, cfg.eval_pairs)
     barrier(env)
     if not env.is_main:
         return {}
     shutil.rmtree(out / "staging", ignore_errors=True)
+    shutil.rmtree(out / "strata", ignore_errors=True)
     gallery = pq.read_metadata(out / PAIRS / PAIRS_INDEX).num_rows
     summary = {
         "rows": rows,
@@ -225,6 +283,32 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
         gallery,
     )
     return folder.finish(summary)
+
+
+def _stratify(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path) -> dict[str, int]:
+    """The first pass (hashes by stratum, part by part across ranks), then the cut of every stratum."""
+    (out / "strata").mkdir(parents=True, exist_ok=True)
+    mine = [i for i in parts_of_rank(range(len(parts)), env) if not _strata_path(out, i).is_file()]
+    with progress_bar(len(mine), f"hash strata (rank {env.rank})", "part", env.is_main) as bar:
+        for i in mine:
+            _hash_part(out, i, parts[i], cfg.stratify_by)
+            bar.update(1)
+    barrier(env)
+    hashes: dict[str, list[int]] = {}
+    for i in range(len(parts)):
+        for stratum, values in json.loads(_strata_path(out, i).read_text()).items():
+            hashes.setdefault(stratum, []).extend(values)
+    return stratum_cuts(hashes, cfg.fraction, cfg.min_per_stratum)
+
+
+def _count_strata(out: Path, n_parts: int, cuts: dict[str, int], field: str) -> None:
+    """OUT/strata.json: per stratum, its pictured rows, its cut and how many are held out."""
+    counts = {stratum: {"rows": 0, "held_out": 0, "cut": cut} for stratum, cut in cuts.items()}
+    for i in range(n_parts):
+        for stratum, values in json.loads(_strata_path(out, i).read_text()).items():
+            counts[stratum]["rows"] += len(values)
+            counts[stratum]["held_out"] += sum(v < cuts[stratum] for v in values)
+    save_json_atomic(out / STRATA_FILE, {"field": field, "strata": dict(sorted(counts.items()))})
 
 
 def _write_gallery(out: Path, index: list, eval_pairs: int) -> None:
@@ -318,6 +402,11 @@ class HoldOut:
     def pairs(self) -> pa.Table:
         """(part, row, key, caption) of each gallery pair, in the dataset's order."""
         return pq.read_table(self.gallery / PAIRS_INDEX)
+
+    def strata(self) -> dict | None:
+        """{"field", "strata": {stratum: {"rows", "held_out"}}} of a stratified hold-out, else None."""
+        path = self.folder / STRATA_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
 
     @property
     def stats(self) -> dict:

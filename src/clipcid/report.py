@@ -22,6 +22,7 @@ from clipcid.distill.checkpoint import read_train_log
 from clipcid.distill.objective import TERMS
 from clipcid.errors import ClipcidError
 from clipcid.evaluation import zeroshot_retrieval as zsr
+from clipcid.evaluation.datasets import ROBUST, SEEN, group_of
 from clipcid.evaluation.run import (
     AVERAGES,
     HOLDOUT_DATASET,
@@ -30,6 +31,7 @@ from clipcid.evaluation.run import (
     read_ranks,
     read_showcase,
     read_suite_results,
+    task_label,
 )
 from clipcid.holdout import HoldOut
 from clipcid.util.fileio import atomic_path
@@ -118,18 +120,22 @@ def results_table(out: Path) -> Table:
                 diff = f"{_pct(d, True)} [{_pct(low, True)}, {_pct(high, True)}]{mark}"
             rows.append((f"{label} ({n_pairs:,} pairs)", True, cells, diff))
     summaries = {n: r[0] or {} for n, r in results.items()}
-    tasks = sorted({t for _, records in results.values() for t in records} - {f"{HOLDOUT_DATASET}_zeroshot_retrieval"})
+    every = {t: r for _, records in results.values() for t, r in records.items()}
+    every.pop(f"{HOLDOUT_DATASET}_zeroshot_retrieval", None)
+    order = {SEEN: 0, ROBUST: 1}
+    tasks = sorted(every, key=lambda t: (order.get(group_of(every[t]["dataset"]), 2), t))  # seen, robust, the rest
     for key, label in AVERAGES if tasks else ():  # the means of the other tasks, when there are any
         values = [summaries[n].get(key) for n, _ in present]
         pair = [summaries[n].get(key) for n in ("student", "baseline")] if compare else [None]
         diff = _pct(pair[0] - pair[1], True) if None not in pair else ""
         rows.append((label, True, [_pct(v) for v in values], diff))
     for task in tasks:
-        values = [_main(results[n][1].get(task)) for n, _ in present]
+        records = [results[n][1].get(task) for n, _ in present]
+        values = [_main(r) for r in records]
         diff = ""
         if compare and values[-1] is not None and values[-2] is not None:
             diff = _pct(values[-1] - values[-2], True)
-        rows.append((task, False, [_pct(v) for v in values], diff))
+        rows.append((task_label(next(r for r in records if r)), False, [_pct(v) for v in values], diff))
     return Table([label for _, label in present], rows, "student − baseline" if compare else None)
 
 

@@ -2,7 +2,12 @@
 
 OUT/NAME/{train,test}/{0..n-1}.tar with nshards.txt, classnames.txt,
 zeroshot_classification_templates.txt, dataset_type.txt; OUT/suite.json lists the datasets and the
-tasks each one is for. None of the styles here is in the training corpus (shared/DATA.md).
+tasks each one is for. None of the styles here is in the training corpus (shared/DATA.md), except
+in the seen-distribution tasks (heldout_*, built when --holdout is given): pictures of the corpus's own
+sources that its hold-out kept out of every training set (the paper's Table 1 setting), named by the
+corpus's names of their kind, and their pairs for retrieval.
+
+The suite's groups (seen, robustness) are named in evaluation/datasets.py.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from clipcid.corpus import sources as S
 from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
+from clipcid.evaluation.datasets import SEEN_PREFIX
 from clipcid.inputs.shards import write_tar_atomic
 from clipcid.stage import RunFolder
 from clipcid.util.fileio import save_json_atomic
@@ -39,8 +45,6 @@ FLAG_TEMPLATES = ["the flag of {c}."]
 DIGIT_TEMPLATES = ["the digit {c}.", "a drawing of the digit {c}.", "the number {c}."]
 ICON_TEMPLATES = ["an icon of {c}.", "a {c} icon.", "{c}."]
 EVAL_STYLES = {"fluent3d": "fluent-emoji", "fluenthc": "fluent-emoji-high-contrast"}
-
-
 @dataclass
 class SuiteDataset:
     name: str
@@ -272,6 +276,56 @@ def write_wds_dataset(ds: SuiteDataset, out: Path, image_size: int, workers: int
     return info
 
 
+HELDOUT_DATASETS = tuple(f"{SEEN_PREFIX}{n}" for n in ("names_emoji", "names_flags", "names_icons", "retrieval"))
+HELDOUT_TEMPLATES = {"emoji": EMOJI_TEMPLATES, "flag": FLAG_TEMPLATES, "icon": ICON_TEMPLATES}
+
+
+def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
+    """The seen-distribution tasks from a hold-out of the demo corpus: per kind (emoji, flag, icon),
+    zero-shot by name over its held-out pictures, the classes being every name of that kind in the
+    corpus (skin-tone variants left out, as in names_emoji_*: one picture in five colours); and
+    retrieval over the held-out pairs with their own captions."""
+    from clipcid.inputs.parts import discover_parts, iter_rows
+
+    parts = discover_parts(corpus)
+    holdout.check_parts(len(parts))
+    names: dict[str, set[str]] = {kind: set() for kind in HELDOUT_TEMPLATES}
+    held: list[tuple[bytes, str, str, str, dict]] = []  # image, kind, name, caption, metadata
+    for i, part in enumerate(parts):
+        rows = list(iter_rows(part))
+        mask = holdout.mask(i, len(rows))
+        for r, row in enumerate(rows):
+            meta = row.meta or {}
+            kind, name = meta.get("kind"), meta.get("name")
+            if kind not in names or not name or row.image is None:
+                continue
+            name = clean_name(name)
+            if kind != "emoji" or "skin tone" not in name:
+                names[kind].add(name)
+            if mask[r]:
+                held.append((row.image, kind, name, row.caption or "", {"key": row.key, "style": meta.get("style")}))
+    out = {}
+    for kind, plural in (("emoji", "emoji"), ("flag", "flags"), ("icon", "icons")):
+        classnames = sorted(names[kind])
+        class_id = {n: c for c, n in enumerate(classnames)}
+        ds = SuiteDataset(
+            f"{SEEN_PREFIX}names_{plural}",
+            ["zeroshot_classification"],
+            "classification",
+            classnames,
+            HELDOUT_TEMPLATES[kind],
+            {"test": []},
+        )
+        for image, k, name, _, meta in held:
+            if k == kind and name in class_id:
+                ds.splits["test"].append((image, class_id[name], meta))
+        out[ds.name] = ds
+    retrieval = SuiteDataset(f"{SEEN_PREFIX}retrieval", ["zeroshot_retrieval"], "retrieval", splits={"test": []})
+    retrieval.splits["test"] = [(image, [" ".join(c.split())], meta) for image, _, _, c, meta in held if c.strip()]
+    out[retrieval.name] = retrieval
+    return out
+
+
 @dataclass
 class BuildEvalConfig:
     out: str = option(help="output folder of the suite")
@@ -279,12 +333,14 @@ class BuildEvalConfig:
     npm_root: str = option(DEFAULT_NPM_ROOT, "where `make sources` installed the npm sets")
     workers: int = option(help="rendering processes", default_factory=default_workers, at_least=0)
     only: list[str] | None = option(None, "build only these datasets")
+    corpus: str | None = option(None, "the training corpus (with --holdout: its held-out rows become heldout_* tasks)")
+    holdout: str | None = option(None, "a hold-out of --corpus (clipcid holdout): build the seen-distribution tasks")
     overwrite: bool = option(False, "replace a suite built at another image size")
 
 
 def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
     """Build every dataset of the suite (or those named in `only`); finished datasets are kept."""
-    out, image_size, npm_root, workers, only = cfg.out, cfg.image_size, cfg.npm_root, cfg.workers, cfg.only
+    out, image_size, npm_root, workers = cfg.out, cfg.image_size, cfg.npm_root, cfg.workers
     validate(cfg)
     out_dir = Path(out)
     root = Path(npm_root)
@@ -310,15 +366,26 @@ def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
     builders[f"names_icons_{S.EVAL_ICON_SET}"] = lambda: icon_names(root)
     builders["flags_circle"] = lambda: circle_flags(root, index)
     builders["digits"] = lambda: sklearn_digits(image_size)
+    settings: dict = {"image_size": image_size}
+    if cfg.holdout or cfg.corpus:
+        if not (cfg.holdout and cfg.corpus):
+            raise ClipcidError("the seen-distribution tasks need both --corpus and --holdout (a hold-out of it)")
+        from clipcid.holdout import HoldOut
 
-    if only:
-        unknown = sorted(set(only) - set(builders))
+        holdout = HoldOut.open(cfg.holdout)
+        settings["holdout"] = holdout.identity
+        seen = functools.cache(lambda: heldout_datasets(cfg.corpus, holdout))
+        for name in HELDOUT_DATASETS:
+            builders[name] = lambda n=name: seen()[n]
+
+    if cfg.only:
+        unknown = sorted(set(cfg.only) - set(builders))
         if unknown:
             raise ClipcidError(f"unknown eval dataset(s) {', '.join(unknown)}; known: {', '.join(builders)}")
-        builders = {name: build for name, build in builders.items() if name in only}
+        builders = {name: build for name, build in builders.items() if name in cfg.only}
     # stage.py's rule: the suite folder holds datasets of one image size; each dataset is whole once its
     # info.json is there (written last), and suite.json lists those present.
-    folder = RunFolder(out_dir, "suite.json", {"image_size": image_size}, cfg.overwrite)
+    folder = RunFolder(out_dir, "suite.json", settings, cfg.overwrite)
     done = folder.finished_run(lambda: all((out_dir / name / "info.json").is_file() for name in builders))
     if done is not None:
         return [info for info in done["datasets"] if info["name"] in builders]

@@ -22,7 +22,15 @@ from clipcid.errors import ClipcidError
 from clipcid.evaluation import linear_probe as lp
 from clipcid.evaluation import zeroshot_classification as zsc
 from clipcid.evaluation import zeroshot_retrieval as zsr
-from clipcid.evaluation.datasets import DEFAULT_SUITE_ROOT, EvalDataset, build_dataset, suite_datasets
+from clipcid.evaluation.datasets import (
+    DEFAULT_SUITE_ROOT,
+    ROBUST,
+    SEEN,
+    EvalDataset,
+    build_dataset,
+    group_of,
+    suite_datasets,
+)
 from clipcid.evaluation.features import (
     Encoder,
     OpenClipEncoder,
@@ -146,6 +154,7 @@ class TaskRunner:
             self._check_labels(targets, classnames)
             classifier = zsc.zeroshot_classifier(self.encoder, classnames, templates, self.cfg.batch_size)
             metrics = zsc.evaluate(feats, targets, classifier)
+            metrics.update(n_images=len(targets), chance=1 / len(classnames))
         elif task == "linear_probe":
             classnames = self._classnames()
             train_x, train_y = self.features(self.cfg.train_split)
@@ -162,11 +171,13 @@ class TaskRunner:
                 classnames=classnames,
                 device=getattr(self.encoder, "device", "cpu"),
             )
+            metrics.update(n_images=len(test_y), chance=1 / len(classnames))
         else:
             feats, captions = self.features(self.cfg.test_split)
             texts = [c for caps in captions for c in caps]
             self.ranks = zsr.ranks(feats, captions, text_features(self.encoder, texts, self.cfg.batch_size))
             metrics = zsr.metrics(self.ranks)
+            metrics.update(n_images=len(captions), chance=retrieval_chance(len(captions)))
         metric, value = main_metric({"task": task, "metrics": metrics})
         log.info("%s %s: %s %.4f (%.1f s)", self.dataset.name, task, metric, value, time.monotonic() - start)
         return metrics
@@ -219,11 +230,32 @@ def run_eval(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
 
 # The suite's averages, in the order tables show them: (summary key, label).
 AVERAGES = (
+    ("seen_zeroshot_mean_acc1", "seen distribution: zero-shot mean acc1"),
+    ("seen_retrieval_mean_recall@5", "seen distribution: retrieval mean R@5"),
+    ("robustness_zeroshot_mean_acc1", "robustness (unseen styles): zero-shot mean acc1"),
     ("zeroshot_mean_acc1", "zero-shot mean acc1"),
     ("zeroshot_names_mean_acc1", "name-level zero-shot mean acc1"),
     ("linear_probe_mean_acc1", "linear-probe mean acc1"),
     ("retrieval_mean_recall@5", "retrieval mean R@5"),
 )
+
+
+def retrieval_chance(n_images: int, k: int = 5) -> float:
+    """Recall@k of a random ranking, either way: a caption's picture among k of n pictures; a picture's
+    c captions among k of the n·c texts (about k·c / (n·c) when k is small against n)."""
+    return min(1.0, k / max(n_images, 1))
+
+
+def task_label(record: dict) -> str:
+    """A task's row name with its number of pictures and chance level (of its main metric), when known."""
+    m = record["metrics"]
+    name = f"{record['dataset'].removeprefix('wds/')} {TASK_SHORT.get(record['task'], record['task'])}"
+    if m.get("n_images") is None or m.get("chance") is None:
+        return name
+    return f"{name} ({m['n_images']:,} pictures, chance {100 * m['chance']:.2g})"
+
+
+TASK_SHORT = {"zeroshot_classification": "zero-shot", "linear_probe": "linear probe", "zeroshot_retrieval": "retrieval"}
 
 
 def main_metric(record: dict) -> tuple[str, float]:
@@ -237,38 +269,54 @@ def main_metric(record: dict) -> tuple[str, float]:
 
 
 def summarise(records: list[dict], name_level: set[str] | frozenset[str] = frozenset()) -> dict:
-    """Averages over the suite (AVERAGES): zero-shot acc1, the same over the name-level datasets alone,
-    linear-probe acc1, retrieval recall@5 (both ways)."""
+    """Averages over the suite (AVERAGES): zero-shot acc1 and retrieval recall@5 (both ways) of the seen
+    distribution; zero-shot acc1 of the robustness group; and, over every task but the seen ones (their
+    definitions from before the seen tasks existed), zero-shot acc1, the same over the name-level
+    datasets alone, linear-probe acc1 and retrieval recall@5."""
 
-    def mean(task: str, only: set[str] | None = None) -> float | None:
+    def mean(task: str, group: str | None = "other", only: set[str] | None = None) -> float | None:
         values = [
             main_metric(r)[1]
             for r in records
-            if r["task"] == task and (only is None or r["dataset"].removeprefix("wds/") in only)
+            if r["task"] == task
+            and (only is None or r["dataset"].removeprefix("wds/") in only)
+            and (group_of(r["dataset"]) == group if group != "other" else group_of(r["dataset"]) != SEEN)
         ]
         return float(np.mean(values)) if values else None
 
     return {
+        "seen_zeroshot_mean_acc1": mean("zeroshot_classification", SEEN),
+        "seen_retrieval_mean_recall@5": mean("zeroshot_retrieval", SEEN),
+        "robustness_zeroshot_mean_acc1": mean("zeroshot_classification", ROBUST),
         "zeroshot_mean_acc1": mean("zeroshot_classification"),
-        "zeroshot_names_mean_acc1": mean("zeroshot_classification", set(name_level)),
+        "zeroshot_names_mean_acc1": mean("zeroshot_classification", only=set(name_level)),
         "linear_probe_mean_acc1": mean("linear_probe"),
         "retrieval_mean_recall@5": mean("zeroshot_retrieval"),
     }
 
 
 def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> None:
-    rows = [[r["dataset"].removeprefix("wds/"), r["task"], *main_metric(r)] for r in records]
+    rows = [
+        [r["dataset"].removeprefix("wds/"), r["task"], *main_metric(r), r["metrics"].get("n_images"),
+         r["metrics"].get("chance")]
+        for r in records
+    ]  # fmt: skip
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["dataset", "task", "metric", "value"])
+    writer.writerow(["dataset", "task", "metric", "value", "pictures", "chance"])
     for row in rows:
-        writer.writerow([row[0], row[1], row[2], f"{row[3]:.4f}"])
+        chance = "" if row[5] is None else f"{row[5]:.4f}"
+        writer.writerow([row[0], row[1], row[2], f"{row[3]:.4f}", row[4] or "", chance])
     for key, value in summary.items():
         writer.writerow(["average", key, key, "" if value is None else f"{value:.4f}"])
     with atomic_path(out / "summary.csv") as tmp:
         tmp.write_text(buf.getvalue())
-    lines = [f"# {title}", "", "| dataset | task | metric | value |", "|---|---|---|---:|"]
-    lines += [f"| {d} | {t} | {m} | {v * 100:.2f} |" for d, t, m, v in rows]
+    head = "| dataset | task | metric | value | pictures | chance |"
+    lines = [f"# {title}", "", head, "|---|---|---|---:|---:|---:|"]
+    lines += [
+        f"| {d} | {t} | {m} | {v * 100:.2f} | {n or '–'} | {'–' if c is None else f'{c * 100:.2g}'} |"
+        for d, t, m, v, n, c in rows
+    ]
     lines += ["", "| average | value |", "|---|---:|"]
     lines += [f"| {k} | {'–' if v is None else f'{v * 100:.2f}'} |" for k, v in summary.items()]
     with atomic_path(out / "summary.md") as tmp:

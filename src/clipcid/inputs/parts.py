@@ -45,6 +45,7 @@ class Row:
     caption: str | None
     image_path: str | None = None  # where the image came from, when it is a file of its own
     url: str | None = None  # where it was downloaded from, when the source says (img2dataset does)
+    meta: dict | None = None  # the sample's JSON metadata (webdataset, files), or the asked table columns
 
 
 def _pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
@@ -126,21 +127,32 @@ def _text(value) -> str | None:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _url_of(meta) -> str | None:
-    if meta is None:
+def _meta_of(raw) -> dict | None:
+    if raw is None:
         return None
     try:
-        value = json.loads(meta).get("url") if isinstance(meta, bytes | str) else None
-    except (ValueError, AttributeError):
+        value = json.loads(raw)
+    except ValueError:
         return None
+    return value if isinstance(value, dict) else None
+
+
+def _url_of(meta: dict | None) -> str | None:
+    value = (meta or {}).get("url")
     return str(value) if value else None
 
 
-def iter_rows(part: Part) -> Iterator[Row]:
-    """Rows of one part, in the order every stage numbers them."""
+def _columns(table, names: tuple[str, ...], i: int) -> dict | None:
+    return {n: table.column(n)[i].as_py() for n in names if n in table.column_names} if names else None
+
+
+def iter_rows(part: Part, fields: tuple[str, ...] = ()) -> Iterator[Row]:
+    """Rows of one part, in the order every stage numbers them. `fields`: the table columns to read
+    into Row.meta (webdataset and files layouts give their whole JSON metadata)."""
     if part.kind == "tar":
         for sample in iter_tar_samples(part.path):
-            yield Row(sample["__key__"], _image_of(sample), _text(sample.get("txt")), url=_url_of(sample.get("json")))
+            meta = _meta_of(sample.get("json"))
+            yield Row(sample["__key__"], _image_of(sample), _text(sample.get("txt")), url=_url_of(meta), meta=meta)
     elif part.kind == "files":
         by_key: dict[str, dict] = {}
         for f in sorted(os.listdir(part.path)):
@@ -154,8 +166,8 @@ def iter_rows(part: Part) -> Iterator[Row]:
                 continue  # a stray .json (img2dataset writes one per failed download too)
             image = Path(image_file).read_bytes() if image_file else None
             caption = Path(files["txt"]).read_text(encoding="utf-8") if "txt" in files else None
-            url = _url_of(Path(files["json"]).read_bytes()) if "json" in files else None
-            yield Row(key, image, caption, image_path=image_file, url=url)
+            meta = _meta_of(Path(files["json"]).read_bytes()) if "json" in files else None
+            yield Row(key, image, caption, image_path=image_file, url=_url_of(meta), meta=meta)
     elif part.kind == "parquet_bytes":
         table = pq.read_table(part.path)
         img_col = next(c for c in IMAGE_EXTENSIONS if c in table.column_names)
@@ -166,7 +178,8 @@ def iter_rows(part: Part) -> Iterator[Row]:
         captions = table.column(cap_col).to_pylist() if cap_col else [None] * len(images)
         for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
             key = str(keys[i]) if keys else f"{i:09d}"
-            yield Row(key, image, _text(caption), url=str(urls[i]) if urls and urls[i] else None)
+            url = str(urls[i]) if urls and urls[i] else None
+            yield Row(key, image, _text(caption), url=url, meta=_columns(table, fields, i))
     elif part.kind == "table":
         table = _read_table(part.path).slice(part.start, part.stop - part.start)
         base = Path(part.path).parent
@@ -186,6 +199,7 @@ def iter_rows(part: Part) -> Iterator[Row]:
                 image = full.read_bytes() if full.is_file() else None
             key = str(keys[i]) if keys else f"{part.start + i:09d}"
             url = str(urls[i]) if urls and urls[i] else None
-            yield Row(key, image, _text(caption), image_path=str(full) if full else None, url=url)
+            meta = _columns(table, fields, i)
+            yield Row(key, image, _text(caption), image_path=str(full) if full else None, url=url, meta=meta)
     else:
         raise ValueError(f"unknown part kind {part.kind}")
