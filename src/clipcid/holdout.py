@@ -6,12 +6,13 @@ picture alone, so it does not move when shards are added, renamed or re-keyed, a
 copies of a picture all fall on the same side. --stratify-by FIELD (a key of each sample's JSON
 metadata, or a table column) adds a floor per stratum: a stratum (a source, a style) with fewer rows
 below the cut than --min-per-stratum holds out its --min-per-stratum rows of smallest hash instead,
-so that a small source is measured too; it takes a first pass of hashes and strata. Nothing trains on
-a held-out row (balance, cluster, distill and lit all take the masks), and balance also drops the
-training rows that are near-duplicates of a held-out picture. The held-out pairs whose image decodes and whose caption is not empty are the
-retrieval gallery: the --eval-pairs of them with the smallest hashes (a uniform sample; recall@k depends
-on the gallery's size, so it is bounded and stated), written as a CLIP_benchmark retrieval dataset
-that any model can be evaluated on (`clipcid eval --dataset wds:OUT/holdout_pairs`).
+so that a small source is measured too; it takes a first pass of hashes and strata. Nothing trains
+on a held-out row (balance, cluster, distill and lit all take the masks), and balance also drops the
+training rows that are near-duplicates of a held-out picture. The held-out pairs whose image decodes
+and whose caption is not empty are the retrieval gallery: the --eval-pairs of them with the smallest
+hashes (a uniform sample; recall@k depends on the gallery's size, so it is bounded and stated),
+written as a CLIP_benchmark retrieval dataset that any model can be evaluated on (`clipcid eval
+--dataset wds:OUT/holdout_pairs`).
 
 OUT/mask/holdout_{i}.npy      bool per row of part i (rows as every stage numbers them)
 OUT/index/holdout_{i}.npz     the held-out rows of part i: row, hash, usable
