@@ -197,3 +197,43 @@ def test_eval_suite_layout_reads_like_clip_benchmark(tmp_path):
     }
     with pytest.raises(ClipcidError, match="unknown eval dataset"):
         build_eval_suite(BuildEvalConfig(str(tmp_path), npm_root=str(NPM_ROOT), only=["imagenet"]))
+
+
+@needs_sources()
+def test_seen_distribution_tasks_are_the_held_out_pictures_named_by_the_corpus(tmp_path):
+    from clipcid.evaluation.datasets import build_dataset, group_of
+    from clipcid.holdout import HoldOut, HoldoutConfig, hold_out
+    from clipcid.inputs.parts import discover_parts, iter_rows
+
+    corpus = tmp_path / "corpus"
+    build_demo_corpus(BuildDemoConfig(out=str(corpus), limit=300, shard_size=100, workers=2, npm_root=str(NPM_ROOT)))
+    hold_out(HoldoutConfig(str(corpus), str(tmp_path / "ho"), fraction=0.1, min_pairs=1, stratify_by="style",
+                           min_per_stratum=2))  # fmt: skip
+    names = ["heldout_names_emoji", "heldout_names_flags", "heldout_names_icons", "heldout_retrieval"]
+    cfg = BuildEvalConfig(str(tmp_path / "eval"), 64, str(NPM_ROOT), 2, only=names, corpus=str(corpus),
+                          holdout=str(tmp_path / "ho"))  # fmt: skip
+    infos = {i["name"]: i for i in build_eval_suite(cfg)}
+    assert set(infos) == set(names) and all(group_of(n) == "seen" for n in names)
+    held, every = [], {"emoji": set(), "flag": set(), "icon": set()}
+    h = HoldOut.open(tmp_path / "ho")
+    for i, part in enumerate(discover_parts(str(corpus))):
+        mask = h.mask(i)
+        for r, row in enumerate(iter_rows(part)):
+            name = row.meta["name"].replace(": ", ", ")
+            if "skin tone" not in name:
+                every[row.meta["kind"]].add(name)
+            if mask[r]:
+                held.append((row.image, row.meta["kind"], name, row.caption))
+    assert [s for s in h.strata()["strata"].values() if s["held_out"] < min(2, s["rows"])] == []
+    for kind, plural in (("emoji", "emoji"), ("flag", "flags"), ("icon", "icons")):
+        ds = build_dataset(f"heldout_names_{plural}", tmp_path / "eval")
+        assert ds.classnames == sorted(every[kind])  # every name of the kind in the corpus
+        shown = sorted((image, ds.classnames[c]) for image, c in ds.iter_split("test"))
+        wanted = sorted((image, name) for image, k, name, _ in held if k == kind and "skin tone" not in name)
+        assert shown == wanted and infos[f"heldout_names_{plural}"]["splits"]["test"] == len(wanted)
+    pairs = sorted(
+        (image, caps[0]) for image, caps in build_dataset("heldout_retrieval", tmp_path / "eval").iter_split("test")
+    )
+    assert pairs == sorted((image, caption) for image, _, _, caption in held)
+    with pytest.raises(ClipcidError, match="need both --corpus and --holdout"):
+        build_eval_suite(BuildEvalConfig(str(tmp_path / "eval2"), npm_root=str(NPM_ROOT), corpus=str(corpus)))

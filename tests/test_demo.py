@@ -18,12 +18,12 @@ TINY_RECIPE = {
     "corpus": {"limit": 240, "image_size": 64},
     "lit": {"model": "clipcid-lit-efficientnet-lite0", "epochs": 4, "batch_size": 32, "lr": 0.001, "warmup": 2},
     "run": {"baseline": True},
-    "holdout": {"fraction": 0.15, "min_pairs": 20},
+    "holdout": {"fraction": 0.15, "min_pairs": 20, "stratify_by": "style", "min_per_stratum": 3},
     "balance": {"target_removal": 0.4, "metric": "l2"},
     "cluster": {"k": 8},
     "distill": {"model": "clipcid-tiny", "epochs": 1, "batch_size": 32, "lr": 0.001, "warmup": 2, "wd": 0.1},
 }
-SUITE = ["digits", "flags_circle", "names_icons_lucide"]
+SUITE = ["digits", "flags_circle", "names_icons_lucide", "heldout_names_emoji", "heldout_retrieval"]
 
 
 @needs_sources()
@@ -66,6 +66,11 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
         assert "## Held-out results" in (out / "models" / name / "README.md").read_text()
         summary, _ = read_suite_results(out / "eval" / name)
         assert summary["linear_probe_mean_acc1"] is not None and summary["holdout_retrieval"]
+        assert None not in (summary["seen_zeroshot_mean_acc1"], summary["seen_retrieval_mean_recall@5"])
+        # The robustness mean is over its tasks alone; the older means leave the seen tasks out.
+        _, records = read_suite_results(out / "eval" / name)
+        robust = [records[f"{d}_zeroshot_classification"]["metrics"]["acc1"] for d in SUITE[:3]]
+        assert summary["robustness_zeroshot_mean_acc1"] == summary["zeroshot_mean_acc1"] == np.mean(robust)
     student_log = (out / "runs" / "student" / "train_log.jsonl").read_text().splitlines()
     baseline_log = (out / "runs" / "baseline" / "train_log.jsonl").read_text().splitlines()
     assert len(student_log) == len(baseline_log)  # same data, same steps
@@ -78,9 +83,11 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert page.count("data:image/png;base64,") >= 6 + 12
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == ("| task (%) | teacher | baseline (CLIP loss only) | student (CLIP-CID) | student − baseline |")
-    # 6 held-out recalls, 4 means; digits zero-shot and probe, flags zero-shot, icon names zero-shot
-    assert table[2].startswith("| **held-out text→image R@1 (") and len(table) == 2 + 6 + 4 + 4
-    assert table[9].startswith("| **name-level zero-shot mean acc1** |")
+    # 6 held-out recalls, 7 means; held-out emoji names and pairs, digits zero-shot and probe, flags
+    # zero-shot, icon names zero-shot: the seen tasks first, each with its pictures and chance
+    assert table[2].startswith("| **held-out text→image R@1 (") and len(table) == 2 + 6 + 7 + 6
+    assert table[8].startswith("| **seen distribution: zero-shot mean acc1** |")
+    assert table[15].startswith("| heldout_names_emoji zero-shot (") and "chance" in table[15]
     assert set(result["timings"]) >= {"corpus", "teacher", "holdout", "balance", "cluster", "student", "showcase"}
 
     # Run again: every stage is found done and skipped.
