@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,8 +44,9 @@ def artifacts(tmp_path_factory, tiny_checkpoint):
     return root
 
 
-def _config(artifacts, out, plan) -> StudyConfig:
-    plan_file = out.parent / f"{out.name}_plan.json"
+def _config(artifacts, out, plan, name: str = "study") -> StudyConfig:
+    plan_file = out.parent / f"plans_{out.name}" / f"{name}.json"  # the results are named after the plan file
+    plan_file.parent.mkdir(exist_ok=True)
     plan_file.write_text(json.dumps(plan))
     return StudyConfig(
         out=str(out),
@@ -144,9 +146,83 @@ def test_the_shipped_plans_load_with_known_settings():
     from importlib.resources import files
 
     plans = sorted(p.name for p in files("clipcid").joinpath("configs").iterdir() if p.name.startswith("study"))
-    assert plans == ["study.json", "study_scale.json", "study_settings.json"]
+    assert plans == [
+        "study.json",
+        "study_length.json",
+        "study_scale.json",
+        "study_settings.json",
+        "study_teachers.json",
+    ]
     for name in plans:
         plan = study_module.load_plan(str(files("clipcid").joinpath("configs", name)), {"model": "clipcid-tiny"})
         assert plan.reference in {v.name for v in plan.variants} and plan.seeds
     main = study_module.load_plan(str(files("clipcid").joinpath("configs", "study.json")), {"model": "clipcid-tiny"})
-    assert len(main.variants) == 16 and main.seeds == [0, 1, 2]
+    assert len(main.variants) == 17 and main.seeds == [0, 1, 2]
+    seeds = {v.name: v.seeds for v in main.variants}
+    assert seeds["cid"] == seeds["clip_only"] == [0, 1, 2, 3, 4] and seeds["k_half"] == [0, 1, 2]
+    demo_base = {"model": "clipcid-tiny", "epochs": 1}  # the demo's recipe trains one epoch
+    main = study_module.load_plan(str(files("clipcid").joinpath("configs", "study.json")), demo_base)
+    length = study_module.load_plan(str(files("clipcid").joinpath("configs", "study_length.json")), demo_base)
+    assert sorted((v.series, v.x) for v in length.variants) == sorted(
+        (s, e) for s in ("CLIP only", "FD", "CID") for e in (1, 3, 9)
+    )
+    # The 1-epoch runs are the main study's: the same names with the same settings.
+    for v in length.variants:
+        if v.x == 1:
+            same = next(m for m in main.variants if m.name == v.name)
+            assert {**main.base, **same.train} == {**length.base, **v.train} and same.data == v.data
+
+
+def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
+    """Seeds per group; a teacher given as embeddings, one trained from scratch with the CLIP loss and a
+    LiT one, each evaluated once; a given keep mask with another teacher's clusters; the curves."""
+    other = tmp_path / "other_emb"
+    embed(EmbedConfig(data=str(artifacts / "shards"), model="clipcid-tiny", out=str(other), seed=7))
+    balance(BalanceConfig(emb=str(artifacts / "emb"), out=str(tmp_path / "main_balance"), random_removal=0.25))
+    scratch = {"clip": {"model": "clipcid-tiny", "batch_size": 16, "max_steps": 2, "w_cls": 0, "w_kl": 0, "w_ins": 0}}
+    lit = {"lit": {"model": "clipcid-lit-mobilenetv2-64", "epochs": 1, "batch_size": 16, "warmup": 1}}
+    plan = {
+        "reference": "clip_only",
+        "seeds": [0],
+        "group_seeds": {"A": [0, 1]},
+        "base": PLAN["base"],
+        "variants": [
+            {"name": "clip_only", "group": "A", "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0}, "series": "s", "x": 1},
+            {"name": "longer", "group": "B", "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0, "max_steps": 3},
+             "series": "s", "x": 3},
+            {"name": "emb_mask", "group": "B", "data": {"teacher": {"emb": str(other)}}},
+            {"name": "scratch_own", "group": "B",
+             "data": {"teacher": scratch, "balance": {"random_removal": 0.5}, "cluster": {"k": 3}}},
+            {"name": "lit_mask", "group": "B", "data": {"teacher": lit}},
+        ],
+    }  # fmt: skip
+    cfg = replace(_config(artifacts, tmp_path / "s", plan, "study_t"), balance=str(tmp_path / "main_balance"))
+    result = run_study(cfg)
+    runs = {(r["variant"], r["seed"]): r["settings"] for r in result["runs"]}
+    assert set(runs) == {("clip_only", 0), ("clip_only", 1)} | {
+        (n, 0) for n in ("longer", "emb_mask", "scratch_own", "lit_mask")
+    }
+    # Another teacher with the given keep mask: its targets, the main keep mask, clusters made anew on its embeddings.
+    emb_mask = runs["emb_mask", 0]
+    assert emb_mask["teacher_emb"] == str(other) and emb_mask["balance"] == str(tmp_path / "main_balance")
+    assert emb_mask["clusters"] not in (str(artifacts / "clusters"), None)
+    from clipcid.cluster.artifact import identity_of
+
+    made = json.loads((tmp_path / "s" / "data" / emb_mask["clusters"].split("/")[-1] / "stats.json").read_text())
+    assert (
+        made["settings"]["embeddings"]
+        != json.loads((artifacts / "clusters" / "stats.json").read_text())["settings"]["embeddings"]
+    )
+    assert identity_of(emb_mask["clusters"]) is not None
+    own = runs["scratch_own", 0]
+    assert own["teacher_emb"].endswith("/emb") and "teacher-" in own["teacher_emb"]
+    assert own["balance"] != str(tmp_path / "main_balance") and own["teacher_emb"] != runs["lit_mask", 0]["teacher_emb"]
+    assert len(np.load(Path(own["clusters"]) / "centroids.npy")) == 3
+    teachers = result["teachers"]
+    assert len(teachers) == 4 and teachers["given"]["summary"] is None
+    evaluated = [t for t in teachers.values() if t["summary"]]
+    assert len(evaluated) == 2 and all(t["summary"]["linear_probe_mean_acc1"] is not None for t in evaluated)
+    md = (tmp_path / "s" / "study_t.md").read_text()
+    assert "The teachers" in md and "clipcid-lit-mobilenetv2-64, LiT" in md
+    assert (tmp_path / "s" / "study_t_curves.png").stat().st_size > 1000
+    assert study_module.study_names(tmp_path / "s") == ["study_t"]

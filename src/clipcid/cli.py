@@ -171,7 +171,7 @@ COMMANDS: dict[str, Command] = {
         "student variants x seeds on one set of artifacts, with error bars",
         _lazy("clipcid.study", "StudyConfig"),
         _lazy("clipcid.study", "run_study"),
-        lambda result, cfg: print((Path(cfg.out) / "study.md").read_text()),
+        lambda result, cfg: print((Path(cfg.out) / f"{result['name']}.md").read_text()),
     ),
     "demo": Command(
         "run the pipeline end to end on the embedded offline corpus",

@@ -32,7 +32,12 @@ from clipcid.util.fileio import output_folder
 
 log = logging.getLogger("clipcid")
 
-SHOWCASE = Path("showcase") / "showcase.json"  # the demo's showcase on names, written and read only here
+SHOWCASE = Path("showcase") / "showcase.json"
+STUDY_PLANS = (
+    "study.json",
+    "study_teachers.json",
+    "study_length.json",
+)  # the demo's showcase on names, written and read only here
 
 
 @dataclass
@@ -42,7 +47,9 @@ class DemoConfig:
     workers: int = option(help="processes for rendering and data loading", default_factory=default_workers, at_least=0)
     npm_root: str = option("node_modules", "where `make sources` installed the npm sets")
     recipe: str | None = option(None, "settings JSON (default: clipcid/configs/demo.json, or demo-quick.json)")
-    study: bool = option(False, "then run `clipcid study` with the shipped plan into OUT/study")
+    study: bool = option(
+        False, "then run `clipcid study` with the shipped plans (study, study_teachers, study_length) into OUT/study"
+    )
 
 
 def _timed(times: StageTimes, name: str, work, made):
@@ -135,9 +142,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     if cfg.study:
         from clipcid.report import write_report
-        from clipcid.study import StudyConfig, run_study
+        from clipcid.study import PLAN, StudyConfig, run_study
 
-        run_study(StudyConfig(out=str(out / "study"), demo=str(out), workers=cfg.workers))
+        for plan in STUDY_PLANS:  # one folder: the plans share the runs they have in common
+            run_study(
+                StudyConfig(out=str(out / "study"), plan=str(PLAN.with_name(plan)), demo=str(out), workers=cfg.workers)
+            )
         write_report(out, extras())  # again, now with the study
     return {"report": result["report"], "timings": times.seconds()}
 
@@ -241,18 +251,21 @@ def showcase_html(out: Path, suite_root: Path) -> str:
 
 
 def study_html(out: Path) -> str:
-    """The study's tables and plot, when OUT/study holds one."""
-    from clipcid.study import read_study, study_tables_html
+    """The tables and plots of each plan OUT/study holds results of."""
+    from clipcid.report import _file_img
+    from clipcid.study import read_study, study_names, study_tables_html
 
     folder = out / "study"
-    study = read_study(folder)
-    if study is None:
-        return ""
-    from clipcid.report import _file_img
-
-    return (
-        f"<h2>Study: {len(study['runs'])} runs</h2><p>From <code>clipcid study</code> on this demo's artifacts "
-        f"(<code>{html.escape(str(folder))}</code>; study.md holds every task). Mean ± standard deviation over "
-        "seeds; differences against the reference are paired by seed, with 95 % t intervals (bold: the interval "
-        f"excludes zero).</p>{study_tables_html(study)}{_file_img(folder / 'study.png', 'study')}"
-    )
+    parts = []
+    for name in study_names(folder) if folder.is_dir() else []:
+        study = read_study(folder, name)
+        curves = folder / f"{name}_curves.png"
+        parts.append(
+            f"<h2>Study <code>{html.escape(name)}</code>: {len(study['runs'])} runs</h2><p>From <code>clipcid study"
+            f"</code> on this demo's artifacts (<code>{html.escape(str(folder))}</code>; {html.escape(name)}.md holds "
+            "every task). Mean ± standard deviation over seeds; differences against the reference are paired by "
+            f"seed, with 95 % t intervals (bold: the interval excludes zero).</p>{study_tables_html(study)}"
+            + _file_img(folder / f"{name}.png", name)
+            + (_file_img(curves, f"{name} curves") if curves.is_file() else "")
+        )
+    return "".join(parts)

@@ -100,7 +100,7 @@ def stratum_cuts(hashes: dict[str, list[int]], fraction: float, minimum: int) ->
     for stratum, values in hashes.items():
         cut = cut_of(fraction)
         if minimum and sum(h < cut for h in values) < minimum:
-            smallest = sorted(values)[: minimum]
+            smallest = sorted(values)[:minimum]
             cut = smallest[-1] + 1 if smallest else cut
         cuts[stratum] = cut
     return cuts

@@ -71,6 +71,7 @@ PRETRAINED_TRUNKS = {
 LIT_PRETRAINED_MODELS = {
     "clipcid-lit-mobilenetv2": ("mobilenetv2_100", 128, 512),
     "clipcid-lit-efficientnet-lite0": ("tf_efficientnet_lite0", 128, 512),
+    "clipcid-lit-mobilenetv2-64": ("mobilenetv2_100", 64, 512),  # the study's weaker teacher (Table 7)
 }
 
 

@@ -1,20 +1,28 @@
 """`clipcid study`: student variants × seeds on one set of artifacts, with error bars.
 
-A plan (JSON; the demo's is clipcid/configs/study.json) names a reference variant, seeds, a base
-training recipe and variants. A variant overrides the base's DistillConfig fields ("train") and/or the
-data ("data": {"balance": ..., "cluster": ...}): "given" uses the artifacts' folder, null drops the
-stage (no balance: train on every valid row), an object runs the stage with those settings inside the
-study folder (cached, shared by every variant that asks for the same; random removal is drawn per
-seed). "same_steps_as": VARIANT trains for as many steps as that variant did with the same seed.
-"comparisons": [[A, B], ...] asks for A minus B besides each variant minus the reference (the
-plan's questions that are not about the reference, e.g. CID against the strongest baseline).
+A plan (JSON; the demo's are clipcid/configs/study*.json) names a reference variant, seeds (and
+"group_seeds": seeds of its own for a group, e.g. more for the methods), a base training recipe and
+variants. A variant overrides the base's DistillConfig fields ("train") and/or the data ("data":
+{"teacher": ..., "balance": ..., "cluster": ...}): "given" uses the artifacts' folder, null drops
+the stage (no balance: train on every valid row), an object runs the stage with those settings
+inside the study folder (cached, shared by every variant that asks for the same; random removal is
+drawn per seed). A teacher is {"lit": LitConfig fields} (`clipcid lit`), {"clip": DistillConfig
+fields} (trained from scratch with the CLIP loss, then `clipcid embed`), or {"emb": FOLDER}; it is
+evaluated on the suite, and its embeddings are the targets; with another teacher, "given" clusters
+are the artifacts' cluster settings on its embeddings, while a "given" balance is the artifacts'
+keep mask. "same_steps_as": VARIANT trains for as many steps as that variant did with the same seed.
+"comparisons": [[A, B], ...] asks for A minus B besides each variant minus the reference (the plan's
+questions that are not about the reference, e.g. CID against the strongest baseline).
 
 Per seed, every variant starts from the same student initialisation and reads the same data in the
 same order where its data are the same (both follow DistillConfig.seed). Each (variant, seed) is a
-distill run plus a held-out evaluation in OUT/runs/VARIANT/seedS/; it resumes from its checkpoints and
-is skipped once its evaluation is written. After every run, OUT/study.json (every run's settings and
-per-task metrics), study.md and study.csv (mean ± sd over seeds; against the reference, the paired
-difference per seed with a 95 % t interval) and study.png are rewritten from what is finished.
+distill run plus a held-out evaluation in OUT/runs/VARIANT/seedS/; it resumes from its checkpoints
+and is skipped once its evaluation is written. After every run, OUT/PLAN.json (PLAN: the plan file's
+name, e.g. study; every run's settings and per-task metrics), PLAN.md and PLAN.csv (mean ± sd over
+seeds; against the reference, the paired difference per seed with a 95 % t interval) and PLAN.png
+are rewritten from what is finished, so several plans share one folder and the runs they have in
+common (same variant name, same settings). Variants with an "x" (e.g. epochs) and a "series" are
+also drawn as curves, PLAN_curves.png.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ log = logging.getLogger("clipcid")
 
 PLAN = Path(__file__).parent / "configs" / "study.json"
 GIVEN = "given"
+TEACHER_KINDS = {"lit", "clip", "emb"}
 
 
 @dataclass
@@ -71,6 +80,13 @@ class Variant:
     train: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     same_steps_as: str | None = None
+    seeds: list[int] = field(default_factory=list)  # the plan's seeds for the variant's groups
+    series: str | None = None  # a curve of the plan (e.g. a method over training lengths) ...
+    x: float | None = None  # ... and the variant's place on it
+
+
+def groups_of(group: str) -> list[str]:
+    return [g.strip() for g in group.split(",") if g.strip()]
 
 
 @dataclass
@@ -105,17 +121,31 @@ def load_plan(path: str, base_train: dict) -> Plan:
         unknown = sorted(set(item.get("train", {})) - known)
         if unknown:
             raise ClipcidError(f"{path}: variant {item['name']}: {', '.join(unknown)} are not distill settings")
-        bad = sorted(set(item.get("data", {})) - {"balance", "cluster"})
+        bad = sorted(set(item.get("data", {})) - {"teacher", "balance", "cluster"})
         if bad:
-            raise ClipcidError(f"{path}: variant {item['name']}: data takes balance and cluster, not {', '.join(bad)}")
+            raise ClipcidError(
+                f"{path}: variant {item['name']}: data takes teacher, balance and cluster, not {', '.join(bad)}"
+            )
+        teacher = item.get("data", {}).get("teacher", GIVEN)
+        if teacher != GIVEN and not (isinstance(teacher, dict) and len(teacher) == 1 and set(teacher) <= TEACHER_KINDS):
+            raise ClipcidError(
+                f'{path}: variant {item["name"]}: a teacher is "given", {{"lit": {{...}}}}, {{"clip": {{...}}}} '
+                'or {"emb": FOLDER}'
+            )
+        group = item.get("group", "")
+        group_seeds = raw.get("group_seeds", {})
+        seeds = sorted({s for g in groups_of(group) for s in group_seeds.get(g, raw.get("seeds", [0]))})
         variants.append(
             Variant(
                 item["name"],
                 item.get("label", item["name"]),
-                item.get("group", ""),
+                group,
                 item.get("train", {}),
                 item.get("data", {}),
                 item.get("same_steps_as"),
+                seeds or list(raw.get("seeds", [0])),
+                item.get("series"),
+                item.get("x"),
             )
         )
     if len({v.name for v in variants}) != len(variants):
@@ -154,48 +184,102 @@ def _key(spec: object) -> str:
 
 
 class DataCache:
-    """Balance and clusters of each data variant, made once inside the study folder (each stage returns
-    at once when its folder finished with the same settings: stage.py's rule)."""
+    """Teachers, balance and clusters of each data variant, made once inside the study folder (each stage
+    returns at once when its folder finished with the same settings: stage.py's rule)."""
 
-    def __init__(self, out: Path, artifacts: dict):
-        self.out, self.artifacts = out / "data", artifacts
+    def __init__(self, out: Path, artifacts: dict, workers: int):
+        self.out, self.artifacts, self.workers = out / "data", artifacts, workers
 
     def _stage(self, kind: str, spec: dict, run) -> str:
         folder = self.out / f"{kind}-{_key(spec)}"
         run(str(folder))
         return str(folder)
 
-    def balance(self, spec, seed: int) -> str | None:
+    def teacher(self, spec) -> str:
+        """The teacher's embeddings folder."""
         if spec == GIVEN:
-            return self.artifacts["balance"]
+            return self.artifacts["teacher_emb"]
+        if "emb" in spec:
+            return spec["emb"]
+        folder = self.out / f"teacher-{_key(spec)}"
+        self._teacher_run(spec, folder)
+        return str(folder / "emb")
+
+    def _teacher_run(self, spec: dict, folder: Path) -> tuple[str, str]:
+        """Train the teacher (each step returns at once when finished) and embed the corpus with it;
+        returns (architecture, weights)."""
+        from clipcid.distill.checkpoint import student_path
+        from clipcid.embed import EmbedConfig, embed
+        from clipcid.lit import LitConfig, lit
+
+        data, holdout = self.artifacts["data"], self.artifacts.get("holdout")
+        if "lit" in spec:
+            cfg = LitConfig(
+                data=data, out=str(folder / "run"), emb_out=str(folder / "emb"), holdout=holdout, workers=self.workers,
+                **spec["lit"],
+            )  # fmt: skip
+            lit(cfg)
+            return cfg.model, str(folder / "run" / "model.pt")
+        train = DistillConfig(
+            data=data, out=str(folder / "run"), holdout=holdout, workers=self.workers, resume="latest", **spec["clip"]
+        )
+        distill(train)
+        weights = str(student_path(folder / "run"))
+        embed(
+            EmbedConfig(data=data, model=train.model, out=str(folder / "emb"), pretrained=weights, workers=self.workers)
+        )
+        return train.model, weights
+
+    def teacher_summary(self, spec) -> dict | None:
+        """The teacher's suite averages (evaluated once, in its folder), or None for given embeddings."""
+        if spec == GIVEN:
+            return self._given_teacher_summary()
+        if "emb" in spec:
+            return None
+        folder = self.out / f"teacher-{_key(spec)}"
+        model, weights = self._teacher_run(spec, folder)
+        done = folder / "eval" / "summary.json"
+        if not done.is_file():
+            suite = self.artifacts["suite_root"]
+            run_eval_suite(EvalSuiteConfig(model, str(folder / "eval"), weights, suite, workers=self.workers))
+        return {k: v for k, v in json.loads(done.read_text()).items() if k not in ("pretrained",)}
+
+    def _given_teacher_summary(self) -> dict | None:
+        """The artifacts' teacher on the suite: the demo's evaluation of it, else evaluated once here
+        when its model is known."""
+        from clipcid.evaluation.run import read_suite_results
+
+        folder = self.artifacts.get("teacher_eval")
+        if folder and (Path(folder) / "summary.json").is_file():
+            return read_suite_results(folder)[0]
+        return None
+
+    def balance(self, spec, seed: int, teacher=GIVEN) -> str | None:
+        if spec == GIVEN:
+            return self.artifacts["balance"]  # the artifacts' keep mask, whichever the teacher
         if spec is None:
             return None
         if "random_removal" in spec:
             spec = {**spec, "seed": seed}  # a control drawn anew per seed
         holdout = self.artifacts.get("holdout")
+        emb = self.teacher(teacher)
+        key = spec if teacher == GIVEN else {**spec, "teacher": teacher}
         return self._stage(
-            "balance",
-            spec,
-            lambda out: balance(BalanceConfig(emb=self.artifacts["teacher_emb"], out=out, holdout=holdout, **spec)),
+            "balance", key, lambda out: balance(BalanceConfig(emb=emb, out=out, holdout=holdout, **spec))
         )
 
-    def clusters(self, balance_spec, cluster_spec, seed: int) -> str:
-        if balance_spec == GIVEN and cluster_spec == GIVEN:
+    def clusters(self, balance_spec, cluster_spec, seed: int, teacher=GIVEN) -> str:
+        if balance_spec == GIVEN and cluster_spec == GIVEN and teacher == GIVEN:
             return self.artifacts["clusters"]
-        balance_dir = self.balance(balance_spec, seed)
+        balance_dir = self.balance(balance_spec, seed, teacher)
+        emb = self.teacher(teacher)
         settings = {} if cluster_spec == GIVEN else dict(cluster_spec)
-        spec = {"balance": balance_dir, **settings}
+        spec = {"balance": balance_dir, **settings, **({} if teacher == GIVEN else {"teacher": teacher})}
         return self._stage(
             "clusters",
             spec,
             lambda out: cluster(
-                ClusterConfig(
-                    emb=self.artifacts["teacher_emb"],
-                    out=out,
-                    balance=balance_dir,
-                    holdout=self.artifacts.get("holdout"),
-                    **settings,
-                )
+                ClusterConfig(emb=emb, out=out, balance=balance_dir, holdout=self.artifacts.get("holdout"), **settings)
             ),
         )
 
@@ -217,10 +301,23 @@ def _finished(folder: Path) -> dict | None:
     return record if finished(record) else None
 
 
-def read_study(folder: str | Path) -> dict | None:
-    """study.json of a study folder, or None."""
-    path = Path(folder) / "study.json"
+def read_study(folder: str | Path, name: str = "study") -> dict | None:
+    """The results of plan `name` in a study folder (NAME.json), or None."""
+    path = Path(folder) / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def study_names(folder: str | Path) -> list[str]:
+    """The plans whose results a study folder holds, the main one first."""
+    found = [f.stem for f in Path(folder).glob("*.json") if _is_study(f)]
+    return sorted(found, key=lambda n: (n != "study", n))
+
+
+def _is_study(path: Path) -> bool:
+    try:
+        return {"aggregate", "variants", "runs"} <= set(json.loads(path.read_text()))
+    except (ValueError, OSError, TypeError):
+        return False
 
 
 class Study:
@@ -229,25 +326,28 @@ class Study:
         self.out = output_folder(cfg.out)
         self.artifacts, base_train = resolve_artifacts(cfg)
         self.plan = load_plan(cfg.plan, base_train)
-        self.seeds = cfg.seeds if cfg.seeds is not None else self.plan.seeds
+        every = sorted({s for v in self.plan.variants for s in v.seeds} | set(self.plan.seeds))
+        self.seeds = cfg.seeds if cfg.seeds is not None else every
         if not self.seeds:
             raise ClipcidError("the study needs at least one seed")
-        self.data = DataCache(self.out, self.artifacts)
+        self.name = Path(cfg.plan).stem  # the plan's results: OUT/NAME.json, .md, .csv, .png
+        self.data = DataCache(self.out, self.artifacts, cfg.workers)
 
     def settings(self, variant: Variant, seed: int) -> dict:
         """The distill settings of one run: base, the variant's overrides, the seed and the data."""
         train = {**self.plan.base, **variant.train, "seed": seed}
         balance_spec = variant.data.get("balance", GIVEN)
         cluster_spec = variant.data.get("cluster", GIVEN)
+        teacher = variant.data.get("teacher", GIVEN)
         paths = {
             "data": self.artifacts["data"],
-            "teacher_emb": self.artifacts["teacher_emb"],
+            "teacher_emb": self.data.teacher(teacher),
             "holdout": self.artifacts.get("holdout"),
         }
-        paths["balance"] = self.data.balance(balance_spec, seed)
+        paths["balance"] = self.data.balance(balance_spec, seed, teacher)
         probe = DistillConfig(data="", out="", **train)  # the defaults of what the variant leaves unset
         needs_clusters = probe.w_cls or probe.w_kl
-        paths["clusters"] = self.data.clusters(balance_spec, cluster_spec, seed) if needs_clusters else None
+        paths["clusters"] = self.data.clusters(balance_spec, cluster_spec, seed, teacher) if needs_clusters else None
         if variant.same_steps_as:
             reference = self.run(self.plan.variant(variant.same_steps_as), seed)
             per_step = probe.batch_size * probe.accum_freq
@@ -317,15 +417,19 @@ class Study:
             if unknown:
                 raise ClipcidError(f"--only: no variant {', '.join(unknown)} in the plan")
             names = [n for n in names if n in self.cfg.only]
-        total = len(names) * len(self.seeds)
+        planned = [(seed, name) for seed in self.seeds for name in names if seed in self.variant_seeds(name)]
+        total = len(planned)
         done_count = 0
-        for seed in self.seeds:  # seeds outermost: after one pass every variant has a first result
-            for name in names:
-                self.run(self.plan.variant(name), seed)
-                done_count += 1
-                log.info("study: %d/%d runs done", done_count, total)
-                self.write_results()
+        for seed, name in planned:  # seeds outermost: after one pass every variant has a first result
+            self.run(self.plan.variant(name), seed)
+            done_count += 1
+            log.info("study: %d/%d runs done", done_count, total)
+            self.write_results()
         return self.write_results()
+
+    def variant_seeds(self, name: str) -> list[int]:
+        """The seeds a variant runs: --seeds when given, else its groups' seeds of the plan."""
+        return self.cfg.seeds if self.cfg.seeds is not None else self.plan.variant(name).seeds
 
     def finished_seeds(self) -> list[int]:
         """Every seed with a finished run in the folder: `--seeds` chooses what to run, but the tables
@@ -347,8 +451,10 @@ class Study:
         records = self.records()
         tables = aggregate(records, self.plan)
         compared = comparisons(tables, self.plan)
+        teachers = self.teachers()
         payload = {
             "plan": self.cfg.plan,
+            "name": self.name,
             "reference": self.plan.reference,
             "seeds": self.finished_seeds(),
             "artifacts": self.artifacts,
@@ -357,22 +463,37 @@ class Study:
             "runs": records,
             "aggregate": tables,
             "comparisons": compared,
+            "teachers": teachers,
         }
         output_folder(self.out)
-        save_json_atomic(self.out / "study.json", payload)
-        with atomic_path(self.out / "study.md") as tmp:
-            tmp.write_text(study_markdown(tables, self.plan, compared), encoding="utf-8")
-        with atomic_path(self.out / "study.csv") as tmp:
+        save_json_atomic(self.out / f"{self.name}.json", payload)
+        with atomic_path(self.out / f"{self.name}.md") as tmp:
+            tmp.write_text(study_markdown(tables, self.plan, compared, teachers), encoding="utf-8")
+        with atomic_path(self.out / f"{self.name}.csv") as tmp:
             tmp.write_text(study_csv(tables, self.plan.reference, compared), encoding="utf-8")
         if records:
-            study_plot(tables, self.plan, self.out / "study.png")
+            study_plot(tables, self.plan, self.out / f"{self.name}.png")
+            if any(v.x is not None for v in self.plan.variants):
+                curves_plot(tables, self.plan, self.out / f"{self.name}_curves.png")
         return payload
+
+    def teachers(self) -> dict[str, dict]:
+        """Each teacher the plan's variants name, with its suite averages (the plan's Table 7 rows)."""
+        out: dict[str, dict] = {}
+        for v in self.plan.variants:
+            spec = v.data.get("teacher", GIVEN)
+            key = GIVEN if spec == GIVEN else _key(spec)
+            if key not in out and (spec != GIVEN or any("teacher" in w.data for w in self.plan.variants)):
+                out[key] = {"spec": spec, "variants": [], "summary": self.data.teacher_summary(spec)}
+            if key in out:
+                out[key]["variants"].append(v.name)
+        return out
 
 
 def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
     """The shards, teacher embeddings, balance, clusters and suite, from --demo and/or explicit flags;
     and the base training recipe (the demo's student recipe with its CID weights, when --demo)."""
-    keys = ("data", "teacher_emb", "balance", "clusters", "suite_root", "holdout")
+    keys = ("data", "teacher_emb", "balance", "clusters", "suite_root", "holdout", "teacher_eval")
     artifacts: dict[str, str | None] = {k: None for k in keys}
     base: dict = {}
     if cfg.demo:
@@ -390,12 +511,13 @@ def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
             clusters=str(demo / "clusters"),
             suite_root=str(demo / "eval"),
             holdout=str(demo / "holdout") if (demo / "holdout" / "holdout.json").is_file() else None,
+            teacher_eval=str(demo / "eval" / "teacher") if (demo / "eval" / "teacher").is_dir() else None,
         )
         # The student's training settings as the demo's run resolved them, not where or how often it saves
         # and logs: each study run sets those itself.
         base = {k: v for k, v in used.get("distill", {}).items() if k not in RUNTIME_FIELDS and k != "workers"}
     for key in artifacts:
-        if getattr(cfg, key):
+        if getattr(cfg, key, None):
             artifacts[key] = getattr(cfg, key)
     missing = [k for k in ("data", "teacher_emb", "suite_root") if not artifacts[k]]
     if missing:
@@ -545,7 +667,29 @@ def _markdown_table(head: list[str], rows: list[list[str]], left: int) -> list[s
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def study_markdown(tables: dict, plan: Plan, compared: list[dict] | None = None) -> str:
+def teacher_rows(teachers: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the teachers a plan distils from, with their own suite averages."""
+    head = ["teacher", "variants", *[label for _, label in AVERAGES]]
+    rows = []
+    for t in teachers.values():
+        spec = t["spec"]
+        name = "the artifacts' teacher" if spec == GIVEN else _describe_teacher(spec)
+        summary = t.get("summary") or {}
+        rows.append([name, ", ".join(t["variants"]), *[_pct(summary.get(k)) for k, _ in AVERAGES]])
+    return head, rows
+
+
+def _describe_teacher(spec: dict) -> str:
+    kind, fields_ = next(iter(spec.items()))
+    if kind == "emb":
+        return f"embeddings {fields_}"
+    how = "LiT (locked towers, projections trained)" if kind == "lit" else "CLIP loss from scratch"
+    return f"{fields_.get('model', '?')}, {how}, {fields_.get('epochs', '?')} epochs"
+
+
+def study_markdown(
+    tables: dict, plan: Plan, compared: list[dict] | None = None, teachers: dict[str, dict] | None = None
+) -> str:
     ref = plan.variant(plan.reference).label
     keys = {k for k, _ in AVERAGES}
     lines = [
@@ -564,6 +708,9 @@ def study_markdown(tables: dict, plan: Plan, compared: list[dict] | None = None)
     if compared:
         lines += ["", "The plan's other comparisons (first minus second, paired by seed):", ""]
         lines += _markdown_table(*comparison_rows(compared, plan), left=2)
+    if teachers:
+        lines += ["", "The teachers (each evaluated once on the suite, %):", ""]
+        lines += _markdown_table(*teacher_rows(teachers), left=2)
     tasks = sorted({m for row in tables.values() for m in row if m not in keys})
     shown = [v for v in plan.variants if v.name in tables]
     if tasks:
@@ -592,8 +739,14 @@ def study_tables_html(study: dict) -> str:
         )
 
     ref = html.escape(plan.variant(plan.reference).label)
+    teachers = study.get("teachers") or {}
     return (
         table(*summary_rows(study["aggregate"], plan))
+        + (
+            "<p>The teachers, each evaluated once on the suite:</p>" + table(*teacher_rows(teachers))
+            if teachers
+            else ""
+        )
         + f"<p>Difference from {ref}, paired by seed [95 % interval]:</p>"
         + table(*difference_rows(study["aggregate"], plan))
         + (
@@ -641,6 +794,49 @@ def study_plot(tables: dict, plan: Plan, path: Path) -> None:
         ax.set_yticklabels([v.label for v in shown] if ax is axes[0] else [], fontsize=8)
         ax.invert_yaxis()
     save_png(fig, path)
+
+
+CURVE_METRICS = (
+    ("seen_zeroshot_mean_acc1", "seen distribution: zero-shot mean acc1"),
+    ("linear_probe_mean_acc1", "linear-probe mean acc1"),
+)
+
+
+def curves_plot(tables: dict, plan: Plan, path: Path) -> None:
+    """Each series (e.g. a method) against its variants' x (e.g. epochs): the mean over seeds with its
+    95 % t interval, one panel per metric of CURVE_METRICS."""
+    from scipy import stats
+
+    series: dict[str, list[Variant]] = {}
+    for v in plan.variants:
+        if v.x is not None and v.series and v.name in tables:
+            series.setdefault(v.series, []).append(v)
+    fig, axes = new_figure(5.0 * len(CURVE_METRICS), 3.6, ncols=len(CURVE_METRICS))
+    for ax, (key, label) in zip(axes, CURVE_METRICS, strict=True):
+        for name, variants in series.items():
+            points = sorted((v.x, tables[v.name][key]) for v in variants if key in tables[v.name])
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            means = np.array([100 * e["mean"] for _, e in points])
+            half = np.array(
+                [
+                    100 * stats.t.ppf(0.975, e["n"] - 1) * e["sd"] / math.sqrt(e["n"]) if e["sd"] is not None else 0.0
+                    for _, e in points
+                ]
+            )
+            ax.errorbar(xs, means, yerr=half, marker="o", capsize=3, label=name)
+        ax.set(title=label + " (%)", xlabel=_axis_name(plan), xscale="log")
+        ax.set_xticks(sorted({v.x for vs in series.values() for v in vs}))
+        ax.get_xaxis().set_major_formatter("{x:g}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def _axis_name(plan: Plan) -> str:
+    trained = [v for v in plan.variants if v.x is not None]
+    return "epochs" if trained and all(v.train.get("epochs") == v.x for v in trained) else "x"
 
 
 def run_study(cfg: StudyConfig) -> dict:

@@ -45,6 +45,8 @@ FLAG_TEMPLATES = ["the flag of {c}."]
 DIGIT_TEMPLATES = ["the digit {c}.", "a drawing of the digit {c}.", "the number {c}."]
 ICON_TEMPLATES = ["an icon of {c}.", "a {c} icon.", "{c}."]
 EVAL_STYLES = {"fluent3d": "fluent-emoji", "fluenthc": "fluent-emoji-high-contrast"}
+
+
 @dataclass
 class SuiteDataset:
     name: str

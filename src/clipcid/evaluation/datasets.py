@@ -43,8 +43,6 @@ def group_of(dataset: str) -> str | None:
     return ROBUST if name in ROBUSTNESS else None
 
 
-
-
 @dataclass
 class EvalDataset:
     name: str
