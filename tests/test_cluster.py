@@ -75,6 +75,29 @@ def test_dropped_and_invalid_rows_get_minus_one(tmp_path):
     labels = labels_of(tmp_path / "cl")
     assert (labels[[5, 6, 10, 400, 899]] == -1).all() and (np.delete(labels, [5, 6, 10, 400, 899]) >= 0).all()
     assert stats["unassigned"] == 5 and stats["assigned"] == 895
+    # The corpus before balance: the removed rows assigned too (to their nearest centroid), in a file of
+    # their own; the invalid rows stay -1 there.
+    every = np.concatenate([np.load(tmp_path / "cl" / "corpus_labels" / f"labels_{i}.npy") for i in range(3)])
+    assert (every[labels >= 0] == labels[labels >= 0]).all() and (every[[5, 6]] == -1).all()
+    centroids = np.load(tmp_path / "cl" / "centroids.npy")
+    stored = unit(x.astype(np.float16).astype(np.float32))
+    assert (every[[10, 400, 899]] == (stored[[10, 400, 899]] @ centroids.T).argmax(1)).all()
+    spread = stats["before_and_after_balance"]
+    assert spread["before"]["rows"] == 898 and spread["after"]["rows"] == 895
+    assert (tmp_path / "cl" / "cluster_balance.png").is_file()
+
+
+def test_spread_of_cluster_sizes_known_answers():
+    from clipcid.cluster.run import spread
+
+    even, one = spread(np.array([5, 5, 5, 5])), spread(np.array([0, 0, 0, 4]))
+    assert (
+        even["gini"] == pytest.approx(0)
+        and even["entropy_bits"] == pytest.approx(2)
+        and even["normalized_entropy"] == 1
+    )
+    assert one["gini"] == pytest.approx(0.75) and one["entropy_bits"] == 0 and one["largest_share"] == 1
+    assert spread(np.array([1, 3]))["gini"] == pytest.approx(0.25)
 
 
 def test_two_level_mode_on_planted_data(tmp_path):

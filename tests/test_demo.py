@@ -76,8 +76,21 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert len(student_log) == len(baseline_log)  # same data, same steps
     assert {"cls", "kl", "ins"} <= set(json.loads(student_log[-1]))
     page = (out / "report.html").read_text()
-    for heading in ("Results (%)", "The models at work", "What ran", "Image Semantic Balance", "Training curves"):
+    for heading in (
+        "Results (%)",
+        "The models at work",
+        "What ran",
+        "Image Semantic Balance",
+        "Training curves",
+        "Inside the students",
+        "Patch features (the paper's Fig. 5)",
+        "before and after balance (the paper's Fig. 2(d))",
+    ):
         assert heading in page
+    weights = json.loads((out / "inside" / "weights.json").read_text())
+    assert set(weights) == {"baseline", "student"} and weights["student"]["image"]["change"]["std"] > 0
+    spread = json.loads((out / "clusters" / "stats.json").read_text())["before_and_after_balance"]
+    assert spread["before"]["rows"] == 240 - held.sum() and spread["after"]["rows"] == keep.sum()
     records = read_results(out / "results.json")
     assert {r["role"] for r in records} == {"teacher", "baseline", "student"}
     assert page.count("data:image/png;base64,") >= 6 + 12

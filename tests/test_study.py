@@ -185,6 +185,7 @@ def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
         "reference": "clip_only",
         "seeds": [0],
         "group_seeds": {"A": [0, 1]},
+        "weights": ["clip_only"],
         "base": PLAN["base"],
         "variants": [
             {"name": "clip_only", "group": "A", "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0}, "series": "s", "x": 1},
@@ -226,3 +227,8 @@ def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
     assert "The teachers" in md and "clipcid-lit-mobilenetv2-64, LiT" in md
     assert (tmp_path / "s" / "study_t_curves.png").stat().st_size > 1000
     assert study_module.study_names(tmp_path / "s") == ["study_t"]
+    # The weights of the named variants over their seeds, each computed once and kept in its run folder.
+    weights = result["weights"]["clip_only"]
+    assert sorted(weights["seeds"]) == [0, 1] and weights["over_seeds"]["image"]["change"]["std"]["n"] == 2
+    assert (tmp_path / "s" / "runs" / "clip_only" / "seed1" / "weights.json").is_file()
+    assert "last block's last linear layer" in md

@@ -476,6 +476,7 @@ class Pipeline:
             )
         self.stage("eval", self.evaluate, self.evaluations_identity)
         if self.env.is_main:
+            self.stage_rank0("inside", self.look_inside, lambda: identity(self.out / "inside" / "inside.json"))
             self.stage_rank0("export", self.export, lambda: identity(self.out / "models" / "models.json"))
             from clipcid.report import write_report
 
@@ -493,6 +494,23 @@ class Pipeline:
 
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
+
+    def look_inside(self) -> None:
+        """The students' weights and patch features (evaluation/inside.py)."""
+        from clipcid.evaluation.inside import Student, look_inside
+        from clipcid.report import MODELS
+
+        labels = dict(MODELS)
+        d = self.recipe["distill"]
+        students = [
+            Student(
+                m["name"], labels[m["name"]], m["model"], m["pretrained"], d["pretrained"], d["seed"], m["identity"]
+            )
+            for m in self.models()
+            if m["name"] != "teacher"
+        ]
+        gallery = HoldOut.open(self.holdout_dir).gallery if self.holdout_dir else None
+        look_inside(self.out, students, gallery)
 
     def distill_config(self, name: str) -> DistillConfig:
         paths = {

@@ -244,6 +244,83 @@ def holdout_html(out: Path) -> str:
     )
 
 
+def cluster_balance_html(folder: Path, stats: dict) -> str:
+    """The paper's Fig. 2(d): the corpus over the clusters before and after balance."""
+    spread = stats.get("before_and_after_balance")
+    if not spread:
+        return ""
+    rows = "".join(
+        f"<tr><td>{label}</td><td>{s['rows']:,}</td><td>{s['entropy_bits']:.3f} of {s['max_entropy_bits']:.3f}</td>"
+        f"<td>{s['normalized_entropy']:.4f}</td><td>{s['gini']:.4f}</td><td>{100 * s['largest_share']:.2f}</td></tr>"
+        for label, s in (("whole corpus (before balance)", spread["before"]), ("balanced (kept)", spread["after"]))
+    )
+    evener = spread["after"]["gini"] < spread["before"]["gini"]
+    return (
+        "<h3>The corpus over the clusters, before and after balance (the paper's Fig. 2(d))</h3><p>Every row "
+        "balance took in is assigned to the same centroids, the removed ones too (a file of their own; their "
+        f"training label stays −1). After balance the spread is {'more' if evener else 'less'} even "
+        f"(Gini {spread['before']['gini']:.3f} → {spread['after']['gini']:.3f}).</p><table><tr><th>rows</th>"
+        "<th>images</th><th>entropy (bits) of its maximum</th><th>normalised entropy</th><th>Gini</th>"
+        f"<th>largest cluster (%)</th></tr>{rows}</table>"
+        + _file_img(folder / "cluster_balance.png", "cluster sizes before and after balance")
+    )
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def inside_html(out: Path) -> str:
+    """The students' last-layer weights (the paper's Fig. 4) and patch features (its Fig. 5)."""
+    from clipcid.evaluation.inside import SMALL, inside_paths, read_inside
+
+    record = read_inside(out)
+    if record is None:
+        return ""
+    numbers, paths = record["weights"], inside_paths(out)
+    labels = dict(MODELS)
+    rows = []
+    for name, towers in numbers.items():
+        for tower, both in towers.items():
+            w, d = both["w"], both["change"]
+            rows.append(
+                f"<tr><td>{html.escape(labels.get(name, name))}</td><td>{tower}</td><td>{w['std']:.5f}</td>"
+                f"<td>{_number(w['kurtosis'])}</td><td>{100 * w['near_zero']:.3f}</td><td>{d['std']:.5f}</td>"
+                f"<td>{_number(d['kurtosis'])}</td></tr>"
+            )
+    verdict = ""
+    if {"baseline", "student"} <= set(numbers):
+        lines = []
+        for tower in numbers["student"]:
+            cid, clip = numbers["student"][tower]["w"], numbers["baseline"][tower]["w"]
+            wider = cid["std"] > clip["std"]
+            fewer = cid["near_zero"] < clip["near_zero"]
+            lines.append(
+                f"{tower} tower: CID's spread is {'wider' if wider else 'not wider'} (sd {cid['std']:.5f} against "
+                f"{clip['std']:.5f}) and it has {'fewer' if fewer else 'no fewer'} near-zero weights "
+                f"({100 * cid['near_zero']:.3f}% against {100 * clip['near_zero']:.3f}%)"
+            )
+        verdict = "<p>The paper's observation (a wider spread after distillation, fewer near-zero weights), here: " + (
+            "; ".join(lines) + ".</p>"
+        )
+    patches = (
+        "<h3>Patch features (the paper's Fig. 5)</h3><p>Held-out pictures; per ViT student, the first principal "
+        "component of the last block's patch tokens thresholded (object white), then the next three components "
+        "of the object patches as RGB, one PCA per model over all the pictures. The teacher's image tower is a CNN "
+        "(a 4 × 4 last feature map at 128 px): left out.</p>" + _file_img(paths["patches"], "patch features")
+        if paths["patches"].is_file()
+        else ""
+    )
+    return (
+        "<h2>Inside the students</h2><h3>Weights (the paper's Fig. 4)</h3><p>The last linear layer of the last "
+        "block of each tower, as trained (w) and as changed from the initialisation both students share "
+        f"(w − w₀). Near zero: |w| &lt; {SMALL:g}. Kurtosis is excess kurtosis (0 for a normal distribution); "
+        f"the numbers are in <code>inside/weights.json</code>.</p>{verdict}<table><tr><th>model</th><th>tower</th>"
+        "<th>sd of w</th><th>kurtosis of w</th><th>near zero (%)</th><th>sd of w − w₀</th><th>kurtosis of w − w₀"
+        f"</th></tr>{''.join(rows)}</table>" + _file_img(paths["weights"], "weight distributions") + patches
+    )
+
+
 def write_report(out: Path, extras: Extras | None = None) -> Path:
     """OUT/report.html and OUT/results.md of a finished run."""
     out = Path(out)
@@ -294,6 +371,7 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
 {holdout_showcase_html(out)}
 {"".join(extras.after_results)}
 {models_html(out)}
+{inside_html(out)}
 <h2>What ran</h2>
 <p>{html.escape(machine)}; {world} process(es). Seconds per stage, when it last did its work (installs not
 included); the settings follow (OUT/recipe.json).</p>
@@ -313,6 +391,7 @@ distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["b
 {cluster_stats["cluster_size"]["min"]}, median {cluster_stats["cluster_size"]["median"]:.0f}, max
 {cluster_stats["cluster_size"]["max"]}; {cluster_stats["empty_clusters"]} empty.</p>
 {_file_img(out / "clusters" / "cluster_sizes.png", "cluster sizes")}
+{cluster_balance_html(out / "clusters", cluster_stats)}
 <h2>Training curves</h2>{curves}
 """
     style = (

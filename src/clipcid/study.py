@@ -97,6 +97,8 @@ class Plan:
     variants: list[Variant]
     # Further questions the plan asks, as (variant, against) pairs: each gets its paired differences.
     comparisons: list[tuple[str, str]] = field(default_factory=list)
+    # Variants whose students' last-layer weights are compared over seeds (the paper's Fig. 4).
+    weights: list[str] = field(default_factory=list)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -165,8 +167,11 @@ def load_plan(path: str, base_train: dict) -> Plan:
         base,
         variants,
         [(a, b) for a, b in comparisons],
+        list(raw.get("weights", [])),
     )
     plan.variant(plan.reference)
+    for name in plan.weights:
+        plan.variant(name)
     for pair in plan.comparisons:
         for name in pair:
             plan.variant(name)
@@ -452,6 +457,7 @@ class Study:
         tables = aggregate(records, self.plan)
         compared = comparisons(tables, self.plan)
         teachers = self.teachers()
+        weights = self.weights()
         payload = {
             "plan": self.cfg.plan,
             "name": self.name,
@@ -464,11 +470,12 @@ class Study:
             "aggregate": tables,
             "comparisons": compared,
             "teachers": teachers,
+            "weights": weights,
         }
         output_folder(self.out)
         save_json_atomic(self.out / f"{self.name}.json", payload)
         with atomic_path(self.out / f"{self.name}.md") as tmp:
-            tmp.write_text(study_markdown(tables, self.plan, compared, teachers), encoding="utf-8")
+            tmp.write_text(study_markdown(tables, self.plan, compared, teachers, weights), encoding="utf-8")
         with atomic_path(self.out / f"{self.name}.csv") as tmp:
             tmp.write_text(study_csv(tables, self.plan.reference, compared), encoding="utf-8")
         if records:
@@ -476,6 +483,34 @@ class Study:
             if any(v.x is not None for v in self.plan.variants):
                 curves_plot(tables, self.plan, self.out / f"{self.name}_curves.png")
         return payload
+
+    def weights(self) -> dict[str, dict]:
+        """For each variant the plan names under "weights": per tower, the statistics of the last block's
+        last linear layer (w and w - w0) of every finished seed (each computed once, kept in its run folder),
+        and their mean and sd over seeds."""
+        from clipcid.distill.checkpoint import student_path
+        from clipcid.evaluation.inside import Student, weight_report
+
+        out: dict[str, dict] = {}
+        for name in self.plan.weights:
+            per_seed = {}
+            for seed in self.finished_seeds():
+                folder = run_folder(self.out, name, seed)
+                record = _finished(folder)
+                if record is None:
+                    continue
+                cache = folder / "weights.json"
+                if not cache.is_file():
+                    settings = record["settings"]
+                    student = Student(
+                        name, name, settings["model"], str(student_path(folder / "train")), settings.get("pretrained"),
+                        seed, None,
+                    )  # fmt: skip
+                    save_json_atomic(cache, weight_report([student])[0][name])
+                per_seed[seed] = json.loads(cache.read_text())
+            if per_seed:
+                out[name] = {"seeds": per_seed, "over_seeds": _weights_over_seeds(list(per_seed.values()))}
+        return out
 
     def teachers(self) -> dict[str, dict]:
         """Each teacher the plan's variants name, with its suite averages (the plan's Table 7 rows)."""
@@ -667,6 +702,45 @@ def _markdown_table(head: list[str], rows: list[list[str]], left: int) -> list[s
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _weights_over_seeds(runs: list[dict]) -> dict:
+    """tower -> (w | change) -> statistic -> {"mean", "sd"} over the runs."""
+    out: dict = {}
+    for tower, both in runs[0].items():
+        for what, stats in both.items():
+            for key in stats:
+                values = [r[tower][what][key] for r in runs if r[tower][what][key] is not None]
+                if values and key != "n":
+                    mean, sd = mean_sd(values)
+                    out.setdefault(tower, {}).setdefault(what, {})[key] = {"mean": mean, "sd": sd, "n": len(values)}
+    return out
+
+
+WEIGHT_COLUMNS = (
+    ("w", "std", "sd of w"),
+    ("w", "kurtosis", "kurtosis of w"),
+    ("w", "near_zero", "near zero (%)"),
+    ("change", "std", "sd of w − w₀"),
+    ("change", "kurtosis", "kurtosis of w − w₀"),
+)
+
+
+def weight_rows(weights: dict, plan: Plan) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the weights over seeds: per variant and tower, mean ± sd of each statistic."""
+    head = ["variant", "tower", "seeds", *[label for _, _, label in WEIGHT_COLUMNS]]
+    rows = []
+    for name, entry in weights.items():
+        for tower, stats in entry["over_seeds"].items():
+            cells = []
+            for what, key, _ in WEIGHT_COLUMNS:
+                e = stats.get(what, {}).get(key)
+                scale = 100 if key == "near_zero" else 1
+                digits = 3 if key != "std" else 5
+                sd = f" ± {scale * e['sd']:.{digits}f}" if e and e["sd"] is not None else ""
+                cells.append(f"{scale * e['mean']:.{digits}f}{sd}" if e else "–")
+            rows.append([plan.variant(name).label, tower, str(len(entry["seeds"])), *cells])
+    return head, rows
+
+
 def teacher_rows(teachers: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the teachers a plan distils from, with their own suite averages."""
     head = ["teacher", "variants", *[label for _, label in AVERAGES]]
@@ -688,7 +762,11 @@ def _describe_teacher(spec: dict) -> str:
 
 
 def study_markdown(
-    tables: dict, plan: Plan, compared: list[dict] | None = None, teachers: dict[str, dict] | None = None
+    tables: dict,
+    plan: Plan,
+    compared: list[dict] | None = None,
+    teachers: dict[str, dict] | None = None,
+    weights: dict[str, dict] | None = None,
 ) -> str:
     ref = plan.variant(plan.reference).label
     keys = {k for k, _ in AVERAGES}
@@ -711,6 +789,13 @@ def study_markdown(
     if teachers:
         lines += ["", "The teachers (each evaluated once on the suite, %):", ""]
         lines += _markdown_table(*teacher_rows(teachers), left=2)
+    if weights:
+        lines += [
+            "",
+            "The last block's last linear layer of each tower, mean ± sd over seeds (the paper's Fig. 4):",
+            "",
+        ]
+        lines += _markdown_table(*weight_rows(weights, plan), left=3)
     tasks = sorted({m for row in tables.values() for m in row if m not in keys})
     shown = [v for v in plan.variants if v.name in tables]
     if tasks:

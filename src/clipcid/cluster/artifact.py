@@ -5,8 +5,11 @@ OUT/training.json (the trained centroids' settings, so that a rerun only assigns
 training runs (the centroids after each finished Lloyd iteration of each stage, each fine cell, each
 rank's sample cells: what a killed run resumes from; removed once training.json is written),
 OUT/labels/labels_{i}.npy (int64 per embedding row, -1 for dropped or invalid rows; its presence marks
-the part done), OUT/similarity/similarity_{i}.npy (to the centroid), OUT/stats.json ({"settings",
-"complete", and the statistics}; rewritten complete last), OUT/cluster_sizes.png.
+the part done), OUT/similarity/similarity_{i}.npy (to the centroid), OUT/corpus_labels/labels_{i}.npy
+(with a balance folder: every valid row that is not held out, removed ones too, assigned to the same
+centroids: the corpus before balance, for the paper's Fig. 2(d); the training labels stay -1 for the
+removed rows), OUT/stats.json ({"settings", "complete", and the statistics}; rewritten complete last),
+OUT/cluster_sizes.png, OUT/cluster_balance.png (sorted cluster sizes before and after balance).
 """
 
 from __future__ import annotations
@@ -105,13 +108,28 @@ def read_training(folder: Path) -> tuple[dict, np.ndarray, np.ndarray | None]:
     return training, np.load(folder / "centroids.npy"), coarse
 
 
-def write_labels(folder: Path, i: int, labels: np.ndarray, similarity: np.ndarray) -> None:
+def corpus_labels_path(folder: Path, i: int) -> Path:
+    return Path(folder) / "corpus_labels" / f"labels_{i}.npy"
+
+
+def write_labels(
+    folder: Path, i: int, labels: np.ndarray, similarity: np.ndarray, corpus_labels: np.ndarray | None = None
+) -> None:
+    if corpus_labels is not None:
+        save_npy_atomic(corpus_labels_path(folder, i), corpus_labels)
     save_npy_atomic(similarity_path(folder, i), similarity)
     save_npy_atomic(labels_path(folder, i), labels)  # last: marks the part done
 
 
-def labels_done(folder: Path, i: int) -> bool:
-    return labels_path(folder, i).is_file()
+def read_corpus_labels(folder: Path, part_ids: list[int]) -> np.ndarray | None:
+    """The whole corpus's labels (before balance), all parts; None when the clusters had no balance."""
+    paths = [corpus_labels_path(folder, i) for i in part_ids]
+    return np.concatenate([np.load(p) for p in paths]) if paths and all(p.is_file() for p in paths) else None
+
+
+def labels_done(folder: Path, i: int, corpus: bool = False) -> bool:
+    """Whether part i is assigned (and, with `corpus`, its whole-corpus labels written)."""
+    return labels_path(folder, i).is_file() and (not corpus or corpus_labels_path(folder, i).is_file())
 
 
 def identity_of(folder: str | Path) -> str | None:

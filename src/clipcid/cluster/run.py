@@ -8,8 +8,12 @@ very large k (the paper used 1M) a two-level mode trains sqrt(k) coarse clusters
 each coarse cell with a share of k proportional to the cell's size, and assigns through the coarse cells
 (the fine centroids of each row's nprobe nearest cells).
 
+With a balance folder, the rows balance removed are assigned too (the labels of the corpus before balance,
+a file of their own: the training labels stay -1 for them), and stats.json compares the cluster sizes
+before and after balance (entropy, Gini coefficient; the paper's Fig. 2(d)).
+
 Outputs in OUT (cluster/artifact.py owns the layout): centroids, labels and similarities per part,
-stats.json, cluster_sizes.png.
+corpus labels, stats.json, cluster_sizes.png, cluster_balance.png.
 """
 
 from __future__ import annotations
@@ -199,7 +203,10 @@ def cluster(cfg: ClusterConfig) -> dict:
     k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
     settings = _settings(cfg, k, embeddings, len(kept_rows))
     folder = RunFolder(cfg.out, artifact.SETTINGS_FILE, settings, cfg.overwrite)
-    done = folder.finished_run(lambda: all(artifact.labels_done(Path(cfg.out), i) for i in embeddings.part_ids))
+    with_corpus = cfg.balance is not None
+    done = folder.finished_run(
+        lambda: all(artifact.labels_done(Path(cfg.out), i, with_corpus) for i in embeddings.part_ids)
+    )
     if done is not None:
         return done
     if cfg.gpu:
@@ -210,7 +217,8 @@ def cluster(cfg: ClusterConfig) -> dict:
             folder.claim()
         barrier(env)
         try:
-            stats = _cluster(cfg, env, embeddings, kept, kept_rows, k, settings)
+            corpus = kept_mask(embeddings, None, cfg.holdout) if with_corpus else None
+            stats = _cluster(cfg, env, embeddings, kept, kept_rows, k, settings, corpus)
             return folder.finish(stats) if env.is_main else {}
         finally:
             folder.release()
@@ -238,7 +246,8 @@ def _settings(cfg: ClusterConfig, k: int, embeddings: Embeddings, n_kept: int) -
     }
 
 
-def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int, settings: dict) -> dict:
+def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int, settings: dict, corpus) -> dict:
+    """`corpus`: the rows before balance (valid, not held out), assigned too; None without a balance."""
     start = time.monotonic()
     out = Path(cfg.out)
     store = embeddings.images
@@ -276,18 +285,21 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
     assigner = Assigner(centroids, coarse, cfg.assign_nprobe, env.device, cfg.memory_gb)
 
     t0 = time.monotonic()
-    todo = [i for i in parts_of_rank(store.part_ids, env) if not artifact.labels_done(out, i)]
+    todo = [i for i in parts_of_rank(store.part_ids, env) if not artifact.labels_done(out, i, corpus is not None)]
     with progress_bar(sum(store.sizes[i] for i in todo), f"assign (rank {env.rank})", "row", env.is_main) as bar:
         for i in todo:
             local = kept[store.offsets[i] : store.offsets[i + 1]]
-            labels = np.full(store.sizes[i], -1, dtype=np.int64)
+            wanted = local if corpus is None else corpus[store.offsets[i] : store.offsets[i + 1]]
+            every = np.full(store.sizes[i], -1, dtype=np.int64)
             sims = np.full(store.sizes[i], np.nan, dtype=np.float32)
-            rows = np.flatnonzero(local)
+            rows = np.flatnonzero(wanted)  # the kept rows are among them: one assignment serves both
             part = store.part(i)
             for s, e in row_chunks(len(rows)):
                 chunk = rows[s:e]
-                labels[chunk], sims[chunk] = assigner.assign(unit_rows(part[chunk]))
-            artifact.write_labels(out, i, labels, sims)
+                every[chunk], sims[chunk] = assigner.assign(unit_rows(part[chunk]))
+            labels = np.where(local, every, -1)
+            sims = np.where(local, sims, np.float32(np.nan))
+            artifact.write_labels(out, i, labels, sims, None if corpus is None else every)
             bar.update(store.sizes[i])
     timings["assign_s"] = time.monotonic() - t0
     barrier(env)
@@ -316,9 +328,52 @@ def _write_stats(cfg, out: Path, store: EmbeddingStore, k: int, training: dict, 
         "timings": {"train_s": training["train_s"], **timings, "total_s": total_s},
         "config": {**asdict(cfg), "k": cfg.k},
     }
+    every = artifact.read_corpus_labels(out, store.part_ids)
+    if every is not None:
+        before = np.bincount(every[every >= 0], minlength=k)
+        stats["before_and_after_balance"] = {"before": spread(before), "after": spread(sizes)}
     if cfg.plots:
         _plot_sizes(out, sizes)
+        if every is not None:
+            _plot_balance(out, before, sizes)
     return stats
+
+
+def spread(sizes: np.ndarray) -> dict:
+    """How evenly rows spread over the clusters: rows, entropy (bits) against its maximum log2 k, and the
+    Gini coefficient of the sizes (0 = all equal, towards 1 = all in one cluster)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    n, k = sizes.sum(), len(sizes)
+    p = sizes[sizes > 0] / n if n else np.zeros(0)
+    entropy = float(-(p * np.log2(p)).sum())
+    ordered = np.sort(sizes)
+    gini = float(2 * (np.arange(1, k + 1) * ordered).sum() / (k * n) - (k + 1) / k) if n and k else 0.0
+    return {
+        "rows": int(n),
+        "entropy_bits": entropy,
+        "max_entropy_bits": float(np.log2(k)) if k else 0.0,
+        "normalized_entropy": entropy / float(np.log2(k)) if k > 1 else 1.0,
+        "gini": gini,
+        "largest_share": float(ordered[-1] / n) if n else 0.0,
+    }
+
+
+def _plot_balance(out: Path, before: np.ndarray, after: np.ndarray) -> None:
+    """The paper's Fig. 2(d): clusters sorted by size, the corpus before and after balance."""
+    fig, ax = new_figure()
+    ranks = np.arange(1, len(before) + 1)
+    for sizes, label in ((before, "whole corpus"), (after, "balanced")):
+        s = spread(sizes)
+        text = f"{label} ({s['rows']:,} rows; entropy {s['normalized_entropy']:.3f} of max, Gini {s['gini']:.3f})"
+        ax.plot(ranks, np.sort(sizes)[::-1], label=text)
+    ax.set(
+        xlabel="cluster (sorted by size)",
+        ylabel="images",
+        yscale="log",
+        title=f"images per cluster (k = {len(before):,})",
+    )
+    ax.legend(fontsize=8)
+    save_png(fig, out / "cluster_balance.png")
 
 
 def _plot_sizes(out: Path, sizes: np.ndarray) -> None:

@@ -8,13 +8,13 @@ from pathlib import Path
 from clipcid.util.fileio import atomic_path
 
 
-def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
+def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1, nrows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(ncols=ncols, figsize=(width, height))
+    return plt.subplots(nrows=nrows, ncols=ncols, figsize=(width, height))
 
 
 def save_png(fig, path: str | Path | None = None, dpi: int = 100) -> bytes | None:
