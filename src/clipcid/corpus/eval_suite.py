@@ -164,20 +164,18 @@ def emoji_names(rendered: tuple[list[S.Artwork], int], tag: str) -> SuiteDataset
     return ds
 
 
+def names_dataset(name: str, names: set[str], templates: list[str]) -> tuple[SuiteDataset, dict[str, int]]:
+    """An empty zero-shot dataset whose classes are `names`, sorted; and the class id of each name."""
+    classnames = sorted(names)
+    ds = SuiteDataset(name, ["zeroshot_classification"], "classification", classnames, templates, {"test": []})
+    return ds, {n: i for i, n in enumerate(classnames)}
+
+
 def icon_names(npm_root: Path) -> SuiteDataset:
     """Zero-shot by icon name on a held-out icon set: the icons whose names the training icon sets use too."""
     training_names = {a.name for prefix in S.TRAIN_ICON_SETS for a in S.read_iconify_icons(npm_root, prefix)}
     arts = [a for a in S.read_iconify_icons(npm_root, S.EVAL_ICON_SET) if a.name in training_names]
-    names = sorted({a.name for a in arts})
-    class_id = {n: i for i, n in enumerate(names)}
-    ds = SuiteDataset(
-        f"names_icons_{S.EVAL_ICON_SET}",
-        ["zeroshot_classification"],
-        "classification",
-        names,
-        ICON_TEMPLATES,
-        {"test": []},
-    )
+    ds, class_id = names_dataset(f"names_icons_{S.EVAL_ICON_SET}", {a.name for a in arts}, ICON_TEMPLATES)
     ds.name_level = True
     for a in arts:
         ds.splits["test"].append((a.render, class_id[a.name], {"name": a.name, "style": a.style}))
@@ -186,11 +184,7 @@ def icon_names(npm_root: Path) -> SuiteDataset:
 
 def circle_flags(npm_root: Path, index: S.EmojiIndex) -> SuiteDataset:
     arts = S.read_iconify_flags(npm_root, S.EVAL_FLAG_SET, index)
-    names = sorted({a.name for a in arts})
-    class_id = {n: i for i, n in enumerate(names)}
-    ds = SuiteDataset(
-        "flags_circle", ["zeroshot_classification"], "classification", names, FLAG_TEMPLATES, {"test": []}
-    )
+    ds, class_id = names_dataset("flags_circle", {a.name for a in arts}, FLAG_TEMPLATES)
     for a in arts:
         ds.splits["test"].append((a.render, class_id[a.name], {"name": a.name, "style": a.style}))
     return ds
@@ -308,16 +302,7 @@ def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
                 held.append((row.image, kind, name, row.caption or "", {"key": row.key, "style": meta.get("style")}))
     out = {}
     for kind, plural in (("emoji", "emoji"), ("flag", "flags"), ("icon", "icons")):
-        classnames = sorted(names[kind])
-        class_id = {n: c for c, n in enumerate(classnames)}
-        ds = SuiteDataset(
-            f"{SEEN_PREFIX}names_{plural}",
-            ["zeroshot_classification"],
-            "classification",
-            classnames,
-            HELDOUT_TEMPLATES[kind],
-            {"test": []},
-        )
+        ds, class_id = names_dataset(f"{SEEN_PREFIX}names_{plural}", names[kind], HELDOUT_TEMPLATES[kind])
         for image, k, name, _, meta in held:
             if k == kind and name in class_id:
                 ds.splits["test"].append((image, class_id[name], meta))
