@@ -136,3 +136,22 @@ def test_eval_suite_on_a_real_model(tmp_path, tiny_checkpoint):
     assert again["dataset"] == "wds/digits" and again["metrics"]["acc1"] == result["records"][0]["metrics"]["acc1"]
     assert "linear_probe_mean_acc1" in (tmp_path / "out" / "summary.csv").read_text()
     assert "| digits | linear_probe | lp_acc1 |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_checkpoint_moved_with_its_run_folder_keeps_its_fingerprint(tmp_path):
+    import os
+    import shutil
+
+    from clipcid.evaluation.features import checkpoint_cache_id, weights_fingerprint
+
+    (tmp_path / "a").mkdir()
+    first = tmp_path / "a" / "model.pt"
+    first.write_bytes(b"weights")
+    moved = tmp_path / "b" / "model.pt"
+    moved.parent.mkdir()
+    shutil.copy2(first, moved)  # a run folder moved elsewhere: same name, size and time
+    assert weights_fingerprint("m", str(first)) == weights_fingerprint("m", str(moved))
+    assert checkpoint_cache_id("m", str(first)) != checkpoint_cache_id("m", str(moved))  # the feature cache's key
+    os.utime(moved, ns=(0, 0))  # written again
+    assert weights_fingerprint("m", str(first)) != weights_fingerprint("m", str(moved))
+    assert weights_fingerprint("m", "laion2b") == "m__laion2b"

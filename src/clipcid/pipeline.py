@@ -47,7 +47,7 @@ from clipcid.embed.artifact import Embeddings
 from clipcid.embed.run import RUNTIME_FIELDS as EMBED_RUNTIME
 from clipcid.embed.run import EmbedConfig, embed
 from clipcid.errors import ClipcidError
-from clipcid.evaluation.features import checkpoint_cache_id
+from clipcid.evaluation.features import weights_fingerprint
 from clipcid.evaluation.run import (
     RESULTS_FILE,
     ModelEvalConfig,
@@ -534,7 +534,7 @@ class Pipeline:
         """The models of this run: name, role, architecture, weights, and what made them."""
         emb = self.recipe["embed"]
         teacher_model = emb["model"]
-        weights = checkpoint_cache_id(teacher_model, emb["pretrained"]) if teacher_model else None
+        weights = weights_fingerprint(teacher_model, emb["pretrained"]) if teacher_model else None
         out = [
             {
                 "name": "teacher",

@@ -58,6 +58,16 @@ class OpenClipEncoder:
         return F.normalize(out.float(), dim=-1).cpu()
 
 
+def weights_fingerprint(model: str, pretrained: str | None) -> str:
+    """What a model's weights are, for the settings of a run that evaluates it: the architecture and the
+    tag, or a checkpoint file's name, size and mtime (not its folder: a run folder moved elsewhere is
+    still the same run)."""
+    if pretrained and os.path.isfile(pretrained):
+        st = os.stat(pretrained)
+        return f"{model}__{Path(pretrained).name}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{model}__{pretrained or 'random'}"
+
+
 def checkpoint_cache_id(model: str, pretrained: str | None) -> str:
     """Names a model's features in the cache; a checkpoint file is identified by size and mtime too,
     so features of a retrained checkpoint at the same path are not reused."""
