@@ -140,6 +140,14 @@ def test_plan_errors_name_the_problem(artifacts, tmp_path):
         run_study(_config(artifacts, tmp_path / "s3", {**PLAN, "comparisons": [["clip_only", "fd"]]}))
     with pytest.raises(ClipcidError, match="comparisons must be pairs"):
         run_study(_config(artifacts, tmp_path / "s4", {**PLAN, "comparisons": [["clip_only"]]}))
+    for teacher, said in (
+        ({"lit": {"model": "m", "epoch": 2}}, "teacher lit: epoch are not lit settings"),
+        ({"clip": {"epochs": 1}}, "teacher clip: a teacher needs its model"),
+        ({"distilled": {}}, 'a teacher is "given"'),
+    ):
+        bad = {**PLAN, "variants": [*PLAN["variants"], {"name": "t", "data": {"teacher": teacher}}]}
+        with pytest.raises(ClipcidError, match=said):
+            run_study(_config(artifacts, tmp_path / "s5", bad))
 
 
 def test_the_shipped_plans_load_with_known_settings():

@@ -107,6 +107,26 @@ class Plan:
         raise ClipcidError(f"the plan has no variant '{name}' (it has {', '.join(v.name for v in self.variants)})")
 
 
+def _check_teacher(teacher, where: str) -> None:
+    """A teacher spec is "given", {"lit": LitConfig fields}, {"clip": DistillConfig fields} or {"emb": FOLDER}."""
+    from clipcid.lit import LitConfig
+
+    if teacher == GIVEN:
+        return
+    if not (isinstance(teacher, dict) and len(teacher) == 1 and set(teacher) <= TEACHER_KINDS):
+        raise ClipcidError(
+            f'{where}: a teacher is "given", {{"lit": {{...}}}}, {{"clip": {{...}}}} or {{"emb": FOLDER}}'
+        )
+    kind, spec = next(iter(teacher.items()))
+    if kind == "emb":
+        return
+    config = LitConfig if kind == "lit" else DistillConfig
+    unknown = sorted(set(spec) - {f.name for f in fields(config)} | ({"data", "out"} & set(spec)))
+    if unknown or "model" not in spec:
+        what = f"{', '.join(unknown)} are not {kind} settings here" if unknown else "a teacher needs its model"
+        raise ClipcidError(f"{where}: teacher {kind}: {what}")
+
+
 def load_plan(path: str, base_train: dict) -> Plan:
     p = Path(path)
     if not p.is_file():
@@ -128,12 +148,7 @@ def load_plan(path: str, base_train: dict) -> Plan:
             raise ClipcidError(
                 f"{path}: variant {item['name']}: data takes teacher, balance and cluster, not {', '.join(bad)}"
             )
-        teacher = item.get("data", {}).get("teacher", GIVEN)
-        if teacher != GIVEN and not (isinstance(teacher, dict) and len(teacher) == 1 and set(teacher) <= TEACHER_KINDS):
-            raise ClipcidError(
-                f'{path}: variant {item["name"]}: a teacher is "given", {{"lit": {{...}}}}, {{"clip": {{...}}}} '
-                'or {"emb": FOLDER}'
-            )
+        _check_teacher(item.get("data", {}).get("teacher", GIVEN), f"{path}: variant {item['name']}")
         group = item.get("group", "")
         group_seeds = raw.get("group_seeds", {})
         seeds = sorted({s for g in groups_of(group) for s in group_seeds.get(g, raw.get("seeds", [0]))})
