@@ -75,6 +75,7 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
     assert lp["vs_reference"]["n"] == 2 and lp["vs_reference"]["low"] <= lp["vs_reference"]["mean"]
     md = (out / "study.md").read_text()
     assert "| CLIP only |" in md and "CID, random half" in md and "digits/linear_probe" in md
+    assert "| wds/digits/linear_probe | 899 | 10 |" in md  # its pictures and chance level
     csv_rows = (out / "study.csv").read_text().splitlines()
     assert csv_rows[0].startswith("variant,metric,seeds,mean,sd,against,diff") and len(csv_rows) > 4
     # A comparison the plan asks for, here the reference against the variant: the same pairs, negated.

@@ -490,7 +490,8 @@ class Study:
         output_folder(self.out)
         save_json_atomic(self.out / f"{self.name}.json", payload)
         with atomic_path(self.out / f"{self.name}.md") as tmp:
-            tmp.write_text(study_markdown(tables, self.plan, compared, teachers, weights), encoding="utf-8")
+            text = study_markdown(tables, self.plan, compared, teachers, weights, self.task_about(records))
+            tmp.write_text(text, encoding="utf-8")
         with atomic_path(self.out / f"{self.name}.csv") as tmp:
             tmp.write_text(study_csv(tables, self.plan.reference, compared), encoding="utf-8")
         if records:
@@ -498,6 +499,21 @@ class Study:
             if any(v.x is not None for v in self.plan.variants):
                 curves_plot(tables, self.plan, self.out / f"{self.name}_curves.png")
         return payload
+
+    def task_about(self, records: list[dict]) -> dict[str, tuple[str, str]]:
+        """Each task's pictures and chance level (%), from the records of one finished run's evaluation."""
+        from clipcid.evaluation.run import read_suite_results
+
+        for r in records:
+            _, found = read_suite_results(run_folder(self.out, r["variant"], r["seed"]) / "eval")
+            about = {}
+            for record in found.values():
+                m = record["metrics"]
+                if m.get("n_images") is not None and m.get("chance") is not None:
+                    about[f"{record['dataset']}/{record['task']}"] = (f"{m['n_images']:,}", f"{100 * m['chance']:.2g}")
+            if about:
+                return about
+        return {}
 
     def weights(self) -> dict[str, dict]:
         """For each variant the plan names under "weights": per tower, the statistics of the last block's
@@ -782,6 +798,7 @@ def study_markdown(
     compared: list[dict] | None = None,
     teachers: dict[str, dict] | None = None,
     weights: dict[str, dict] | None = None,
+    task_about: dict[str, tuple[str, str]] | None = None,
 ) -> str:
     ref = plan.variant(plan.reference).label
     keys = {k for k, _ in AVERAGES}
@@ -814,9 +831,12 @@ def study_markdown(
     tasks = sorted({m for row in tables.values() for m in row if m not in keys})
     shown = [v for v in plan.variants if v.name in tables]
     if tasks:
-        task_rows = [[task, *[_cell(tables[v.name].get(task)) for v in shown]] for task in tasks]
-        lines += ["", "Every task (mean ± sd over seeds, %):", ""]
-        lines += _markdown_table(["task", *[v.name for v in shown]], task_rows, left=1)
+        about = task_about or {}
+        task_rows = [
+            [task, *about.get(task, ("–", "–")), *[_cell(tables[v.name].get(task)) for v in shown]] for task in tasks
+        ]
+        lines += ["", "Every task (mean ± sd over seeds, %; pictures and chance level of its metric):", ""]
+        lines += _markdown_table(["task", "pictures", "chance", *[v.name for v in shown]], task_rows, left=1)
     return "\n".join(lines) + "\n"
 
 
