@@ -241,3 +241,18 @@ def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
     assert sorted(weights["seeds"]) == [0, 1] and weights["over_seeds"]["image"]["change"]["std"]["n"] == 2
     assert (tmp_path / "s" / "runs" / "clip_only" / "seed1" / "weights.json").is_file()
     assert "last block's last linear layer" in md
+
+
+def test_each_teacher_is_checked_once_per_study(tmp_path, monkeypatch):
+    """Many variants name one teacher: its stages are checked (trained, embedded) once, not per variant."""
+    cache = study_module.DataCache(tmp_path, {"data": "unused"}, workers=0)
+    made = []
+    monkeypatch.setattr(cache, "_make_teacher", lambda spec, folder: made.append(spec) or ("arch", "weights"))
+    one, other = {"lit": {"model": "a"}}, {"lit": {"model": "b"}}
+    assert (
+        cache.teacher(one)
+        == cache.teacher(dict(one))
+        == str(tmp_path / "data" / f"teacher-{study_module._key(one)}" / "emb")
+    )
+    cache.teacher(other)
+    assert made == [one, other]

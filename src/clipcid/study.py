@@ -209,6 +209,8 @@ class DataCache:
 
     def __init__(self, out: Path, artifacts: dict, workers: int):
         self.out, self.artifacts, self.workers = out / "data", artifacts, workers
+        # Each teacher's (architecture, weights), so that a plan's many variants check its stages once.
+        self._teacher_runs: dict[str, tuple[str, str]] = {}
 
     def _stage(self, kind: str, spec: dict, run) -> str:
         folder = self.out / f"{kind}-{_key(spec)}"
@@ -228,6 +230,12 @@ class DataCache:
     def _teacher_run(self, spec: dict, folder: Path) -> tuple[str, str]:
         """Train the teacher (each step returns at once when finished) and embed the corpus with it;
         returns (architecture, weights)."""
+        key = _key(spec)
+        if key not in self._teacher_runs:
+            self._teacher_runs[key] = self._make_teacher(spec, folder)
+        return self._teacher_runs[key]
+
+    def _make_teacher(self, spec: dict, folder: Path) -> tuple[str, str]:
         from clipcid.distill.checkpoint import student_path
         from clipcid.embed import EmbedConfig, embed
         from clipcid.lit import LitConfig, lit
@@ -265,8 +273,8 @@ class DataCache:
         return {k: v for k, v in json.loads(done.read_text()).items() if k not in ("pretrained",)}
 
     def _given_teacher_summary(self) -> dict | None:
-        """The artifacts' teacher on the suite: the demo's evaluation of it, else evaluated once here
-        when its model is known."""
+        """The artifacts' teacher on the suite: the demo's evaluation of it, or None where there is none
+        (embeddings given without their model cannot be evaluated)."""
         from clipcid.evaluation.run import read_suite_results
 
         folder = self.artifacts.get("teacher_eval")
