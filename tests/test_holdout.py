@@ -10,7 +10,7 @@ from conftest import make_img2dataset_shards
 
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.datasets import build_dataset
-from clipcid.holdout import HoldOut, HoldoutConfig, held_out, hold_out, image_hash
+from clipcid.holdout import HoldOut, HoldoutConfig, below, cut_of, held_out, hold_out, image_hash, stratum_cuts
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.inputs.shards import iter_tar_samples, write_tar_atomic
 
@@ -125,3 +125,20 @@ def test_a_stratified_hold_out_gives_each_stratum_its_floor_and_the_rest_by_the_
     assert "stratify_by" not in plain.record["settings"] and plain.strata() is None
     with pytest.raises(ClipcidError, match="--min-per-stratum needs --stratify-by"):
         hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho3"), min_per_stratum=3))
+
+
+def test_stratum_cuts_stream_the_parts_and_keep_the_floor_across_them():
+    """Counts and the smallest hashes per stratum are merged part by part (a stratum split over parts gets
+    the floor of its whole), and the cut compares uint64 hashes right up to 2^64 - 1."""
+    top = 2**64 - 1
+    half = cut_of(0.5)
+    parts = [
+        {"small": np.array([top, 40], dtype=np.uint64), "big": np.array([1, 2, half + 5], dtype=np.uint64)},
+        {"small": np.array([half + 9, 30], dtype=np.uint64)},
+        {"big": np.array([3, top], dtype=np.uint64)},
+    ]
+    cuts = stratum_cuts(iter(parts), fraction=0.5, minimum=3)
+    assert cuts == {"small": half + 10, "big": half}  # small: 2 below the cut < 3, so its 3rd smallest + 1
+    assert list(below(np.array([half + 9, half + 10, top], dtype=np.uint64), cuts["small"])) == [True, False, False]
+    assert below(np.array([top], dtype=np.uint64), 2**64).all() and not below(np.array([0], dtype=np.uint64), 0).any()
+    assert stratum_cuts(iter(parts), fraction=0.5, minimum=0) == {"small": half, "big": half}

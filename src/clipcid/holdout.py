@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,16 +94,29 @@ def stratum_of(meta: dict | None, field: str) -> str:
     return "" if value is None else str(value)
 
 
-def stratum_cuts(hashes: dict[str, list[int]], fraction: float, minimum: int) -> dict[str, int]:
+def below(hashes: np.ndarray, cut: int) -> np.ndarray:
+    """hashes < cut for uint64 hashes and a cut anywhere in [0, 2^64]."""
+    return hashes <= np.uint64(cut - 1) if cut > 0 else np.zeros(len(hashes), dtype=bool)
+
+
+def stratum_cuts(parts: Iterable[dict[str, np.ndarray]], fraction: float, minimum: int) -> dict[str, int]:
     """Per stratum, the hash below which its rows are held out: the fraction's cut, or just above its
-    `minimum`-th smallest hash where the cut would hold out fewer (every row of a stratum that small)."""
+    `minimum`-th smallest hash where the cut would hold out fewer (every row of a stratum that small).
+    `parts`: each part's hashes by stratum; what is kept per stratum is a count and its `minimum` smallest
+    hashes, so memory does not grow with the rows."""
+    cut = cut_of(fraction)
+    n_below: dict[str, int] = {}
+    smallest: dict[str, np.ndarray] = {}
+    for by_stratum in parts:
+        for stratum, hashes in by_stratum.items():
+            n_below[stratum] = n_below.get(stratum, 0) + int(below(hashes, cut).sum())
+            if minimum:
+                both = np.concatenate([smallest.get(stratum, hashes[:0]), hashes])
+                smallest[stratum] = np.sort(both)[:minimum]
     cuts = {}
-    for stratum, values in hashes.items():
-        cut = cut_of(fraction)
-        if minimum and sum(h < cut for h in values) < minimum:
-            smallest = sorted(values)[:minimum]
-            cut = smallest[-1] + 1 if smallest else cut
-        cuts[stratum] = cut
+    for stratum, n in n_below.items():
+        few = smallest.get(stratum)
+        cuts[stratum] = int(few[-1]) + 1 if minimum and n < minimum and len(few) else cut
     return cuts
 
 
@@ -141,19 +155,34 @@ def _ext_of(image: bytes) -> str:
 
 
 def _strata_path(folder: Path, i: int) -> Path:
-    return Path(folder) / "strata" / f"part_{i}.json"
+    return Path(folder) / "strata" / f"part_{i}.npz"
 
 
 def _hash_part(folder: Path, i: int, part: Part, field: str) -> None:
-    """The first pass of a stratified hold-out: every pictured row's hash, by stratum."""
-    by_stratum: dict[str, list[int]] = {}
+    """The first pass of a stratified hold-out: every pictured row's hash (uint64) and its stratum."""
+    names: dict[str, int] = {}
+    codes, hashes = [], []
     try:
         for row in iter_rows(part, (field,)):
             if row.image is not None:
-                by_stratum.setdefault(stratum_of(row.meta, field), []).append(image_hash(row.image))
+                codes.append(names.setdefault(stratum_of(row.meta, field), len(names)))
+                hashes.append(image_hash(row.image))
     except DamagedShard as e:
         log.warning("%s", e)
-    save_json_atomic(_strata_path(folder, i), by_stratum)
+    with atomic_path(_strata_path(folder, i)) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f, names=np.asarray(list(names), dtype=str), code=np.asarray(codes, dtype=np.int32),
+            hash=np.asarray(hashes, dtype=np.uint64),
+        )  # fmt: skip
+
+
+def _read_strata(folder: Path, i: int) -> dict[str, np.ndarray]:
+    """One part's hashes by stratum, from the first pass."""
+    with np.load(_strata_path(folder, i)) as z:
+        order = np.argsort(z["code"], kind="stable")
+        bounds = np.searchsorted(z["code"][order], np.arange(len(z["names"]) + 1))
+        hashes = z["hash"][order]
+        return {str(name): hashes[bounds[c] : bounds[c + 1]] for c, name in enumerate(z["names"])}
 
 
 def _hold_out_part(folder: Path, i: int, part: Part, cuts: dict[str, int] | int, field: str | None) -> int:
@@ -295,20 +324,16 @@ def _stratify(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path) ->
             _hash_part(out, i, parts[i], cfg.stratify_by)
             bar.update(1)
     barrier(env)
-    hashes: dict[str, list[int]] = {}
-    for i in range(len(parts)):
-        for stratum, values in json.loads(_strata_path(out, i).read_text()).items():
-            hashes.setdefault(stratum, []).extend(values)
-    return stratum_cuts(hashes, cfg.fraction, cfg.min_per_stratum)
+    return stratum_cuts((_read_strata(out, i) for i in range(len(parts))), cfg.fraction, cfg.min_per_stratum)
 
 
 def _count_strata(out: Path, n_parts: int, cuts: dict[str, int], field: str) -> None:
     """OUT/strata.json: per stratum, its pictured rows, its cut and how many are held out."""
     counts = {stratum: {"rows": 0, "held_out": 0, "cut": cut} for stratum, cut in cuts.items()}
     for i in range(n_parts):
-        for stratum, values in json.loads(_strata_path(out, i).read_text()).items():
-            counts[stratum]["rows"] += len(values)
-            counts[stratum]["held_out"] += sum(v < cuts[stratum] for v in values)
+        for stratum, hashes in _read_strata(out, i).items():
+            counts[stratum]["rows"] += len(hashes)
+            counts[stratum]["held_out"] += int(below(hashes, cuts[stratum]).sum())
     save_json_atomic(out / STRATA_FILE, {"field": field, "strata": dict(sorted(counts.items()))})
 
 
