@@ -71,7 +71,14 @@ def test_look_inside_writes_the_numbers_the_figures_and_skips_when_finished(tmp_
         Student("baseline", "baseline", "clipcid-tiny", str(same), None, 3, "a"),
         Student("student", "student", "clipcid-tiny", str(tiny_checkpoint), None, 3, "b"),
     ]
+    import clipcid.models
+
+    loads = []
+    real_load = clipcid.models.load_model
+    monkeypatch.setattr(clipcid.models, "load_model", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
     record = look_inside(tmp_path / "run", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
+    # Each student loaded once trained (weights and patches) and once as it started (w0).
+    assert sorted(map(str, loads)) == sorted([str(same), str(tiny_checkpoint), "None", "None"])
     numbers = json.loads((tmp_path / "run" / "inside" / "weights.json").read_text())
     assert numbers == record["weights"] and set(numbers) == {"baseline", "student"}
     assert numbers["baseline"]["image"]["change"]["std"] == 0 and numbers["student"]["image"]["change"]["std"] > 0
@@ -80,5 +87,5 @@ def test_look_inside_writes_the_numbers_the_figures_and_skips_when_finished(tmp_
     for name in ("weights.png", "patches.png"):
         assert (tmp_path / "run" / "inside" / name).stat().st_size > 1000
     assert read_inside(tmp_path / "run")["complete"]
-    monkeypatch.setattr("clipcid.evaluation.inside.weight_report", lambda s: pytest.fail("done again"))
+    monkeypatch.setattr("clipcid.evaluation.inside.weight_report", lambda *a: pytest.fail("done again"))
     assert look_inside(tmp_path / "run", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)["complete"]

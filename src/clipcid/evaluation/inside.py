@@ -86,20 +86,24 @@ def last_layer_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def student_weights(student: Student) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(trained, initial) weights of the last linear layer of each tower."""
+def student_weights(
+    student: Student, model: torch.nn.Module | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(trained, initial) weights of the last linear layer of each tower; `model`: the trained student
+    where the caller has it loaded already."""
     from clipcid.models import load_model
 
-    trained = last_layer_weights(load_model(student.model, student.pretrained).model)
+    trained = last_layer_weights(model if model is not None else load_model(student.model, student.pretrained).model)
     initial = last_layer_weights(load_model(student.model, student.init, seed=student.seed).model)
     return trained, initial
 
 
-def weight_report(students: list[Student]) -> tuple[dict, dict]:
-    """Per student and tower: statistics of w and of w - w0; and the arrays, for the histograms."""
+def weight_report(students: list[Student], models: dict[str, torch.nn.Module] | None = None) -> tuple[dict, dict]:
+    """Per student and tower: statistics of w and of w - w0; and the arrays, for the histograms.
+    `models`: trained students already loaded, by name."""
     numbers, arrays = {}, {}
     for s in students:
-        trained, initial = student_weights(s)
+        trained, initial = student_weights(s, (models or {}).get(s.name))
         numbers[s.name] = {
             tower: {"w": weight_statistics(w), "change": weight_statistics(w - initial[tower])}
             for tower, w in trained.items()
@@ -215,7 +219,8 @@ def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pict
     if done is not None:
         return done
     with folder:
-        numbers, arrays = weight_report(students)
+        loaded = {s.name: load_model(s.model, s.pretrained) for s in students}  # each once: weights and patches
+        numbers, arrays = weight_report(students, {name: m.model for name, m in loaded.items()})
         save_json_atomic(folder_path / WEIGHTS_FILE, numbers)
         plot_weights(students, arrays, folder_path / "weights.png")
         summary: dict = {"weights": numbers, "patches": []}
@@ -223,8 +228,7 @@ def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pict
             pictures = held_out_pictures(gallery, n_pictures)
             rows = []
             for s in students:
-                loaded = load_model(s.model, s.pretrained)
-                tokens = patch_tokens(loaded.model, loaded.preprocess, pictures)
+                tokens = patch_tokens(loaded[s.name].model, loaded[s.name].preprocess, pictures)
                 if tokens is not None:
                     mask, rgb = patch_pca(tokens)
                     rows.append((s.label, mask, rgb))
