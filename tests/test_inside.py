@@ -87,5 +87,9 @@ def test_look_inside_writes_the_numbers_the_figures_and_skips_when_finished(tmp_
     for name in ("weights.png", "patches.png"):
         assert (tmp_path / "run" / "inside" / name).stat().st_size > 1000
     assert read_inside(tmp_path / "run")["complete"]
+    for name in ("weights.png", "patches.png"):  # a figure deleted since is drawn again
+        (tmp_path / "run" / "inside" / name).unlink()
+        look_inside(tmp_path / "run", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
+        assert (tmp_path / "run" / "inside" / name).stat().st_size > 1000
     monkeypatch.setattr("clipcid.evaluation.inside.weight_report", lambda *a: pytest.fail("done again"))
     assert look_inside(tmp_path / "run", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)["complete"]

@@ -215,14 +215,16 @@ def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pict
     folder_path = Path(out) / "inside"
     settings = {"students": [[s.name, s.identity] for s in students], "gallery": str(gallery), "pictures": n_pictures}
     folder = RunFolder(folder_path, SETTINGS_FILE, settings, overwrite=True)  # derived and cheap: redone on change
-    done = folder.finished_run(lambda: (folder_path / WEIGHTS_FILE).is_file())
+    paths = inside_paths(out)
+    wanted = [paths["numbers"], paths["weights"]]  # patches.png only where a ViT student had pictures
+    done = folder.finished_run(lambda: all(p.is_file() for p in wanted) and _patches_present(folder_path, paths))
     if done is not None:
         return done
     with folder:
         loaded = {s.name: load_model(s.model, s.pretrained) for s in students}  # each once: weights and patches
         numbers, arrays = weight_report(students, {name: m.model for name, m in loaded.items()})
-        save_json_atomic(folder_path / WEIGHTS_FILE, numbers)
-        plot_weights(students, arrays, folder_path / "weights.png")
+        save_json_atomic(paths["numbers"], numbers)
+        plot_weights(students, arrays, paths["weights"])
         summary: dict = {"weights": numbers, "patches": []}
         if gallery is not None:
             pictures = held_out_pictures(gallery, n_pictures)
@@ -234,8 +236,14 @@ def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pict
                     rows.append((s.label, mask, rgb))
                     summary["patches"].append({"student": s.name, "object_fraction": float(mask.mean())})
             if rows:
-                plot_patches(pictures, rows, folder_path / "patches.png")
+                plot_patches(pictures, rows, paths["patches"])
         return folder.finish(summary)
+
+
+def _patches_present(folder: Path, paths: dict[str, Path]) -> bool:
+    """A finished record that drew patch features still has their figure."""
+    record = read_record(folder / SETTINGS_FILE) or {}
+    return not record.get("patches") or paths["patches"].is_file()
 
 
 def read_inside(out: Path) -> dict | None:
