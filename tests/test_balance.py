@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,45 @@ def test_the_spanning_forest_has_the_components_of_all_edges_at_every_threshold(
             sel = forest.s > t
             assert as_partition(components(n, forest.a[sel], forest.b[sel])) == as_partition(all_edges)
             assert forest.removed_fraction(n, t) == pytest.approx(1 - (all_edges.max() + 1) / n)
+
+
+def test_the_held_out_guard_has_its_own_radius_and_holds_for_random_removal_and_no_balance(tmp_path):
+    """--held-out-threshold keeps the same training rows from the held-out pictures whatever the balance:
+    a weaker balance, --random-removal, and --random-removal 0 (no balance at all) under one guard."""
+    from conftest import make_shards
+
+    from clipcid.holdout import HoldoutConfig, hold_out
+
+    x, groups = planted()
+    make_shards(tmp_path / "shards", n_shards=3, per_shard=160, seed=5)
+    hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.3, min_pairs=1))
+    held = np.concatenate([np.load(tmp_path / "ho" / "mask" / f"holdout_{i}.npy") for i in range(3)])
+    emb = str(write_embeddings(tmp_path / "emb", x))
+    near = np.zeros(len(x), bool)
+    for g in groups:
+        if held[g].any():
+            near[g] = ~held[g]
+    assert near.any()
+
+    def run(name: str, **settings) -> tuple[dict, np.ndarray, np.ndarray]:
+        stats = balance(BalanceConfig(emb=emb, out=str(tmp_path / name), holdout=str(tmp_path / "ho"), **settings))
+        return (stats, *read_outputs(tmp_path / name))
+
+    plain, _, _ = run("plain")
+    assert plain["near_held_out"] == near.sum() and plain["held_out_threshold"] == 0.07
+    assert "held_out_threshold" not in json.loads((tmp_path / "plain" / "stats.json").read_text())["settings"]
+    # A balance too weak to merge the planted groups still keeps their rows from the held-out pictures.
+    weak, _, keep = run("weak", threshold=0.001, held_out_threshold=0.07)
+    assert weak["near_held_out"] == near.sum() and weak["removed"] == 0
+    np.testing.assert_array_equal(keep, ~(held | near))
+    # No balance (random removal of nothing) under the same guard; and without the guard, as before.
+    guarded, labels, keep = run("none", random_removal=0.0, held_out_threshold=0.07)
+    assert guarded["near_held_out"] == near.sum() and guarded["held_out_threshold"] == 0.07
+    np.testing.assert_array_equal(keep, ~(held | near))
+    assert (labels[held | near] == -1).all()
+    bare, _, keep = run("bare", random_removal=0.0)
+    assert bare["near_held_out"] == 0 and bare["held_out_threshold"] is None
+    np.testing.assert_array_equal(keep, ~held)
+    # A radius below every planted distance drops nothing near; the groups are balanced as usual.
+    tight, _, keep = run("tight", held_out_threshold=1e-4)
+    assert tight["near_held_out"] == 0 and tight["removed"] > plain["removed"]

@@ -17,7 +17,9 @@ similarities, so the removal curve and --target-removal need no second search.
 With a hold-out (--holdout, clipcid/holdout.py), its rows take part in the search but not in the graph
 that is balanced, and every row within the threshold of a held-out picture is dropped too, so that
 the held-out figures measure generalisation rather than memory. The threshold of --target-removal is
-chosen on the rows that are not held out.
+chosen on the rows that are not held out. --held-out-threshold fixes that guard's radius apart from
+the balance threshold, so that balances of different strength (and --random-removal, even at 0: no
+balance) can be compared under one guard: the same training rows kept from the held-out pictures.
 
 Outputs in OUT (balance/artifact.py owns the layout): keep and group masks per part, stats.json, plots;
 edges/ holds the per-block edge files that make a crashed run resumable.
@@ -79,6 +81,12 @@ class BalanceConfig:
         None, "a control, not the method: remove this fraction at random (--seed)", at_least=0, below=1
     )
     holdout: str | None = option(None, "hold-out folder (clipcid holdout): not balanced, near-duplicates dropped")
+    held_out_threshold: float | None = option(
+        None,
+        "with --holdout: drop training rows within this distance (--metric) of a held-out picture (default: the "
+        "balance threshold; with --random-removal, none unless given)",
+        above=0,
+    )
     search: str = option("exact", "exact (blocked matrix products) or ivf (faiss cells: millions)", ("exact", "ivf"))
     nlist: int | None = option(None, "ivf: number of cells (default sqrt(N*nprobe))", at_least=1)
     nprobe: int = option(4, "ivf: cells each point is compared against", at_least=1)
@@ -99,6 +107,8 @@ def run_settings(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
     embeddings' and the hold-out's identities, so that either made again means balance again)."""
     # The inputs by what they hold, not where they are: a run folder moved or copied stays valid.
     own = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and k not in ("emb", "holdout")}
+    if cfg.held_out_threshold is None:
+        del own["held_out_threshold"]  # the settings of before the option: such folders stay finished
     return {
         **own,
         "embeddings": embeddings.identity,
@@ -607,7 +617,8 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
     n_training = int(training.sum())
 
     threshold = cfg.threshold
-    reach = threshold * CURVE_REACH
+    # The search must also reach the held-out guard's radius when that is wider.
+    reach = max(threshold * CURVE_REACH, cfg.held_out_threshold or 0.0)
     t0 = time.monotonic()
     search.run(to_similarity(reach, cfg.metric))
     forest, best_to_held = search.reduce(training, held if held.any() else None)
@@ -633,7 +644,8 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
     similarity = to_similarity(threshold, cfg.metric)
     # Training rows within the threshold of a held-out picture are not trained on either; the graph is
     # then the one without them (a second pass over the edges, only when there are such rows).
-    near = best_to_held > similarity if env.is_main and best_to_held is not None else np.zeros(data.n, dtype=bool)
+    guard = similarity if cfg.held_out_threshold is None else to_similarity(cfg.held_out_threshold, cfg.metric)
+    near = best_to_held > guard if env.is_main and best_to_held is not None else np.zeros(data.n, dtype=bool)
     near = _shared(env, search.folder, "near", near)
     balanced = training & ~near
     training_forest = forest  # the removal curve is the training graph's, before the near rows go
@@ -670,6 +682,7 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
         "invalid": store.total - data.n,
         "held_out": int(held.sum()),
         "near_held_out": int(near.sum()),
+        "held_out_threshold": (cfg.held_out_threshold or threshold) if held.any() else None,
         "balanced": len(positions),
         "kept": int(keep.sum()),
         "removed": int(len(positions) - keep.sum()),
@@ -705,11 +718,16 @@ def _balance(cfg: BalanceConfig, env: DistEnv, embeddings: Embeddings) -> dict:
 def _random_removal(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
     """The control for Image Semantic Balance: remove exactly round(f * rows) of the valid rows that are
     not held out, drawn uniformly by the seed, in the same layout (every row is a group of its own).
-    Near-duplicates of held-out pictures are not searched for: this control makes no search."""
+    With --held-out-threshold, the rows that near a held-out picture go first, as balance drops them
+    (--random-removal 0 with it is "no balance" under the same guard); without it no search is made."""
     store = embeddings.images
     valid = np.flatnonzero(store.valid_mask())
     held = held_out_positions(cfg, embeddings, valid)
-    rows = valid[~held]
+    near = np.zeros(len(valid), dtype=bool)
+    if cfg.held_out_threshold is not None and held.any():
+        best = best_similarity_to(ValidEmbeddings(store, cfg.memory_gb), np.flatnonzero(held), cfg.memory_gb)
+        near = ~held & (best > to_similarity(cfg.held_out_threshold, cfg.metric))
+    rows = valid[~held & ~near]
     n = len(rows)
     removed = round(cfg.random_removal * n)
     keep = np.ones(n, dtype=bool)
@@ -720,7 +738,8 @@ def _random_removal(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
         "valid": len(valid),
         "invalid": store.total - len(valid),
         "held_out": int(held.sum()),
-        "near_held_out": 0,
+        "near_held_out": int(near.sum()),
+        "held_out_threshold": cfg.held_out_threshold if held.any() else None,
         "balanced": n,
         "kept": int(keep.sum()),
         "removed": removed,
@@ -732,6 +751,19 @@ def _random_removal(cfg: BalanceConfig, embeddings: Embeddings) -> dict:
         "seed": cfg.seed,
         "config": asdict(cfg),
     }
+
+
+def best_similarity_to(data: ValidEmbeddings, marked: np.ndarray, memory_gb: float) -> np.ndarray:
+    """Each position's best cosine similarity to the positions `marked` (a few, e.g. the held-out
+    pictures), by blocks of rows whose score matrix fits the memory budget."""
+    targets = torch.from_numpy(data.gather(marked))
+    best = np.full(data.n, -np.inf, dtype=np.float32)
+    rows = max(1, min(data.n, int(memory_gb * 1e9 / 4 / max(len(marked), 1) / 2)))
+    for start, stop in row_chunks(data.n, rows):
+        scores = torch.from_numpy(data.block(start, stop)) @ targets.T
+        best[start:stop] = scores.max(dim=1).values.numpy()
+    best[marked] = 1.0
+    return best
 
 
 def _plots(out: Path, sizes: np.ndarray, curve, metric: str, threshold: float) -> None:
