@@ -256,3 +256,42 @@ def test_each_teacher_is_checked_once_per_study(tmp_path, monkeypatch):
     )
     cache.teacher(other)
     assert made == [one, other]
+
+
+def test_every_data_variant_keeps_the_main_balance_s_rows_away_from_the_held_out_pictures(tmp_path):
+    """No balance, a weaker balance and random removal keep out the same near-copies of held-out pictures
+    as the main balance, so that their seen-distribution figures measure no leak the main one lacks."""
+    from test_balance import planted, read_outputs, write_embeddings
+
+    from clipcid.balance.artifact import read_stats
+    from clipcid.holdout import HoldoutConfig, hold_out
+
+    x, groups = planted()
+    make_shards(tmp_path / "shards", n_shards=3, per_shard=160, seed=5)
+    hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.3, min_pairs=1))
+    held = np.concatenate([np.load(tmp_path / "ho" / "mask" / f"holdout_{i}.npy") for i in range(3)])
+    emb = str(write_embeddings(tmp_path / "emb", x))
+    main = balance(BalanceConfig(emb=emb, out=str(tmp_path / "main"), holdout=str(tmp_path / "ho")))
+    near = np.zeros(len(x), bool)
+    for g in groups:
+        if held[g].any():
+            near[g] = ~held[g]
+    assert main["near_held_out"] == near.sum() > 0
+    given = {"data": str(tmp_path / "shards"), "teacher_emb": emb, "holdout": str(tmp_path / "ho")}
+    cache = study_module.DataCache(tmp_path / "study", {**given, "balance": str(tmp_path / "main")}, workers=0)
+    assert cache.held_out_guard() == {"held_out_threshold": pytest.approx(0.07)}
+    assert cache.held_out_guard("cosine")["held_out_threshold"] == pytest.approx(0.07**2 / 2)
+    variants = {
+        "none": cache.balance(None, seed=0),
+        "weak": cache.balance({"threshold": 0.001}, seed=0),
+        "random": cache.balance({"random_removal": 0.5}, seed=1),
+    }
+    for name, folder in variants.items():
+        assert read_stats(folder)["near_held_out"] == near.sum(), name
+        _, keep = read_outputs(Path(folder))
+        assert not keep[held | near].any(), name
+    for name in ("none", "weak"):
+        np.testing.assert_array_equal(read_outputs(Path(variants[name]))[1], ~(held | near))
+    # Without a hold-out, no balance is no folder, as before.
+    plain = study_module.DataCache(tmp_path / "s2", {**given, "holdout": None, "balance": str(tmp_path / "main")}, 0)
+    assert plain.held_out_guard() == {} and plain.balance(None, seed=0) is None

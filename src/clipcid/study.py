@@ -282,11 +282,34 @@ class DataCache:
             return read_suite_results(folder)[0]
         return None
 
+    def held_out_guard(self, metric: str = "l2") -> dict:
+        """{"held_out_threshold": radius in `metric`} of the artifacts' balance: the training rows it kept
+        from the held-out pictures. Every data variant in the main teacher's space keeps the same ones
+        (a weaker balance would otherwise train on near-copies of held-out pictures, no balance on all of
+        them, and the seen-distribution figures would measure that leak); {} without a hold-out."""
+        from clipcid.balance.artifact import read_stats
+        from clipcid.balance.run import from_similarity, to_similarity
+
+        given = self.artifacts.get("balance")
+        if not (self.artifacts.get("holdout") and given and (Path(given) / "stats.json").is_file()):
+            return {}
+        stats = read_stats(given)
+        if not stats.get("held_out"):
+            return {}
+        radius = stats.get("held_out_threshold") or stats["threshold"]
+        return {"held_out_threshold": from_similarity(to_similarity(radius, stats["metric"]), metric)}
+
     def balance(self, spec, seed: int, teacher=GIVEN) -> str | None:
         if spec == GIVEN:
             return self.artifacts["balance"]  # the artifacts' keep mask, whichever the teacher
-        if spec is None:
-            return None
+        if spec is None or "random_removal" in spec:
+            # No balance is random removal of nothing; neither depends on the teacher beyond the guard.
+            guard = self.held_out_guard()
+            if spec is None and not guard:
+                return None
+            spec, teacher = {"random_removal": 0.0, **(spec or {}), **guard}, GIVEN
+        elif teacher == GIVEN:
+            spec = {**spec, **self.held_out_guard(spec.get("metric", "l2"))}
         if "random_removal" in spec:
             spec = {**spec, "seed": seed}  # a control drawn anew per seed
         holdout = self.artifacts.get("holdout")
