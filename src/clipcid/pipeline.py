@@ -294,6 +294,17 @@ def _comparable(recipe: dict, section: str) -> dict:
     return {k: v for k, v in recipe.get(section, {}).items() if k not in runtime}
 
 
+def _at_stage_default(section: str, key: str, value) -> bool:
+    """Whether a setting is its stage's default: a setting added to a stage since a run finished, left at
+    its default, is not a change of that run's settings."""
+    overrides = dict(SECTIONS[section].defaults)
+    for f in dataclasses.fields(SECTIONS[section].config):
+        if f.name == key:
+            default = overrides.get(key, f.default)
+            return default is not dataclasses.MISSING and default == value
+    return False
+
+
 # Each stage of the pipeline, the recipe sections its output follows from, in order.
 STAGES = (
     ("holdout", ("holdout",)),
@@ -323,6 +334,7 @@ def first_changed_stage(out: Path, recipe: dict) -> tuple[str, str] | None:
             if section == "embed" and (old.get("run", {}).get("teacher_emb") or recipe["run"]["teacher_emb"]):
                 before = {"teacher_emb": old.get("run", {}).get("teacher_emb")}
                 now = {"teacher_emb": recipe["run"]["teacher_emb"]}
+            now = {k: v for k, v in now.items() if k in before or not _at_stage_default(section, k, v)}
             if before != now:
                 return stage, f"{section}: {settings_difference(before, now)}"
     return None
