@@ -297,7 +297,7 @@ def test_the_spanning_forest_has_the_components_of_all_edges_at_every_threshold(
             assert forest.removed_fraction(n, t) == pytest.approx(1 - (all_edges.max() + 1) / n)
 
 
-def test_the_held_out_guard_has_its_own_radius_and_holds_for_random_removal_and_no_balance(tmp_path):
+def test_the_held_out_guard_has_its_own_radius_and_holds_for_random_removal_and_no_balance(tmp_path, caplog):
     """--held-out-threshold keeps the same training rows from the held-out pictures whatever the balance:
     a weaker balance, --random-removal, and --random-removal 0 (no balance at all) under one guard."""
     from conftest import make_shards
@@ -331,8 +331,10 @@ def test_the_held_out_guard_has_its_own_radius_and_holds_for_random_removal_and_
     assert guarded["near_held_out"] == near.sum() and guarded["held_out_threshold"] == 0.07
     np.testing.assert_array_equal(keep, ~(held | near))
     assert (labels[held | near] == -1).all()
+    assert "include that leak" not in caplog.text
     bare, _, keep = run("bare", random_removal=0.0)
     assert bare["near_held_out"] == 0 and bare["held_out_threshold"] is None
+    assert "--random-removal without --held-out-threshold" in caplog.text  # said, not silent
     np.testing.assert_array_equal(keep, ~held)
     # A radius below every planted distance drops nothing near; the groups are balanced as usual.
     tight, _, keep = run("tight", held_out_threshold=1e-4)

@@ -575,6 +575,11 @@ def balance(cfg: BalanceConfig) -> dict:
         barrier(env)
         try:
             if cfg.random_removal is not None:
+                if cfg.holdout and cfg.held_out_threshold is None and env.is_main:
+                    log.warning(
+                        "--random-removal without --held-out-threshold keeps the near-copies of held-out pictures "
+                        "that balance would drop: the held-out figures then include that leak"
+                    )
                 stats = _random_removal(cfg, embeddings)
             else:
                 stats = _balance(cfg, env, embeddings)
