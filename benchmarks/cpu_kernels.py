@@ -98,26 +98,38 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     timers, state = adamw_steppers(args.student, args.steps)
-    steps_best = best_of(args.rounds, timers)
-    anchor = next(iter(steps_best))
-    print(f"\n(a) AdamW step over {args.student}'s parameters ({sum(p.numel() for p in state[anchor][1]):,})\n")
-    print("| implementation | ms per step | ratio to default | max abs difference of the parameters |")
-    print("|---|---:|---:|---:|")
-    for name, seconds in steps_best.items():
-        diff = max((a - b).abs().max().item() for a, b in zip(state[name][1], state[anchor][1], strict=True))
-        print(f"| {name} | {1000 * seconds:.1f} | {seconds / steps_best[anchor]:.2f} | {diff:.1e} |")
+    seconds = best_of(args.rounds, timers)
+    anchor = next(iter(seconds))
+    table(
+        f"(a) AdamW step over {args.student}'s parameters ({sum(p.numel() for p in state[anchor][1]):,})",
+        ("implementation", "ms per step", "max abs difference of the parameters"),
+        {
+            name: (1000 * t, t / seconds[anchor], max(
+                (a - b).abs().max().item() for a, b in zip(state[name][1], state[anchor][1], strict=True)
+            ))
+            for name, t in seconds.items()
+        },
+    )  # fmt: skip
 
     timers, out = trunk_passes(args.trunk, args.size, args.batch)
-    timers[next(iter(timers))]()  # warm-up of both layouts
-    timers["channels_last"]()
+    for timer in timers.values():  # warm-up of both layouts
+        timer()
     rates = best_of(args.rounds, timers)
     anchor = next(iter(rates))
-    print(f"\n(b) {args.trunk} at {args.size} px, batch {args.batch}, inference\n")
-    print("| memory layout | images/s | ratio to default | max abs difference of the features |")
+    table(
+        f"(b) {args.trunk} at {args.size} px, batch {args.batch}, inference",
+        ("memory layout", "images/s", "max abs difference of the features"),
+        {name: (r, r / rates[anchor], (out[name] - out[anchor]).abs().max().item()) for name, r in rates.items()},
+    )
+
+
+def table(title: str, head: tuple[str, str, str], rows: dict[str, tuple[float, float, float]]) -> None:
+    """A markdown table: each contender's figure, its ratio to the first (the default), its difference."""
+    print(f"\n{title}\n")
+    print(f"| {head[0]} | {head[1]} | ratio to default | {head[2]} |")
     print("|---|---:|---:|---:|")
-    for name, rate in rates.items():
-        diff = (out[name] - out[anchor]).abs().max().item()
-        print(f"| {name} | {rate:.1f} | {rate / rates[anchor]:.2f} | {diff:.1e} |")
+    for name, (value, ratio, diff) in rows.items():
+        print(f"| {name} | {value:.1f} | {ratio:.2f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ also drawn as curves, PLAN_curves.png.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -287,17 +288,20 @@ class DataCache:
         from the held-out pictures. Every data variant in the main teacher's space keeps the same ones
         (a weaker balance would otherwise train on near-copies of held-out pictures, no balance on all of
         them, and the seen-distribution figures would measure that leak); {} without a hold-out."""
-        from clipcid.balance.artifact import read_stats
         from clipcid.balance.run import from_similarity, to_similarity
 
+        if self._given_radius is None:
+            return {}
+        radius, given_metric = self._given_radius
+        return {"held_out_threshold": from_similarity(to_similarity(radius, given_metric), metric)}
+
+    @functools.cached_property
+    def _given_radius(self) -> tuple[float, str] | None:
+        """The artifacts' balance's held-out radius, read once (every run's settings ask for it)."""
+        from clipcid.balance.artifact import held_out_radius
+
         given = self.artifacts.get("balance")
-        if not (self.artifacts.get("holdout") and given and (Path(given) / "stats.json").is_file()):
-            return {}
-        stats = read_stats(given)
-        if not stats.get("held_out"):
-            return {}
-        radius = stats.get("held_out_threshold") or stats["threshold"]
-        return {"held_out_threshold": from_similarity(to_similarity(radius, stats["metric"]), metric)}
+        return held_out_radius(given) if self.artifacts.get("holdout") and given else None
 
     def balance(self, spec, seed: int, teacher=GIVEN) -> str | None:
         if spec == GIVEN:

@@ -52,6 +52,18 @@ def read_stats(folder: str | Path) -> dict:
     return read_finished(Path(folder) / SETTINGS_FILE, "balance")
 
 
+def held_out_radius(folder: str | Path) -> tuple[float, str] | None:
+    """(radius, metric) within which a finished balance kept training rows from held-out pictures; None
+    for a folder without a hold-out, or masks made elsewhere."""
+    if not (Path(folder) / SETTINGS_FILE).is_file():
+        return None
+    stats = read_stats(folder)
+    if not stats.get("held_out"):
+        return None
+    # Folders made before --held-out-threshold guarded at the balance threshold.
+    return stats.get("held_out_threshold") or stats["threshold"], stats["metric"]
+
+
 class BalanceResult:
     """A finished balance folder, checked against the embeddings it is used with."""
 
