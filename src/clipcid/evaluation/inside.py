@@ -217,8 +217,8 @@ def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pict
     folder = RunFolder(folder_path, SETTINGS_FILE, settings, overwrite=True)  # derived and cheap: redone on change
     paths = inside_paths(out)
     wanted = [paths["numbers"], paths["weights"]]  # patches.png only where a ViT student had pictures
-    done = folder.finished_run(lambda: all(p.is_file() for p in wanted) and _patches_present(folder_path, paths))
-    if done is not None:
+    done = folder.finished_run(lambda: all(p.is_file() for p in wanted))
+    if done is not None and (not done.get("patches") or paths["patches"].is_file()):
         return done
     with folder:
         loaded = {s.name: load_model(s.model, s.pretrained) for s in students}  # each once: weights and patches
@@ -238,12 +238,6 @@ def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pict
             if rows:
                 plot_patches(pictures, rows, paths["patches"])
         return folder.finish(summary)
-
-
-def _patches_present(folder: Path, paths: dict[str, Path]) -> bool:
-    """A finished record that drew patch features still has their figure."""
-    record = read_record(folder / SETTINGS_FILE) or {}
-    return not record.get("patches") or paths["patches"].is_file()
 
 
 def read_inside(out: Path) -> dict | None:
