@@ -179,10 +179,11 @@ def _hash_part(folder: Path, i: int, part: Part, field: str) -> None:
 def _read_strata(folder: Path, i: int) -> dict[str, np.ndarray]:
     """One part's hashes by stratum, from the first pass."""
     with np.load(_strata_path(folder, i)) as z:
-        order = np.argsort(z["code"], kind="stable")
-        bounds = np.searchsorted(z["code"][order], np.arange(len(z["names"]) + 1))
+        code, names = z["code"], z["names"]  # each z[...] reads the array from the file again
+        order = np.argsort(code, kind="stable")
+        bounds = np.searchsorted(code[order], np.arange(len(names) + 1))
         hashes = z["hash"][order]
-        return {str(name): hashes[bounds[c] : bounds[c + 1]] for c, name in enumerate(z["names"])}
+        return {str(name): hashes[bounds[c] : bounds[c + 1]] for c, name in enumerate(names)}
 
 
 def _hold_out_part(folder: Path, i: int, part: Part, cuts: dict[str, int] | int, field: str | None) -> int:
