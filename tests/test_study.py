@@ -242,6 +242,33 @@ def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
     assert (tmp_path / "s" / "runs" / "clip_only" / "seed1" / "weights.json").is_file()
     assert "last block's last linear layer" in md
 
+    # `clipcid paper` on these results: the plan's teachers (the given one without an evaluation), the
+    # suite's averages and the weights over seeds, as the study computed them.
+    from clipcid.paper import PaperConfig, write_paper
+
+    section = {
+        "title": "Teachers",
+        "plan": "study_t",
+        "teachers": "all",
+        "rows": ["clip_only", "scratch_own"],
+        "metrics": ["linear_probe_mean_acc1", "weights/image/change/std"],
+        "claims": [["scratch_own", "clip_only"]],
+    }
+    (tmp_path / "layout.json").write_text(json.dumps({"sections": [section]}))
+    (judged,) = write_paper(PaperConfig(study=str(tmp_path / "s"), layout=str(tmp_path / "layout.json")))["sections"]
+    lp = [t["metrics"]["linear_probe_mean_acc1"] for t in judged["teachers"]]
+    assert len(lp) == 4 and sum(v is not None for v in lp) == 2
+    clip = judged["rows"][0]["metrics"]
+    assert clip["linear_probe_mean_acc1"]["mean"] == pytest.approx(
+        result["aggregate"]["clip_only"]["linear_probe_mean_acc1"]["mean"]
+    )
+    assert clip["weights/image/change/std"]["mean"] == pytest.approx(
+        weights["over_seeds"]["image"]["change"]["std"]["mean"]
+    )
+    (claim,) = judged["claims"]
+    assert claim["metrics"]["linear_probe_mean_acc1"]["n"] == 1  # scratch_own ran seed 0 only
+    assert claim["metrics"]["weights/image/change/std"]["verdict"] == "unresolved"  # no weights of scratch_own
+
 
 def test_each_teacher_is_checked_once_per_study(tmp_path, monkeypatch):
     """Many variants name one teacher: its stages are checked (trained, embedded) once, not per variant."""

@@ -173,6 +173,12 @@ COMMANDS: dict[str, Command] = {
         _lazy("clipcid.study", "run_study"),
         lambda result, cfg: print((Path(cfg.out) / f"{result['name']}.md").read_text()),
     ),
+    "paper": Command(
+        "the paper's tables in its order, with a verdict on each of its claims, from a study folder",
+        _lazy("clipcid.paper", "PaperConfig"),
+        _lazy("clipcid.paper", "write_paper"),
+        lambda result, cfg: print((Path(cfg.out or cfg.study) / "paper.md").read_text()),
+    ),
     "demo": Command(
         "run the pipeline end to end on the embedded offline corpus",
         _lazy("clipcid.demo", "DemoConfig"),

@@ -32,12 +32,8 @@ from clipcid.util.fileio import output_folder
 
 log = logging.getLogger("clipcid")
 
-SHOWCASE = Path("showcase") / "showcase.json"
-STUDY_PLANS = (
-    "study.json",
-    "study_teachers.json",
-    "study_length.json",
-)  # the demo's showcase on names, written and read only here
+SHOWCASE = Path("showcase") / "showcase.json"  # the demo's showcase on names, written and read only here
+STUDY_PLANS = ("study.json", "study_teachers.json", "study_length.json")
 
 
 @dataclass
@@ -48,7 +44,9 @@ class DemoConfig:
     npm_root: str = option("node_modules", "where `make sources` installed the npm sets")
     recipe: str | None = option(None, "settings JSON (default: clipcid/configs/demo.json, or demo-quick.json)")
     study: bool = option(
-        False, "then run `clipcid study` with the shipped plans (study, study_teachers, study_length) into OUT/study"
+        False,
+        "then run `clipcid study` with the shipped plans (study, study_teachers, study_length) into OUT/study, "
+        "and `clipcid paper` on it",
     )
 
 
@@ -141,6 +139,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         extras=extras,
     )
     if cfg.study:
+        from clipcid.paper import PaperConfig, write_paper
         from clipcid.report import write_report
         from clipcid.study import PLAN, StudyConfig, run_study
 
@@ -148,6 +147,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             run_study(
                 StudyConfig(out=str(out / "study"), plan=str(PLAN.with_name(plan)), demo=str(out), workers=cfg.workers)
             )
+        write_paper(PaperConfig(study=str(out / "study")))  # the paper's tables in its order, with verdicts
         write_report(out, extras())  # again, now with the study
     return {"report": result["report"], "timings": times.seconds()}
 
@@ -252,11 +252,13 @@ def showcase_html(out: Path, suite_root: Path) -> str:
 
 def study_html(out: Path) -> str:
     """The tables and plots of each plan OUT/study holds results of."""
+    from clipcid.paper import paper_html, read_paper
     from clipcid.report import _file_img
     from clipcid.study import read_study, study_names, study_tables_html
 
     folder = out / "study"
-    parts = []
+    paper = read_paper(folder) if folder.is_dir() else None
+    parts = [paper_html(paper)] if paper else []
     for name in study_names(folder) if folder.is_dir() else []:
         study = read_study(folder, name)
         curves = folder / f"{name}_curves.png"

@@ -579,13 +579,18 @@ class Study:
         return out
 
     def teachers(self) -> dict[str, dict]:
-        """Each teacher the plan's variants name, with its suite averages (the plan's Table 7 rows)."""
+        """Each teacher the plan's variants name, with its suite averages (the paper's Table 7 rows; the main
+        teacher's row also heads Tables 1-3)."""
         out: dict[str, dict] = {}
         for v in self.plan.variants:
             spec = v.data.get("teacher", GIVEN)
             key = GIVEN if spec == GIVEN else _key(spec)
-            if key not in out and (spec != GIVEN or any("teacher" in w.data for w in self.plan.variants)):
-                out[key] = {"spec": spec, "variants": [], "summary": self.data.teacher_summary(spec)}
+            if key not in out:
+                summary = self.data.teacher_summary(spec)
+                # The main teacher is listed where it was evaluated (the paper's Table 1 shows it) or where
+                # the plan distils from others too (so that its row says it could not be).
+                if spec != GIVEN or summary is not None or any("teacher" in w.data for w in self.plan.variants):
+                    out[key] = {"spec": spec, "variants": [], "summary": summary}
             if key in out:
                 out[key]["variants"].append(v.name)
         return out
@@ -763,7 +768,7 @@ def comparison_rows(compared: list[dict], plan: Plan) -> tuple[list[str], list[l
     return head, rows
 
 
-def _markdown_table(head: list[str], rows: list[list[str]], left: int) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[str]], left: int) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -813,13 +818,13 @@ def teacher_rows(teachers: dict[str, dict]) -> tuple[list[str], list[list[str]]]
     rows = []
     for t in teachers.values():
         spec = t["spec"]
-        name = "the artifacts' teacher" if spec == GIVEN else _describe_teacher(spec)
+        name = "the artifacts' teacher" if spec == GIVEN else describe_teacher(spec)
         summary = t.get("summary") or {}
         rows.append([name, ", ".join(t["variants"]), *[_pct(summary.get(k)) for k, _ in AVERAGES]])
     return head, rows
 
 
-def _describe_teacher(spec: dict) -> str:
+def describe_teacher(spec: dict) -> str:
     kind, fields_ = next(iter(spec.items()))
     if kind == "emb":
         return f"embeddings {fields_}"
@@ -844,25 +849,25 @@ def study_markdown(
         "each variant minus the reference, paired by seed, with its 95 % t interval; ** marks an interval",
         "that excludes zero.",
         "",
-        *_markdown_table(*summary_rows(tables, plan), left=2),
+        *markdown_table(*summary_rows(tables, plan), left=2),
         "",
         f"Difference from {ref} (paired by seed):",
         "",
-        *_markdown_table(*difference_rows(tables, plan), left=1),
+        *markdown_table(*difference_rows(tables, plan), left=1),
     ]
     if compared:
         lines += ["", "The plan's other comparisons (first minus second, paired by seed):", ""]
-        lines += _markdown_table(*comparison_rows(compared, plan), left=2)
+        lines += markdown_table(*comparison_rows(compared, plan), left=2)
     if teachers:
         lines += ["", "The teachers (each evaluated once on the suite, %):", ""]
-        lines += _markdown_table(*teacher_rows(teachers), left=2)
+        lines += markdown_table(*teacher_rows(teachers), left=2)
     if weights:
         lines += [
             "",
             "The last block's last linear layer of each tower, mean ± sd over seeds (the paper's Fig. 4):",
             "",
         ]
-        lines += _markdown_table(*weight_rows(weights, plan), left=3)
+        lines += markdown_table(*weight_rows(weights, plan), left=3)
     tasks = sorted({m for row in tables.values() for m in row if m not in keys})
     shown = [v for v in plan.variants if v.name in tables]
     if tasks:
@@ -871,8 +876,21 @@ def study_markdown(
             [task, *about.get(task, ("–", "–")), *[_cell(tables[v.name].get(task)) for v in shown]] for task in tasks
         ]
         lines += ["", "Every task (mean ± sd over seeds, %; pictures and chance level of its metric):", ""]
-        lines += _markdown_table(["task", "pictures", "chance", *[v.name for v in shown]], task_rows, left=1)
+        lines += markdown_table(["task", "pictures", "chance", *[v.name for v in shown]], task_rows, left=1)
     return "\n".join(lines) + "\n"
+
+
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+    """A table of the demo report; a cell ending in " **" is bold (an interval that excludes zero)."""
+    import html
+
+    def cell(text: str) -> str:
+        bold = text.endswith(" **")
+        text = html.escape(text.removesuffix(" **"))
+        return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
+
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<table><tr>{header}</tr>" + "".join("<tr>" + "".join(map(cell, r)) + "</tr>" for r in rows) + "</table>"
 
 
 def study_tables_html(study: dict) -> str:
@@ -882,31 +900,20 @@ def study_tables_html(study: dict) -> str:
     plan = Plan(study["reference"], study["seeds"], study["base"], [Variant(**v) for v in study["variants"]])
     compared = study.get("comparisons") or []
 
-    def table(head: list[str], rows: list[list[str]]) -> str:
-        def cell(text: str) -> str:
-            bold = text.endswith(" **")
-            text = html.escape(text.removesuffix(" **"))
-            return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
-
-        header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        return (
-            f"<table><tr>{header}</tr>" + "".join("<tr>" + "".join(map(cell, r)) + "</tr>" for r in rows) + "</table>"
-        )
-
     ref = html.escape(plan.variant(plan.reference).label)
     teachers = study.get("teachers") or {}
     return (
-        table(*summary_rows(study["aggregate"], plan))
+        html_table(*summary_rows(study["aggregate"], plan))
         + (
-            "<p>The teachers, each evaluated once on the suite:</p>" + table(*teacher_rows(teachers))
+            "<p>The teachers, each evaluated once on the suite:</p>" + html_table(*teacher_rows(teachers))
             if teachers
             else ""
         )
         + f"<p>Difference from {ref}, paired by seed [95 % interval]:</p>"
-        + table(*difference_rows(study["aggregate"], plan))
+        + html_table(*difference_rows(study["aggregate"], plan))
         + (
             "<p>The plan's other comparisons, first minus second, paired by seed [95 % interval]:</p>"
-            + table(*comparison_rows(compared, plan))
+            + html_table(*comparison_rows(compared, plan))
             if compared
             else ""
         )

@@ -1,0 +1,345 @@
+"""`clipcid paper`: the paper's tables, in its order, and a verdict on each of its claims, from a study.
+
+A layout (JSON; the demo's is clipcid/configs/paper.json) lists sections. Each reads one plan's results
+in the study folder (PLAN.json, written by `clipcid study`) and names its rows (the plan's variants), its
+metrics (the suite's averages, or a weight statistic "weights/TOWER/w|change/STAT" of the plan's
+"weights" variants), the teachers it shows ("given": the main one; "all": every teacher the plan names)
+and the paper's claims: [A, B] reads "A above B" on each of the section's metrics; an object
+{"a", "b", "metrics", "lower"} narrows the metrics or turns it into "A below B".
+
+Each claim is judged on the paired differences over the seeds both variants ran, with the 95 % t interval
+the study uses: it "holds" where the interval lies on the claimed side of zero, is "reversed" where it
+lies on the other, and is "unresolved" where it spans zero or one seed gives no interval. Nothing is
+rounded before the verdict. Writes OUT/paper.md and OUT/paper.json (every number and verdict).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipcid.config import option
+from clipcid.errors import ClipcidError
+from clipcid.evaluation.run import AVERAGES
+from clipcid.study import GIVEN, describe_teacher, html_table, markdown_table, mean_sd, paired_interval, read_study
+from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
+
+LAYOUT = Path(__file__).parent / "configs" / "paper.json"
+VERDICTS = ("holds", "reversed", "unresolved")
+WEIGHT_STATS = {"std": "sd", "kurtosis": "kurtosis", "near_zero": "near zero"}
+WEIGHT_WHAT = {"w": "w", "change": "w − w₀"}
+
+
+@dataclass
+class PaperConfig:
+    study: str = option(help="a study folder (clipcid study, clipcid demo --study): the PLAN.json of each plan")
+    layout: str = option(str(LAYOUT), "the sections in the paper's order: plan, rows, metrics and claims (JSON)")
+    out: str | None = option(None, "folder for paper.md and paper.json (default: the study folder)")
+
+
+@dataclass
+class Claim:
+    a: str
+    b: str
+    metrics: list[str]
+    lower: bool = False  # the paper says A is below B (e.g. fewer near-zero weights)
+
+
+@dataclass
+class Section:
+    title: str
+    plan: str
+    paper: str
+    rows: list[str]
+    metrics: list[str]
+    claims: list[Claim] = field(default_factory=list)
+    teachers: str | None = None  # None, "given" or "all"
+
+
+def load_layout(path: str | Path) -> list[Section]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ClipcidError(f"--layout {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ClipcidError(f"--layout {path} is not JSON ({e}): fix it or pass the shipped one") from None
+    sections = []
+    for i, s in enumerate(raw.get("sections", []) if isinstance(raw, dict) else []):
+        where = f"--layout {path}, section {i + 1}"
+        missing = [k for k in ("title", "plan", "rows", "metrics") if k not in s]
+        if missing:
+            raise ClipcidError(f"{where} lacks {', '.join(missing)}")
+        for m in s["metrics"]:
+            _metric_format(m, where)
+        if s.get("teachers") not in (None, "given", "all"):
+            raise ClipcidError(f'{where}: teachers is "given", "all" or absent, not {s["teachers"]!r}')
+        claims = []
+        for c in s.get("claims", []):
+            c = {"a": c[0], "b": c[1]} if isinstance(c, list) and len(c) == 2 else c
+            if not isinstance(c, dict) or not {"a", "b"} <= set(c):
+                raise ClipcidError(f'{where}: a claim is [A, B] or {{"a": A, "b": B, ...}}, not {c!r}')
+            metrics = c.get("metrics", s["metrics"])
+            for m in metrics:
+                _metric_format(m, where)
+            claims.append(Claim(c["a"], c["b"], list(metrics), bool(c.get("lower", False))))
+        sections.append(
+            Section(
+                s["title"],
+                s["plan"],
+                s.get("paper", ""),
+                list(s["rows"]),
+                list(s["metrics"]),
+                claims,
+                s.get("teachers"),
+            )
+        )
+    if not sections:
+        raise ClipcidError(f"--layout {path} has no sections")
+    return sections
+
+
+def _metric_format(metric: str, where: str = "") -> tuple[str, float, int]:
+    """(column label, display scale, decimals) of a metric; a clear error for an unknown one."""
+    labels = dict(AVERAGES)
+    if metric in labels:
+        return labels[metric] + " (%)", 100.0, 2
+    parts = metric.split("/")
+    if len(parts) == 4 and parts[0] == "weights" and parts[2] in WEIGHT_WHAT and parts[3] in WEIGHT_STATS:
+        _, tower, what, stat = parts
+        label = f"{tower}: {WEIGHT_STATS[stat]} of {WEIGHT_WHAT[what]}"
+        if stat == "std":
+            return label + " (×10⁻³)", 1000.0, 3
+        if stat == "near_zero":
+            return label + " (%)", 100.0, 2
+        return label, 1.0, 3
+    known = ", ".join(labels)
+    raise ClipcidError(f"{where}: unknown metric {metric!r} (known: {known}, or weights/TOWER/w|change/STAT)")
+
+
+def seed_values(study: dict, variant: str, metric: str) -> dict[int, float]:
+    """seed -> value of one variant's metric in a plan's results."""
+    if metric.startswith("weights/"):
+        _, tower, what, stat = metric.split("/")
+        per_seed = (study.get("weights") or {}).get(variant, {}).get("seeds", {})
+        values = {int(s): r.get(tower, {}).get(what, {}).get(stat) for s, r in per_seed.items()}
+    else:
+        entry = study["aggregate"].get(variant, {}).get(metric)
+        values = {int(s): v for s, v in entry["seeds"].items()} if entry else {}
+    return {s: v for s, v in values.items() if v is not None}
+
+
+def verdict(difference: dict | None, lower: bool = False) -> str:
+    if difference is None or difference["low"] is None:
+        return "unresolved"
+    above, below = difference["low"] > 0, difference["high"] < 0
+    if lower:
+        above, below = below, above
+    return "holds" if above else "reversed" if below else "unresolved"
+
+
+def _teacher_rows(section: Section, study: dict, others: list[dict]) -> list[dict]:
+    if section.teachers is None:
+        return []
+    found = []
+    for source in [study, *others]:  # the main teacher's evaluation may sit in another plan's results
+        for t in (source.get("teachers") or {}).values():
+            is_given = t["spec"] == GIVEN
+            if (section.teachers == "all" and source is study) or (section.teachers == "given" and is_given):
+                found.append(t)
+        if found:
+            break
+    rows = []
+    for t in found:
+        summary = t.get("summary") or {}
+        name = (
+            f"the main teacher ({summary.get('model', 'given')})" if t["spec"] == GIVEN else describe_teacher(t["spec"])
+        )
+        rows.append(
+            {
+                "teacher": name,
+                "variants": t.get("variants", []),
+                "metrics": {m: summary.get(m) for m in section.metrics},
+            }
+        )
+    return rows
+
+
+def judge_section(section: Section, study: dict | None, others: list[dict]) -> dict:
+    """One section's rows (mean ± sd over seeds per metric), teachers and claims with their verdicts."""
+    out: dict = {"title": section.title, "plan": section.plan, "paper": section.paper, "metrics": section.metrics}
+    if study is None:
+        return {**out, "found": False, "rows": [], "teachers": [], "claims": []}
+    labels = {v["name"]: v["label"] for v in study["variants"]}
+    named = section.rows + [n for c in section.claims for n in (c.a, c.b)]
+    unknown = sorted({n for n in named if n not in labels})
+    if unknown:
+        raise ClipcidError(
+            f"layout section {section.title!r}: plan {section.plan} has no variant {', '.join(unknown)} "
+            f"(it has {', '.join(labels)})"
+        )
+    rows = []
+    for name in section.rows:
+        cells = {}
+        for m in section.metrics:
+            values = seed_values(study, name, m)
+            mean, sd = mean_sd(list(values.values())) if values else (None, None)
+            cells[m] = {"n": len(values), "mean": mean, "sd": sd}
+        rows.append(
+            {"variant": name, "label": labels[name], "seeds": max(c["n"] for c in cells.values()), "metrics": cells}
+        )
+    claims = []
+    for c in section.claims:
+        judged = {}
+        for m in c.metrics:
+            d = paired_interval(seed_values(study, c.a, m), seed_values(study, c.b, m))
+            judged[m] = {**(d or {"n": 0, "mean": None, "low": None, "high": None}), "verdict": verdict(d, c.lower)}
+        claims.append(
+            {"a": c.a, "b": c.b, "lower": c.lower, "a_label": labels[c.a], "b_label": labels[c.b], "metrics": judged}
+        )
+    return {**out, "found": True, "rows": rows, "teachers": _teacher_rows(section, study, others), "claims": claims}
+
+
+def _value(x: float | None, metric: str, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    _, scale, digits = _metric_format(metric)
+    return f"{scale * x:+.{digits}f}" if signed else f"{scale * x:.{digits}f}"
+
+
+def _mean_sd(cell: dict, metric: str) -> str:
+    if cell["mean"] is None:
+        return "–"
+    sd = f" ± {_value(cell['sd'], metric)}" if cell["sd"] is not None else ""
+    return _value(cell["mean"], metric) + sd
+
+
+def _claim_cell(d: dict, metric: str) -> str:
+    if d["mean"] is None:
+        return "– (no shared seed)"
+    if d["low"] is None:
+        return f"{_value(d['mean'], metric, True)} (1 seed) unresolved"
+    interval = f"[{_value(d['low'], metric, True)}, {_value(d['high'], metric, True)}]"
+    return f"{_value(d['mean'], metric, True)} {interval} **{d['verdict']}**"
+
+
+def section_markdown(s: dict) -> list[str]:
+    lines = [f"## {s['title']}", ""]
+    if s["paper"]:
+        lines += [f"*The paper:* {s['paper']}", ""]
+    if not s["found"]:
+        return lines + [f"Not run yet: the study folder holds no results of plan `{s['plan']}`.", ""]
+    labels = [_metric_format(m)[0] for m in s["metrics"]]
+    rows = [
+        [r["label"], f"`{r['variant']}`", str(r["seeds"]), *[_mean_sd(r["metrics"][m], m) for m in s["metrics"]]]
+        for r in s["rows"]
+    ]
+    rows += [
+        [f"teacher: {t['teacher']}", "", "–", *[_value(t["metrics"][m], m) for m in s["metrics"]]]
+        for t in s["teachers"]
+    ]
+    head = ["", "variant", "seeds", *labels]
+    lines += [f"Mean ± sd over seeds (plan `{s['plan']}`):", "", *markdown_table(head, rows, 2), ""]
+    if s["claims"]:
+        claim_rows = [
+            [
+                f"`{c['a']}` {'below' if c['lower'] else 'above'} `{c['b']}`",
+                str(max(d["n"] for d in c["metrics"].values())),
+                *[_claim_cell(c["metrics"][m], m) if m in c["metrics"] else "" for m in s["metrics"]],
+            ]
+            for c in s["claims"]
+        ]
+        lines += [
+            "The paper's claims, first minus second paired by seed: mean [95 % interval] and verdict:",
+            "",
+            *markdown_table(["claim", "seeds", *labels], claim_rows, 1),
+            "",
+        ]
+    return lines
+
+
+def paper_markdown(result: dict) -> str:
+    counts = result["verdicts"]
+    total = sum(counts.values())
+    lines = [
+        "# The paper's tables at this scale",
+        "",
+        f"From `clipcid paper --study {result['study']}` (plans: "
+        + ", ".join(f"{name}, {n} runs" for name, n in result["plans"].items())
+        + "). Each claim of the paper is judged per metric on the differences paired by seed, with a 95 % t "
+        "interval: it holds where the interval lies on the claimed side of zero, is reversed where it lies "
+        "on the other, and is unresolved where it spans zero (or one seed gives no interval).",
+        "",
+        f"Of {total} claim × metric judgements: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS) + ".",
+        "",
+    ]
+    for s in result["sections"]:
+        lines += section_markdown(s)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def paper_html(result: dict) -> str:
+    """The claims and their verdicts, one table per section (the demo report; paper.md has the rows)."""
+    import html
+
+    parts = [
+        "<h2>The paper's claims at this scale</h2><p>From <code>clipcid paper</code> (paper.md beside the study "
+        "holds every row): each claim of the paper, first minus second paired by seed, mean [95 % interval] "
+        "and verdict (bold: the interval excludes zero). "
+        + html.escape(", ".join(f"{n} {v}" for v, n in result["verdicts"].items()))
+        + ".</p>"
+    ]
+    for s in result["sections"]:
+        if not s["claims"]:
+            continue
+        labels = [_metric_format(m)[0] for m in s["metrics"]]
+        rows = []
+        for c in s["claims"]:
+            cells = []
+            for m in s["metrics"]:
+                d = c["metrics"].get(m)
+                text = _claim_cell(d, m).replace("**", "") if d else ""
+                cells.append(text + (" **" if d and d["verdict"] != "unresolved" else ""))
+            rows.append([f"{c['a']} {'below' if c['lower'] else 'above'} {c['b']}", *cells])
+        parts.append(
+            f"<h3>{html.escape(s['title'])}</h3><p><i>The paper:</i> {html.escape(s['paper'])}</p>"
+            + html_table(["claim", *labels], rows)
+        )
+    return "".join(parts)
+
+
+def read_paper(folder: str | Path) -> dict | None:
+    """What `clipcid paper` wrote into a folder (paper.json), or None."""
+    path = Path(folder) / "paper.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_paper(cfg: PaperConfig) -> dict:
+    folder = Path(cfg.study)
+    if not folder.is_dir():
+        raise ClipcidError(f"--study {folder} is not a folder: run `clipcid study` (or `clipcid demo --study`) first")
+    sections = load_layout(cfg.layout)
+    studies = {name: read_study(folder, name) for name in dict.fromkeys(s.plan for s in sections)}
+    found = {name: s for name, s in studies.items() if s is not None}
+    if not found:
+        raise ClipcidError(
+            f"--study {folder} holds no results of the layout's plans ({', '.join(studies)}): run `clipcid study`"
+        )
+    judged = []
+    for s in sections:
+        study = studies[s.plan]
+        judged.append(judge_section(s, study, [o for name, o in found.items() if name != s.plan]))
+    counts = Counter(d["verdict"] for s in judged for c in s["claims"] for d in c["metrics"].values())
+    result = {
+        "study": str(folder),
+        "layout": str(cfg.layout),
+        "plans": {name: len(s["runs"]) for name, s in found.items()},
+        "verdicts": {v: counts.get(v, 0) for v in VERDICTS},
+        "sections": judged,
+    }
+    out = output_folder(cfg.out or folder)
+    save_json_atomic(out / "paper.json", result)
+    with atomic_path(out / "paper.md") as tmp:
+        tmp.write_text(paper_markdown(result), encoding="utf-8")
+    return result
