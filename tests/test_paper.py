@@ -140,11 +140,13 @@ def test_verdicts_follow_the_paired_intervals(folder):
     assert weights["rows"][1]["metrics"]["weights/image/w/std"]["mean"] == pytest.approx(0.031)
     # 2 + 2 + 2 + 2 claim x metric judgements in Table 1, two in Fig. 4.
     assert result["verdicts"] == {"holds": 4, "reversed": 2, "unresolved": 4}
+    assert result["with_interval"] == 8  # the one-seed claim's two metrics have none
     assert read_paper(study) == json.loads(json.dumps(result))
 
     md = (study / "paper.md").read_text()
     assert md.index("## Table 1: seen") < md.index("## Table 7: teachers") < md.index("## Fig. 4: weights")
     assert "*The paper:* CID beats the baselines." in md
+    assert "of the 8 judged on two seeds or more, about 0.4 would hold or be reversed from noise alone" in md
     assert "| label of cid | `cid` | 3 | 12.00 ± 1.05 | 56.00 ± 1.00 |" in md
     assert "| teacher: the main teacher (big-teacher) |  | – | 40.00 | 70.00 |" in md
     assert (
