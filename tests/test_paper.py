@@ -154,6 +154,7 @@ def test_verdicts_follow_the_paired_intervals(folder):
         in md
     )
     assert "| `cid` below `clip_only` | 3 |  | -1.90 [" in md  # near zero, in %
+    assert "**unresolved**" not in md and "**reversed**" in md  # only a decisive verdict stands out
     assert "| label of clip_only | `clip_only` | 3 | 21.000 ± 1.000 | 3.00 ± 0.10 |" in md  # sd of w, x1e-3
     assert "4 holds, 2 reversed, 4 unresolved" in paper_html(result)
 

@@ -221,7 +221,8 @@ def _claim_cell(d: dict, metric: str) -> str:
     if d["low"] is None:
         return f"{_value(d['mean'], metric, True)} (1 seed) unresolved"
     interval = f"[{_value(d['low'], metric, True)}, {_value(d['high'], metric, True)}]"
-    return f"{_value(d['mean'], metric, True)} {interval} **{d['verdict']}**"
+    shown = d["verdict"] if d["verdict"] == "unresolved" else f"**{d['verdict']}**"
+    return f"{_value(d['mean'], metric, True)} {interval} {shown}"
 
 
 def section_markdown(s: dict) -> list[str]:
