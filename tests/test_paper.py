@@ -171,6 +171,29 @@ def test_a_plan_not_run_yet_is_said_and_the_rest_is_written(folder):
     assert result["sections"][0]["teachers"] == []
 
 
+def test_a_variant_not_run_yet_is_said_and_left_out_of_the_counts(folder):
+    # A plan run in parts (`clipcid study --only`): the plan names ce_only, no run of it has finished.
+    study, layout = folder
+    results = json.loads((study / "study.json").read_text())
+    results["variants"].append(Variant("ce_only", "label of ce_only", "C").__dict__)
+    (study / "study.json").write_text(json.dumps(results))
+    raw = json.loads(layout.read_text())
+    raw["sections"][0]["rows"].append("ce_only")
+    raw["sections"][0]["claims"].append(["cid", "ce_only"])
+    layout.write_text(json.dumps(raw))
+    result = write_paper(PaperConfig(study=str(study), layout=str(layout)))
+    table1 = result["sections"][0]
+    assert table1["rows"][-1]["seeds"] == 0
+    assert [d["verdict"] for d in table1["claims"][-1]["metrics"].values()] == ["not run", "not run"]
+    # The same counts as with the plan's other variants alone: nothing is judged on a missing run.
+    assert result["verdicts"] == {"holds": 4, "reversed": 2, "unresolved": 4} and result["not_run"] == 2
+    md = (study / "paper.md").read_text()
+    assert "| label of ce_only | `ce_only` | 0 | not run yet | not run yet |" in md
+    assert "| `cid` above `ce_only` | 0 | not run yet | not run yet |" in md
+    assert "4 holds, 2 reversed, 4 unresolved (2 more not run yet)." in md
+    assert "(2 more not run yet)" in paper_html(result) and "not run yet **" not in paper_html(result)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

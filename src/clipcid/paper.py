@@ -9,8 +9,9 @@ and the paper's claims: [A, B] reads "A above B" on each of the section's metric
 
 Each claim is judged on the paired differences over the seeds both variants ran, with the 95 % t interval
 the study uses: it "holds" where the interval lies on the claimed side of zero, is "reversed" where it
-lies on the other, and is "unresolved" where it spans zero or one seed gives no interval. Nothing is
-rounded before the verdict. Writes OUT/paper.md and OUT/paper.json (every number and verdict).
+lies on the other, and is "unresolved" where it spans zero or one seed gives no interval. A claim whose
+variant has no finished run yet (a plan run in parts, `clipcid study --only`) is "not run" and left out of
+the counts. Nothing is rounded before the verdict. Writes OUT/paper.md and OUT/paper.json (every number and verdict).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 
 LAYOUT = Path(__file__).parent / "configs" / "paper.json"
 VERDICTS = ("holds", "reversed", "unresolved")
+NOT_RUN = "not run"
 WEIGHT_STATS = {"std": "sd", "kurtosis": "kurtosis", "near_zero": "near zero"}
 WEIGHT_WHAT = {"w": "w", "change": "w − w₀"}
 
@@ -193,8 +195,10 @@ def judge_section(section: Section, study: dict | None, others: list[dict]) -> d
     for c in section.claims:
         judged = {}
         for m in c.metrics:
-            d = paired_interval(seed_values(study, c.a, m), seed_values(study, c.b, m))
-            judged[m] = {**(d or {"n": 0, "mean": None, "low": None, "high": None}), "verdict": verdict(d, c.lower)}
+            a, b = seed_values(study, c.a, m), seed_values(study, c.b, m)
+            d = paired_interval(a, b)
+            shown = verdict(d, c.lower) if a and b else NOT_RUN
+            judged[m] = {**(d or {"n": 0, "mean": None, "low": None, "high": None}), "verdict": shown}
         claims.append(
             {"a": c.a, "b": c.b, "lower": c.lower, "a_label": labels[c.a], "b_label": labels[c.b], "metrics": judged}
         )
@@ -210,12 +214,14 @@ def _value(x: float | None, metric: str, signed: bool = False) -> str:
 
 def _mean_sd(cell: dict, metric: str) -> str:
     if cell["mean"] is None:
-        return "–"
+        return "not run yet" if cell["n"] == 0 else "–"
     sd = f" ± {_value(cell['sd'], metric)}" if cell["sd"] is not None else ""
     return _value(cell["mean"], metric) + sd
 
 
 def _claim_cell(d: dict, metric: str) -> str:
+    if d["verdict"] == NOT_RUN:
+        return "not run yet"
     if d["mean"] is None:
         return "– (no shared seed)"
     if d["low"] is None:
@@ -274,6 +280,7 @@ def paper_markdown(result: dict) -> str:
         "",
         f"Of {total} claim × metric judgements: "
         + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)
+        + (f" ({result['not_run']} more not run yet)" if result.get("not_run") else "")
         + f". Each interval excludes zero by chance 5 % of the time where nothing differs: of the "
         f"{result['with_interval']} judged on two seeds or more, about {0.05 * result['with_interval']:.1f} "
         "would hold or be reversed from noise alone, so a lone verdict weighs less than a pattern across "
@@ -294,6 +301,7 @@ def paper_html(result: dict) -> str:
         "holds every row): each claim of the paper, first minus second paired by seed, mean [95 % interval] "
         "and verdict (bold: the interval excludes zero). "
         + html.escape(", ".join(f"{n} {v}" for v, n in result["verdicts"].items()))
+        + (f" ({result['not_run']} more not run yet)" if result.get("not_run") else "")
         + ".</p>"
     ]
     for s in result["sections"]:
@@ -306,7 +314,7 @@ def paper_html(result: dict) -> str:
             for m in s["metrics"]:
                 d = c["metrics"].get(m)
                 text = _claim_cell(d, m).replace("**", "") if d else ""
-                cells.append(text + (" **" if d and d["verdict"] != "unresolved" else ""))
+                cells.append(text + (" **" if d and d["verdict"] in ("holds", "reversed") else ""))
             rows.append([f"{c['a']} {'below' if c['lower'] else 'above'} {c['b']}", *cells])
         parts.append(
             f"<h3>{html.escape(s['title'])}</h3><p><i>The paper:</i> {html.escape(s['paper'])}</p>"
@@ -342,6 +350,7 @@ def write_paper(cfg: PaperConfig) -> dict:
         "layout": str(cfg.layout),
         "plans": {name: len(s["runs"]) for name, s in found.items()},
         "verdicts": {v: counts.get(v, 0) for v in VERDICTS},
+        "not_run": counts.get(NOT_RUN, 0),
         "with_interval": sum(d["low"] is not None for s in judged for c in s["claims"] for d in c["metrics"].values()),
         "sections": judged,
     }
