@@ -183,7 +183,7 @@ def test_a_variant_not_run_yet_is_said_and_left_out_of_the_counts(folder):
     layout.write_text(json.dumps(raw))
     result = write_paper(PaperConfig(study=str(study), layout=str(layout)))
     table1 = result["sections"][0]
-    assert table1["rows"][-1]["seeds"] == 0
+    assert table1["rows"][-1]["seeds"] == 0 and table1["rows"][-1]["ran"] is False and table1["rows"][0]["ran"]
     assert [d["verdict"] for d in table1["claims"][-1]["metrics"].values()] == ["not run", "not run"]
     # The same counts as with the plan's other variants alone: nothing is judged on a missing run.
     assert result["verdicts"] == {"holds": 4, "reversed": 2, "unresolved": 4} and result["not_run"] == 2

@@ -181,6 +181,7 @@ def judge_section(section: Section, study: dict | None, others: list[dict]) -> d
             f"layout section {section.title!r}: plan {section.plan} has no variant {', '.join(unknown)} "
             f"(it has {', '.join(labels)})"
         )
+    ran = {r["variant"] for r in study.get("runs", [])}
     rows = []
     for name in section.rows:
         cells = {}
@@ -189,15 +190,20 @@ def judge_section(section: Section, study: dict | None, others: list[dict]) -> d
             mean, sd = mean_sd(list(values.values())) if values else (None, None)
             cells[m] = {"n": len(values), "mean": mean, "sd": sd}
         rows.append(
-            {"variant": name, "label": labels[name], "seeds": max(c["n"] for c in cells.values()), "metrics": cells}
+            {
+                "variant": name,
+                "label": labels[name],
+                "ran": name in ran,
+                "seeds": max(c["n"] for c in cells.values()),
+                "metrics": cells,
+            }
         )
     claims = []
     for c in section.claims:
         judged = {}
         for m in c.metrics:
-            a, b = seed_values(study, c.a, m), seed_values(study, c.b, m)
-            d = paired_interval(a, b)
-            shown = verdict(d, c.lower) if a and b else NOT_RUN
+            d = paired_interval(seed_values(study, c.a, m), seed_values(study, c.b, m))
+            shown = verdict(d, c.lower) if {c.a, c.b} <= ran else NOT_RUN
             judged[m] = {**(d or {"n": 0, "mean": None, "low": None, "high": None}), "verdict": shown}
         claims.append(
             {"a": c.a, "b": c.b, "lower": c.lower, "a_label": labels[c.a], "b_label": labels[c.b], "metrics": judged}
@@ -212,9 +218,11 @@ def _value(x: float | None, metric: str, signed: bool = False) -> str:
     return f"{scale * x:+.{digits}f}" if signed else f"{scale * x:.{digits}f}"
 
 
-def _mean_sd(cell: dict, metric: str) -> str:
+def _mean_sd(cell: dict, metric: str, ran: bool = True) -> str:
+    if not ran:
+        return "not run yet"
     if cell["mean"] is None:
-        return "not run yet" if cell["n"] == 0 else "–"
+        return "–"
     sd = f" ± {_value(cell['sd'], metric)}" if cell["sd"] is not None else ""
     return _value(cell["mean"], metric) + sd
 
@@ -239,7 +247,12 @@ def section_markdown(s: dict) -> list[str]:
         return lines + [f"Not run yet: the study folder holds no results of plan `{s['plan']}`.", ""]
     labels = [_metric_format(m)[0] for m in s["metrics"]]
     rows = [
-        [r["label"], f"`{r['variant']}`", str(r["seeds"]), *[_mean_sd(r["metrics"][m], m) for m in s["metrics"]]]
+        [
+            r["label"],
+            f"`{r['variant']}`",
+            str(r["seeds"]),
+            *[_mean_sd(r["metrics"][m], m, r.get("ran", True)) for m in s["metrics"]],
+        ]
         for r in s["rows"]
     ]
     rows += [
