@@ -10,8 +10,9 @@ and the paper's claims: [A, B] reads "A above B" on each of the section's metric
 Each claim is judged on the paired differences over the seeds both variants ran, with the 95 % t interval
 the study uses: it "holds" where the interval lies on the claimed side of zero, is "reversed" where it
 lies on the other, and is "unresolved" where it spans zero or one seed gives no interval. A claim whose
-variant has no finished run yet (a plan run in parts, `clipcid study --only`) is "not run" and left out of
-the counts. Nothing is rounded before the verdict. Writes OUT/paper.md and OUT/paper.json (every number and verdict).
+variant has no finished run yet (a plan run in parts, `clipcid study --only`) is "not run" and left out
+of the counts. Nothing is rounded before the verdict. Writes OUT/paper.md and OUT/paper.json (every
+number and verdict).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def _value(x: float | None, metric: str, signed: bool = False) -> str:
     return f"{scale * x:+.{digits}f}" if signed else f"{scale * x:.{digits}f}"
 
 
-def _mean_sd(cell: dict, metric: str, ran: bool = True) -> str:
+def _mean_sd(cell: dict, metric: str, ran: bool) -> str:
     if not ran:
         return "not run yet"
     if cell["mean"] is None:
@@ -251,7 +252,7 @@ def section_markdown(s: dict) -> list[str]:
             r["label"],
             f"`{r['variant']}`",
             str(r["seeds"]),
-            *[_mean_sd(r["metrics"][m], m, r.get("ran", True)) for m in s["metrics"]],
+            *[_mean_sd(r["metrics"][m], m, r["ran"]) for m in s["metrics"]],
         ]
         for r in s["rows"]
     ]
@@ -279,9 +280,13 @@ def section_markdown(s: dict) -> list[str]:
     return lines
 
 
+def _counts_text(result: dict) -> str:
+    text = ", ".join(f"{result['verdicts'].get(v, 0)} {v}" for v in VERDICTS)
+    return text + (f" ({result['not_run']} more not run yet)" if result.get("not_run") else "")
+
+
 def paper_markdown(result: dict) -> str:
-    counts = result["verdicts"]
-    total = sum(counts.values())
+    total = sum(result["verdicts"].values())
     lines = [
         "# The paper's tables at this scale",
         "",
@@ -291,10 +296,8 @@ def paper_markdown(result: dict) -> str:
         "interval: it holds where the interval lies on the claimed side of zero, is reversed where it lies "
         "on the other, and is unresolved where it spans zero (or one seed gives no interval).",
         "",
-        f"Of {total} claim × metric judgements: "
-        + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)
-        + (f" ({result['not_run']} more not run yet)" if result.get("not_run") else "")
-        + f". Each interval excludes zero by chance 5 % of the time where nothing differs: of the "
+        f"Of {total} claim × metric judgements: {_counts_text(result)}. "
+        "Each interval excludes zero by chance 5 % of the time where nothing differs: of the "
         f"{result['with_interval']} judged on two seeds or more, about {0.05 * result['with_interval']:.1f} "
         "would hold or be reversed from noise alone, so a lone verdict weighs less than a pattern across "
         "metrics and tables.",
@@ -312,10 +315,7 @@ def paper_html(result: dict) -> str:
     parts = [
         "<h2>The paper's claims at this scale</h2><p>From <code>clipcid paper</code> (paper.md beside the study "
         "holds every row): each claim of the paper, first minus second paired by seed, mean [95 % interval] "
-        "and verdict (bold: the interval excludes zero). "
-        + html.escape(", ".join(f"{n} {v}" for v, n in result["verdicts"].items()))
-        + (f" ({result['not_run']} more not run yet)" if result.get("not_run") else "")
-        + ".</p>"
+        "and verdict (bold: the interval excludes zero). " + html.escape(_counts_text(result)) + ".</p>"
     ]
     for s in result["sections"]:
         if not s["claims"]:
