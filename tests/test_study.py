@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,9 +61,14 @@ def _config(artifacts, out, plan, name: str = "study") -> StudyConfig:
     )
 
 
-def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatch):
+def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatch, caplog):
     out = tmp_path / "study"
-    result = run_study(_config(artifacts, out, PLAN))
+    with caplog.at_level(logging.INFO, logger=study_module.log.name):
+        result = run_study(_config(artifacts, out, PLAN))
+    progress = [m for m in caplog.messages if m.startswith("study: ") and "runs done" in m]
+    assert len(progress) == 4 and progress[-1] == "study: 4/4 runs done"
+    estimate = r"study: 1/4 runs done; at most \d+ min left \(3 runs at this sitting's [\d.]+ min a run\)"
+    assert re.fullmatch(estimate, progress[0])
     runs = {(r["variant"], r["seed"]): r for r in result["runs"]}
     assert set(runs) == {("clip_only", 0), ("clip_only", 1), ("random_half", 0), ("random_half", 1)}
     assert all(r["steps"] == 2 for r in runs.values())
@@ -93,7 +100,10 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
     # Started again: every finished run is skipped, nothing is trained or evaluated.
     monkeypatch.setattr(study_module, "distill", lambda cfg: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(study_module, "run_eval_suite", lambda *a, **k: pytest.fail("evaluated again"))
-    again = run_study(_config(artifacts, out, PLAN))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=study_module.log.name):
+        again = run_study(_config(artifacts, out, PLAN))
+    assert "min left" not in caplog.text  # nothing was trained in this sitting: no estimate to give
     assert again["aggregate"] == result["aggregate"]
     # `--seeds 1` runs only seed 1, but the tables keep covering every finished run in the folder.
     one_seed = run_study(replace(_config(artifacts, out, PLAN), seeds=[1]))

@@ -387,6 +387,9 @@ class Study:
             raise ClipcidError("the study needs at least one seed")
         self.name = Path(cfg.plan).stem  # the plan's results: OUT/NAME.json, .md, .csv, .png
         self.data = DataCache(self.out, self.artifacts, cfg.workers)
+        # Seconds of each run trained in this sitting, for the time-left estimate: runs finished in an
+        # earlier sitting return at once and would make it far too hopeful.
+        self.run_seconds: list[float] = []
 
     def settings(self, variant: Variant, seed: int) -> dict:
         """The distill settings of one run: base, the variant's overrides, the seed and the data."""
@@ -463,6 +466,7 @@ class Study:
         # The student and its evaluation are kept; resume points are not needed any more (and a study
         # of many runs would fill the disk with them).
         discard_checkpoints(folder / "train")
+        self.run_seconds.append(time.monotonic() - start)
         return {**record, "settings": settings}
 
     def execute(self) -> dict:
@@ -478,7 +482,20 @@ class Study:
         for seed, name in planned:  # seeds outermost: after one pass every variant has a first result
             self.run(self.plan.variant(name), seed)
             done_count += 1
-            log.info("study: %d/%d runs done", done_count, total)
+            left = total - done_count
+            if left and self.run_seconds:
+                per_run = sum(self.run_seconds) / len(self.run_seconds) / 60
+                # "At most": a later run may have finished in an earlier sitting and will take no time.
+                log.info(
+                    "study: %d/%d runs done; at most %.0f min left (%d runs at this sitting's %.1f min a run)",
+                    done_count,
+                    total,
+                    left * per_run,
+                    left,
+                    per_run,
+                )
+            else:
+                log.info("study: %d/%d runs done", done_count, total)
             self.write_results()
         return self.write_results()
 
