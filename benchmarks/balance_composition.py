@@ -3,9 +3,11 @@
 Not a timing: the composition of the training set that each removal leaves, by kind (emoji, icon,
 flag), in distinct names, and in the held-out name-level tasks' classes that a kept training caption
 still names. Reads a finished demo folder (its corpus metadata, embeddings and balance; the random
-removal is drawn with --seed). The anchor is the random removal.
+removal is drawn with --seed). The anchor is the random removal. --also adds another keep mask, e.g. a
+study teacher's own balance (Table 7), with the embeddings it was made from.
 
     python benchmarks/balance_composition.py --demo demo
+    python benchmarks/balance_composition.py --demo demo --also demo/study/data/balance-… demo/study/data/teacher-…/emb
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, help="a finished `clipcid demo` folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--also", nargs=2, action="append", default=[], metavar=("BALANCE", "EMB"),
+                   help="another balance folder and the embeddings folder it balanced")  # fmt: skip
     args = p.parse_args()
     demo = Path(args.demo)
     shards = sorted((demo / "corpus").glob("*.parquet"))
@@ -42,6 +46,11 @@ def main() -> None:
     by_random = np.ones_like(by_balance)
     by_random[rng.choice(len(kind), int((~by_balance).sum()), replace=False)] = False
     removals = {"random removal (anchor)": by_random, "Image Semantic Balance": by_balance}
+    for balance_dir, emb_dir in args.also:
+        keep = BalanceResult.open(balance_dir, Embeddings.open(emb_dir)).keep_mask()
+        if len(keep) != len(kind):
+            raise SystemExit(f"error: {balance_dir}: {len(keep)} balance rows but {len(kind)} corpus rows")
+        removals[f"{Path(balance_dir).name} ({(~keep).sum():,} removed)"] = keep
 
     tasks = ("names_emoji_fluent3d", "names_emoji_fluenthc", "names_icons_lucide")
     classes = {t: (demo / "eval" / t / "classnames.txt").read_text(encoding="utf-8").splitlines() for t in tasks}
@@ -57,7 +66,7 @@ def main() -> None:
         rows.append(row)
     header = ["removal", "kept", "emoji kept", "icons kept", "flags kept", "distinct names"]
     header += [f"{tasks[0]} classes named", *tasks[1:]]
-    print(f"{demo}: {len(kind):,} pairs, {(~by_balance).sum():,} removed by each\n")
+    print(f"{demo}: {len(kind):,} pairs, {(~by_balance).sum():,} removed by balance and as many at random\n")
     print(format_table(header, rows))
 
 
