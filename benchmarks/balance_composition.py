@@ -60,11 +60,12 @@ def main() -> None:
         for k in ("emoji", "icon", "flag"):
             sel = kind == k
             row.append(f"{(keep & sel).sum():,} ({(keep & sel).sum() / sel.sum():.1%})")
+        row.append(f"{(keep & by_balance).sum() / (keep | by_balance).sum():.2f}")
         seen = set(name[keep])
         row.append(f"{len(seen):,}")
         row += [f"{np.mean([c in seen for c in classes[t]]):.1%}" for t in tasks]
         rows.append(row)
-    header = ["removal", "kept", "emoji kept", "icons kept", "flags kept", "distinct names"]
+    header = ["removal", "kept", "emoji kept", "icons kept", "flags kept", "Jaccard with balance", "distinct names"]
     header += [f"{tasks[0]} classes named", *tasks[1:]]
     print(f"{demo}: {len(kind):,} pairs, {(~by_balance).sum():,} removed by balance and as many at random\n")
     print(format_table(header, rows))
