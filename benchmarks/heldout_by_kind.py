@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from clipcid.evaluation.zeroshot_retrieval import ranks
 from clipcid.holdout import HoldOut
+from clipcid.inputs.shards import iter_tar_samples
 from clipcid.util.tables import format_table
 
 KINDS = ("emoji", "icon", "flag")
@@ -38,13 +39,10 @@ def gallery(demo: Path) -> tuple[list[Image.Image], list[str], np.ndarray]:
     images, captions = [], []  # the gallery's shards hold the pairs in the index's order
     shards_dir = holdout.gallery / "test"
     for n in range(int((shards_dir / "nshards.txt").read_text())):
-        with tarfile.open(shards_dir / f"{n}.tar") as tf:
-            for m in tf.getmembers():
-                ext = m.name.rpartition(".")[2]
-                if ext in ("png", "jpg", "jpeg", "webp"):
-                    images.append(Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB"))
-                elif ext == "txt":
-                    captions.append(tf.extractfile(m).read().decode())
+        for sample in iter_tar_samples(shards_dir / f"{n}.tar"):
+            picture = next(sample[e] for e in ("png", "jpg", "jpeg", "webp") if e in sample)
+            images.append(Image.open(io.BytesIO(picture)).convert("RGB"))
+            captions.append(sample["txt"].decode())
     if captions != pairs["caption"] or len(images) != len(captions):
         raise SystemExit(f"error: {holdout.gallery}: gallery and index differ; hold out again")
     kind = np.array([kinds[p][r] for p, r in zip(pairs["part"], pairs["row"], strict=True)], dtype=object)
@@ -60,11 +58,9 @@ def recall_at_5(folder: str, images: list[Image.Image], captions: list[str], bat
     img = torch.cat([model.encode_image(torch.stack([preprocess(i) for i in images[a : a + batch]]))
                      for a in range(0, len(images), batch)])  # fmt: skip
     txt = torch.cat([model.encode_text(tokenizer(captions[a : a + batch])) for a in range(0, len(captions), batch)])
-    sim = (torch.nn.functional.normalize(txt, dim=-1) @ torch.nn.functional.normalize(img, dim=-1).T).numpy()
-    own = np.diag(sim)
-    text_to_image = (sim > own[:, None]).sum(1) < 5
-    image_to_text = (sim.T > own[:, None]).sum(1) < 5
-    return (text_to_image.astype(float) + image_to_text) / 2
+    norm = torch.nn.functional.normalize
+    r = ranks(norm(img, dim=-1).numpy(), [[c] for c in captions], norm(txt, dim=-1).numpy())
+    return ((r.text_rank < 5).astype(float) + (r.image_rank < 5)) / 2
 
 
 def main() -> None:
