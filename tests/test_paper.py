@@ -194,6 +194,46 @@ def test_a_variant_not_run_yet_is_said_and_left_out_of_the_counts(folder):
     assert "(2 more not run yet)" in paper_html(result) and "not run yet **" not in paper_html(result)
 
 
+def test_gains_are_compared_seed_by_seed_and_counted_apart(folder):
+    # "Does CID's gain grow with training length": A's gain over B against C's gain over D, per seed.
+    study, layout = folder
+    raw = json.loads(layout.read_text())
+    raw["sections"][0]["claims"] += [
+        {"a": "fd", "b": "clip_only", "than": ["cid", "clip_only"]},
+        {"a": "cid", "b": "clip_only", "than": ["fd", "clip_only"], "metrics": [SEEN]},
+        {"a": "simkd", "b": "clip_only", "than": ["cid", "clip_only"], "metrics": [SEEN]},
+        {"a": "one_seed", "b": "clip_only", "than": ["cid", "clip_only"], "metrics": [SEEN]},
+    ]
+    layout.write_text(json.dumps(raw))
+    result = write_paper(PaperConfig(study=str(study), layout=str(layout)))
+    gains = [c for c in result["sections"][0]["claims"] if c["than"]]
+    # fd - clip_only on the seen mean: 0.030 every seed; cid - clip_only: 0.010, 0.011, 0.009.
+    diffs = np.array([0.020, 0.019, 0.021])
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    d = gains[0]["metrics"][SEEN]
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.020)
+    assert d["low"] == pytest.approx(0.020 - half) and d["high"] == pytest.approx(0.020 + half)
+    assert d["verdict"] == "larger" and gains[0]["metrics"][LP]["verdict"] == "larger"
+    assert gains[1]["metrics"][SEEN]["verdict"] == "smaller"
+    assert gains[2]["metrics"][SEEN]["verdict"] == "unresolved"  # 0.020, 0, 0 against cid's gains: spans zero
+    # Only the seeds all four variants ran are paired: one_seed ran seed 0 alone.
+    assert gains[3]["metrics"][SEEN] == {"n": 1, "mean": pytest.approx(0.39), "low": None, "high": None,
+                                         "verdict": "unresolved"}  # fmt: skip
+    # The paper's claims keep their counts; the gains are counted apart.
+    assert result["verdicts"] == {"holds": 4, "reversed": 2, "unresolved": 4} and result["with_interval"] == 8
+    assert result["gain_verdicts"] == {"larger": 2, "smaller": 1, "unresolved": 2}
+    md = (study / "paper.md").read_text()
+    assert "besides, gains compared: 2 larger, 1 smaller, 2 unresolved" in md
+    head = "Gains compared, the first gain minus the second paired by seed"
+    assert md.index("The paper's claims, first minus second") < md.index(head) < md.index("## Table 7")
+    assert (
+        f"| gain of `fd` over `clip_only` against that of `cid` over `clip_only` | 3 | "
+        f"+2.00 [{100 * (0.02 - half):+.2f}, {100 * (0.02 + half):+.2f}] **larger** | +5.00 [+5.00, +5.00] **larger** |"
+        in md
+    )
+    assert "gain of fd over clip_only against that of cid over clip_only" in paper_html(result)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -204,6 +244,11 @@ def test_a_variant_not_run_yet_is_said_and_left_out_of_the_counts(folder):
         (lambda s: s[0].pop("plan"), "section 1 lacks plan"),
         (lambda s: s[0].update(teachers="best"), 'teachers is "given", "all" or absent'),
         (lambda s: s[0]["claims"].append(["cid"]), "a claim is \\[A, B\\]"),
+        (lambda s: s[0]["claims"].append({"a": "cid", "b": "fd", "than": "simkd"}), 'a claim.s "than" is \\[C, D\\]'),
+        (
+            lambda s: s[0]["claims"].append({"a": "cid", "b": "fd", "than": ["cid", "nil"]}),
+            "plan study has no variant nil",
+        ),
     ],
 )
 def test_layout_errors_name_the_problem(folder, change, message):
@@ -258,7 +303,7 @@ def test_the_shipped_layout_names_only_variants_of_the_shipped_plans():
         plan = load_plan(str(configs.joinpath(f"{s.plan}.json")), {"model": "clipcid-tiny", "epochs": 1})
         names = {v.name for v in plan.variants}
         assert set(s.rows) <= names, s.title
-        assert {n for c in s.claims for n in (c.a, c.b)} <= set(s.rows), s.title  # each claim's rows are shown
+        assert {n for c in s.claims for n in (c.a, c.b, *(c.than or ()))} <= set(s.rows), s.title  # each is shown
         if any(m.startswith("weights/") for m in s.metrics):
             assert set(s.rows) <= set(plan.weights)
 

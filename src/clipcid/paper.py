@@ -5,13 +5,17 @@ in the study folder (PLAN.json, written by `clipcid study`) and names its rows (
 metrics (the suite's averages, or a weight statistic "weights/TOWER/w|change/STAT" of the plan's
 "weights" variants), the teachers it shows ("given": the main one; "all": every teacher the plan names)
 and the paper's claims: [A, B] reads "A above B" on each of the section's metrics; an object
-{"a", "b", "metrics", "lower"} narrows the metrics or turns it into "A below B".
+{"a", "b", "metrics", "lower"} narrows the metrics or turns it into "A below B"; {"a", "b", "than": [C, D]}
+compares two gains, "A's gain over B is larger than C's over D" (e.g. CID's gain after 9 epochs against
+after 1), each gain taken per seed.
 
 Each claim is judged on the paired differences over the seeds both variants ran, with the 95 % t interval
 the study uses: it "holds" where the interval lies on the claimed side of zero, is "reversed" where it
 lies on the other, and is "unresolved" where it spans zero or one seed gives no interval. A claim whose
 variant has no finished run yet (a plan run in parts, `clipcid study --only`) is "not run" and left out
-of the counts. Nothing is rounded before the verdict. Writes OUT/paper.md and OUT/paper.json (every
+of the counts. A comparison of gains is judged the same way on the per-seed differences of the two gains
+("larger", "smaller" or "unresolved") and counted apart: it is a question the paper does not ask, not
+one of its claims. Nothing is rounded before the verdict. Writes OUT/paper.md and OUT/paper.json (every
 number and verdict).
 """
 
@@ -30,6 +34,7 @@ from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 
 LAYOUT = Path(__file__).parent / "configs" / "paper.json"
 VERDICTS = ("holds", "reversed", "unresolved")
+GAIN_VERDICTS = {"holds": "larger", "reversed": "smaller", "unresolved": "unresolved"}
 NOT_RUN = "not run"
 WEIGHT_STATS = {"std": "sd", "kurtosis": "kurtosis", "near_zero": "near zero"}
 WEIGHT_WHAT = {"w": "w", "change": "w − w₀"}
@@ -48,6 +53,7 @@ class Claim:
     b: str
     metrics: list[str]
     lower: bool = False  # the paper says A is below B (e.g. fewer near-zero weights)
+    than: tuple[str, str] | None = None  # compare A's gain over B with C's gain over D
 
 
 @dataclass
@@ -86,7 +92,12 @@ def load_layout(path: str | Path) -> list[Section]:
             metrics = c.get("metrics", s["metrics"])
             for m in metrics:
                 _metric_format(m, where)
-            claims.append(Claim(c["a"], c["b"], list(metrics), bool(c.get("lower", False))))
+            than = c.get("than")
+            if than is not None and not (isinstance(than, list) and len(than) == 2):
+                raise ClipcidError(f'{where}: a claim\'s "than" is [C, D] (the gain it is compared with), not {than!r}')
+            claims.append(
+                Claim(c["a"], c["b"], list(metrics), bool(c.get("lower", False)), tuple(than) if than else None)
+            )
         sections.append(
             Section(
                 s["title"],
@@ -133,6 +144,19 @@ def seed_values(study: dict, variant: str, metric: str) -> dict[int, float]:
     return {s: v for s, v in values.items() if v is not None}
 
 
+def gain_values(study: dict, a: str, b: str, metric: str) -> dict[int, float]:
+    """seed -> A's value minus B's, over the seeds both ran."""
+    va, vb = seed_values(study, a, metric), seed_values(study, b, metric)
+    return {s: va[s] - vb[s] for s in va.keys() & vb.keys()}
+
+
+def claim_label(c: dict) -> str:
+    if c.get("than"):
+        first, second = c["than"]
+        return f"gain of `{c['a']}` over `{c['b']}` against that of `{first}` over `{second}`"
+    return f"`{c['a']}` {'below' if c['lower'] else 'above'} `{c['b']}`"
+
+
 def verdict(difference: dict | None, lower: bool = False) -> str:
     if difference is None or difference["low"] is None:
         return "unresolved"
@@ -175,7 +199,7 @@ def judge_section(section: Section, study: dict | None, others: list[dict]) -> d
     if study is None:
         return {**out, "found": False, "rows": [], "teachers": [], "claims": []}
     labels = {v["name"]: v["label"] for v in study["variants"]}
-    named = section.rows + [n for c in section.claims for n in (c.a, c.b)]
+    named = section.rows + [n for c in section.claims for n in (c.a, c.b, *(c.than or ()))]
     unknown = sorted({n for n in named if n not in labels})
     if unknown:
         raise ClipcidError(
@@ -203,11 +227,23 @@ def judge_section(section: Section, study: dict | None, others: list[dict]) -> d
     for c in section.claims:
         judged = {}
         for m in c.metrics:
-            d = paired_interval(seed_values(study, c.a, m), seed_values(study, c.b, m))
-            shown = verdict(d, c.lower) if {c.a, c.b} <= ran else NOT_RUN
+            if c.than:
+                d = paired_interval(gain_values(study, c.a, c.b, m), gain_values(study, *c.than, m))
+                shown = GAIN_VERDICTS[verdict(d, c.lower)] if {c.a, c.b, *c.than} <= ran else NOT_RUN
+            else:
+                d = paired_interval(seed_values(study, c.a, m), seed_values(study, c.b, m))
+                shown = verdict(d, c.lower) if {c.a, c.b} <= ran else NOT_RUN
             judged[m] = {**(d or {"n": 0, "mean": None, "low": None, "high": None}), "verdict": shown}
         claims.append(
-            {"a": c.a, "b": c.b, "lower": c.lower, "a_label": labels[c.a], "b_label": labels[c.b], "metrics": judged}
+            {
+                "a": c.a,
+                "b": c.b,
+                "lower": c.lower,
+                "than": list(c.than) if c.than else None,
+                "a_label": labels[c.a],
+                "b_label": labels[c.b],
+                "metrics": judged,
+            }
         )
     return {**out, "found": True, "rows": rows, "teachers": _teacher_rows(section, study, others), "claims": claims}
 
@@ -262,27 +298,35 @@ def section_markdown(s: dict) -> list[str]:
     ]
     head = ["", "variant", "seeds", *labels]
     lines += [f"Mean ± sd over seeds (plan `{s['plan']}`):", "", *markdown_table(head, rows, 2), ""]
-    if s["claims"]:
+    intros = {
+        False: "The paper's claims, first minus second paired by seed: mean [95 % interval] and verdict:",
+        True: "Gains compared, the first gain minus the second paired by seed: mean [95 % interval] and "
+        "whether the first is larger:",
+    }
+    for gains, intro in intros.items():
         claim_rows = [
             [
-                f"`{c['a']}` {'below' if c['lower'] else 'above'} `{c['b']}`",
+                claim_label(c),
                 str(max(d["n"] for d in c["metrics"].values())),
                 *[_claim_cell(c["metrics"][m], m) if m in c["metrics"] else "" for m in s["metrics"]],
             ]
             for c in s["claims"]
+            if bool(c.get("than")) == gains
         ]
-        lines += [
-            "The paper's claims, first minus second paired by seed: mean [95 % interval] and verdict:",
-            "",
-            *markdown_table(["claim", "seeds", *labels], claim_rows, 1),
-            "",
-        ]
+        if claim_rows:
+            lines += [intro, "", *markdown_table(["claim", "seeds", *labels], claim_rows, 1), ""]
     return lines
 
 
 def _counts_text(result: dict) -> str:
     text = ", ".join(f"{result['verdicts'].get(v, 0)} {v}" for v in VERDICTS)
-    return text + (f" ({result['not_run']} more not run yet)" if result.get("not_run") else "")
+    text += f" ({result['not_run']} more not run yet)" if result.get("not_run") else ""
+    gains = result.get("gain_verdicts") or {}
+    if sum(gains.values()):
+        text += "; besides, gains compared: " + ", ".join(
+            f"{n} {'more not run yet' if v == NOT_RUN else v}" for v, n in gains.items()
+        )
+    return text
 
 
 def paper_markdown(result: dict) -> str:
@@ -327,8 +371,9 @@ def paper_html(result: dict) -> str:
             for m in s["metrics"]:
                 d = c["metrics"].get(m)
                 text = _claim_cell(d, m).replace("**", "") if d else ""
-                cells.append(text + (" **" if d and d["verdict"] in ("holds", "reversed") else ""))
-            rows.append([f"{c['a']} {'below' if c['lower'] else 'above'} {c['b']}", *cells])
+                decisive = d and d["verdict"] not in ("unresolved", NOT_RUN)
+                cells.append(text + (" **" if decisive else ""))
+            rows.append([claim_label(c).replace("`", ""), *cells])
         parts.append(
             f"<h3>{html.escape(s['title'])}</h3><p><i>The paper:</i> {html.escape(s['paper'])}</p>"
             + html_table(["claim", *labels], rows)
@@ -357,14 +402,17 @@ def write_paper(cfg: PaperConfig) -> dict:
     for s in sections:
         study = studies[s.plan]
         judged.append(judge_section(s, study, [o for name, o in found.items() if name != s.plan]))
-    counts = Counter(d["verdict"] for s in judged for c in s["claims"] for d in c["metrics"].values())
+    claims = [c for s in judged for c in s["claims"] if not c["than"]]
+    counts = Counter(d["verdict"] for c in claims for d in c["metrics"].values())
+    gains = Counter(d["verdict"] for s in judged for c in s["claims"] if c["than"] for d in c["metrics"].values())
     result = {
         "study": str(folder),
         "layout": str(cfg.layout),
         "plans": {name: len(s["runs"]) for name, s in found.items()},
         "verdicts": {v: counts.get(v, 0) for v in VERDICTS},
         "not_run": counts.get(NOT_RUN, 0),
-        "with_interval": sum(d["low"] is not None for s in judged for c in s["claims"] for d in c["metrics"].values()),
+        "with_interval": sum(d["low"] is not None for c in claims for d in c["metrics"].values()),
+        "gain_verdicts": {v: gains[v] for v in (*GAIN_VERDICTS.values(), NOT_RUN) if gains.get(v)},
         "sections": judged,
     }
     out = output_folder(cfg.out or folder)
