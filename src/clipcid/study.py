@@ -977,6 +977,7 @@ def study_plot(tables: dict, plan: Plan, path: Path) -> None:
 
 CURVE_METRICS = (
     ("seen_zeroshot_mean_acc1", "seen distribution: zero-shot mean acc1"),
+    ("seen_retrieval_mean_recall@5", "seen distribution: retrieval mean R@5"),
     ("linear_probe_mean_acc1", "linear-probe mean acc1"),
 )
 
