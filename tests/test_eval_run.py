@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import NPM_ROOT, needs_sources
 from eval_stubs import StubEncoder, solid_png, write_classification_wds
@@ -155,3 +156,20 @@ def test_a_checkpoint_moved_with_its_run_folder_keeps_its_fingerprint(tmp_path):
     os.utime(moved, ns=(0, 0))  # written again
     assert weights_fingerprint("m", str(first)) != weights_fingerprint("m", str(moved))
     assert weights_fingerprint("m", "laion2b") == "m__laion2b"
+
+
+def test_text_features_are_encoded_once_per_prompt_and_equal_fresh_ones(tiny_checkpoint):
+    from clipcid.evaluation.features import text_features
+    from clipcid.evaluation.run import load_encoder
+
+    cached = load_encoder("clipcid-tiny", str(tiny_checkpoint), "cpu")
+    calls = []
+    encode_text = cached.model.encode_text
+    cached.model.encode_text = lambda tokens: calls.append(len(tokens)) or encode_text(tokens)
+    names = [f"an emoji of thing {i}." for i in range(40)]
+    first = text_features(cached, names, batch_size=16)
+    again = text_features(cached, names[::-1] + names[:5], batch_size=16)  # another order, repeats
+    assert sum(calls) == 40  # the second pass encoded nothing
+    np.testing.assert_array_equal(again, np.concatenate([first[::-1], first[:5]]))
+    fresh = text_features(load_encoder("clipcid-tiny", str(tiny_checkpoint), "cpu"), names, batch_size=16)
+    np.testing.assert_allclose(first, fresh, rtol=0, atol=1e-6)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcid.errors import ClipcidError
+from clipcid.util.allocator import keep_freed_memory
 from clipcid.util.progress import setup_logging
 
 log = logging.getLogger("clipcid")
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a.replace("_", "-") if a.startswith("--") and "=" not in a else a for a in argv]
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    keep_freed_memory()  # before any tensor: large activations stay mapped between batches (util/allocator.py)
     try:
         return run(args)
     except ClipcidError as e:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,23 +49,13 @@ class DemoConfig:
     )
 
 
-def _timed(times: StageTimes, name: str, work, made):
-    """Run one of the demo's own stages (each returns at once when finished) and note its time."""
-    log.info("== %s", name)
-    start = time.monotonic()
-    result = work()
-    times.record(name, time.monotonic() - start, made())
-    return result
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     validate(cfg)
     out = output_folder(cfg.out)
     recipe = load_recipe(cfg.quick, cfg.recipe)
     times = StageTimes(out)
     corpus_dir, suite_dir, teacher_run = out / "corpus", out / "eval", out / "runs" / "teacher"
-    corpus = _timed(
-        times,
+    corpus = times.timed(
         "corpus",
         lambda: build_demo_corpus(
             BuildDemoConfig(out=str(corpus_dir), workers=cfg.workers, npm_root=cfg.npm_root, **recipe["corpus"])
@@ -78,14 +67,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     # either, and the suite's seen-distribution tasks are made of it. The pipeline then finds it finished
     # with the same settings.
     holdout_dir = out / "holdout"
-    _timed(
-        times,
+    times.timed(
         "holdout",
         lambda: hold_out(HoldoutConfig(data=str(corpus_dir), out=str(holdout_dir), **recipe["holdout"])),
         lambda: identity(holdout_dir / "holdout.json"),
     )
-    _timed(
-        times,
+    times.timed(
         "eval_suite",
         lambda: build_eval_suite(
             BuildEvalConfig(
@@ -100,8 +87,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         lambda: identity(suite_dir / "suite.json"),
     )
     teacher = recipe["lit"]
-    _timed(
-        times,
+    times.timed(
         "teacher",
         lambda: lit(
             LitConfig(
@@ -117,7 +103,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
 
     def extras() -> Extras:
-        _timed(times, "showcase", lambda: _showcase(out, str(suite_dir)), lambda: identity(out / SHOWCASE))
+        times.timed("showcase", lambda: _showcase(out, str(suite_dir)), lambda: identity(out / SHOWCASE))
         return Extras(
             title="clipcid demo",
             intro=INTRO,

@@ -35,6 +35,7 @@ from clipcid.holdout import HoldOut
 from clipcid.models import LoadedModel, load_model, pretrained_trunk_of
 from clipcid.stage import RunFolder, pick_device
 from clipcid.util.fileio import atomic_path
+from clipcid.util.optim import adamw
 from clipcid.util.schedule import cosine_with_warmup
 
 log = logging.getLogger("clipcid")
@@ -113,7 +114,7 @@ def train_projections(model: torch.nn.Module, img: torch.Tensor, txt: torch.Tens
         p.requires_grad_(True)
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": decay, "weight_decay": cfg.wd}, {"params": rest, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(0.9, 0.98),

@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import json
 import logging
+import resource
 import textwrap
 import time
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from clipcid.holdout import HoldOut, HoldoutConfig, hold_out
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.models import check_model_spec
 from clipcid.stage import DistEnv, RunFolder, barrier, digest, distributed, identity, settings_difference
+from clipcid.util import allocator
 from clipcid.util.fileio import output_folder, save_json_atomic
 
 log = logging.getLogger("clipcid")
@@ -405,9 +407,21 @@ def _check_pairs(parts, look_at: int = 64) -> None:
 # -- when each stage ran ----------------------------------------------------------------------------
 
 
+def cpu_used() -> dict[str, float]:
+    """CPU seconds and minor page faults so far of this process and of its children it has waited for
+    (loader workers and rendering pools end within their stage, so a stage's delta holds theirs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "user_seconds": own.ru_utime + children.ru_utime,
+        "system_seconds": own.ru_stime + children.ru_stime,
+        "minor_faults": own.ru_minflt + children.ru_minflt,
+    }
+
+
 class StageTimes:
-    """OUT/run.json: per stage, the seconds it took when it last did its work and what it made
-    (its output's identity). A stage found finished keeps the time of the run that made it."""
+    """OUT/run.json: per stage, the wall seconds it took when it last did its work, the CPU seconds (user,
+    system) and minor page faults of this process and its children meanwhile, and what it made (its
+    output's identity). A stage found finished keeps the figures of the run that made it."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / "run.json"
@@ -418,13 +432,35 @@ class StageTimes:
     def finished(self) -> set[str]:
         return set(self.read().get("stages", {}))
 
-    def record(self, name: str, seconds: float, made: str | None) -> None:
+    def record(self, name: str, seconds: float, made: str | None, cpu: dict | None = None) -> None:
         state = self.read()
         old = state["stages"].get(name)
         if old is None or old.get("identity") != made or made is None:
-            state["stages"][name] = {"seconds": seconds, "identity": made, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            state["stages"][name] = {
+                "seconds": seconds,
+                **(cpu or {}),
+                "identity": made,
+                "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
         state["complete"] = False
+        state["allocator"] = allocator.describe()  # the process's malloc settings, which move system time
         save_json_atomic(self.path, state)
+
+    def timed(self, name: str, work, made=None, wait=None, record: bool = True):
+        """Run one stage, then note its wall time, CPU time and faults and what it made (`made()`).
+        `wait` runs after the work and before the clock stops (the ranks' barrier); only the rank that
+        records (`record`) announces the stage."""
+        if record:
+            log.info("== %s", name)
+        start, before = time.monotonic(), cpu_used()
+        result = work()
+        if wait is not None:
+            wait()
+        if record:
+            after = cpu_used()
+            cpu = {k: after[k] - before[k] for k in after}
+            self.record(name, time.monotonic() - start, made() if made else None, cpu)
+        return result
 
     def complete(self, world_size: int) -> None:
         state = self.read()
@@ -433,6 +469,14 @@ class StageTimes:
 
     def seconds(self) -> dict[str, float]:
         return {name: s["seconds"] for name, s in self.read()["stages"].items()}
+
+    def cpu(self) -> dict[str, dict]:
+        """Per stage that has them: user and system seconds and minor faults."""
+        return {
+            name: {k: s[k] for k in ("user_seconds", "system_seconds", "minor_faults")}
+            for name, s in self.read()["stages"].items()
+            if "user_seconds" in s
+        }
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
@@ -453,14 +497,7 @@ class Pipeline:
 
     def stage(self, name: str, work, made=None):
         """Run one stage on every rank; rank 0 records how long it took and what it made."""
-        if self.env.is_main:
-            log.info("== %s", name)
-        start = time.monotonic()
-        result = work()
-        barrier(self.env)
-        if self.env.is_main:
-            self.times.record(name, time.monotonic() - start, made() if made else None)
-        return result
+        return self.times.timed(name, work, made, wait=lambda: barrier(self.env), record=self.env.is_main)
 
     def run(self) -> dict:
         r = self.recipe
@@ -499,10 +536,7 @@ class Pipeline:
         return {"report": str(self.out / "report.html"), "timings": self.times.seconds()}
 
     def stage_rank0(self, name: str, work, made) -> None:
-        log.info("== %s", name)
-        start = time.monotonic()
-        work()
-        self.times.record(name, time.monotonic() - start, made())
+        self.times.timed(name, work, made)
 
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name

@@ -36,6 +36,7 @@ from clipcid.evaluation.run import (
 from clipcid.holdout import HoldOut
 from clipcid.util.fileio import atomic_path
 from clipcid.util.html import page, png_src
+from clipcid.util.machine import cpu_name
 from clipcid.util.plots import new_figure, save_png
 
 # The models of a run, in the order tables show them: (name, label).
@@ -344,14 +345,34 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
         else ""
     )
     machine = (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
+        f"{platform.system()} {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPU cores"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
         + f", torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
     run_state = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {"stages": {}}
     timings = {**extras.timings, **{k: v["seconds"] for k, v in run_state["stages"].items()}}
-    timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in timings.items())
+
+    def cpu_cells(stage: dict) -> str:
+        if "user_seconds" not in stage:  # recorded before CPU time was
+            return "<td>–</td><td>–</td><td>–</td>"
+        return (
+            f"<td>{stage['user_seconds']:.1f}</td><td>{stage['system_seconds']:.1f}</td>"
+            f"<td>{stage['minor_faults'] / 1e6:.2f}</td>"
+        )
+
+    timing_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td>{cpu_cells(run_state['stages'].get(k, {}))}</tr>"
+        for k, v in timings.items()
+    )
+    cpu_total = [s for s in run_state["stages"].values() if "user_seconds" in s]
+    total_cells = (
+        f"<td><b>{sum(s['user_seconds'] for s in cpu_total):.1f}</b></td>"
+        f"<td><b>{sum(s['system_seconds'] for s in cpu_total):.1f}</b></td>"
+        f"<td><b>{sum(s['minor_faults'] for s in cpu_total) / 1e6:.2f}</b></td>"
+    )
     world = run_state.get("world_size", 1)
+    if run_state.get("allocator"):
+        machine += f"; memory allocator: {run_state['allocator']}"
     curves = "".join(_loss_curves(rows, title) for rows, title in extras.curves)
     curves += "".join(
         _loss_curves(read_train_log(out / "runs" / name), title)
@@ -375,8 +396,8 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
 <h2>What ran</h2>
 <p>{html.escape(machine)}; {world} process(es). Seconds per stage, when it last did its work (installs not
 included); the settings follow (OUT/recipe.json).</p>
-<table><tr><th>stage</th><th>seconds</th></tr>{timing_rows}
-<tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td></tr></table>
+<table><tr><th>stage</th><th>seconds</th><th>user CPU s</th><th>system CPU s</th><th>minor faults (M)</th></tr>
+{timing_rows}<tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td>{total_cells}</tr></table>
 <pre>{html.escape(json.dumps(recipe, indent=2))}</pre>
 <h2>Image Semantic Balance</h2>
 <p>threshold {balance_stats["threshold"]:.4g} ({html.escape(balance_stats["metric"])}; l2 {t["l2"]:.4g}, cosine

@@ -35,6 +35,7 @@ from clipcid.errors import ClipcidError
 from clipcid.models import embedding_dim, load_model, lock_text_tower, padding_trimmer
 from clipcid.stage import DistEnv, barrier, distributed
 from clipcid.util import precision
+from clipcid.util.optim import adamw
 from clipcid.util.progress import progress_bar
 from clipcid.util.schedule import cosine_with_warmup
 
@@ -132,7 +133,7 @@ def build_optimizer(cfg: DistillConfig, student: nn.Module) -> torch.optim.Optim
         {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.wd, "lr_scale": 1.0},
         {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: DistillConfig, total_steps: int) -> float:

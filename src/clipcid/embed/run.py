@@ -25,7 +25,7 @@ from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import Part, discover_parts, fingerprint, iter_rows
 from clipcid.inputs.shards import DamagedShard
-from clipcid.models import LoadedModel, load_model, padding_trimmer
+from clipcid.models import LoadedModel, by_length, load_model
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed, parts_of_rank
 from clipcid.util import precision
 from clipcid.util.progress import progress_bar
@@ -250,7 +250,7 @@ def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, 
         pin_memory=env.device.type == "cuda",
         persistent_workers=False,
     )
-    trim = padding_trimmer(teacher.model)
+    encode_text = by_length(teacher.model, lambda tokens: encoder.text(tokens.to(env.device, non_blocking=True)))
     pending: dict[int, list[dict]] = {}
     images_done, start = 0, time.monotonic()
     with torch.inference_mode(), progress_bar(None, f"embed (rank {env.rank})", "img", env.is_main) as bar:
@@ -263,7 +263,7 @@ def _embed_parts(cfg: EmbedConfig, env: DistEnv, parts: list[Part], root: Path, 
             if batch["images"] is not None:
                 with precision.autocast(env.device, cfg.precision):
                     img = encoder.image(batch["images"].to(env.device, non_blocking=True))
-                    txt = encoder.text(trim(batch["tokens"]).to(env.device, non_blocking=True))
+                    txt = encode_text(batch["tokens"])
                 img, txt = img.float(), txt.float()
                 if encoder.normalize:
                     img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
