@@ -25,11 +25,13 @@ import argparse
 import collections
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,27 +108,38 @@ class Profiler:
 def record(cmd: list[str], out: Path, rate: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    os.set_blocking(proc.stdout.fileno(), False)
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:  # a thread, so that the counters are sampled while the command is quiet
+        for line in proc.stdout:
+            lines.put((time.time(), line.rstrip("\n")))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     profiler = Profiler(out, rate)
-    marks, pending, last = [], "", {}
+    marks, last, ended = [], {}, False
     with open(out / "counters.jsonl", "w") as counters, open(out / "output.log", "w") as log:
-        while True:
-            chunk = proc.stdout.read() or ""
-            pending += chunk
-            *lines, pending = pending.split("\n")
-            now = time.time()
-            for line in lines:
+        while not ended:
+            deadline = time.time() + 1
+            while time.time() < deadline:
+                try:
+                    item = lines.get(timeout=max(0.0, deadline - time.time()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    ended = True
+                    break
+                when, line = item
                 sys.stdout.write(line + "\n")
-                log.write(f"{now:.1f} {line}\n")
+                log.write(f"{when:.1f} {line}\n")
                 m = STAGE_LINE.search(line)
                 if m:
-                    marks.append({"stage": m.group(1), "t": now, **tree_counters(proc.pid)})
+                    marks.append({"stage": m.group(1), "t": when, **tree_counters(proc.pid)})
                     profiler.start(m.group(1), proc.pid)
-            if proc.poll() is not None:
-                break
-            last = {"t": now, **tree_counters(proc.pid)}  # the end's figures: the last second is not counted
-            counters.write(json.dumps(last) + "\n")
-            time.sleep(1)
+            if proc.poll() is None:
+                last = {"t": time.time(), **tree_counters(proc.pid)}  # the end's figures: the last second is lost
+                counters.write(json.dumps(last) + "\n")
+    proc.wait()
     profiler.stop()
     end = {"stage": None, **last, "t": time.time()}
     (out / "stages.json").write_text(json.dumps(marks + [end], indent=1))
