@@ -41,16 +41,16 @@ STAGE_LINE = re.compile(r"INFO == (\w+)\s*$")
 CATEGORIES = (
     ("render", r"render_png|render_svg|render_glyphs|_render_"),
     ("sources", r"corpus/sources\.py|collect_training_artwork"),
-    ("train step", r"train_projections|_engine_run_backward|backward|Trainer\.|optimizer|adamw"),
-    ("projection", r"project_embeddings|visual\.head|\.proj\b|ProjectionHead"),
-    ("text encoder", r"text_pooled|encode_text|BertModel|MiniLM|TextTransformer|encode_texts|text_features"),
+    ("text encoder", r"text_pooled|encode_text|BertModel|TextTransformer|encode_texts|text_features"),
     ("trunk", r"forward_features|EfficientNet|MobileNet|encode_image|VisionTransformer|_conv_forward|encode_images"),
+    ("projection", r"project_embeddings"),
+    ("metrics", r"zeroshot_classification\.py|linear_probe\.py|zeroshot_retrieval\.py|LBFGS"),
+    ("train step", r"train_projections|_engine_run_backward|backward|Trainer\.|optimizer|adamw"),
     ("decode", r"_decode|ImageFile\.load|Image\.open|PngImagePlugin|\.convert \("),
     ("transform", r"transforms|Compose|to_tensor|resize"),
     ("collate", r"_collate|default_collate|storage\.py|_share_"),
     ("tar reading", r"tarfile|tariterators|iter_rows|iter_tar_samples"),
     ("writing", r"write_part|_write_part|write_tar|save_json|write_table|np\.save|save_npy"),
-    ("metrics", r"zeroshot_classification|linear_probe|zeroshot_retrieval|LBFGS|bootstrap"),
 )
 
 
@@ -156,23 +156,25 @@ def stage_table(out: Path) -> list[dict]:
     return rows
 
 
-def split_of(stacks: Path) -> tuple[dict, float]:
-    """Sampled seconds per (process role, category) of one stage's raw py-spy stacks."""
-    got: collections.Counter = collections.Counter()
-    main = None
+def split_of(stacks: Path) -> dict:
+    """Sampled seconds per (process role, category) of one stage's raw py-spy stacks. py-spy writes a
+    stack as the chain of processes down to the sampled one, then its frames: the shortest chains are
+    the command's main Python process, longer ones its workers (loaders, pools)."""
+    rows = []
     for line in stacks.read_text().splitlines():
-        if not line.strip():
-            continue
-        stack, count = line.rsplit(" ", 1)
-        frames = stack.split(";")
-        pid = re.match(r"process (\d+)", frames[0]).group(1)
-        main = main or pid
-        role = "main" if pid == main and not frames[1].startswith("process ") else "workers"
-        body = [f for f in frames if not f.startswith("process ")]
-        what = next((name for name, rx in CATEGORIES if any(re.search(rx, f) for f in body)), "other")
-        got[(role, what)] += int(count)
+        if line.strip():
+            stack, count = line.rsplit(" ", 1)
+            frames = stack.split(";")
+            depth = sum(f.startswith("process ") for f in frames)
+            rows.append((depth, [f for f in frames if not f.startswith("process ")], int(count)))
+    main_depth = min((d for d, _, _ in rows), default=0)
     rate = json.loads((stacks.parent / "rate.json").read_text())["rate"]
-    return {k: v / rate for k, v in got.items()}, rate
+    got: collections.Counter = collections.Counter()
+    for depth, body, count in rows:
+        role = "main" if depth == main_depth else "workers"
+        what = next((name for name, rx in CATEGORIES if any(re.search(rx, f) for f in body)), "other")
+        got[(role, what)] += count / rate
+    return dict(got)
 
 
 def summary(out: Path) -> None:
@@ -191,7 +193,7 @@ def summary(out: Path) -> None:
         stacks = out / f"{r['stage']}.stacks"
         if not stacks.is_file() or r["wall"] < 30:
             continue
-        split, _ = split_of(stacks)
+        split = split_of(stacks)
         sampled = sum(split.values())
         print(f"\n{r['stage']} ({r['wall']:.0f} s wall): sampled Python-thread seconds by what the stack was doing\n")
         print("| process | doing | seconds | share |")

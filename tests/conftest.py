@@ -16,8 +16,10 @@ from PIL import Image, ImageDraw
 
 from clipcid.inputs.shards import write_tar_atomic
 from clipcid.models import register_model_configs
+from clipcid.util.allocator import keep_freed_memory
 
 register_model_configs()  # the project's configs, for open_clip.create_model("clipcid-tiny")
+keep_freed_memory()  # as the CLI does at start-up: the tests' batches reuse their pages (util/allocator.py)
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "cyan"]
 SHAPES = ["circle", "square", "triangle", "cross"]

@@ -25,8 +25,11 @@ for _ in range(6):
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(6):
     torch.ones(16 * 2**20).sum()
-print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
-                  "applied": allocator.applied()}))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+held = rss()
+allocator.release()
+print(json.dumps({"faults": faults, "applied": allocator.applied(), "released_mb": held - rss()}))
 """
 
 
@@ -43,6 +46,7 @@ def test_kept_memory_is_reused_without_page_faults():
     assert kept["applied"]["settings"] == allocator.KEEP
     assert default["faults"] > 6 * 16_000  # every round faulted its 64 MB in again
     assert kept["faults"] < 1_000  # the same pages, reused
+    assert kept["released_mb"] > 48  # and handed back between stages (malloc_trim)
 
 
 def test_cli_applies_the_setting_and_run_json_reports_it(tmp_path, monkeypatch):
@@ -64,3 +68,4 @@ def test_cli_applies_the_setting_and_run_json_reports_it(tmp_path, monkeypatch):
     stage = state["stages"]["work"]
     assert stage["identity"] == "made" and stage["seconds"] >= 0
     assert stage["user_seconds"] >= 0 and stage["system_seconds"] >= 0 and stage["minor_faults"] >= 0
+    assert stage["peak_rss_mb"] > 10  # this process's high-water mark so far, in MB

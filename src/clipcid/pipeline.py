@@ -415,6 +415,7 @@ def cpu_used() -> dict[str, float]:
         "user_seconds": own.ru_utime + children.ru_utime,
         "system_seconds": own.ru_stime + children.ru_stime,
         "minor_faults": own.ru_minflt + children.ru_minflt,
+        "peak_rss_mb": max(own.ru_maxrss, children.ru_maxrss) / 1024,  # Linux counts kB; the largest process so far
     }
 
 
@@ -456,9 +457,11 @@ class StageTimes:
         result = work()
         if wait is not None:
             wait()
+        allocator.release()  # what this stage kept for its batches is not held through the next
         if record:
             after = cpu_used()
-            cpu = {k: after[k] - before[k] for k in after}
+            cpu = {k: after[k] - before[k] for k in after if k != "peak_rss_mb"}
+            cpu["peak_rss_mb"] = after["peak_rss_mb"]  # a high-water mark: the largest up to this stage's end
             self.record(name, time.monotonic() - start, made() if made else None, cpu)
         return result
 

@@ -143,10 +143,14 @@ def image_features(
     n_sources = len(dataset.sources(split))
     memo = getattr(encoder, "image_memo", None)
     memo = {} if memo is None else memo
+    # On a CPU the forward pass already keeps every core busy, and forking loader workers from a process
+    # that holds gigabytes (a teacher's kept activations) cost more than decoding in place: a CPU
+    # evaluation ran 1.5x faster without workers (docs/benchmarks.md). A GPU gets its loaders.
+    on_gpu = str(getattr(encoder, "device", "cpu")).startswith("cuda")
     loader = torch.utils.data.DataLoader(
         _SplitImages(dataset, split, encoder.preprocess, set(memo)),
         batch_size=batch_size,
-        num_workers=min(workers, n_sources),
+        num_workers=min(workers, n_sources) if on_gpu else 0,
         collate_fn=_collate,
     )
     feats, targets, places = [], [], []

@@ -38,6 +38,7 @@ from clipcid.evaluation.features import (
     image_features,
     text_features,
 )
+from clipcid.util import allocator
 from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 
 log = logging.getLogger("clipcid")
@@ -533,7 +534,10 @@ def evaluate_model(cfg: ModelEvalConfig) -> dict:
             summary["holdout_retrieval"] = records[0]["metrics"]
         save_json_atomic(out / SUMMARY_FILE, {"model": cfg.model, "pretrained": cfg.pretrained, **summary})
         measured = model_size_and_speed(encoder, cfg.batch_size) if encoder is not None else {}
-        return folder.finish({"records": len(records) + len(extra), "summary": summary, **measured})
+        result = folder.finish({"records": len(records) + len(extra), "summary": summary, **measured})
+    del encoder
+    allocator.release()  # the next model's evaluation does not sit on this one's kept activations
+    return result
 
 
 HOLDOUT_DATASET = "holdout_pairs"

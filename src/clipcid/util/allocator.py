@@ -69,6 +69,14 @@ def keep_freed_memory() -> dict:
     return _applied
 
 
+def release() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim), between stages: what one
+    stage kept for its batches is not held through the next. No-op where settings were not changed."""
+    found = _glibc()
+    if found is not None and _applied and _applied["settings"]:
+        found[0].malloc_trim(0)
+
+
 def applied() -> dict | None:
     """What keep_freed_memory set in this process, or None when it has not run."""
     return _applied
