@@ -26,8 +26,15 @@ SHAPES = ["circle", "square", "triangle", "cross"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NPM_ROOT = REPO_ROOT / "node_modules"
 
-# Keep the tests off both cores' worth of threads fighting each other in DataLoader workers.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep the tests off both cores' worth of threads fighting each other in DataLoader workers. Under
+# pytest-xdist (`make test` runs two workers) each worker takes one core: one thread each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def shape_png(colour: str, shape: str, size: int = 64, jitter: int = 0) -> bytes:
