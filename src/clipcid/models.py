@@ -220,15 +220,21 @@ def lock_text_tower(clip: torch.nn.Module) -> None:
         frozen.register_forward_pre_hook(_keep_in_eval_mode)
 
 
+def _trimmable_pad_id(model: torch.nn.Module) -> int | None:
+    """The padding id of a Hugging Face text tower (which masks padding out), None for other towers."""
+    text = getattr(model, "text", None)
+    pad_id = getattr(getattr(text, "config", None), "pad_token_id", None)
+    return pad_id if isinstance(text, HFTextEncoder) else None
+
+
 def padding_trimmer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function that cuts the all-padding columns off the end of a token batch, where that leaves the
     text embedding exactly as it was: a Hugging Face tower masks padding out of attention and pooling.
     Short captions padded to the context length then cost their own length, not the context's (the
     MiniLM teacher's text pass, most of `embed`'s time on the demo corpus). Identity for other towers:
     open_clip's own text transformer adds the full positional table, so it needs full-length input."""
-    text = getattr(model, "text", None)
-    pad_id = getattr(getattr(text, "config", None), "pad_token_id", None)
-    if not isinstance(text, HFTextEncoder) or pad_id is None:
+    pad_id = _trimmable_pad_id(model)
+    if pad_id is None:
         return lambda tokens: tokens
 
     def trim(tokens: torch.Tensor) -> torch.Tensor:
@@ -245,11 +251,10 @@ def by_length(
     sorted by length and encoded `chunk` at a time, each chunk trimmed to its own longest row, then put
     back in order. A batch of demo captions (8.8 tokens on average, 23.5 for the longest of 256) then
     costs about half the columns. Other towers get `encode` on the whole batch."""
-    text = getattr(model, "text", None)
-    pad_id = getattr(getattr(text, "config", None), "pad_token_id", None)
-    trim = padding_trimmer(model)
-    if not isinstance(text, HFTextEncoder) or pad_id is None:
+    pad_id = _trimmable_pad_id(model)
+    if pad_id is None:
         return encode
+    trim = padding_trimmer(model)
 
     def run(tokens: torch.Tensor) -> torch.Tensor:
         if len(tokens) <= chunk:

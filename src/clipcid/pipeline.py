@@ -473,14 +473,6 @@ class StageTimes:
     def seconds(self) -> dict[str, float]:
         return {name: s["seconds"] for name, s in self.read()["stages"].items()}
 
-    def cpu(self) -> dict[str, dict]:
-        """Per stage that has them: user and system seconds and minor faults."""
-        return {
-            name: {k: s[k] for k in ("user_seconds", "system_seconds", "minor_faults")}
-            for name, s in self.read()["stages"].items()
-            if "user_seconds" in s
-        }
-
 
 # -- the pipeline ----------------------------------------------------------------------------------
 

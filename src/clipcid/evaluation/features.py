@@ -42,7 +42,7 @@ class OpenClipEncoder:
         # group, subgroup and name, and retrieved by caption), and each picture is encoded once.
         self.image_memo: dict[str, np.ndarray] = {}
         # Features by prompt: the suite's name tasks share class names and templates (every emoji style is
-        # named among the same ~4,000 names, the held-out icons among the icon set's 13,000), so a model
+        # named among the corpus's 3,937 emoji names, the held-out icons among its 13,628), so a model
         # encodes each prompt once per run.
         self.text_memo: dict[str, np.ndarray] = {}
 
