@@ -202,7 +202,7 @@ def test_eval_suite_layout_reads_like_clip_benchmark(tmp_path):
 @needs_sources()
 def test_seen_distribution_tasks_are_the_held_out_pictures_named_by_the_corpus(tmp_path):
     from clipcid.evaluation.datasets import build_dataset, group_of
-    from clipcid.holdout import HoldOut, HoldoutConfig, hold_out
+    from clipcid.holdout import SPLITS, HoldOut, HoldoutConfig, hold_out
     from clipcid.inputs.parts import discover_parts, iter_rows
 
     corpus = tmp_path / "corpus"
@@ -223,17 +223,22 @@ def test_seen_distribution_tasks_are_the_held_out_pictures_named_by_the_corpus(t
             if "skin tone" not in name:
                 every[row.meta["kind"]].add(name)
             if mask[r]:
-                held.append((row.image, row.meta["kind"], name, row.caption))
+                held.append((row.image, row.meta["kind"], name, row.caption, row.meta["style"]))
     assert [s for s in h.strata()["strata"].values() if s["held_out"] < min(2, s["rows"])] == []
     for kind, plural in (("emoji", "emoji"), ("flag", "flags"), ("icon", "icons")):
         ds = build_dataset(f"heldout_names_{plural}", tmp_path / "eval")
         assert ds.classnames == sorted(every[kind])  # every name of the kind in the corpus
-        shown = sorted((image, ds.classnames[c]) for image, c in ds.iter_split("test"))
-        wanted = sorted((image, name) for image, k, name, _ in held if k == kind and "skin tone" not in name)
-        assert shown == wanted and infos[f"heldout_names_{plural}"]["splits"]["test"] == len(wanted)
-    pairs = sorted(
-        (image, caps[0]) for image, caps in build_dataset("heldout_retrieval", tmp_path / "eval").iter_split("test")
-    )
-    assert pairs == sorted((image, caption) for image, _, _, caption in held)
+        shown = sorted((image, ds.classnames[c]) for split in SPLITS for image, c in ds.iter_split(split))
+        wanted = sorted((image, name) for image, k, name, _, _ in held if k == kind and "skin tone" not in name)
+        assert shown == wanted and sum(infos[f"heldout_names_{plural}"]["splits"].values()) == len(wanted)
+    # The pairs, split into validation and test: disjoint, together the hold-out, each style halved.
+    retrieval = build_dataset("heldout_retrieval", tmp_path / "eval")
+    by_split = {split: sorted((image, caps[0]) for image, caps in retrieval.iter_split(split)) for split in SPLITS}
+    assert not {i for i, _ in by_split["validation"]} & {i for i, _ in by_split["test"]}
+    assert sorted(by_split["validation"] + by_split["test"]) == sorted((i, c) for i, _, _, c, _ in held)
+    style_of = {image: style for image, _, _, _, style in held}
+    for style in {style for *_, style in held}:
+        counts = [sum(style_of[i] == style for i, _ in by_split[split]) for split in SPLITS]
+        assert 0 <= counts[0] - counts[1] <= 1, (style, counts)  # validation takes the odd one
     with pytest.raises(ClipcidError, match="need both --corpus and --holdout"):
         build_eval_suite(BuildEvalConfig(str(tmp_path / "eval2"), npm_root=str(NPM_ROOT), corpus=str(corpus)))

@@ -173,3 +173,39 @@ def test_text_features_are_encoded_once_per_prompt_and_equal_fresh_ones(tiny_che
     np.testing.assert_array_equal(again, np.concatenate([first[::-1], first[:5]]))
     fresh = text_features(load_encoder("clipcid-tiny", str(tiny_checkpoint), "cpu"), names, batch_size=16)
     np.testing.assert_allclose(first, fresh, rtol=0, atol=1e-6)
+
+
+def test_a_validation_evaluation_reads_no_test_image(tmp_path, monkeypatch):
+    import clipcid.evaluation.run as run_module
+
+    suite = tmp_path / "suite"
+    write_classification_wds(suite / "colours", {"train": TRAIN, "test": TEST}, ["red", "green", "blue"], ["{c}"])
+    held = {"validation": [("red", 0), ("green", 1), ("purple", 2)], "test": [("blue", 2), ("purple", 2)]}
+    write_classification_wds(suite / "heldout_colours", held, ["red", "green", "blue"], ["{c}"])
+    write_classification_wds(suite / "only_test", {"test": TEST}, ["red", "green", "blue"], ["{c}"])
+    entries = [
+        {"name": "colours", "tasks": ["zeroshot_classification", "linear_probe"]},
+        {"name": "heldout_colours", "tasks": ["zeroshot_classification"]},
+        {"name": "only_test", "tasks": ["zeroshot_classification"]},
+    ]
+    (suite / "suite.json").write_text(json.dumps({"datasets": entries, "complete": True}))
+    read = []
+    original = run_module.image_features
+    monkeypatch.setattr(
+        run_module, "image_features", lambda enc, ds, split, *a: read.append(split) or original(enc, ds, split, *a)
+    )
+    cfg = EvalSuiteConfig("stub", str(tmp_path / "val"), None, str(suite), workers=0, split="validation")
+    result = run_eval_suite(cfg, encoder=StubEncoder())
+    assert "test" not in read and set(read) == {"train", "validation"}
+    got = {(r["dataset"], r["task"]): r for r in result["records"]}
+    assert set(got) == {("wds/colours", "linear_probe"), ("wds/heldout_colours", "zeroshot_classification")}
+    assert all(r["split"] == "validation" for r in got.values())
+    # The probe's figure is on a 30 % fold of train (6 of 18 pictures), which the stub separates exactly.
+    probe = got["wds/colours", "linear_probe"]["metrics"]
+    assert probe["n_images"] == 6 and probe["lp_acc1"] == 1.0
+    assert got["wds/heldout_colours", "zeroshot_classification"]["metrics"]["acc1"] == pytest.approx(2 / 3)
+    assert json.loads((tmp_path / "val" / "summary.json").read_text())["split"] == "validation"
+    # At test, every task reads its test split, the held-out one its test half.
+    result = run_eval_suite(EvalSuiteConfig("stub", None, None, str(suite), workers=0), encoder=StubEncoder())
+    got = {(r["dataset"], r["task"]): r["metrics"] for r in result["records"]}
+    assert len(got) == 4 and got["wds/heldout_colours", "zeroshot_classification"]["acc1"] == 0.5

@@ -10,7 +10,17 @@ from conftest import make_img2dataset_shards
 
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.datasets import build_dataset
-from clipcid.holdout import HoldOut, HoldoutConfig, below, cut_of, held_out, hold_out, image_hash, stratum_cuts
+from clipcid.holdout import (
+    HoldOut,
+    HoldoutConfig,
+    below,
+    cut_of,
+    held_out,
+    hold_out,
+    image_hash,
+    split_held_out,
+    stratum_cuts,
+)
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.inputs.shards import iter_tar_samples, write_tar_atomic
 
@@ -142,3 +152,27 @@ def test_stratum_cuts_stream_the_parts_and_keep_the_floor_across_them():
     assert list(below(np.array([half + 9, half + 10, top], dtype=np.uint64), cuts["small"])) == [True, False, False]
     assert below(np.array([top], dtype=np.uint64), 2**64).all() and not below(np.array([0], dtype=np.uint64), 0).any()
     assert stratum_cuts(iter(parts), fraction=0.5, minimum=0) == {"small": half, "big": half}
+
+
+def test_the_held_out_pairs_split_into_validation_and_test_by_hash_within_each_stratum():
+    rng = np.random.default_rng(3)
+    strata = ["a"] * 7 + ["b"] * 40 + ["c"] * 1
+    hashes = [int(h) for h in rng.integers(0, 2**63, size=len(strata), dtype=np.int64)]
+    hashes[5] = hashes[6]  # two byte-identical copies in stratum a
+    split = split_held_out(strata, hashes)
+    assert set(split) == {"validation", "test"} and len(split) == len(strata)
+    assert split[5] == split[6]  # a picture's copies stay on one side
+    for stratum in "abc":
+        sides = [s for s, st in zip(split, strata, strict=True) if st == stratum]
+        distinct = len({h for h, st in zip(hashes, strata, strict=True) if st == stratum})
+        # Halved by distinct pictures, validation taking the odd one.
+        pictures = {h: s for h, s, st in zip(hashes, split, strata, strict=True) if st == stratum}
+        n_val = sum(v == "validation" for v in pictures.values())
+        assert n_val == (distinct + 1) // 2 and len(sides) == strata.count(stratum)
+    # In each stratum, the smallest hash is validation, and sides alternate along the hashes.
+    b = sorted((h, s) for h, s, st in zip(hashes, split, strata, strict=True) if st == "b")
+    assert [s for _, s in b] == ["validation", "test"] * 20
+    # The same pairs in another order get the same sides: the split follows the pictures.
+    order = rng.permutation(len(strata))
+    again = split_held_out([strata[i] for i in order], [hashes[i] for i in order])
+    assert [again[list(order).index(i)] for i in range(len(strata))] == split

@@ -161,6 +161,61 @@ def test_plan_errors_name_the_problem(artifacts, tmp_path):
             run_study(_config(artifacts, tmp_path / "s5", bad))
 
 
+TUNING = {
+    "purpose": "tuning",
+    "split": "validation",
+    "select_by": ["linear_probe_mean_acc1"],
+    "reference": "lr_small",
+    "seeds": [0, 1],
+    "base": PLAN["base"],
+    "variants": [
+        {"name": "lr_small", "series": "clip", "x": 1, "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0, "lr": 1e-4}},
+        {"name": "lr_big", "series": "clip", "x": 4, "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0, "lr": 4e-4}},
+    ],
+}
+
+
+def test_a_tuning_plan_chooses_on_validation_and_the_main_plan_runs_its_choice_on_test(
+    artifacts, tmp_path, monkeypatch
+):
+    """The choice is made by the named criterion on validation figures only; the plan that reports runs
+    the chosen setting at test, its first seed being the tuning run's student (not trained again)."""
+    evaluated = []
+
+    def fake_suite(cfg):  # the criterion known in advance: the larger learning rate wins on validation
+        evaluated.append((Path(cfg.pretrained).parts[-4], cfg.split))
+        lp = (0.6 if "lr_big" in cfg.pretrained else 0.5) + 0.01 * len(evaluated)
+        summary = {"linear_probe_mean_acc1": lp}
+        record = {"dataset": "wds/digits", "task": "linear_probe", "metrics": {"lp_acc1": lp}}
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary))
+        return {"records": [record], "summary": summary}
+
+    monkeypatch.setattr(study_module, "run_eval_suite", fake_suite)
+    out = tmp_path / "study"
+    chosen_clip = {"name": "clip", "label": "CLIP only, tuned", "tuned": {"plan": "tuning", "series": "clip"}}
+    main = {"reference": "clip", "seeds": [0], "base": PLAN["base"], "variants": [chosen_clip]}
+    with pytest.raises(
+        ClipcidError, match="variant clip runs the setting plan tuning chooses for clip, which it has not"
+    ):
+        run_study(_config(artifacts, out, main, "main"))
+    tuned = run_study(_config(artifacts, out, TUNING, "tuning"))
+    assert {split for _, split in evaluated} == {"validation"} and len(evaluated) == 4
+    choice = tuned["choices"]["clip"]
+    assert choice["complete"] and choice["chosen"] == "lr_big" and choice["settings"]["lr"] == 4e-4
+    assert choice["criterion"]["lr_big"] > choice["criterion"]["lr_small"] and tuned["split"] == "validation"
+    assert "## Choices (on validation figures" in (out / "tuning.md").read_text()
+    result = run_study(_config(artifacts, out, main, "main"))
+    (run,) = result["runs"]
+    assert run["settings"]["lr"] == 4e-4 and run["trained_as"] == "lr_big" and run["split"] == "test"
+    assert (out / "runs" / "clip" / "seed0" / "train").is_symlink() and evaluated[-1] == ("clip", "test")
+    # A tuning plan that would read the test split is refused before anything runs.
+    with pytest.raises(ClipcidError, match="a tuning plan chooses settings, so it reads validation figures only"):
+        run_study(_config(artifacts, tmp_path / "s", {**TUNING, "split": "test"}, "tuning"))
+    with pytest.raises(ClipcidError, match='names its criterion before its runs: "select_by"'):
+        run_study(_config(artifacts, tmp_path / "s", {**TUNING, "select_by": ["val_loss"]}, "tuning"))
+
+
 def test_the_shipped_plans_load_with_known_settings():
     from importlib.resources import files
 

@@ -20,6 +20,11 @@ OUT/holdout_pairs/            the gallery: test/{j}.tar (image, txt caption, jso
                               dataset_type.txt, pairs.parquet (part, row, key, caption, in dataset order)
 OUT/strata.json               --stratify-by: each stratum's rows, cut and held-out rows
 OUT/holdout.json              settings, "complete", and the counts
+
+The held-out rows divide into validation and test (`split_held_out`): within each stratum, pictures
+ranked by hash alternate between the two, so each stratum is halved and byte-identical copies stay on
+one side. The division is a function of the hold-out, not a setting of it: adding it changed no
+hold-out's identity, so no training run was invalidated.
 """
 
 from __future__ import annotations
@@ -118,6 +123,24 @@ def stratum_cuts(parts: Iterable[dict[str, np.ndarray]], fraction: float, minimu
         few = smallest.get(stratum)
         cuts[stratum] = int(few[-1]) + 1 if minimum and n < minimum and len(few) else cut
     return cuts
+
+
+VALIDATION, TEST = "validation", "test"
+SPLITS = (VALIDATION, TEST)
+
+
+def split_held_out(strata: list[str], hashes: list[int]) -> list[str]:
+    """The split ("validation" or "test") of each held-out row, from its stratum and its image hash: in
+    each stratum the distinct hashes in increasing order alternate validation, test, validation, ... So
+    each stratum is halved (validation takes the odd one), the choice follows the pictures (uniform, like
+    the hold-out itself), and byte-identical copies of a picture fall on one side."""
+    if len(strata) != len(hashes):
+        raise ValueError("one stratum per hash")
+    ranks: dict[str, dict[int, int]] = {}
+    for stratum, h in sorted(set(zip(strata, (int(h) for h in hashes), strict=True))):
+        ranked = ranks.setdefault(stratum, {})
+        ranked[h] = len(ranked)
+    return [SPLITS[ranks[s][int(h)] % 2] for s, h in zip(strata, hashes, strict=True)]
 
 
 def _usable(image: bytes, caption: str | None) -> bool:
@@ -438,6 +461,17 @@ class HoldOut:
     @property
     def stats(self) -> dict:
         return {k: v for k, v in self.record.items() if k not in ("settings", "complete")}
+
+    @property
+    def stratify_by(self) -> str | None:
+        return self.record["settings"].get("stratify_by")
+
+    def split_of(self, rows: list[tuple[dict | None, bytes]]) -> list[str]:
+        """The split of each held-out row, given (its metadata, its image bytes): stratified by the field
+        this hold-out was stratified by (one stratum when it was not)."""
+        field = self.stratify_by
+        strata = [stratum_of(meta, field) if field else "" for meta, _ in rows]
+        return split_held_out(strata, [image_hash(image) for _, image in rows])
 
 
 def summary_text(stats: dict) -> str:

@@ -53,6 +53,8 @@ log = logging.getLogger("clipcid")
 
 PLAN = Path(__file__).parent / "configs" / "study.json"
 GIVEN = "given"
+TEST, VALIDATION = "test", "validation"
+TUNING = "tuning"
 TEACHER_KINDS = {"lit", "clip", "emb"}
 
 
@@ -84,6 +86,9 @@ class Variant:
     seeds: list[int] = field(default_factory=list)  # the plan's seeds for the variant's groups
     series: str | None = None  # a curve of the plan (e.g. a method over training lengths) ...
     x: float | None = None  # ... and the variant's place on it
+    # {"plan": TUNING_PLAN, "series": SERIES}: the training settings the tuning plan chose for that series
+    # on validation figures, under this variant's own "train" overrides (e.g. epochs).
+    tuned: dict | None = None
 
 
 def groups_of(group: str) -> list[str]:
@@ -100,6 +105,11 @@ class Plan:
     comparisons: list[tuple[str, str]] = field(default_factory=list)
     # Variants whose students' last-layer weights are compared over seeds (the paper's Fig. 4).
     weights: list[str] = field(default_factory=list)
+    # Which figures the plan reads: "test" (what tables report) or "validation" (what choices are made on).
+    split: str = TEST
+    # A tuning plan chooses a setting per series by the mean of these suite averages on validation.
+    purpose: str = "comparison"
+    select_by: list[str] = field(default_factory=list)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -164,6 +174,7 @@ def load_plan(path: str, base_train: dict) -> Plan:
                 seeds or list(raw.get("seeds", [0])),
                 item.get("series"),
                 item.get("x"),
+                _check_tuned(item.get("tuned"), f"{path}: variant {item['name']}"),
             )
         )
     if len({v.name for v in variants}) != len(variants):
@@ -177,6 +188,21 @@ def load_plan(path: str, base_train: dict) -> Plan:
     comparisons = raw.get("comparisons", [])
     if not all(isinstance(c, list) and len(c) == 2 and all(isinstance(n, str) for n in c) for c in comparisons):
         raise ClipcidError(f'{path}: comparisons must be pairs of variant names, e.g. [["cid", "fd"]]')
+    split, purpose, select_by = raw.get("split", TEST), raw.get("purpose", "comparison"), raw.get("select_by", [])
+    if split not in (TEST, VALIDATION):
+        raise ClipcidError(f'{path}: "split" is "test" or "validation", not {split!r}')
+    if purpose == TUNING:
+        if split != VALIDATION:
+            raise ClipcidError(
+                f'{path}: a tuning plan chooses settings, so it reads validation figures only; it asks for "{split}". '
+                'Set "split": "validation" (test figures are for the plan that runs the chosen settings)'
+            )
+        averages = {key for key, _ in AVERAGES}
+        if not select_by or not set(select_by) <= averages:
+            raise ClipcidError(
+                f'{path}: a tuning plan names its criterion before its runs: "select_by", suite averages among '
+                f"{', '.join(sorted(averages))}"
+            )
     plan = Plan(
         raw.get("reference", variants[0].name if variants else ""),
         raw.get("seeds", [0]),
@@ -184,6 +210,9 @@ def load_plan(path: str, base_train: dict) -> Plan:
         variants,
         [(a, b) for a, b in comparisons],
         list(raw.get("weights", [])),
+        split,
+        purpose,
+        list(select_by),
     )
     plan.variant(plan.reference)
     for name in plan.weights:
@@ -195,6 +224,14 @@ def load_plan(path: str, base_train: dict) -> Plan:
         if v.same_steps_as:
             plan.variant(v.same_steps_as)
     return plan
+
+
+def _check_tuned(tuned, where: str) -> dict | None:
+    if tuned is None:
+        return None
+    if not (isinstance(tuned, dict) and set(tuned) == {"plan", "series"}):
+        raise ClipcidError(f'{where}: "tuned" is {{"plan": TUNING_PLAN_NAME, "series": SERIES}}')
+    return tuned
 
 
 # -- data variants -------------------------------------------------------------------------------
@@ -259,29 +296,21 @@ class DataCache:
         )
         return train.model, weights
 
-    def teacher_summary(self, spec) -> dict | None:
-        """The teacher's suite averages (evaluated once, in its folder), or None for given embeddings."""
+    def teacher_summary(self, spec, split: str = TEST) -> dict | None:
+        """The teacher's suite averages at `split` (evaluated once, in its folder), or None for embeddings
+        given without their model."""
         if spec == GIVEN:
-            return self._given_teacher_summary()
-        if "emb" in spec:
+            model, weights = self.artifacts.get("teacher_model"), self.artifacts.get("teacher_weights")
+            if not (model and weights):
+                return None
+            folder = self.out / "teacher-given"
+        elif "emb" in spec:
             return None
-        folder = self.out / f"teacher-{_key(spec)}"
-        model, weights = self._teacher_run(spec, folder)
-        done = folder / "eval" / "summary.json"
-        if not done.is_file():
-            suite = self.artifacts["suite_root"]
-            run_eval_suite(EvalSuiteConfig(model, str(folder / "eval"), weights, suite, workers=self.workers))
-        return {k: v for k, v in json.loads(done.read_text()).items() if k not in ("pretrained",)}
-
-    def _given_teacher_summary(self) -> dict | None:
-        """The artifacts' teacher on the suite: the demo's evaluation of it, or None where there is none
-        (embeddings given without their model cannot be evaluated)."""
-        from clipcid.evaluation.run import read_suite_results
-
-        folder = self.artifacts.get("teacher_eval")
-        if folder and (Path(folder) / "summary.json").is_file():
-            return read_suite_results(folder)[0]
-        return None
+        else:
+            folder = self.out / f"teacher-{_key(spec)}"
+            model, weights = self._teacher_run(spec, folder)
+        suite = self.artifacts["suite_root"]
+        return evaluate_at(folder / f"eval-{split}", model, weights, suite, split, self.workers)["summary"]
 
     def held_out_guard(self, metric: str = "l2") -> dict:
         """{"held_out_threshold": radius in `metric`} of the artifacts' balance: the training rows it kept
@@ -347,6 +376,71 @@ def run_folder(out: Path, variant: str, seed: int) -> Path:
 
 
 RUN_FILE = "run.json"
+EVAL_FILE = "evaluation.json"
+
+
+def training_record(record: dict) -> dict:
+    """What run.json says of the training (a record written before evaluations had folders of their own
+    also carries that old evaluation: it is not this plan's and is left out)."""
+    return {k: v for k, v in record.items() if k in ("variant", "seed", "steps", "train_seconds", "trained_as")}
+
+
+def evaluation_folder(folder: Path, split: str) -> Path:
+    return folder / f"eval-{split}"
+
+
+def _evaluation_settings(student: dict, suite_root: str, split: str) -> dict:
+    from clipcid.evaluation.datasets import suite_identity
+    from clipcid.stage import digest
+
+    return {"split": split, "suite": suite_identity(suite_root), "student": digest(student)}
+
+
+def evaluate_at(folder: Path, model: str, weights: str, suite_root: str, split: str, workers: int,
+                student: dict | None = None) -> dict:  # fmt: skip
+    """A model's suite evaluation at `split` in `folder`, done once per (suite, split, student): a suite
+    rebuilt (new tasks, the validation split) or a student retrained means evaluating again, never
+    training again. Returns {"split", "summary", "tasks", "eval_seconds"}."""
+    from clipcid.stage import RunFolder
+
+    settings = _evaluation_settings(student or {"model": model, "weights": weights}, suite_root, split)
+    run = RunFolder(folder, EVAL_FILE, settings, overwrite=True)  # a stale evaluation is redone
+    done = run.finished_run(lambda: (folder / "summary.json").is_file())
+    if done is not None:
+        return {k: done[k] for k in ("split", "summary", "tasks", "eval_seconds")}
+    start = time.monotonic()
+    with run:
+        suite = EvalSuiteConfig(model, str(folder), weights, suite_root, workers=workers, split=split)
+        evaluation = run_eval_suite(suite)
+        record = {
+            "split": split,
+            "summary": evaluation["summary"],
+            "tasks": {f"{r['dataset']}/{r['task']}": main_metric(r)[1] for r in evaluation["records"]},
+            "eval_seconds": time.monotonic() - start,
+        }
+        run.finish(record)
+    return record
+
+
+def evaluate_run(folder: Path, settings: dict, suite_root: str, split: str, workers: int) -> dict:
+    """A study run's student evaluated at `split` (once)."""
+    from clipcid.distill.checkpoint import student_path
+
+    weights = str(student_path(folder / "train"))
+    return evaluate_at(evaluation_folder(folder, split), settings["model"], weights, suite_root, split, workers,
+                       settings)  # fmt: skip
+
+
+def read_evaluation(folder: Path, settings: dict, suite_root: str, split: str) -> dict | None:
+    """A study run's finished evaluation at `split` of this suite and this student, or None."""
+    from clipcid.stage import read_record
+
+    record = read_record(evaluation_folder(folder, split) / EVAL_FILE)
+    if not (record and record.get("complete")):
+        return None
+    if record["settings"] != _evaluation_settings(settings, suite_root, split):
+        return None
+    return {k: record[k] for k in ("split", "summary", "tasks", "eval_seconds")}
 
 
 def _finished(folder: Path) -> dict | None:
@@ -392,8 +486,10 @@ class Study:
         self.run_seconds: list[float] = []
 
     def settings(self, variant: Variant, seed: int) -> dict:
-        """The distill settings of one run: base, the variant's overrides, the seed and the data."""
-        train = {**self.plan.base, **variant.train, "seed": seed}
+        """The distill settings of one run: base (or the setting a tuning plan chose), the variant's
+        overrides, the seed and the data."""
+        base = self.tuned_settings(variant) if variant.tuned else self.plan.base
+        train = {**base, **variant.train, "seed": seed}
         balance_spec = variant.data.get("balance", GIVEN)
         cluster_spec = variant.data.get("cluster", GIVEN)
         teacher = variant.data.get("teacher", GIVEN)
@@ -412,26 +508,57 @@ class Study:
             train["train_num_samples"] = reference["steps"] // probe.epochs * per_step
         return {**train, **paths}
 
-    def run(self, variant: Variant, seed: int) -> dict:
-        """Train and evaluate one (variant, seed) unless done; returns its record."""
-        from clipcid.distill.checkpoint import discard_checkpoints, student_path
-        from clipcid.stage import RunFolder
+    def tuned_settings(self, variant: Variant) -> dict:
+        """The training settings the variant's tuning plan chose for its series, from that plan's results in
+        this study folder (OUT/PLAN.json); refused until every setting of the series has every seed."""
+        plan_name, series = variant.tuned["plan"], variant.tuned["series"]
+        results = read_study(self.out, plan_name)
+        choice = (results or {}).get("choices", {}).get(series)
+        if not choice or not choice.get("complete"):
+            done = f" ({choice['runs']} of {choice['planned']} runs done)" if choice else ""
+            plan_file = Path(self.cfg.plan).with_name(f"{plan_name}.json")
+            raise ClipcidError(
+                f"variant {variant.name} runs the setting plan {plan_name} chooses for {series}, which it has not "
+                f"chosen yet{done}: run `clipcid study --plan {plan_file}` with this --out first"
+            )
+        return choice["settings"]
 
+    def run(self, variant: Variant, seed: int) -> dict:
+        """Train one (variant, seed) unless trained, evaluate it at the plan's split unless evaluated;
+        returns its record."""
         folder = run_folder(self.out, variant.name, seed)
         settings = self.settings(variant, seed)
+        trained = self.train(variant, seed, folder, settings)
+        suite, split = self.artifacts["suite_root"], self.plan.split
+        start = time.monotonic()
+        evaluated = read_evaluation(folder, settings, suite, split)
+        if evaluated is None:
+            evaluated = evaluate_run(folder, settings, suite, split, self.cfg.workers)
+            self.run_seconds.append(trained.pop("_seconds_now", 0.0) + time.monotonic() - start)
+        elif "_seconds_now" in trained:
+            self.run_seconds.append(trained.pop("_seconds_now"))
+        return {**trained, **evaluated, "settings": settings}
+
+    def train(self, variant: Variant, seed: int, folder: Path, settings: dict) -> dict:
+        """The run's student (folder/train), trained once: a run of another variant with these very
+        settings and seed lends its student (train/ links to it: a tuned method's first seeds are its
+        tuning runs). Returns the training record."""
+        from clipcid.distill.checkpoint import discard_checkpoints
+        from clipcid.stage import RunFolder
+
         run = RunFolder(folder, RUN_FILE, settings, self.cfg.overwrite)
         done = run.finished_run()
         if done is not None:
-            return {k: v for k, v in run.recorded().items() if k != "complete"}
+            return training_record(run.recorded())
         try:
             run.claim()
         except ClipcidError as e:
             raise ClipcidError(
                 f"{e} (the plan now gives variant {variant.name} other settings: rename the variant, or --overwrite)"
             ) from None
-        log.info("study: %s, seed %d", variant.name, seed)
+        lender = self._lend_student(folder, settings, seed)
+        log.info("study: %s, seed %d%s", variant.name, seed, f" (trained as {lender['variant']})" if lender else "")
         start = time.monotonic()
-        model = settings["model"]
         result = distill(
             DistillConfig(
                 out=str(folder / "train"),
@@ -442,32 +569,34 @@ class Study:
                 **settings,
             )
         )
-        train_s = time.monotonic() - start
-        evaluation = run_eval_suite(
-            EvalSuiteConfig(
-                model,
-                str(folder / "eval"),
-                str(student_path(folder / "train")),
-                self.artifacts["suite_root"],
-                workers=self.cfg.workers,
-            )
-        )
-        record = {
-            "variant": variant.name,
-            "seed": seed,
-            "steps": result["steps"],
-            "train_seconds": train_s,
-            "eval_seconds": time.monotonic() - start - train_s,
-            "summary": evaluation["summary"],
-            "tasks": {f"{r['dataset']}/{r['task']}": main_metric(r)[1] for r in evaluation["records"]},
-        }
-        run.finish(record)  # written last: marks the run finished
+        record = {"variant": variant.name, "seed": seed, "steps": result["steps"]}
+        if lender:
+            record.update(train_seconds=lender.get("train_seconds"), trained_as=lender["variant"])
+        else:
+            record["train_seconds"] = time.monotonic() - start
+        run.finish(record)  # written last: marks the run trained
         run.release()
-        # The student and its evaluation are kept; resume points are not needed any more (and a study
-        # of many runs would fill the disk with them).
+        # The student is kept; resume points are not needed any more (and a study of many runs would fill
+        # the disk with them).
         discard_checkpoints(folder / "train")
-        self.run_seconds.append(time.monotonic() - start)
-        return {**record, "settings": settings}
+        return {**record, "_seconds_now": time.monotonic() - start}
+
+    def _lend_student(self, folder: Path, settings: dict, seed: int) -> dict | None:
+        """Link folder/train to the student of a finished run of another variant with the same settings
+        and seed, and return that run's record; None when there is none (or the run has its own)."""
+        import os
+
+        if (folder / "train").exists():
+            return None
+        for other in sorted((self.out / "runs").glob(f"*/seed{seed}")):
+            record = _finished(other)
+            train = other / "train"
+            if other == folder or record is None or record.get("settings") != settings or train.is_symlink():
+                continue
+            if train.is_dir():
+                (folder / "train").symlink_to(os.path.relpath(train, folder), target_is_directory=True)
+                return training_record(record)
+        return None
 
     def execute(self) -> dict:
         names = [v.name for v in self.plan.variants]
@@ -511,12 +640,18 @@ class Study:
         return sorted(found | set(self.seeds))
 
     def records(self) -> list[dict]:
+        """Every run of the plan trained and evaluated at its split (an evaluation of another suite, or of
+        a student since retrained, does not count)."""
         out = []
         for v in self.plan.variants:
             for seed in self.finished_seeds():
-                record = _finished(run_folder(self.out, v.name, seed))
-                if record is not None:
-                    out.append(record)
+                folder = run_folder(self.out, v.name, seed)
+                trained = _finished(folder)
+                if trained is None:
+                    continue
+                evaluated = read_evaluation(folder, trained["settings"], self.artifacts["suite_root"], self.plan.split)
+                if evaluated is not None:
+                    out.append({**training_record(trained), **evaluated, "settings": trained["settings"]})
         return out
 
     def write_results(self) -> dict:
@@ -525,9 +660,14 @@ class Study:
         compared = comparisons(tables, self.plan)
         teachers = self.teachers()
         weights = self.weights()
+        chosen = choices(tables, self.plan)
         payload = {
             "plan": self.cfg.plan,
             "name": self.name,
+            "split": self.plan.split,
+            "purpose": self.plan.purpose,
+            "select_by": self.plan.select_by,
+            "choices": chosen,
             "reference": self.plan.reference,
             "seeds": self.finished_seeds(),
             "artifacts": self.artifacts,
@@ -543,7 +683,7 @@ class Study:
         save_json_atomic(self.out / f"{self.name}.json", payload)
         with atomic_path(self.out / f"{self.name}.md") as tmp:
             text = study_markdown(tables, self.plan, compared, teachers, weights, self.task_about(records))
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_text(text + choices_markdown(chosen, self.plan), encoding="utf-8")
         with atomic_path(self.out / f"{self.name}.csv") as tmp:
             tmp.write_text(study_csv(tables, self.plan.reference, compared), encoding="utf-8")
         if records:
@@ -557,7 +697,7 @@ class Study:
         from clipcid.evaluation.run import read_suite_results
 
         for r in records:
-            _, found = read_suite_results(run_folder(self.out, r["variant"], r["seed"]) / "eval")
+            _, found = read_suite_results(evaluation_folder(run_folder(self.out, r["variant"], r["seed"]), r["split"]))
             about = {}
             for record in found.values():
                 m = record["metrics"]
@@ -603,7 +743,7 @@ class Study:
             spec = v.data.get("teacher", GIVEN)
             key = GIVEN if spec == GIVEN else _key(spec)
             if key not in out:
-                summary = self.data.teacher_summary(spec)
+                summary = self.data.teacher_summary(spec, self.plan.split)
                 # The main teacher is listed where it was evaluated (the paper's Table 1 shows it) or where
                 # the plan distils from others too (so that its row says it could not be).
                 if spec != GIVEN or summary is not None or any("teacher" in w.data for w in self.plan.variants):
@@ -616,7 +756,7 @@ class Study:
 def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
     """The shards, teacher embeddings, balance, clusters and suite, from --demo and/or explicit flags;
     and the base training recipe (the demo's student recipe with its CID weights, when --demo)."""
-    keys = ("data", "teacher_emb", "balance", "clusters", "suite_root", "holdout", "teacher_eval")
+    keys = ("data", "teacher_emb", "balance", "clusters", "suite_root", "holdout", "teacher_model", "teacher_weights")
     artifacts: dict[str, str | None] = {k: None for k in keys}
     base: dict = {}
     if cfg.demo:
@@ -634,8 +774,11 @@ def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
             clusters=str(demo / "clusters"),
             suite_root=str(demo / "eval"),
             holdout=str(demo / "holdout") if (demo / "holdout" / "holdout.json").is_file() else None,
-            teacher_eval=str(demo / "eval" / "teacher") if (demo / "eval" / "teacher").is_dir() else None,
         )
+        # The demo's teacher (a LiT run of its own, runs/teacher/model.pt), evaluated at each plan's split.
+        weights = demo / "runs" / "teacher" / "model.pt"
+        if weights.is_file() and used.get("embed", {}).get("model"):
+            artifacts.update(teacher_model=used["embed"]["model"], teacher_weights=str(weights))
         # The student's training settings as the demo's run resolved them, not where or how often it saves
         # and logs: each study run sets those itself.
         base = {k: v for k, v in used.get("distill", {}).items() if k not in RUNTIME_FIELDS and k != "workers"}
@@ -648,7 +791,7 @@ def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
             f"the study needs {', '.join('--' + m.replace('_', '-') for m in missing)} (or --demo DEMO_FOLDER)"
         )
     for key, value in artifacts.items():
-        if value and not Path(value).exists():
+        if value and key != "teacher_model" and not Path(value).exists():
             raise ClipcidError(f"--{key.replace('_', '-')} {value} does not exist")
     return artifacts, base
 
@@ -705,6 +848,59 @@ def aggregate(records: list[dict], plan: Plan) -> dict:
                 entry["vs_reference"] = paired_interval(by_seed, reference[metric])
             table[variant][metric] = entry
     return table
+
+
+def choices(tables: dict, plan: Plan) -> dict[str, dict]:
+    """A tuning plan's choice per series (a method's settings): the variant with the highest criterion,
+    the mean over its seeds of the mean of the plan's `select_by` averages (validation figures). Made
+    only once every variant of the series has every seed ("complete"); until then none is chosen."""
+    if plan.purpose != TUNING:
+        return {}
+    by_series: dict[str, list[Variant]] = {}
+    for v in plan.variants:
+        by_series.setdefault(v.series or v.name, []).append(v)
+    out = {}
+    for series, variants in by_series.items():
+        criterion, runs, planned = {}, 0, 0
+        for v in variants:
+            row = tables.get(v.name, {})
+            seeds = [s for s in v.seeds if all(str(s) in row.get(k, {}).get("seeds", {}) for k in plan.select_by)]
+            planned, runs = planned + len(v.seeds), runs + len(seeds)
+            if seeds:
+                per_seed = [np.mean([row[k]["seeds"][str(s)] for k in plan.select_by]) for s in seeds]
+                criterion[v.name] = float(np.mean(per_seed))
+        complete = runs == planned
+        best = max(criterion, key=criterion.__getitem__) if complete and criterion else None
+        out[series] = {
+            "select_by": plan.select_by,
+            "criterion": criterion,
+            "x": {v.name: v.x for v in variants},
+            "runs": runs,
+            "planned": planned,
+            "complete": complete,
+            "chosen": best,
+            "settings": {**plan.base, **plan.variant(best).train} if best else None,
+        }
+    return out
+
+
+def choices_markdown(chosen: dict[str, dict], plan: Plan) -> str:
+    if not chosen:
+        return ""
+    metric = " and ".join(plan.select_by)
+    lines = ["", f"## Choices (on {plan.split} figures: the mean over seeds of the mean of {metric})", ""]
+    xs = _xs(chosen)
+    lines += ["| series | " + " | ".join(f"x {x:g}" for x in xs) + " | chosen |", "|---" * (len(xs) + 2) + "|"]
+    for series, c in chosen.items():
+        by_x = {c["x"][name]: value for name, value in c["criterion"].items()}
+        cells = [_pct(by_x.get(x)) for x in xs]
+        pick = plan.variant(c["chosen"]).label if c["chosen"] else f"not yet ({c['runs']} of {c['planned']} runs)"
+        lines.append(f"| {series} | " + " | ".join(cells) + f" | {pick} |")
+    return "\n".join(lines) + "\n"
+
+
+def _xs(chosen: dict[str, dict]) -> list[float]:
+    return sorted({x for c in chosen.values() for x in c["x"].values() if x is not None})
 
 
 def comparisons(tables: dict, plan: Plan) -> list[dict]:

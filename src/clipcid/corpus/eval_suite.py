@@ -280,15 +280,19 @@ def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
     """The seen-distribution tasks from a hold-out of the demo corpus: per kind (emoji, flag, icon),
     zero-shot by name over its held-out pictures, the classes being every name of that kind in the
     corpus (skin-tone variants left out, as in names_emoji_*: one picture in five colours); and
-    retrieval over the held-out pairs with their own captions."""
+    retrieval over the held-out pairs with their own captions. Each has a validation and a test split,
+    the hold-out's division of its pairs (holdout.split_held_out): choices read validation, tables test."""
+    from clipcid.holdout import SPLITS
     from clipcid.inputs.parts import discover_parts, iter_rows
 
     parts = discover_parts(corpus)
     holdout.check_parts(len(parts))
     names: dict[str, set[str]] = {kind: set() for kind in HELDOUT_TEMPLATES}
     held: list[tuple[bytes, str, str, str, dict]] = []  # image, kind, name, caption, metadata
+    strata_meta: list[tuple[dict | None, bytes]] = []
+    fields = (holdout.stratify_by,) if holdout.stratify_by else ()
     for i, part in enumerate(parts):
-        rows = list(iter_rows(part))
+        rows = list(iter_rows(part, fields))
         mask = holdout.mask(i, len(rows))
         for r, row in enumerate(rows):
             meta = row.meta or {}
@@ -300,15 +304,21 @@ def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
                 names[kind].add(name)
             if mask[r]:
                 held.append((row.image, kind, name, row.caption or "", {"key": row.key, "style": meta.get("style")}))
+                strata_meta.append((row.meta, row.image))
+    split_of = holdout.split_of(strata_meta)
     out = {}
     for kind, plural in (("emoji", "emoji"), ("flag", "flags"), ("icon", "icons")):
         ds, class_id = names_dataset(f"{SEEN_PREFIX}names_{plural}", names[kind], HELDOUT_TEMPLATES[kind])
-        for image, k, name, _, meta in held:
+        ds.splits = {split: [] for split in SPLITS}
+        for (image, k, name, _, meta), split in zip(held, split_of, strict=True):
             if k == kind and name in class_id:
-                ds.splits["test"].append((image, class_id[name], meta))
+                ds.splits[split].append((image, class_id[name], meta))
         out[ds.name] = ds
-    retrieval = SuiteDataset(f"{SEEN_PREFIX}retrieval", ["zeroshot_retrieval"], "retrieval", splits={"test": []})
-    retrieval.splits["test"] = [(image, [" ".join(c.split())], meta) for image, _, _, c, meta in held if c.strip()]
+    retrieval = SuiteDataset(f"{SEEN_PREFIX}retrieval", ["zeroshot_retrieval"], "retrieval")
+    retrieval.splits = {split: [] for split in SPLITS}
+    for (image, _, _, caption, meta), split in zip(held, split_of, strict=True):
+        if caption.strip():
+            retrieval.splits[split].append((image, [" ".join(caption.split())], meta))
     out[retrieval.name] = retrieval
     return out
 
@@ -357,10 +367,11 @@ def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
     if cfg.holdout or cfg.corpus:
         if not (cfg.holdout and cfg.corpus):
             raise ClipcidError("the seen-distribution tasks need both --corpus and --holdout (a hold-out of it)")
-        from clipcid.holdout import HoldOut
+        from clipcid.holdout import SPLITS, HoldOut
 
         holdout = HoldOut.open(cfg.holdout)
         settings["holdout"] = holdout.identity
+        settings["heldout_splits"] = list(SPLITS)  # suites before the validation split had one, "test"
         seen = functools.cache(lambda: heldout_datasets(cfg.corpus, holdout))
         for name in HELDOUT_DATASETS:
             builders[name] = lambda n=name: seen()[n]

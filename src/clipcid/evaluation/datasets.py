@@ -141,6 +141,19 @@ def suite_datasets(suite_root: str | os.PathLike) -> list[dict]:
     return json.loads(suite_file.read_text())["datasets"]
 
 
+def suite_identity(suite_root: str | os.PathLike) -> str:
+    """What a suite's figures follow from: its settings and the datasets it holds with their splits (a
+    dataset added or rebuilt with other splits changes it, so evaluations made before are redone)."""
+    from clipcid.stage import digest
+
+    suite_file = Path(suite_root) / "suite.json"
+    record = json.loads(suite_file.read_text()) if suite_file.is_file() else {}
+    datasets = sorted(
+        (d["name"], sorted(d.get("splits", {}).items()), d.get("tasks")) for d in record.get("datasets", [])
+    )
+    return digest({"settings": record.get("settings"), "datasets": datasets})
+
+
 def build_dataset(
     spec: str, suite_root: str | os.PathLike = DEFAULT_SUITE_ROOT, dataset_root: str | None = None
 ) -> EvalDataset:

@@ -44,6 +44,17 @@ from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 log = logging.getLogger("clipcid")
 
 TASKS = ("zeroshot_classification", "linear_probe", "zeroshot_retrieval")
+VALIDATION = "validation"
+# A linear probe's validation figure: trained on the rest of its train split, measured on this share of it.
+VALIDATION_FOLD = 0.3
+
+
+def tasks_of_split(tasks: list[str], dataset: EvalDataset, split: str) -> list[str]:
+    """The tasks a suite evaluation at `split` runs on a dataset: all of them at test; at validation,
+    those of a dataset with a validation split, and the linear probe (on a fold of its train split)."""
+    if split != VALIDATION or VALIDATION in dataset.splits:
+        return list(tasks)
+    return [t for t in tasks if t == "linear_probe"]
 
 
 @dataclass
@@ -82,6 +93,12 @@ class EvalSuiteConfig:
     precision: str = option("fp32", "autocast precision", ("fp32", "bf16", "fp16", "amp_bf16", "amp"))
     feature_root: str | None = option(None, "cache image features here")
     only: list[str] | None = option(None, "only these datasets")
+    split: str = option(
+        "test",
+        "test: the figures tables report; validation: the figures choices are made on (the held-out tasks' "
+        "validation split and each linear probe on a validation fold of its train split; no test image is read)",
+        ("test", "validation"),
+    )
 
 
 def load_encoder(model: str, pretrained: str | None, device: str = "auto", precision: str = "fp32") -> Encoder:
@@ -159,7 +176,13 @@ class TaskRunner:
         elif task == "linear_probe":
             classnames = self._classnames()
             train_x, train_y = self.features(self.cfg.train_split)
-            test_x, test_y = self.features(self.cfg.test_split)
+            if self.cfg.test_split == VALIDATION and VALIDATION not in self.dataset.splits:
+                # A validation fold of the train split: the test split is never read.
+                train_y = np.asarray(train_y)
+                fit, fold = lp.validation_split(train_y, VALIDATION_FOLD, self.cfg.seed)
+                train_x, train_y, test_x, test_y = train_x[fit], train_y[fit], train_x[fold], list(train_y[fold])
+            else:
+                test_x, test_y = self.features(self.cfg.test_split)
             self._check_labels(list(train_y) + list(test_y), classnames)
             metrics = lp.linear_probe(
                 train_x,
@@ -336,6 +359,10 @@ def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict
         encoder = load_encoder(model, pretrained, cfg.device, cfg.precision)
     records = []
     for entry in entries:
+        dataset = build_dataset(entry["name"], suite_root)
+        tasks = tasks_of_split(entry["tasks"], dataset, cfg.split)
+        if not tasks:
+            continue
         task_cfg = EvalConfig(
             model=model,
             pretrained=pretrained,
@@ -344,18 +371,20 @@ def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict
             batch_size=cfg.batch_size,
             workers=cfg.workers,
             feature_root=cfg.feature_root,
+            test_split=cfg.split,
         )
-        dataset = build_dataset(entry["name"], suite_root)
         runner = TaskRunner(encoder, dataset, task_cfg)
-        for task in entry["tasks"]:
+        for task in tasks:
             record = result_record(dataset.benchmark_name, model, pretrained, task, runner.run(task))
+            record["split"] = cfg.split
             records.append(record)
             if out_dir:
                 save_json_atomic(out_dir / f"{dataset.name}_{task}.json", record)
     summary = summarise(records, {e["name"] for e in entries if e.get("name_level")})
     if out_dir:
         write_summary(records, summary, out_dir, f"{model} ({pretrained or 'random init'})")
-        save_json_atomic(out_dir / "summary.json", {"model": model, "pretrained": pretrained, **summary})
+        about = {"model": model, "pretrained": pretrained, "split": cfg.split}
+        save_json_atomic(out_dir / "summary.json", {**about, **summary})
     return {"records": records, "summary": summary}
 
 
