@@ -201,6 +201,8 @@ def test_eval_suite_layout_reads_like_clip_benchmark(tmp_path):
 
 @needs_sources()
 def test_seen_distribution_tasks_are_the_held_out_pictures_named_by_the_corpus(tmp_path):
+    from clipcid.corpus import sources as S
+    from clipcid.corpus.eval_suite import COARSE_DATASETS
     from clipcid.evaluation.datasets import build_dataset, group_of
     from clipcid.holdout import SPLITS, HoldOut, HoldoutConfig, hold_out
     from clipcid.inputs.parts import discover_parts, iter_rows
@@ -209,12 +211,12 @@ def test_seen_distribution_tasks_are_the_held_out_pictures_named_by_the_corpus(t
     build_demo_corpus(BuildDemoConfig(out=str(corpus), limit=300, shard_size=100, workers=2, npm_root=str(NPM_ROOT)))
     hold_out(HoldoutConfig(str(corpus), str(tmp_path / "ho"), fraction=0.1, min_pairs=1, stratify_by="style",
                            min_per_stratum=2))  # fmt: skip
-    names = ["heldout_names_emoji", "heldout_names_flags", "heldout_names_icons", "heldout_retrieval"]
+    names = ["heldout_names_emoji", "heldout_names_flags", "heldout_names_icons", "heldout_retrieval", *COARSE_DATASETS]
     cfg = BuildEvalConfig(str(tmp_path / "eval"), 64, str(NPM_ROOT), 2, only=names, corpus=str(corpus),
                           holdout=str(tmp_path / "ho"))  # fmt: skip
     infos = {i["name"]: i for i in build_eval_suite(cfg)}
     assert set(infos) == set(names) and all(group_of(n) == "seen" for n in names)
-    held, every = [], {"emoji": set(), "flag": set(), "icon": set()}
+    held, every, group_of_image = [], {"emoji": set(), "flag": set(), "icon": set()}, {}
     h = HoldOut.open(tmp_path / "ho")
     for i, part in enumerate(discover_parts(str(corpus))):
         mask = h.mask(i)
@@ -224,6 +226,7 @@ def test_seen_distribution_tasks_are_the_held_out_pictures_named_by_the_corpus(t
                 every[row.meta["kind"]].add(name)
             if mask[r]:
                 held.append((row.image, row.meta["kind"], name, row.caption, row.meta["style"]))
+                group_of_image[row.image] = row.meta["group"] if row.meta["kind"] == "emoji" else None
     assert [s for s in h.strata()["strata"].values() if s["held_out"] < min(2, s["rows"])] == []
     for kind, plural in (("emoji", "emoji"), ("flag", "flags"), ("icon", "icons")):
         ds = build_dataset(f"heldout_names_{plural}", tmp_path / "eval")
@@ -240,5 +243,14 @@ def test_seen_distribution_tasks_are_the_held_out_pictures_named_by_the_corpus(t
     for style in {style for *_, style in held}:
         counts = [sum(style_of[i] == style for i, _ in by_split[split]) for split in SPLITS]
         assert 0 <= counts[0] - counts[1] <= 1, (style, counts)  # validation takes the odd one
+    # The coarse grains: each held-out emoji of a Unicode group under its group, on the same side as its pair.
+    groups = build_dataset("heldout_emoji_groups", tmp_path / "eval")
+    side = {image: split for split in SPLITS for image, _ in by_split[split]}
+    labelled = {image: (groups.classnames[c], split) for split in SPLITS for image, c in groups.iter_split(split)}
+    unicode_groups = {e.group for e in S.EmojiIndex(S.read_unicode_emoji()).entries}
+    wanted = {i: g.replace("&", "and").lower() for i, g in group_of_image.items() if g in unicode_groups}
+    assert {i: g for i, (g, _) in labelled.items()} == wanted and len(wanted) > 10
+    assert all(side[i] == split for i, (_, split) in labelled.items())
+    assert infos["heldout_emoji_groups"]["majority"]["test"] < 1
     with pytest.raises(ClipcidError, match="need both --corpus and --holdout"):
         build_eval_suite(BuildEvalConfig(str(tmp_path / "eval2"), npm_root=str(NPM_ROOT), corpus=str(corpus)))

@@ -226,7 +226,15 @@ def test_the_shipped_plans_load_with_known_settings():
         "study_scale.json",
         "study_settings.json",
         "study_teachers.json",
+        "study_tuning.json",
     ]
+    tuning = study_module.load_plan(str(files("clipcid").joinpath("configs", "study_tuning.json")), {"model": "m"})
+    assert tuning.purpose == "tuning" and tuning.split == "validation" and tuning.seeds == [0, 1]
+    series: dict[str, list[float]] = {}
+    for v in tuning.variants:
+        series.setdefault(v.series, []).append(v.x)
+    # The same budget for every method: five settings, x4 apart, around the paper's own (x = 1).
+    assert len(series) == 6 and all(xs == [1 / 16, 1 / 4, 1, 4, 16] for xs in series.values())
     for name in plans:
         plan = study_module.load_plan(str(files("clipcid").joinpath("configs", name)), {"model": "clipcid-tiny"})
         assert plan.reference in {v.name for v in plan.variants} and plan.seeds

@@ -45,7 +45,7 @@ from clipcid.cluster import ClusterConfig, cluster
 from clipcid.config import option
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
-from clipcid.evaluation.run import AVERAGES, EvalSuiteConfig, main_metric, run_eval_suite
+from clipcid.evaluation.run import AVERAGES, EvalSuiteConfig, run_eval_suite, task_figures
 from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 from clipcid.util.plots import new_figure, save_png
 
@@ -296,9 +296,9 @@ class DataCache:
         )
         return train.model, weights
 
-    def teacher_summary(self, spec, split: str = TEST) -> dict | None:
-        """The teacher's suite averages at `split` (evaluated once, in its folder), or None for embeddings
-        given without their model."""
+    def teacher_evaluation(self, spec, split: str = TEST) -> dict | None:
+        """The teacher's suite evaluation at `split` (once, in its folder): {"summary", "tasks", ...}; None
+        for embeddings given without their model."""
         if spec == GIVEN:
             model, weights = self.artifacts.get("teacher_model"), self.artifacts.get("teacher_weights")
             if not (model and weights):
@@ -309,8 +309,7 @@ class DataCache:
         else:
             folder = self.out / f"teacher-{_key(spec)}"
             model, weights = self._teacher_run(spec, folder)
-        suite = self.artifacts["suite_root"]
-        return evaluate_at(folder / f"eval-{split}", model, weights, suite, split, self.workers)["summary"]
+        return evaluate_at(folder / f"eval-{split}", model, weights, self.artifacts["suite_root"], split, self.workers)
 
     def held_out_guard(self, metric: str = "l2") -> dict:
         """{"held_out_threshold": radius in `metric`} of the artifacts' balance: the training rows it kept
@@ -415,7 +414,7 @@ def evaluate_at(folder: Path, model: str, weights: str, suite_root: str, split: 
         record = {
             "split": split,
             "summary": evaluation["summary"],
-            "tasks": {f"{r['dataset']}/{r['task']}": main_metric(r)[1] for r in evaluation["records"]},
+            "tasks": task_figures(evaluation["records"]),
             "eval_seconds": time.monotonic() - start,
         }
         run.finish(record)
@@ -639,6 +638,39 @@ class Study:
         found = {int(f.parent.name.removeprefix("seed")) for f in (self.out / "runs").glob("*/seed*/run.json")}
         return sorted(found | set(self.seeds))
 
+    @functools.cached_property
+    def coarse_kept(self) -> dict:
+        """The seen coarse tasks the averages keep: those where the main teacher's validation acc1 is at
+        least twice what always answering the most common class scores (on validation too, so that the
+        choice reads no test figure). Without the teacher's model, every coarse task is kept."""
+        from clipcid.evaluation.datasets import SEEN_COARSE, suite_datasets
+
+        present = {e["name"]: e for e in suite_datasets(self.artifacts["suite_root"]) if e["name"] in SEEN_COARSE}
+        teacher = self.data.teacher_evaluation(GIVEN, VALIDATION) if present else None
+        if teacher is None:
+            return {"kept": sorted(present), "why": "no teacher model to judge them by: every coarse task kept"}
+        judged = {}
+        for name, entry in present.items():
+            acc1 = teacher["tasks"].get(f"wds/{name}/zeroshot_classification")
+            majority = entry.get("majority", {}).get(VALIDATION)
+            if acc1 is not None and majority is not None:
+                judged[name] = {"teacher_acc1": acc1, "majority": majority, "kept": acc1 >= 2 * majority}
+        kept = sorted(n for n, j in judged.items() if j["kept"])
+        return {"kept": kept, "judged": judged, "why": "teacher's validation acc1 >= 2 x the majority class's share"}
+
+    def _with_coarse_mean(self, evaluated: dict) -> dict:
+        """The coarse mean over the kept tasks only (the evaluation's own mean takes every one)."""
+        values = [
+            evaluated["tasks"][key]
+            for name in self.coarse_kept["kept"]
+            if (key := f"wds/{name}/zeroshot_classification:mean_per_class_recall") in evaluated["tasks"]
+        ]
+        summary = {
+            **evaluated["summary"],
+            "seen_coarse_zeroshot_mean_per_class_recall": float(np.mean(values)) if values else None,
+        }
+        return {**evaluated, "summary": summary}
+
     def records(self) -> list[dict]:
         """Every run of the plan trained and evaluated at its split (an evaluation of another suite, or of
         a student since retrained, does not count)."""
@@ -651,6 +683,7 @@ class Study:
                     continue
                 evaluated = read_evaluation(folder, trained["settings"], self.artifacts["suite_root"], self.plan.split)
                 if evaluated is not None:
+                    evaluated = self._with_coarse_mean(evaluated)
                     out.append({**training_record(trained), **evaluated, "settings": trained["settings"]})
         return out
 
@@ -668,6 +701,7 @@ class Study:
             "purpose": self.plan.purpose,
             "select_by": self.plan.select_by,
             "choices": chosen,
+            "coarse_tasks": self.coarse_kept,
             "reference": self.plan.reference,
             "seeds": self.finished_seeds(),
             "artifacts": self.artifacts,
@@ -743,7 +777,8 @@ class Study:
             spec = v.data.get("teacher", GIVEN)
             key = GIVEN if spec == GIVEN else _key(spec)
             if key not in out:
-                summary = self.data.teacher_summary(spec, self.plan.split)
+                evaluation = self.data.teacher_evaluation(spec, self.plan.split)
+                summary = self._with_coarse_mean(evaluation)["summary"] if evaluation else None
                 # The main teacher is listed where it was evaluated (the paper's Table 1 shows it) or where
                 # the plan distils from others too (so that its row says it could not be).
                 if spec != GIVEN or summary is not None or any("teacher" in w.data for w in self.plan.variants):

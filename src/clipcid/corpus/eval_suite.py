@@ -30,7 +30,7 @@ from clipcid.corpus import sources as S
 from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
-from clipcid.evaluation.datasets import SEEN_PREFIX
+from clipcid.evaluation.datasets import SEEN_COARSE, SEEN_PREFIX
 from clipcid.inputs.shards import write_tar_atomic
 from clipcid.stage import RunFolder
 from clipcid.util.fileio import save_json_atomic
@@ -262,6 +262,12 @@ def write_wds_dataset(ds: SuiteDataset, out: Path, image_size: int, workers: int
         "dataset_type": ds.dataset_type,
         "classes": len(ds.classnames),
         "splits": {split: len(entries) for split, entries in ds.splits.items()},
+        # The share of the most common class per split: what answering it always scores (acc1).
+        "majority": {
+            split: float(max(np.bincount([target for _, target, _ in entries])) / len(entries))
+            for split, entries in ds.splits.items()
+            if ds.dataset_type == "classification" and entries
+        },
         "written": sum(r["written"] for r in results),
         "failed_to_render": ds.failed_to_render + sum(r["failed"] for r in results),
         "name_level": ds.name_level,
@@ -272,11 +278,35 @@ def write_wds_dataset(ds: SuiteDataset, out: Path, image_size: int, workers: int
     return info
 
 
-HELDOUT_DATASETS = tuple(f"{SEEN_PREFIX}{n}" for n in ("names_emoji", "names_flags", "names_icons", "retrieval"))
+# Coarser grains of the same held-out pictures, which a small student can learn where it cannot name
+# 4,000 emoji: emoji by Unicode group and subgroup, flags by country, icons by their set's category.
+COARSE_DATASETS = SEEN_COARSE
+HELDOUT_DATASETS = (
+    *(f"{SEEN_PREFIX}{n}" for n in ("names_emoji", "names_flags", "names_icons", "retrieval")),
+    *COARSE_DATASETS,
+)
+ICON_CATEGORY_TEMPLATES = ["an icon of {c}.", "a {c} icon.", "{c}."]
 HELDOUT_TEMPLATES = {"emoji": EMOJI_TEMPLATES, "flag": FLAG_TEMPLATES, "icon": ICON_TEMPLATES}
 
 
-def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
+def _coarse_labels(meta: dict, index_groups: set[str], index_subgroups: set[str]) -> dict[str, str]:
+    """A corpus row's labels at the coarse grains (dataset -> label), where it has them: Unicode group
+    and subgroup for emoji the Unicode list knows, the country of a country flag, an icon's category."""
+    kind, group, subgroup = meta.get("kind"), meta.get("group") or "", meta.get("subgroup") or ""
+    out = {}
+    if kind == "emoji":
+        if group in index_groups:
+            out[f"{SEEN_PREFIX}emoji_groups"] = _group_classname(group)
+        if subgroup in index_subgroups:
+            out[f"{SEEN_PREFIX}emoji_subgroups"] = _subgroup_classname(subgroup)
+    elif kind == "flag" and subgroup == "country-flag" and meta.get("name"):
+        out[f"{SEEN_PREFIX}flags_countries"] = meta["name"].removeprefix("flag: ")
+    elif kind == "icon" and group:
+        out[f"{SEEN_PREFIX}icons_categories"] = group.lower()
+    return out
+
+
+def heldout_datasets(corpus: str, holdout, index: S.EmojiIndex | None = None) -> dict[str, SuiteDataset]:
     """The seen-distribution tasks from a hold-out of the demo corpus: per kind (emoji, flag, icon),
     zero-shot by name over its held-out pictures, the classes being every name of that kind in the
     corpus (skin-tone variants left out, as in names_emoji_*: one picture in five colours); and
@@ -290,6 +320,10 @@ def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
     names: dict[str, set[str]] = {kind: set() for kind in HELDOUT_TEMPLATES}
     held: list[tuple[bytes, str, str, str, dict]] = []  # image, kind, name, caption, metadata
     strata_meta: list[tuple[dict | None, bytes]] = []
+    coarse: list[dict[str, str]] = []  # each held-out row's coarse labels
+    coarse_classes: dict[str, set[str]] = {name: set() for name in COARSE_DATASETS}
+    entries = index.entries if index is not None else []
+    index_groups, index_subgroups = {e.group for e in entries}, {e.subgroup for e in entries}
     fields = (holdout.stratify_by,) if holdout.stratify_by else ()
     for i, part in enumerate(parts):
         rows = list(iter_rows(part, fields))
@@ -302,9 +336,13 @@ def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
             name = clean_name(name)
             if kind != "emoji" or "skin tone" not in name:
                 names[kind].add(name)
+            labels = _coarse_labels(meta, index_groups, index_subgroups)
+            for dataset, label in labels.items():
+                coarse_classes[dataset].add(label)
             if mask[r]:
                 held.append((row.image, kind, name, row.caption or "", {"key": row.key, "style": meta.get("style")}))
                 strata_meta.append((row.meta, row.image))
+                coarse.append(labels)
     split_of = holdout.split_of(strata_meta)
     out = {}
     for kind, plural in (("emoji", "emoji"), ("flag", "flags"), ("icon", "icons")):
@@ -320,6 +358,16 @@ def heldout_datasets(corpus: str, holdout) -> dict[str, SuiteDataset]:
         if caption.strip():
             retrieval.splits[split].append((image, [" ".join(caption.split())], meta))
     out[retrieval.name] = retrieval
+    templates = {"emoji_groups": EMOJI_TEMPLATES, "emoji_subgroups": EMOJI_TEMPLATES, "flags_countries": FLAG_TEMPLATES,
+                 "icons_categories": ICON_CATEGORY_TEMPLATES}  # fmt: skip
+    for dataset in COARSE_DATASETS if index is not None else ():
+        ds, class_id = names_dataset(dataset, coarse_classes[dataset], templates[dataset.removeprefix(SEEN_PREFIX)])
+        ds.tasks = ["zeroshot_classification"]
+        ds.splits = {split: [] for split in SPLITS}
+        for (image, *_, meta), labels, split in zip(held, coarse, split_of, strict=True):
+            if dataset in labels:
+                ds.splits[split].append((image, class_id[labels[dataset]], meta))
+        out[dataset] = ds
     return out
 
 
@@ -372,7 +420,7 @@ def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
         holdout = HoldOut.open(cfg.holdout)
         settings["holdout"] = holdout.identity
         settings["heldout_splits"] = list(SPLITS)  # suites before the validation split had one, "test"
-        seen = functools.cache(lambda: heldout_datasets(cfg.corpus, holdout))
+        seen = functools.cache(lambda: heldout_datasets(cfg.corpus, holdout, index))
         for name in HELDOUT_DATASETS:
             builders[name] = lambda n=name: seen()[n]
 

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from clipcid.evaluation.datasets import (
     DEFAULT_SUITE_ROOT,
     ROBUST,
     SEEN,
+    SEEN_COARSE,
     EvalDataset,
     build_dataset,
     group_of,
@@ -256,6 +258,7 @@ def run_eval(cfg: EvalConfig, encoder: Encoder | None = None) -> list[dict]:
 AVERAGES = (
     ("seen_zeroshot_mean_acc1", "seen distribution: zero-shot mean acc1"),
     ("seen_retrieval_mean_recall@5", "seen distribution: retrieval mean R@5"),
+    ("seen_coarse_zeroshot_mean_per_class_recall", "seen distribution: coarse zero-shot mean per-class recall"),
     ("robustness_zeroshot_mean_acc1", "robustness (unseen styles): zero-shot mean acc1"),
     ("zeroshot_mean_acc1", "zero-shot mean acc1"),
     ("zeroshot_names_mean_acc1", "name-level zero-shot mean acc1"),
@@ -282,6 +285,21 @@ def task_label(record: dict) -> str:
 TASK_SHORT = {"zeroshot_classification": "zero-shot", "linear_probe": "linear probe", "zeroshot_retrieval": "retrieval"}
 
 
+def task_figures(records: list[dict]) -> dict[str, float]:
+    """Each task's main figure by "dataset/task"; the skewed-class tasks (the seen coarse ones and the emoji
+    groups of unseen styles) also by mean per-class recall, as "dataset/task:mean_per_class_recall"."""
+    out = {}
+    for r in records:
+        out[f"{r['dataset']}/{r['task']}"] = main_metric(r)[1]
+        name = r["dataset"].removeprefix("wds/")
+        if r["task"] == "zeroshot_classification" and (name in SEEN_COARSE or name.startswith("emoji_")):
+            out[f"{r['dataset']}/{r['task']}:{PER_CLASS}"] = r["metrics"][PER_CLASS]
+    return out
+
+
+PER_CLASS = "mean_per_class_recall"
+
+
 def main_metric(record: dict) -> tuple[str, float]:
     """The one number a task's result is compared by: (its name, its value)."""
     m = record["metrics"]
@@ -292,25 +310,35 @@ def main_metric(record: dict) -> tuple[str, float]:
     return "mean recall@5", (m["image_retrieval_recall@5"] + m["text_retrieval_recall@5"]) / 2
 
 
-def summarise(records: list[dict], name_level: set[str] | frozenset[str] = frozenset()) -> dict:
-    """Averages over the suite (AVERAGES): zero-shot acc1 and retrieval recall@5 (both ways) of the seen
-    distribution; zero-shot acc1 of the robustness group; and, over every task but the seen ones (their
-    definitions from before the seen tasks existed), zero-shot acc1, the same over the name-level
-    datasets alone, linear-probe acc1 and retrieval recall@5."""
+def summarise(
+    records: list[dict], name_level: set[str] | frozenset[str] = frozenset(), coarse: Iterable[str] | None = None
+) -> dict:
+    """Averages over the suite (AVERAGES): zero-shot acc1 by name and retrieval recall@5 (both ways) of
+    the seen distribution, and the mean per-class recall of its coarse tasks (`coarse`: those kept, by
+    default every one present); zero-shot acc1 of the robustness group; and, over every task but the seen
+    ones (their definitions from before the seen tasks existed), zero-shot acc1, the same over the
+    name-level datasets alone, linear-probe acc1 and retrieval recall@5."""
+    coarse = set(SEEN_COARSE if coarse is None else coarse)
 
-    def mean(task: str, group: str | None = "other", only: set[str] | None = None) -> float | None:
+    # In the seen group, the name-level mean (only=None) leaves the coarse tasks out, the coarse mean
+    # (only=coarse) takes nothing else.
+    def mean(task: str, group: str | None = "other", only: set[str] | None = None, metric=None) -> float | None:
         values = [
-            main_metric(r)[1]
+            main_metric(r)[1] if metric is None else r["metrics"][metric]
             for r in records
             if r["task"] == task
             and (only is None or r["dataset"].removeprefix("wds/") in only)
             and (group_of(r["dataset"]) == group if group != "other" else group_of(r["dataset"]) != SEEN)
+            and (group != SEEN or (r["dataset"].removeprefix("wds/") in SEEN_COARSE) == (only is not None))
         ]
         return float(np.mean(values)) if values else None
 
     return {
         "seen_zeroshot_mean_acc1": mean("zeroshot_classification", SEEN),
         "seen_retrieval_mean_recall@5": mean("zeroshot_retrieval", SEEN),
+        "seen_coarse_zeroshot_mean_per_class_recall": mean(
+            "zeroshot_classification", SEEN, coarse, "mean_per_class_recall"
+        ),
         "robustness_zeroshot_mean_acc1": mean("zeroshot_classification", ROBUST),
         "zeroshot_mean_acc1": mean("zeroshot_classification"),
         "zeroshot_names_mean_acc1": mean("zeroshot_classification", only=set(name_level)),
