@@ -87,3 +87,23 @@ def test_features_come_in_the_splits_order_whatever_the_workers(tmp_path):
     two = image_features(StubEncoder(), ds, "test", batch_size=2, workers=2)
     assert alone[1] == two[1] == labels
     np.testing.assert_array_equal(alone[0], two[0])
+
+
+def test_a_skewed_coarse_task_is_scored_by_per_class_recall_not_by_its_majority():
+    """A student that always answers the most common group scores its share in acc1 but 1/C in mean
+    per-class recall, the figure the seen coarse mean takes (and the name-level seen mean leaves out)."""
+    from clipcid.evaluation.run import summarise, task_figures
+
+    targets = np.array([0] * 8 + [1, 2])
+    always_first = np.tile([5.0, 0.0, 0.0], (10, 1))
+    m = classification_metrics(always_first, targets)
+    assert m["acc1"] == pytest.approx(0.8) and m["mean_per_class_recall"] == pytest.approx(1 / 3)
+    record = {"dataset": "wds/heldout_emoji_groups", "task": "zeroshot_classification", "metrics": m}
+    names = {"dataset": "wds/heldout_names_emoji", "task": "zeroshot_classification", "metrics": {"acc1": 0.25}}
+    summary = summarise([record, names])
+    assert summary["seen_coarse_zeroshot_mean_per_class_recall"] == pytest.approx(1 / 3)
+    assert summary["seen_zeroshot_mean_acc1"] == pytest.approx(0.25)
+    assert summarise([record, names], coarse=[])["seen_coarse_zeroshot_mean_per_class_recall"] is None
+    figures = task_figures([record, names])
+    assert figures["wds/heldout_emoji_groups/zeroshot_classification:mean_per_class_recall"] == pytest.approx(1 / 3)
+    assert "wds/heldout_names_emoji/zeroshot_classification:mean_per_class_recall" not in figures
