@@ -11,7 +11,7 @@ from scipy import stats
 
 from clipcid.cli import main
 from clipcid.errors import ClipcidError
-from clipcid.paper import PaperConfig, load_layout, paper_html, read_paper, verdict, write_paper
+from clipcid.paper import PaperConfig, holm, load_layout, paper_html, read_paper, verdict, write_paper
 from clipcid.study import Plan, Variant, aggregate, load_plan
 
 SEEN = "seen_zeroshot_mean_acc1"
@@ -118,11 +118,22 @@ def test_verdicts_follow_the_paired_intervals(folder):
     d = claims["clip_only"][SEEN]
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.010)
     assert d["low"] == pytest.approx(0.010 - half) and d["high"] == pytest.approx(0.010 + half)
-    assert d["verdict"] == "holds" and claims["clip_only"][LP]["verdict"] == "holds"
-    assert claims["fd"][SEEN]["verdict"] == "reversed" and claims["fd"][LP]["verdict"] == "reversed"
+    # The section's primary metric (its first here) is judged, as one Holm family of the three tested claims;
+    # the other metric shows its raw interval only.
+    p_raw = {
+        b: stats.ttest_1samp(np.array(VALUES["cid"][SEEN]) - VALUES[b][SEEN], 0).pvalue
+        for b in ("clip_only", "fd", "simkd")
+    }
+    assert p_raw["fd"] < p_raw["clip_only"] < 0.05 < p_raw["simkd"]
+    assert claims["fd"][SEEN]["p_holm"] == pytest.approx(3 * p_raw["fd"])
+    assert claims["clip_only"][SEEN]["p_holm"] == pytest.approx(2 * p_raw["clip_only"])
+    assert claims["simkd"][SEEN]["p_holm"] == pytest.approx(p_raw["simkd"])
+    assert d["family"] == 3
+    assert d["verdict"] == "holds" and claims["clip_only"][LP]["verdict"] == "secondary"
+    assert claims["fd"][SEEN]["verdict"] == "reversed" and claims["fd"][LP]["verdict"] == "secondary"
     assert claims["simkd"][SEEN]["verdict"] == "unresolved"  # -0.010, +0.011, +0.009: spans zero
-    assert claims["one_seed"][SEEN] == {"n": 1, "mean": pytest.approx(-0.39), "low": None, "high": None,
-                                        "verdict": "unresolved"}  # fmt: skip
+    assert claims["one_seed"][SEEN] == {"n": 1, "mean": pytest.approx(-0.39), "low": None, "high": None, "p": None,
+                                        "p_holm": None, "family": 3, "verdict": "unresolved"}  # fmt: skip
     rows = {r["variant"]: r for r in table1["rows"]}
     assert rows["cid"]["seeds"] == 3 and rows["cid"]["metrics"][LP]["mean"] == pytest.approx(0.56)
     assert rows["cid"]["metrics"][LP]["sd"] == pytest.approx(0.01)
@@ -136,27 +147,27 @@ def test_verdicts_follow_the_paired_intervals(folder):
     ]
     # Fig. 4: wider spread holds; fewer near-zero weights, a "lower" claim, holds too.
     weights = result["sections"][2]
-    assert [c["metrics"][m]["verdict"] for c in weights["claims"] for m in c["metrics"]] == ["holds", "holds"]
+    assert [c["metrics"][m]["verdict"] for c in weights["claims"] for m in c["metrics"]] == ["holds", "secondary"]
     assert weights["rows"][1]["metrics"]["weights/image/w/std"]["mean"] == pytest.approx(0.031)
-    # 2 + 2 + 2 + 2 claim x metric judgements in Table 1, two in Fig. 4.
-    assert result["verdicts"] == {"holds": 4, "reversed": 2, "unresolved": 4}
+    # Four judgements on Table 1's primary metric, one on Fig. 4's.
+    assert result["verdicts"] == {"holds": 2, "reversed": 1, "unresolved": 2} and result["families"] == 2
     assert result["with_interval"] == 8  # the one-seed claim's two metrics have none
     assert read_paper(study) == json.loads(json.dumps(result))
 
     md = (study / "paper.md").read_text()
     assert md.index("## Table 1: seen") < md.index("## Table 7: teachers") < md.index("## Fig. 4: weights")
     assert "*The paper:* CID beats the baselines." in md
-    assert "of the 8 judged on two seeds or more, about 0.4 would hold or be reversed from noise alone" in md
+    assert "across the 2 sections, at most 10% that one does somewhere" in md
     assert "| label of cid | `cid` | 3 | 12.00 ± 1.05 | 56.00 ± 1.00 |" in md
     assert "| teacher: the main teacher (big-teacher) |  | – | 40.00 | 70.00 |" in md
     assert (
-        f"| `cid` above `clip_only` | 3 | +1.00 [{100 * (0.01 - half):+.2f}, {100 * (0.01 + half):+.2f}] **holds**"
-        in md
+        f"| `cid` above `clip_only` | 3 | +1.00 [{100 * (0.01 - half):+.2f}, {100 * (0.01 + half):+.2f}] "
+        f"p_Holm {2 * p_raw['clip_only']:.3g} **holds**" in md
     )
     assert "| `cid` below `clip_only` | 3 |  | -1.90 [" in md  # near zero, in %
     assert "**unresolved**" not in md and "**reversed**" in md  # only a decisive verdict stands out
     assert "| label of clip_only | `clip_only` | 3 | 21.000 ± 1.000 | 3.00 ± 0.10 |" in md  # sd of w, x1e-3
-    assert "4 holds, 2 reversed, 4 unresolved" in paper_html(result)
+    assert "(raw)" in md and "2 holds, 1 reversed, 2 unresolved" in paper_html(result)
 
 
 def test_a_plan_not_run_yet_is_said_and_the_rest_is_written(folder):
@@ -186,11 +197,11 @@ def test_a_variant_not_run_yet_is_said_and_left_out_of_the_counts(folder):
     assert table1["rows"][-1]["seeds"] == 0 and table1["rows"][-1]["ran"] is False and table1["rows"][0]["ran"]
     assert [d["verdict"] for d in table1["claims"][-1]["metrics"].values()] == ["not run", "not run"]
     # The same counts as with the plan's other variants alone: nothing is judged on a missing run.
-    assert result["verdicts"] == {"holds": 4, "reversed": 2, "unresolved": 4} and result["not_run"] == 2
+    assert result["verdicts"] == {"holds": 2, "reversed": 1, "unresolved": 2} and result["not_run"] == 2
     md = (study / "paper.md").read_text()
     assert "| label of ce_only | `ce_only` | 0 | not run yet | not run yet |" in md
     assert "| `cid` above `ce_only` | 0 | not run yet | not run yet |" in md
-    assert "4 holds, 2 reversed, 4 unresolved (2 more not run yet)." in md
+    assert "2 holds, 1 reversed, 2 unresolved (2 more not run yet)." in md
     assert "(2 more not run yet)" in paper_html(result) and "not run yet **" not in paper_html(result)
 
 
@@ -213,23 +224,23 @@ def test_gains_are_compared_seed_by_seed_and_counted_apart(folder):
     d = gains[0]["metrics"][SEEN]
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.020)
     assert d["low"] == pytest.approx(0.020 - half) and d["high"] == pytest.approx(0.020 + half)
-    assert d["verdict"] == "larger" and gains[0]["metrics"][LP]["verdict"] == "larger"
+    assert d["verdict"] == "larger" and gains[0]["metrics"][LP]["verdict"] == "secondary"
     assert gains[1]["metrics"][SEEN]["verdict"] == "smaller"
     assert gains[2]["metrics"][SEEN]["verdict"] == "unresolved"  # 0.020, 0, 0 against cid's gains: spans zero
     # Only the seeds all four variants ran are paired: one_seed ran seed 0 alone.
-    assert gains[3]["metrics"][SEEN] == {"n": 1, "mean": pytest.approx(0.39), "low": None, "high": None,
-                                         "verdict": "unresolved"}  # fmt: skip
-    # The paper's claims keep their counts; the gains are counted apart.
-    assert result["verdicts"] == {"holds": 4, "reversed": 2, "unresolved": 4} and result["with_interval"] == 8
-    assert result["gain_verdicts"] == {"larger": 2, "smaller": 1, "unresolved": 2}
+    assert gains[3]["metrics"][SEEN] == {"n": 1, "mean": pytest.approx(0.39), "low": None, "high": None, "p": None,
+                                         "p_holm": None, "family": 3, "verdict": "unresolved"}  # fmt: skip
+    # The paper's claims keep their counts and their family; the gains are a family and a count apart.
+    assert result["verdicts"] == {"holds": 2, "reversed": 1, "unresolved": 2} and result["with_interval"] == 8
+    assert result["gain_verdicts"] == {"larger": 1, "smaller": 1, "unresolved": 2}
     md = (study / "paper.md").read_text()
-    assert "besides, gains compared: 2 larger, 1 smaller, 2 unresolved" in md
+    assert "besides, gains compared: 1 larger, 1 smaller, 2 unresolved" in md
     head = "Gains compared, the first gain minus the second paired by seed"
     assert md.index("The paper's claims, first minus second") < md.index(head) < md.index("## Table 7")
     assert (
         f"| gain of `fd` over `clip_only` against that of `cid` over `clip_only` | 3 | "
-        f"+2.00 [{100 * (0.02 - half):+.2f}, {100 * (0.02 + half):+.2f}] **larger** | +5.00 [+5.00, +5.00] **larger** |"
-        in md
+        f"+2.00 [{100 * (0.02 - half):+.2f}, {100 * (0.02 + half):+.2f}] p_Holm "
+        f"{gains[0]['metrics'][SEEN]['p_holm']:.3g} **larger** | +5.00 [+5.00, +5.00] (raw) |" in md
     )
     assert "gain of fd over clip_only against that of cid over clip_only" in paper_html(result)
 
@@ -281,12 +292,19 @@ def test_the_cli_prints_the_tables(folder, capsys):
 
 
 def test_verdict_directions():
-    assert verdict({"n": 3, "mean": 1, "low": 0.5, "high": 1.5}) == "holds"
-    assert verdict({"n": 3, "mean": 1, "low": 0.5, "high": 1.5}, lower=True) == "reversed"
-    assert verdict({"n": 3, "mean": -1, "low": -1.5, "high": -0.5}, lower=True) == "holds"
-    assert verdict({"n": 3, "mean": 0, "low": -0.5, "high": 0.5}) == "unresolved"
+    assert verdict({"n": 3, "mean": 1, "low": 0.5, "high": 1.5}, adjusted_p=0.01) == "holds"
+    assert verdict({"n": 3, "mean": 1, "low": 0.5, "high": 1.5}, lower=True, adjusted_p=0.01) == "reversed"
+    assert verdict({"n": 3, "mean": -1, "low": -1.5, "high": -0.5}, lower=True, adjusted_p=0.01) == "holds"
+    # The raw interval excludes zero, but not after the family's adjustment.
+    assert verdict({"n": 3, "mean": 1, "low": 0.5, "high": 1.5}, adjusted_p=0.08) == "unresolved"
     assert verdict({"n": 1, "mean": 2, "low": None, "high": None}) == "unresolved"
     assert verdict(None) == "unresolved"
+
+
+def test_holm_matches_a_hand_computed_case():
+    # Sorted 0.005, 0.01, 0.03, 0.04 of m = 4: x4 = 0.02, x3 = 0.03, x2 = 0.06, x1 = 0.04 -> kept at 0.06.
+    assert holm([0.01, 0.04, 0.03, 0.005, None]) == pytest.approx([0.03, 0.06, 0.06, 0.02, None])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []
 
 
 def test_the_shipped_layout_names_only_variants_of_the_shipped_plans():

@@ -9,9 +9,12 @@ and the paper's claims: [A, B] reads "A above B" on each of the section's metric
 compares two gains, "A's gain over B is larger than C's over D" (e.g. CID's gain after 9 epochs against
 after 1), each gain taken per seed.
 
-Each claim is judged on the paired differences over the seeds both variants ran, with the 95 % t interval
-the study uses: it "holds" where the interval lies on the claimed side of zero, is "reversed" where it
-lies on the other, and is "unresolved" where it spans zero or one seed gives no interval. A claim whose
+Each claim is judged on the paired differences over the seeds both variants ran (the 95 % t interval the
+study uses, and the paired t test's p). Each section names its primary metric, and the section's claims
+on it are one family: their p values are adjusted by Holm's step-down method, and a claim "holds" only
+where its adjusted p is below 0.05 with the mean on the claimed side, is "reversed" where it is below
+0.05 on the other, and is "unresolved" otherwise (or where one seed gives no test). On the section's
+other metrics the raw interval is shown and no verdict is counted. A claim whose
 variant has no finished run yet (a plan run in parts, `clipcid study --only`) is "not run" and left out
 of the counts. A comparison of gains is judged the same way on the per-seed differences of the two gains
 ("larger", "smaller" or "unresolved") and counted apart: it is a question the paper does not ask, not
@@ -34,6 +37,8 @@ from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
 
 LAYOUT = Path(__file__).parent / "configs" / "paper.json"
 VERDICTS = ("holds", "reversed", "unresolved")
+SECONDARY = "secondary"  # a claim on a section's other metrics: its raw interval, no verdict
+FAMILY_LEVEL = 0.05
 GAIN_VERDICTS = {"holds": "larger", "reversed": "smaller", "unresolved": "unresolved"}
 NOT_RUN = "not run"
 WEIGHT_STATS = {"std": "sd", "kurtosis": "kurtosis", "near_zero": "near zero"}
@@ -65,6 +70,7 @@ class Section:
     metrics: list[str]
     claims: list[Claim] = field(default_factory=list)
     teachers: str | None = None  # None, "given" or "all"
+    primary: str = ""  # the metric the section's claims are judged on (one Holm family); the first by default
 
 
 def load_layout(path: str | Path) -> list[Section]:
@@ -82,6 +88,9 @@ def load_layout(path: str | Path) -> list[Section]:
             raise ClipcidError(f"{where} lacks {', '.join(missing)}")
         for m in s["metrics"]:
             _metric_format(m, where)
+        primary = s.get("primary", s["metrics"][0] if s["metrics"] else "")
+        if primary not in s["metrics"]:
+            raise ClipcidError(f"{where}: its primary metric {primary!r} is not one of its metrics")
         if s.get("teachers") not in (None, "given", "all"):
             raise ClipcidError(f'{where}: teachers is "given", "all" or absent, not {s["teachers"]!r}')
         claims = []
@@ -107,6 +116,7 @@ def load_layout(path: str | Path) -> list[Section]:
                 list(s["metrics"]),
                 claims,
                 s.get("teachers"),
+                primary,
             )
         )
     if not sections:
@@ -157,13 +167,25 @@ def claim_label(c: dict) -> str:
     return f"`{c['a']}` {'below' if c['lower'] else 'above'} `{c['b']}`"
 
 
-def verdict(difference: dict | None, lower: bool = False) -> str:
-    if difference is None or difference["low"] is None:
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family's p values (None: no test, left out of the family): the
+    i-th smallest of m is multiplied by m - i + 1, capped at 1 and kept from falling below the one before."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(difference: dict | None, lower: bool = False, adjusted_p: float | None = None) -> str:
+    """On the claimed side, beyond the family's level after adjustment: holds; beyond it on the other side:
+    reversed; else unresolved."""
+    if difference is None or difference.get("low") is None or adjusted_p is None or adjusted_p >= FAMILY_LEVEL:
         return "unresolved"
-    above, below = difference["low"] > 0, difference["high"] < 0
-    if lower:
-        above, below = below, above
-    return "holds" if above else "reversed" if below else "unresolved"
+    above = difference["mean"] > 0
+    return "holds" if above != lower else "reversed"
 
 
 def _teacher_rows(section: Section, study: dict, others: list[dict]) -> list[dict]:
@@ -195,7 +217,13 @@ def _teacher_rows(section: Section, study: dict, others: list[dict]) -> list[dic
 
 def judge_section(section: Section, study: dict | None, others: list[dict]) -> dict:
     """One section's rows (mean ± sd over seeds per metric), teachers and claims with their verdicts."""
-    out: dict = {"title": section.title, "plan": section.plan, "paper": section.paper, "metrics": section.metrics}
+    out: dict = {
+        "title": section.title,
+        "plan": section.plan,
+        "paper": section.paper,
+        "metrics": section.metrics,
+        "primary": section.primary,
+    }
     if study is None:
         return {**out, "found": False, "rows": [], "teachers": [], "claims": []}
     labels = {v["name"]: v["label"] for v in study["variants"]}
@@ -223,17 +251,42 @@ def judge_section(section: Section, study: dict | None, others: list[dict]) -> d
                 "metrics": cells,
             }
         )
-    claims = []
-    for c in section.claims:
-        judged = {}
+    differences = {}
+    for k, c in enumerate(section.claims):
         for m in c.metrics:
             if c.than:
                 d = paired_interval(gain_values(study, c.a, c.b, m), gain_values(study, *c.than, m))
-                shown = GAIN_VERDICTS[verdict(d, c.lower)] if {c.a, c.b, *c.than} <= ran else NOT_RUN
             else:
                 d = paired_interval(seed_values(study, c.a, m), seed_values(study, c.b, m))
-                shown = verdict(d, c.lower) if {c.a, c.b} <= ran else NOT_RUN
-            judged[m] = {**(d or {"n": 0, "mean": None, "low": None, "high": None}), "verdict": shown}
+            differences[k, m] = (
+                (d or {"n": 0, "mean": None, "low": None, "high": None, "p": None}),
+                ({c.a, c.b, *(c.than or ())} <= ran),
+            )
+    # The families: the section's claims on its primary metric whose variants ran; its gain comparisons
+    # (a question the paper does not ask) are a family of their own.
+    adjusted, family_size = {}, {}
+    for gains in (False, True):
+        family = [
+            (k, m)
+            for (k, m), (_, done) in differences.items()
+            if m == section.primary and done and bool(section.claims[k].than) == gains
+        ]
+        adjusted.update(zip(family, holm([differences[key][0].get("p") for key in family]), strict=True))
+        tested = sum(differences[key][0].get("p") is not None for key in family)  # Holm's m
+        family_size.update(dict.fromkeys(family, tested))
+    claims = []
+    for k, c in enumerate(section.claims):
+        judged = {}
+        for m in c.metrics:
+            d, done = differences[k, m]
+            if not done:
+                shown = NOT_RUN
+            elif m != section.primary:
+                shown = SECONDARY
+            else:
+                shown = verdict(d, c.lower, adjusted[k, m])
+                shown = GAIN_VERDICTS[shown] if c.than else shown
+            judged[m] = {**d, "p_holm": adjusted.get((k, m)), "family": family_size.get((k, m), 0), "verdict": shown}
         claims.append(
             {
                 "a": c.a,
@@ -272,8 +325,10 @@ def _claim_cell(d: dict, metric: str) -> str:
     if d["low"] is None:
         return f"{_value(d['mean'], metric, True)} (1 seed) unresolved"
     interval = f"[{_value(d['low'], metric, True)}, {_value(d['high'], metric, True)}]"
+    if d["verdict"] == SECONDARY:
+        return f"{_value(d['mean'], metric, True)} {interval} (raw)"
     shown = d["verdict"] if d["verdict"] == "unresolved" else f"**{d['verdict']}**"
-    return f"{_value(d['mean'], metric, True)} {interval} {shown}"
+    return f"{_value(d['mean'], metric, True)} {interval} p_Holm {d['p_holm']:.3g} {shown}"
 
 
 def section_markdown(s: dict) -> list[str]:
@@ -298,10 +353,13 @@ def section_markdown(s: dict) -> list[str]:
     ]
     head = ["", "variant", "seeds", *labels]
     lines += [f"Mean ± sd over seeds (plan `{s['plan']}`):", "", *markdown_table(head, rows, 2), ""]
+    primary = _metric_format(s["primary"])[0]
     intros = {
-        False: "The paper's claims, first minus second paired by seed: mean [95 % interval] and verdict:",
-        True: "Gains compared, the first gain minus the second paired by seed: mean [95 % interval] and "
-        "whether the first is larger:",
+        False: f"The paper's claims, first minus second paired by seed: mean [95 % interval]; on the primary "
+        f"metric ({primary}) the Holm-adjusted p over the section's claims and the verdict, elsewhere the raw "
+        "interval only:",
+        True: "Gains compared, the first gain minus the second paired by seed: mean [95 % interval] and, on the "
+        "primary metric, the Holm-adjusted p and whether the first is larger:",
     }
     for gains, intro in intros.items():
         claim_rows = [
@@ -336,15 +394,16 @@ def paper_markdown(result: dict) -> str:
         "",
         f"From `clipcid paper --study {result['study']}` (plans: "
         + ", ".join(f"{name}, {n} runs" for name, n in result["plans"].items())
-        + "). Each claim of the paper is judged per metric on the differences paired by seed, with a 95 % t "
-        "interval: it holds where the interval lies on the claimed side of zero, is reversed where it lies "
-        "on the other, and is unresolved where it spans zero (or one seed gives no interval).",
+        + "). Each claim of the paper is judged on its section's primary metric, on the differences paired "
+        "by seed: the claims of a section are one family, their paired t tests' p values adjusted by Holm's "
+        "method; a claim holds where its adjusted p is below 0.05 with the difference on the claimed side, "
+        "is reversed where it is below 0.05 on the other side, and is unresolved otherwise (or where one "
+        "seed gives no test). The other metrics show their raw 95 % intervals, which judge nothing.",
         "",
-        f"Of {total} claim × metric judgements: {_counts_text(result)}. "
-        "Each interval excludes zero by chance 5 % of the time where nothing differs: of the "
-        f"{result['with_interval']} judged on two seeds or more, about {0.05 * result['with_interval']:.1f} "
-        "would hold or be reversed from noise alone, so a lone verdict weighs less than a pattern across "
-        "metrics and tables.",
+        f"Of {total} judgements on the primary metrics: {_counts_text(result)}. Within a section the chance "
+        "that any claim holds or is reversed from noise alone is at most 5 %; across the "
+        f"{result['families']} sections, at most {min(1.0, 0.05 * result['families']):.0%} that one does "
+        "somewhere.",
         "",
     ]
     for s in result["sections"]:
@@ -359,7 +418,8 @@ def paper_html(result: dict) -> str:
     parts = [
         "<h2>The paper's claims at this scale</h2><p>From <code>clipcid paper</code> (paper.md beside the study "
         "holds every row): each claim of the paper, first minus second paired by seed, mean [95 % interval] "
-        "and verdict (bold: the interval excludes zero). " + html.escape(_counts_text(result)) + ".</p>"
+        "and, on each section's primary metric, the verdict after Holm's adjustment over the section's claims "
+        "(bold: it holds or is reversed). " + html.escape(_counts_text(result)) + ".</p>"
     ]
     for s in result["sections"]:
         if not s["claims"]:
@@ -371,7 +431,7 @@ def paper_html(result: dict) -> str:
             for m in s["metrics"]:
                 d = c["metrics"].get(m)
                 text = _claim_cell(d, m).replace("**", "") if d else ""
-                decisive = d and d["verdict"] not in ("unresolved", NOT_RUN)
+                decisive = d and d["verdict"] not in ("unresolved", NOT_RUN, SECONDARY)
                 cells.append(text + (" **" if decisive else ""))
             rows.append([claim_label(c).replace("`", ""), *cells])
         parts.append(
@@ -412,6 +472,7 @@ def write_paper(cfg: PaperConfig) -> dict:
         "verdicts": {v: counts.get(v, 0) for v in VERDICTS},
         "not_run": counts.get(NOT_RUN, 0),
         "with_interval": sum(d["low"] is not None for c in claims for d in c["metrics"].values()),
+        "families": sum(any(d["family"] for c in s["claims"] for d in c["metrics"].values()) for s in judged),
         "gain_verdicts": {v: gains[v] for v in (*GAIN_VERDICTS.values(), NOT_RUN) if gains.get(v)},
         "sections": judged,
     }

@@ -851,9 +851,12 @@ def paired_interval(values: dict[int, float], reference: dict[int, float], level
     diffs = np.array([values[s] - reference[s] for s in seeds], dtype=np.float64)
     mean = float(diffs.mean())
     if len(diffs) < 2:
-        return {"n": 1, "mean": mean, "low": None, "high": None}
-    half = float(stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
-    return {"n": len(diffs), "mean": mean, "low": mean - half, "high": mean + half}
+        return {"n": 1, "mean": mean, "low": None, "high": None, "p": None}
+    sd = float(diffs.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
+    # The paired t test's two-sided p (the interval excludes zero exactly when p < 1 - level).
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else (0.0 if mean else 1.0)
+    return {"n": len(diffs), "mean": mean, "low": mean - half, "high": mean + half, "p": p}
 
 
 def metric_values(records: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
