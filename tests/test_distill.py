@@ -213,3 +213,19 @@ def test_clip_only_run_needs_no_teacher(pipeline, tmp_path):
     assert set(result["last"]) == {"clip", "total", "lr"} and result["steps"] == 2
     with pytest.raises(ClipcidError, match="--w-ins need --teacher-emb"):
         distill(_cfg(pipeline, tmp_path / "x", **{**cfg, "w_ins": 1.0}))
+
+
+def test_a_run_too_short_to_judge_says_so_and_its_warm_up_scales_with_it():
+    from clipcid.distill.train import DistillConfig, too_short, warmup_steps
+
+    # Unset, the warm-up is 5 % of the run; set, it is kept.
+    assert warmup_steps(DistillConfig(data="", out="", model="m"), 29) == 1
+    assert warmup_steps(DistillConfig(data="", out="", model="m"), 4000) == 200
+    assert warmup_steps(DistillConfig(data="", out="", model="m", warmup=50), 29) == 50
+    # The run: 29 steps against the recipe's 50 warm-up steps.
+    reason = too_short(29, 50, 29, 1)
+    assert "fewer than its 50 warm-up steps and fewer than the 100 a comparison of students needs" in reason
+    assert reason.endswith("--epochs 4 (or more data) would give 116")
+    assert too_short(188, 50, 188, 1) is None and too_short(188, 200, 188, 1).endswith(
+        "--epochs 2 (or more data) would give 376"
+    )

@@ -88,6 +88,20 @@ def test_a_hold_out_too_small_says_which_fraction_would_do_and_another_is_then_a
     assert record["complete"] and record["settings"]["fraction"] == suggested
 
 
+def test_small_data_are_fitted_up_to_a_cap_instead_of_refused(tmp_path):
+    """`clipcid run`'s default: 1 % that holds out too few pairs rises to what gives --min-pairs, up to its
+    cap; the summary says what was used and why. Beyond the cap it is refused, saying why."""
+    make_img2dataset_shards(tmp_path / "shards", n_shards=2, per_shard=100, seed=4)
+    cfg = HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.01, min_pairs=30, fit_up_to=0.3)
+    stats = hold_out(cfg)
+    assert stats["usable"] >= 30 and 0.01 < stats["fraction"] <= 0.3 and "0.01 held out" in stats["fitted"]
+    h = HoldOut.open(tmp_path / "ho")
+    assert h.masks([100, 100]).sum() == stats["held_out"] and h.record["settings"]["fit_up_to"] == 0.3
+    assert len(h.pairs()) == stats["gallery_pairs"] == stats["usable"]  # the gallery of the fraction used
+    with pytest.raises(ClipcidError, match="even --holdout 0.05 holds out only .* the data are too small"):
+        hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho2"), 0.01, min_pairs=80, fit_up_to=0.05))
+
+
 def test_rows_without_a_caption_are_held_out_but_not_in_the_gallery(tmp_path):
     make_img2dataset_shards(tmp_path / "shards", n_shards=1, per_shard=60, seed=6, captions=False)
     stats = hold_out(HoldoutConfig(str(tmp_path / "shards"), str(tmp_path / "ho"), fraction=0.3, min_pairs=0))

@@ -71,6 +71,13 @@ class HoldoutConfig:
     stratify_by: str | None = option(None, "a metadata field (sample JSON key or table column) to stratify by")
     min_per_stratum: int = option(0, "with --stratify-by: hold out at least this many rows of each stratum", at_least=0)
     eval_pairs: int = option(5000, "held-out pairs in the retrieval gallery (those of smallest hash)", at_least=1)
+    fit_up_to: float = option(
+        0.0,
+        "where --fraction holds out fewer than --min-pairs usable pairs, raise the fraction up to this share "
+        "instead of refusing (0: refuse; `clipcid run` fits small data up to 0.1 unless --holdout is given)",
+        at_least=0,
+        below=1,
+    )
     rows_per_part: int = option(10000, "table input: rows per part", at_least=1)
     image_column: str | None = option(None, "table input: column holding image paths")
     caption_column: str | None = option(None, "table input: column holding captions")
@@ -260,6 +267,7 @@ def hold_out(cfg: HoldoutConfig) -> dict:
     parts = discover_parts(cfg.data, cfg.rows_per_part, cfg.image_column, cfg.caption_column)
     # Unstratified: the settings of a hold-out made before stratification existed (its folder stays finished).
     unset = ("stratify_by", "min_per_stratum") if cfg.stratify_by is None else ()
+    unset += ("fit_up_to",) if not cfg.fit_up_to else ()  # likewise a hold-out made before fitting existed
     if cfg.min_per_stratum and cfg.stratify_by is None:
         raise ClipcidError("--min-per-stratum needs --stratify-by FIELD (the metadata field of each sample's stratum)")
     settings = {
@@ -284,35 +292,48 @@ def hold_out(cfg: HoldoutConfig) -> dict:
             folder.release()
 
 
+FIT_TRIES = 4  # each try aims 10 % above the pairs wanted; hashes are uniform, so one or two suffice
+
+
 def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFolder) -> dict:
     out = Path(cfg.out)
-    for sub in ("mask", "index", "staging"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    cuts: dict[str, int] | int = cut_of(cfg.fraction)
-    if cfg.stratify_by:
-        cuts = _stratify(cfg, env, parts, out)
-    mine = [i for i in parts_of_rank(range(len(parts)), env) if not mask_path(out, i).is_file()]
-    with progress_bar(len(mine), f"hold out (rank {env.rank})", "part", env.is_main) as bar:
-        for i in mine:
-            _hold_out_part(out, i, parts[i], cuts, cfg.stratify_by)
-            bar.update(1)
-    barrier(env)
-    rows = sum(len(np.load(mask_path(out, i), mmap_mode="r")) for i in range(len(parts)))
-    index = [np.load(index_path(out, i)) for i in range(len(parts))]
+    fraction, fitted = cfg.fraction, None
+    for attempt in range(FIT_TRIES + 1):
+        rows, index = _mask_parts(cfg, env, parts, out, fraction)
+        n_usable = sum(int(x["usable"].sum()) for x in index)
+        if not (cfg.fraction > 0 and n_usable < cfg.min_pairs and fraction < cfg.fit_up_to and attempt < FIT_TRIES):
+            break
+        # Small data under the default: hold out more, up to --fit-up-to, rather than refuse.
+        wider = min(cfg.fit_up_to, max(suggested_fraction(fraction, n_usable, cfg.min_pairs), fraction * 1.25))
+        fitted = (
+            f"{cfg.fraction:g} held out {n_usable} usable pairs of {rows:,}, fewer than the {cfg.min_pairs} "
+            f"retrieval needs: {wider:.3g} instead (the default fits small data, up to {cfg.fit_up_to:g})"
+        )
+        if env.is_main:
+            log.warning("hold-out: %s", fitted)
+            for sub in ("mask", "index", "staging"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+        barrier(env)
+        fraction = wider
     n_held = sum(len(x["row"]) for x in index)
-    n_usable = sum(int(x["usable"].sum()) for x in index)
     if cfg.fraction > 0 and n_usable < cfg.min_pairs:
         barrier(env)
         if env.is_main:
             folder.discard()  # cheap to redo (a small corpus), and another --holdout must not be refused
-        better = suggested_fraction(cfg.fraction, n_usable, cfg.min_pairs)
+        better = suggested_fraction(fraction, n_usable, cfg.min_pairs)
+        if fitted:
+            raise ClipcidError(
+                f"even --holdout {fraction:.3g} holds out only {n_usable} usable pairs of {rows:,}, fewer than the "
+                f"{cfg.min_pairs} needed to measure retrieval: the data are too small to measure on (--holdout "
+                f"{better:.3g} would hold out about {cfg.min_pairs}), or pass --holdout 0 to hold out nothing"
+            )
         raise ClipcidError(
             f"--holdout {cfg.fraction:g} holds out {n_usable} usable pairs of {rows:,}, fewer than the {cfg.min_pairs} "
             f"needed to measure retrieval; use --holdout {better:.3g} (about {cfg.min_pairs} pairs), "
             "or --holdout 0 to hold out nothing"
         )
     if cfg.stratify_by and env.is_main:
-        _count_strata(out, len(parts), cuts, cfg.stratify_by)
+        _count_strata(out, len(parts), _cuts(cfg, out, len(parts), fraction), cfg.stratify_by)
     if env.is_main and not (out / PAIRS / PAIRS_INDEX).is_file():
         _write_gallery(out, index, cfg.eval_pairs)
     barrier(env)
@@ -327,6 +348,8 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
         "usable": n_usable,
         "gallery_pairs": gallery,
         "held_out_fraction": n_held / rows if rows else 0.0,
+        "fraction": fraction,  # the one used: --fraction, or what fitting small data chose
+        **({"fitted": fitted} if fitted else {}),
     }
     log.info(
         "held out %d of %d rows (%.2f%%); %d usable pairs, %d in the retrieval gallery",
@@ -339,8 +362,27 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
     return folder.finish(summary)
 
 
-def _stratify(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path) -> dict[str, int]:
-    """The first pass (hashes by stratum, part by part across ranks), then the cut of every stratum."""
+def _mask_parts(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path, fraction: float) -> tuple[int, list]:
+    """Mask, index and stage every part at `fraction` (parts already masked are kept: a resumed run);
+    returns the rows and each part's index."""
+    for sub in ("mask", "index", "staging"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    cuts: dict[str, int] | int = cut_of(fraction)
+    if cfg.stratify_by:
+        _hash_strata(cfg, env, parts, out)
+        cuts = _cuts(cfg, out, len(parts), fraction)
+    mine = [i for i in parts_of_rank(range(len(parts)), env) if not mask_path(out, i).is_file()]
+    with progress_bar(len(mine), f"hold out (rank {env.rank})", "part", env.is_main) as bar:
+        for i in mine:
+            _hold_out_part(out, i, parts[i], cuts, cfg.stratify_by)
+            bar.update(1)
+    barrier(env)
+    rows = sum(len(np.load(mask_path(out, i), mmap_mode="r")) for i in range(len(parts)))
+    return rows, [np.load(index_path(out, i)) for i in range(len(parts))]
+
+
+def _hash_strata(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path) -> None:
+    """The first pass of a stratified hold-out: hashes by stratum, part by part across ranks."""
     (out / "strata").mkdir(parents=True, exist_ok=True)
     mine = [i for i in parts_of_rank(range(len(parts)), env) if not _strata_path(out, i).is_file()]
     with progress_bar(len(mine), f"hash strata (rank {env.rank})", "part", env.is_main) as bar:
@@ -348,7 +390,11 @@ def _stratify(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path) ->
             _hash_part(out, i, parts[i], cfg.stratify_by)
             bar.update(1)
     barrier(env)
-    return stratum_cuts((_read_strata(out, i) for i in range(len(parts))), cfg.fraction, cfg.min_per_stratum)
+
+
+def _cuts(cfg: HoldoutConfig, out: Path, n_parts: int, fraction: float) -> dict[str, int]:
+    """The cut of every stratum at `fraction`, from the first pass."""
+    return stratum_cuts((_read_strata(out, i) for i in range(n_parts)), fraction, cfg.min_per_stratum)
 
 
 def _count_strata(out: Path, n_parts: int, cuts: dict[str, int], field: str) -> None:

@@ -110,7 +110,8 @@ class Section:
 TABLE_FIELDS = ("rows_per_part", "image_column", "caption_column")
 SECTIONS: dict[str, Section] = {
     "run": Section(RunSection, ()),
-    "holdout": Section(HoldoutConfig, ("data", "out", "overwrite", *TABLE_FIELDS)),
+    # Small data are fitted: the default 1 % rises to what gives --min-pairs usable pairs, up to 10 %.
+    "holdout": Section(HoldoutConfig, ("data", "out", "overwrite", *TABLE_FIELDS), (), (("fit_up_to", 0.1),)),
     "embed": Section(EmbedConfig, ("data", "out", "overwrite"), EMBED_RUNTIME),
     "balance": Section(BalanceConfig, ("emb", "out", "holdout", "overwrite"), BALANCE_RUNTIME),
     "cluster": Section(ClusterConfig, ("emb", "out", "balance", "holdout", "overwrite"), ("plots",)),
@@ -248,6 +249,8 @@ def resolve_recipe(cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict[str,
             for section, name in targets:
                 recipe[section][name] = value
                 sources[section][name] = "flag"
+    if sources["holdout"].get("fraction") and "fit_up_to" not in sources["holdout"]:
+        recipe["holdout"]["fit_up_to"] = 0.0  # a fraction asked for is kept, or refused with its hint
     for item in cfg.set or []:
         key, sep, text = item.partition("=")
         section, dot, name = key.partition(".")
@@ -627,10 +630,15 @@ class Pipeline:
             )
         barrier(self.env)
         if self.env.is_main:
+            from clipcid.distill.checkpoint import too_short
+
+            # A student or baseline trained too briefly: their comparison is marked, not hidden.
+            short = {n: too_short(self.run_dir(n)) for n in self.students}
             records = []
             for m in self.models():
                 _, found = read_suite_results(self.eval_dir(m["name"]))
-                records += [{**record, "role": ROLES[m["name"]]} for record in found.values()]
+                extra = {"too_short_to_judge": short[m["name"]]} if short.get(m["name"]) else {}
+                records += [{**record, "role": ROLES[m["name"]], **extra} for record in found.values()]
             write_results(self.out / RESULTS_FILE, records)
 
     # -- export: the students as folders plain open_clip loads, with model cards

@@ -18,7 +18,7 @@ import torch
 from clipcid.balance import artifact as balance_artifact
 from clipcid.balance.inspect import groups_html
 from clipcid.cluster import artifact as cluster_artifact
-from clipcid.distill.checkpoint import read_train_log
+from clipcid.distill.checkpoint import read_train_log, too_short
 from clipcid.distill.objective import TERMS
 from clipcid.errors import ClipcidError
 from clipcid.evaluation import zeroshot_retrieval as zsr
@@ -137,7 +137,12 @@ def results_table(out: Path) -> Table:
         if compare and values[-1] is not None and values[-2] is not None:
             diff = _pct(values[-1] - values[-2], True)
         rows.append((task_label(next(r for r in records if r)), False, [_pct(v) for v in values], diff))
-    return Table([label for _, label in present], rows, "student − baseline" if compare else None)
+    difference = "student − baseline" if compare else None
+    short = [reason for n in ("student", "baseline") if compare and (reason := too_short(out / "runs" / n))]
+    if short:  # no difference of such a run is a finding: say so in the column and mark none
+        difference = f"student − baseline (too short to judge: {short[0]})"
+        rows = [(task, head, cells, diff.removesuffix(" **")) for task, head, cells, diff in rows]
+    return Table([label for _, label in present], rows, difference)
 
 
 def _main(record: dict | None) -> float | None:

@@ -82,6 +82,15 @@ def read_params(run: str | Path) -> dict:
     return read_finished(Path(run) / PARAMS_FILE, "distill")
 
 
+def too_short(run: str | Path) -> str | None:
+    """Why a run was too short for its student to be compared with another (distill says so before it
+    trains), or None; None too for a run that is not there or from before the check existed."""
+    from clipcid.stage import read_record
+
+    record = read_record(Path(run) / PARAMS_FILE)
+    return (record or {}).get("too_short")
+
+
 def identity_of(run: str | Path) -> str | None:
     """The fingerprint of the settings a run was trained with (and so of its student)."""
     return identity(Path(run) / PARAMS_FILE)

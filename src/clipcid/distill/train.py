@@ -72,7 +72,7 @@ class DistillConfig:
     dataset_resampled: bool = option(False, "draw shards with replacement each epoch, as webdataset's resampled")
     lr: float = option(5e-4, "peak learning rate", above=0)
     wd: float = option(0.2, "AdamW weight decay (not on biases, norms, temperatures)", at_least=0)
-    warmup: int = option(100, "warm-up steps", at_least=0)
+    warmup: int | None = option(None, "warm-up steps (default: 5 % of the run's steps)", at_least=0)
     beta1: float = option(0.9, "AdamW beta1", at_least=0, below=1)
     beta2: float = option(0.98, "AdamW beta2", at_least=0, below=1)
     eps: float = option(1e-6, "AdamW epsilon", above=0)
@@ -136,8 +136,31 @@ def build_optimizer(cfg: DistillConfig, student: nn.Module) -> torch.optim.Optim
     return adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def lr_at(step: int, cfg: DistillConfig, total_steps: int) -> float:
-    return cosine_with_warmup(step, cfg.lr, cfg.warmup, total_steps)
+WARMUP_SHARE = 0.05  # of the run's steps, when --warmup is not set
+# Below this many steps a student is still in its first descent, and two students differ by where they
+# started more than by how they were trained: a rule of thumb, not a measured bound (the demo's 1-epoch
+# students take 188 steps, and their differences over seeds are the smallest the study resolves).
+MIN_COMPARABLE_STEPS = 100
+
+
+def warmup_steps(cfg: DistillConfig, total_steps: int) -> int:
+    return cfg.warmup if cfg.warmup is not None else max(1, round(WARMUP_SHARE * total_steps))
+
+
+def too_short(total_steps: int, warmup: int, steps_per_epoch: int, epochs: int) -> str | None:
+    """Why a run is too short for its student to be compared with another, or None."""
+    reasons = []
+    if total_steps < warmup:
+        reasons.append(f"fewer than its {warmup} warm-up steps")
+    if total_steps < MIN_COMPARABLE_STEPS:
+        reasons.append(f"fewer than the {MIN_COMPARABLE_STEPS} a comparison of students needs")
+    if not reasons:
+        return None
+    wanted = math.ceil(max(MIN_COMPARABLE_STEPS, warmup) / max(steps_per_epoch, 1))
+    return (
+        f"{total_steps} steps ({epochs} epoch(s) of {steps_per_epoch}): {' and '.join(reasons)}; "
+        f"--epochs {max(wanted, epochs + 1)} (or more data) would give {max(wanted, epochs + 1) * steps_per_epoch}"
+    )
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -225,6 +248,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=precision.needs_grad_scaler(cfg.precision, env.device))
         self.steps_per_epoch = total_steps or self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup = warmup_steps(cfg, self.total_steps)
+        self.too_short = too_short(self.total_steps, self.warmup, self.steps_per_epoch, cfg.epochs)
+        if self.too_short and env.is_main:
+            log.warning("distill: this run is too short to judge: %s", self.too_short)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.run_folder = TrainingRun(self.out, env)
         self.values = StepValues(env.device)
@@ -287,7 +314,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> None:
         """One optimizer step. Its loss values reach the host without the step waiting for them
         (StepValues): they are checked and logged when the next step starts, or before a checkpoint."""
-        lr = lr_at(self.step, self.cfg, self.total_steps)
+        lr = cosine_with_warmup(self.step, self.cfg.lr, self.warmup, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -503,6 +530,8 @@ def distill(cfg: DistillConfig) -> dict:
                 "world_size": env.world_size,
                 "steps_per_epoch": trainer.steps_per_epoch,
                 "total_steps": trainer.total_steps,
+                "warmup_steps": trainer.warmup,
+                "too_short": trainer.too_short,
                 "train_rows": trainer.train.total,
             }
             if env.is_main:
