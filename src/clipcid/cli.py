@@ -114,6 +114,12 @@ COMMANDS: dict[str, Command] = {
         _lazy("clipcid.corpus.build", "build_demo_corpus"),
         _print_corpus,
     ),
+    "data build-web": Command(
+        "a corpus with web-like near-copies (Zipf counts, re-encoded, cropped, recaptioned) of a built corpus",
+        _lazy("clipcid.corpus.web", "BuildWebConfig"),
+        _lazy("clipcid.corpus.web", "build_web_corpus"),
+        _print_stats("clipcid.corpus.web"),
+    ),
     "data build-eval": Command(
         "render the held-out evaluation suite (CLIP_benchmark wds layout)",
         _lazy("clipcid.corpus.eval_suite", "BuildEvalConfig"),

@@ -6,7 +6,9 @@ picture alone, so it does not move when shards are added, renamed or re-keyed, a
 copies of a picture all fall on the same side. --stratify-by FIELD (a key of each sample's JSON
 metadata, or a table column) adds a floor per stratum: a stratum (a source, a style) with fewer rows
 below the cut than --min-per-stratum holds out its --min-per-stratum rows of smallest hash instead,
-so that a small source is measured too; it takes a first pass of hashes and strata. Nothing trains
+so that a small source is measured too; it takes a first pass of hashes and strata. --group-by FIELD
+hashes a metadata value instead of the bytes, so that rows sharing it go together (near-copies of one
+picture, whose re-encoded bytes differ: `clipcid data build-web` writes copy_group). Nothing trains
 on a held-out row (balance, cluster, distill and lit all take the masks), and balance also drops the
 training rows that are near-duplicates of a held-out picture. The held-out pairs whose image decodes
 and whose caption is not empty are the retrieval gallery: the --eval-pairs of them with the smallest
@@ -71,6 +73,9 @@ class HoldoutConfig:
     stratify_by: str | None = option(None, "a metadata field (sample JSON key or table column) to stratify by")
     min_per_stratum: int = option(0, "with --stratify-by: hold out at least this many rows of each stratum", at_least=0)
     eval_pairs: int = option(5000, "held-out pairs in the retrieval gallery (those of smallest hash)", at_least=1)
+    group_by: str | None = option(
+        None, "a metadata field whose equal values are held out together (copies of one picture: copy_group)"
+    )
     fit_up_to: float = option(
         0.0,
         "where --fraction holds out fewer than --min-pairs usable pairs, raise the fraction up to this share "
@@ -90,6 +95,13 @@ RUNTIME_FIELDS = ("out", "overwrite")
 def image_hash(image: bytes) -> int:
     """64 bits of BLAKE2b over the image bytes: the row's place in [0, 2^64), uniform over pictures."""
     return int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "big")
+
+
+def row_hash(image: bytes, meta: dict | None, group_by: str | None) -> int:
+    """What decides a row's side: the hash of its group (--group-by FIELD: copies of one picture, whose
+    bytes differ, go together), or of its image bytes."""
+    group = (meta or {}).get(group_by) if group_by else None
+    return image_hash(str(group).encode()) if group is not None else image_hash(image)
 
 
 def cut_of(fraction: float) -> int:
@@ -188,15 +200,15 @@ def _strata_path(folder: Path, i: int) -> Path:
     return Path(folder) / "strata" / f"part_{i}.npz"
 
 
-def _hash_part(folder: Path, i: int, part: Part, field: str) -> None:
+def _hash_part(folder: Path, i: int, part: Part, field: str, group_by: str | None) -> None:
     """The first pass of a stratified hold-out: every pictured row's hash (uint64) and its stratum."""
     names: dict[str, int] = {}
     codes, hashes = [], []
     try:
-        for row in iter_rows(part, (field,)):
+        for row in iter_rows(part, tuple(f for f in (field, group_by) if f)):
             if row.image is not None:
                 codes.append(names.setdefault(stratum_of(row.meta, field), len(names)))
-                hashes.append(image_hash(row.image))
+                hashes.append(row_hash(row.image, row.meta, group_by))
     except DamagedShard as e:
         log.warning("%s", e)
     with atomic_path(_strata_path(folder, i)) as tmp, open(tmp, "wb") as f:
@@ -216,13 +228,15 @@ def _read_strata(folder: Path, i: int) -> dict[str, np.ndarray]:
         return {str(name): hashes[bounds[c] : bounds[c + 1]] for c, name in enumerate(names)}
 
 
-def _hold_out_part(folder: Path, i: int, part: Part, cuts: dict[str, int] | int, field: str | None) -> int:
+def _hold_out_part(
+    folder: Path, i: int, part: Part, cuts: dict[str, int] | int, field: str | None, group_by: str | None
+) -> int:
     """Mask, index and staged samples of one part, mask last (it marks the part done). Returns the rows.
     `cuts`: the hash cut, or the cut per stratum of `field`."""
     mask, rows, hashes, usable, staged = [], [], [], [], []
     try:
-        for r, row in enumerate(iter_rows(part, (field,) if field else ())):
-            h = image_hash(row.image) if row.image is not None else None
+        for r, row in enumerate(iter_rows(part, tuple(f for f in (field, group_by) if f))):
+            h = row_hash(row.image, row.meta, group_by) if row.image is not None else None
             cut = cuts if isinstance(cuts, int) else cuts[stratum_of(row.meta, field)]
             out = h is not None and h < cut
             mask.append(out)
@@ -268,6 +282,7 @@ def hold_out(cfg: HoldoutConfig) -> dict:
     # Unstratified: the settings of a hold-out made before stratification existed (its folder stays finished).
     unset = ("stratify_by", "min_per_stratum") if cfg.stratify_by is None else ()
     unset += ("fit_up_to",) if not cfg.fit_up_to else ()  # likewise a hold-out made before fitting existed
+    unset += ("group_by",) if cfg.group_by is None else ()
     if cfg.min_per_stratum and cfg.stratify_by is None:
         raise ClipcidError("--min-per-stratum needs --stratify-by FIELD (the metadata field of each sample's stratum)")
     settings = {
@@ -374,7 +389,7 @@ def _mask_parts(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path, 
     mine = [i for i in parts_of_rank(range(len(parts)), env) if not mask_path(out, i).is_file()]
     with progress_bar(len(mine), f"hold out (rank {env.rank})", "part", env.is_main) as bar:
         for i in mine:
-            _hold_out_part(out, i, parts[i], cuts, cfg.stratify_by)
+            _hold_out_part(out, i, parts[i], cuts, cfg.stratify_by, cfg.group_by)
             bar.update(1)
     barrier(env)
     rows = sum(len(np.load(mask_path(out, i), mmap_mode="r")) for i in range(len(parts)))
@@ -387,7 +402,7 @@ def _hash_strata(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path)
     mine = [i for i in parts_of_rank(range(len(parts)), env) if not _strata_path(out, i).is_file()]
     with progress_bar(len(mine), f"hash strata (rank {env.rank})", "part", env.is_main) as bar:
         for i in mine:
-            _hash_part(out, i, parts[i], cfg.stratify_by)
+            _hash_part(out, i, parts[i], cfg.stratify_by, cfg.group_by)
             bar.update(1)
     barrier(env)
 
@@ -514,10 +529,11 @@ class HoldOut:
 
     def split_of(self, rows: list[tuple[dict | None, bytes]]) -> list[str]:
         """The split of each held-out row, given (its metadata, its image bytes): stratified by the field
-        this hold-out was stratified by (one stratum when it was not)."""
-        field = self.stratify_by
+        this hold-out was stratified by (one stratum when it was not); copies of a picture (--group-by)
+        on one side."""
+        field, group_by = self.stratify_by, self.record["settings"].get("group_by")
         strata = [stratum_of(meta, field) if field else "" for meta, _ in rows]
-        return split_held_out(strata, [image_hash(image) for _, image in rows])
+        return split_held_out(strata, [row_hash(image, meta, group_by) for meta, image in rows])
 
 
 def summary_text(stats: dict) -> str:

@@ -67,7 +67,12 @@ def clean_name(name: str) -> str:
 def make_caption(art: S.Artwork) -> str:
     """One caption per image, its template picked by a hash of (style, name) so text varies but is
     reproducible."""
-    pick = _stable_hash(art.style, art.name)
+    options = caption_options(art)
+    return options[_stable_hash(art.style, art.name) % len(options)]
+
+
+def caption_options(art: S.Artwork) -> list[str]:
+    """The captions an artwork may have: templates of its kind around its name."""
     name = clean_name(art.name)
     if art.kind == "flag":
         country = art.name.split(":", 1)[1].strip() if art.name.startswith("flag:") else art.name
@@ -82,7 +87,7 @@ def make_caption(art: S.Artwork) -> str:
             options.append(f"{name}, {', '.join(art.tags[:4])}")
         if art.subgroup:
             options.append(f"{art.subgroup.replace('-', ' ')} emoji: {name}")
-    return options[pick % len(options)]
+    return options
 
 
 def collect_training_artwork(npm_root: Path) -> tuple[list[S.Artwork], dict[tuple[str, str], SourceStatus]]:

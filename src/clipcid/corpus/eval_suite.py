@@ -324,7 +324,7 @@ def heldout_datasets(corpus: str, holdout, index: S.EmojiIndex | None = None) ->
     coarse_classes: dict[str, set[str]] = {name: set() for name in COARSE_DATASETS}
     entries = index.entries if index is not None else []
     index_groups, index_subgroups = {e.group for e in entries}, {e.subgroup for e in entries}
-    fields = (holdout.stratify_by,) if holdout.stratify_by else ()
+    fields = tuple(f for f in (holdout.stratify_by, holdout.record["settings"].get("group_by")) if f)
     for i, part in enumerate(parts):
         rows = list(iter_rows(part, fields))
         mask = holdout.mask(i, len(rows))

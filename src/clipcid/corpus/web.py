@@ -1,0 +1,254 @@
+"""`clipcid data build-web`: a corpus with near-copies as web data has them, where Image Semantic
+Balance can do what the paper says it does.
+
+The demo corpus draws one picture in many styles: its near-duplicates are style variants, which teach
+invariance. Web data repeat one picture: re-uploads, re-encoded, rescaled, cropped, framed or stamped,
+each with a caption of its own (SemDeDup removed half of LAION-440M with little loss). This builder
+takes a built corpus (the demo's) as the originals and gives each picture a number of near-copies drawn
+from a Zipf law, P(n copies) ∝ (n + 1)^-a for n = 0 ... --max-copies, with the exponent a solved so that
+the expected share of rows that are copies is --copy-share (default 43.7 %, the share the paper's balance
+removed). A copy is the original re-encoded as JPEG (quality 30-95), rescaled (50-100 %), cropped by up to
+10 %, given a border or a small text stamp (or neither), and captioned another way: another template of
+its kind, words dropped or added, or its name alone. Originals and copies are shuffled together.
+
+Each row's JSON metadata is its source row's plus "copy_group" (the source key of its original: the same
+for the original and every copy of it) and, for a copy, "copy_of" (that key) and "edit" (what was done).
+`clipcid holdout --group-by copy_group` holds out a picture with all its copies (their bytes differ,
+so their hashes do too). --exclude-holdout leaves out the source's held-out rows, so that a suite built
+from that hold-out (the demo's seen tasks) stays unseen by anything trained on this corpus.
+
+Layout as build-demo writes it (img2dataset): OUT/00000.tar (KEY.png or KEY.jpg, KEY.txt, KEY.json),
+OUT/00000_stats.json, and OUT/web.json (settings, counts and the exponent, by stage.py's rule).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from clipcid.config import default_workers, option, validate
+from clipcid.corpus import sources as S
+from clipcid.corpus.build import caption_options, clean_name
+from clipcid.errors import ClipcidError
+from clipcid.inputs.shards import write_tar_atomic
+from clipcid.stage import RunFolder
+from clipcid.util.fileio import save_json_atomic
+from clipcid.util.tables import run_pool
+
+log = logging.getLogger("clipcid")
+
+SETTINGS_FILE = "web.json"
+GROUP_FIELD = "copy_group"  # the field `clipcid holdout --group-by` takes for this corpus
+WEB_WORDS = ["free", "download", "png", "hd", "high quality", "clipart", "vector", "stock image", "transparent"]
+STAMPS = ["sample", "preview", "(c)", "stock", "www", "free", "hd"]
+
+
+@dataclass
+class BuildWebConfig:
+    source: str = option(help="a built corpus (clipcid data build-demo): its pictures are the originals")
+    out: str = option(help="output folder of the web-like corpus")
+    copy_share: float = option(0.437, "expected share of rows that are copies (the paper's balance removed 43.7 %)",
+                               above=0, below=0.95)  # fmt: skip
+    max_copies: int = option(50, "most copies of one picture (where the Zipf tail is cut)", at_least=1)
+    limit: int | None = option(None, "originals: the first N rows of the source (after --exclude-holdout)", at_least=1)
+    exclude_holdout: str | None = option(None, "a hold-out of --source: its rows are left out of this corpus")
+    shard_size: int = option(1000, "samples per shard", at_least=1, at_most=10000)
+    seed: int = option(0, "seed of the copies and of the order")
+    workers: int = option(help="processes making copies", default_factory=default_workers, at_least=0)
+    overwrite: bool = option(False, "replace what --out holds if it was built with other settings")
+
+
+def copies_law(copy_share: float, max_copies: int) -> tuple[float, np.ndarray]:
+    """The Zipf exponent a whose truncated law P(n) ∝ (n + 1)^-a on 0 ... max_copies has expected
+    copies / (1 + copies) = copy_share, and that law's probabilities."""
+    from scipy.optimize import brentq
+
+    n = np.arange(max_copies + 1, dtype=np.float64)
+    wanted = copy_share / (1 - copy_share)  # expected copies per original
+
+    def law(a: float) -> np.ndarray:
+        p = (n + 1) ** -a
+        return p / p.sum()
+
+    if float(law(1e-6) @ n) < wanted:
+        raise ClipcidError(
+            f"--copy-share {copy_share:g} needs more than {max_copies} copies of a picture on average; "
+            "raise --max-copies"
+        )
+    a = brentq(lambda a: float(law(a) @ n) - wanted, 1e-6, 50.0)
+    return float(a), law(a)
+
+
+def near_copy(image: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
+    """A web re-upload of a picture: cropped (up to 10 %), rescaled, framed or stamped, re-encoded as
+    JPEG; returns the bytes and what was done."""
+    im = Image.open(io.BytesIO(image)).convert("RGB")
+    edits = []
+    if rng.random() < 0.7:
+        cut = rng.uniform(0.02, 0.10)
+        w, h = im.size
+        left, top = int(w * cut * rng.random()), int(h * cut * rng.random())
+        im = im.crop((left, top, left + max(8, round(w * (1 - cut))), top + max(8, round(h * (1 - cut)))))
+        edits.append(f"crop {cut:.0%}")
+    scale = rng.uniform(0.5, 1.0)
+    im = im.resize((max(8, round(im.width * scale)), max(8, round(im.height * scale))), Image.Resampling.BILINEAR)
+    edits.append(f"scale {scale:.2f}")
+    mark = rng.random()
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    if mark < 0.3:
+        im = ImageOps.expand(im, border=max(1, round(0.05 * im.width)), fill=colour)
+        edits.append("border")
+    elif mark < 0.6:
+        ImageDraw.Draw(im).text((1, max(0, im.height - 11)), str(rng.choice(STAMPS)), fill=colour)
+        edits.append("stamp")
+    quality = int(rng.integers(30, 96))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    edits.append(f"jpeg q{quality}")
+    return buf.getvalue(), ", ".join(edits)
+
+
+def copy_caption(caption: str, meta: dict, rng: np.random.Generator) -> str:
+    """Another caption of the same picture: another template of its kind, words dropped or added, or its
+    name alone."""
+    how = rng.integers(4)
+    words = caption.split()
+    if how == 0 and meta.get("kind") and meta.get("name"):
+        art = S.Artwork(
+            meta.get("source", ""), meta.get("style", ""), meta["kind"], meta["name"], meta.get("group", ""),
+            meta.get("subgroup", ""), "", ("", ""), list(meta.get("tags") or []),
+        )  # fmt: skip
+        others = [c for c in caption_options(art) if c != caption]
+        if others:
+            return str(rng.choice(others))
+    if how == 1 and len(words) > 2:
+        drop = set(rng.choice(len(words), size=int(rng.integers(1, min(3, len(words) - 1) + 1)), replace=False))
+        return " ".join(w for i, w in enumerate(words) if i not in drop)
+    if how == 3 and meta.get("name"):
+        return clean_name(meta["name"])
+    extra = str(rng.choice(WEB_WORDS))
+    return f"{caption} {extra}" if rng.random() < 0.5 else f"{extra} {caption}"
+
+
+def _write_shard(job: tuple[str, int, list[tuple[str, dict]]]) -> dict:
+    """One shard: each planned row is an original (its source sample) or a copy made here."""
+    out, shard, planned = job
+    samples, copies = [], 0
+    for key, row in planned:
+        meta = {**row["meta"], GROUP_FIELD: row["group"]}
+        image, caption, ext = row["image"], row["caption"], row["ext"]
+        if row["copy"] is not None:
+            rng = np.random.default_rng(row["copy"])
+            image, edit = near_copy(image, rng)
+            caption, ext = copy_caption(caption, row["meta"], rng), "jpg"
+            meta.update(copy_of=row["group"], edit=edit)
+            copies += 1
+        samples.append({"__key__": key, ext: image, "txt": caption, "json": meta})
+    write_tar_atomic(Path(out) / f"{shard:05d}.tar", samples)
+    stats = {"count": len(planned), "successes": len(samples), "copies": copies}
+    save_json_atomic(Path(out) / f"{shard:05d}_stats.json", stats)  # last: the shard is whole
+    return stats
+
+
+def _shard_done(out: Path, shard: int) -> bool:
+    return (out / f"{shard:05d}.tar").is_file() and (out / f"{shard:05d}_stats.json").is_file()
+
+
+def build_web_corpus(cfg: BuildWebConfig) -> dict:
+    """Build (or finish building) the web-like corpus; returns its counts."""
+    from clipcid.holdout import HoldOut
+    from clipcid.inputs.parts import discover_parts, fingerprint
+
+    validate(cfg)
+    parts = discover_parts(cfg.source)
+    holdout = HoldOut.open(cfg.exclude_holdout) if cfg.exclude_holdout else None
+    if holdout is not None:
+        holdout.check_parts(len(parts))
+    exponent, law = copies_law(cfg.copy_share, cfg.max_copies)
+    settings = {
+        "source": [fingerprint(p) for p in parts],
+        "exclude_holdout": holdout.identity if holdout else None,
+        **{k: getattr(cfg, k) for k in ("copy_share", "max_copies", "limit", "shard_size", "seed")},
+    }
+    out = Path(cfg.out)
+    folder = RunFolder(out, SETTINGS_FILE, settings, cfg.overwrite)
+    done = folder.finished_run(lambda: all(_shard_done(out, s) for s in range(folder.recorded().get("shards", 0))))
+    if done is not None:
+        return done
+    with folder:
+        originals = _originals(parts, holdout, cfg.limit)
+        rng = np.random.default_rng(cfg.seed)
+        n_copies = rng.choice(len(law), size=len(originals), p=law)
+        rows = [(i, None) for i in range(len(originals))]
+        rows += [(i, (cfg.seed, i, c)) for i in range(len(originals)) for c in range(int(n_copies[i]))]
+        order = rng.permutation(len(rows))  # copies scattered among the originals, as on the web
+        jobs = []
+        for shard, start in enumerate(range(0, len(rows), cfg.shard_size)):
+            if _shard_done(out, shard):
+                continue
+            planned = []
+            for r, index in enumerate(order[start : start + cfg.shard_size]):
+                i, copy = rows[index]
+                planned.append((f"{shard:05d}{r:04d}", {**originals[i], "copy": copy}))
+            jobs.append((str(out), shard, planned))
+        n_shards = (len(rows) + cfg.shard_size - 1) // cfg.shard_size
+        for _ in run_pool(_write_shard, jobs, cfg.workers, "web copies", "row", sum(len(j[2]) for j in jobs)):
+            pass
+        copies = len(rows) - len(originals)
+        summary = {
+            "shards": n_shards,
+            "originals": len(originals),
+            "copies": copies,
+            "rows": len(rows),
+            "copy_share": copies / len(rows),
+            "zipf_exponent": exponent,
+            "pictures_with_copies": int((n_copies > 0).sum()),
+            "most_copies": int(n_copies.max()),
+        }
+        log.info(
+            "web-like corpus: %d originals, %d copies (%.1f %% of %d rows; Zipf exponent %.3f, at most %d copies)",
+            len(originals), copies, 100 * summary["copy_share"], len(rows), exponent, summary["most_copies"],
+        )  # fmt: skip
+        return folder.finish(summary)
+
+
+def _originals(parts, holdout, limit: int | None) -> list[dict]:
+    """The source's rows with an image and a caption (less its held-out rows), up to `limit`."""
+    from clipcid.inputs.parts import iter_rows
+
+    found = []
+    for i, part in enumerate(parts):
+        rows = list(iter_rows(part))
+        mask = holdout.mask(i, len(rows)) if holdout is not None else np.zeros(len(rows), dtype=bool)
+        for r, row in enumerate(rows):
+            if mask[r] or row.image is None or not (row.caption or "").strip():
+                continue
+            ext = "jpg" if row.image[:3] == b"\xff\xd8\xff" else "png"
+            meta = dict(row.meta or {})
+            found.append({"image": row.image, "caption": row.caption, "ext": ext, "meta": meta, "group": row.key})
+            if limit is not None and len(found) >= limit:
+                return found
+    if not found:
+        raise ClipcidError(f"--source {parts[0].path if parts else ''}: no row with an image and a caption to copy")
+    return found
+
+
+def read_web_summary(folder: str | Path) -> dict | None:
+    """The counts of a finished web-like corpus (web.json), or None."""
+    path = Path(folder) / SETTINGS_FILE
+    record = json.loads(path.read_text()) if path.is_file() else None
+    return record if record and record.get("complete") else None
+
+
+def summary_text(stats: dict) -> str:
+    return (
+        f"{stats['originals']:,} originals and {stats['copies']:,} near-copies ({100 * stats['copy_share']:.1f} % of "
+        f"{stats['rows']:,} rows; Zipf exponent {stats['zipf_exponent']:.3f}, at most {stats['most_copies']} copies "
+        f"of one picture) in {stats['shards']} shards"
+    )
