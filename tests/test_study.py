@@ -194,6 +194,7 @@ def test_a_tuning_plan_chooses_on_validation_and_the_main_plan_runs_its_choice_o
     monkeypatch.setattr(study_module, "run_eval_suite", fake_suite)
     out = tmp_path / "study"
     chosen_clip = {"name": "clip", "label": "CLIP only, tuned", "tuned": {"plan": "tuning", "series": "clip"}}
+    floor = {"name": "floor", "label": "random initialisation", "untrained": True}
     main = {"reference": "clip", "seeds": [0], "base": PLAN["base"], "variants": [chosen_clip]}
     with pytest.raises(
         ClipcidError, match="variant clip runs the setting plan tuning chooses for clip, which it has not"
@@ -205,10 +206,17 @@ def test_a_tuning_plan_chooses_on_validation_and_the_main_plan_runs_its_choice_o
     assert choice["complete"] and choice["chosen"] == "lr_big" and choice["settings"]["lr"] == 4e-4
     assert choice["criterion"]["lr_big"] > choice["criterion"]["lr_small"] and tuned["split"] == "validation"
     assert "## Choices (on validation figures" in (out / "tuning.md").read_text()
-    result = run_study(_config(artifacts, out, main, "main"))
-    (run,) = result["runs"]
-    assert run["settings"]["lr"] == 4e-4 and run["trained_as"] == "lr_big" and run["split"] == "test"
-    assert (out / "runs" / "clip" / "seed0" / "train").is_symlink() and evaluated[-1] == ("clip", "test")
+    main = {**main, "seeds": [0, 1], "variants": [chosen_clip, floor]}
+    result = run_study(replace(_config(artifacts, out, main, "main"), seeds=[0, 1]))
+    runs = {(r["variant"], r["seed"]): r for r in result["runs"]}
+    assert runs["clip", 0]["settings"]["lr"] == 4e-4 and runs["clip", 0]["trained_as"] == "lr_big"
+    assert runs["clip", 1]["trained_as"] == "lr_big" and runs["clip", 0]["split"] == "test"
+    assert (out / "runs" / "clip" / "seed0" / "train").is_symlink() and ("clip", "test") in evaluated
+    # The floor: students that never trained, a random initialisation per seed, evaluated like the rest.
+    assert runs["floor", 0]["steps"] == 0 and runs["floor", 0]["settings"] == {"model": "clipcid-tiny", "seed": 0,
+                                                                               "untrained": True}  # fmt: skip
+    weights = [(out / "runs" / "floor" / f"seed{s}" / "train" / "student.pt").read_bytes() for s in (0, 1)]
+    assert weights[0] != weights[1] and ("floor", "test") in evaluated
     # A tuning plan that would read the test split is refused before anything runs.
     with pytest.raises(ClipcidError, match="a tuning plan chooses settings, so it reads validation figures only"):
         run_study(_config(artifacts, tmp_path / "s", {**TUNING, "split": "test"}, "tuning"))

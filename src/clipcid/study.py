@@ -89,6 +89,8 @@ class Variant:
     # {"plan": TUNING_PLAN, "series": SERIES}: the training settings the tuning plan chose for that series
     # on validation figures, under this variant's own "train" overrides (e.g. epochs).
     tuned: dict | None = None
+    # A student that never trains: its random initialisation, evaluated (the floor of every table).
+    untrained: bool = False
 
 
 def groups_of(group: str) -> list[str]:
@@ -175,6 +177,7 @@ def load_plan(path: str, base_train: dict) -> Plan:
                 item.get("series"),
                 item.get("x"),
                 _check_tuned(item.get("tuned"), f"{path}: variant {item['name']}"),
+                bool(item.get("untrained", False)),
             )
         )
     if len({v.name for v in variants}) != len(variants):
@@ -488,6 +491,8 @@ class Study:
         """The distill settings of one run: base (or the setting a tuning plan chose), the variant's
         overrides, the seed and the data."""
         base = self.tuned_settings(variant) if variant.tuned else self.plan.base
+        if variant.untrained:
+            return {"model": base["model"], "seed": seed, "untrained": True}
         train = {**base, **variant.train, "seed": seed}
         balance_spec = variant.data.get("balance", GIVEN)
         cluster_spec = variant.data.get("cluster", GIVEN)
@@ -542,7 +547,7 @@ class Study:
         """The run's student (folder/train), trained once: a run of another variant with these very
         settings and seed lends its student (train/ links to it: a tuned method's first seeds are its
         tuning runs). Returns the training record."""
-        from clipcid.distill.checkpoint import discard_checkpoints
+        from clipcid.distill.checkpoint import discard_checkpoints, write_untrained_student
         from clipcid.stage import RunFolder
 
         run = RunFolder(folder, RUN_FILE, settings, self.cfg.overwrite)
@@ -555,6 +560,12 @@ class Study:
             raise ClipcidError(
                 f"{e} (the plan now gives variant {variant.name} other settings: rename the variant, or --overwrite)"
             ) from None
+        if settings.get("untrained"):
+            write_untrained_student(folder / "train", settings["model"], seed)
+            record = {"variant": variant.name, "seed": seed, "steps": 0, "train_seconds": 0.0}
+            run.finish(record)
+            run.release()
+            return record
         lender = self._lend_student(folder, settings, seed)
         log.info("study: %s, seed %d%s", variant.name, seed, f" (trained as {lender['variant']})" if lender else "")
         start = time.monotonic()

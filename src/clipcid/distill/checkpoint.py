@@ -73,6 +73,18 @@ def student_path(run: str | Path) -> Path:
     return Path(run) / STUDENT_FILE
 
 
+def write_untrained_student(run: str | Path, model: str, seed: int) -> Path:
+    """RUN/student.pt of a student that never trained: its random initialisation from `seed` (the floor
+    any training has to clear), in the layout a trained student has."""
+    from clipcid.models import load_model
+
+    path = student_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": load_model(model, None, "cpu", seed).model.state_dict()}, tmp)
+    return path
+
+
 def open_clip_folder(run: str | Path) -> Path:
     return Path(run) / "open_clip"
 
