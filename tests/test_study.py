@@ -247,20 +247,25 @@ def test_the_shipped_plans_load_with_known_settings():
         plan = study_module.load_plan(str(files("clipcid").joinpath("configs", name)), {"model": "clipcid-tiny"})
         assert plan.reference in {v.name for v in plan.variants} and plan.seeds
     main = study_module.load_plan(str(files("clipcid").joinpath("configs", "study.json")), {"model": "clipcid-tiny"})
-    assert len(main.variants) == 17 and main.seeds == [0, 1, 2]
+    assert len(main.variants) == 24 and main.seeds == [0, 1, 2] and main.split == "test"
     seeds = {v.name: v.seeds for v in main.variants}
-    assert seeds["cid"] == seeds["clip_only"] == [0, 1, 2, 3, 4] and seeds["k_half"] == [0, 1, 2]
+    assert seeds["cid_tuned"] == seeds["icl_tuned"] == [0, 1, 2, 3, 4] and seeds["k_half"] == seeds["cid"] == [0, 1, 2]
+    # Every tuned method takes the tuning plan's choice for its own series; the floor never trains.
+    tuned = {v.name: v.tuned["series"] for v in main.variants if v.tuned}
+    assert tuned == {f"{s}_tuned": s for s in series} and main.variant("floor").untrained
     demo_base = {"model": "clipcid-tiny", "epochs": 1}  # the demo's recipe trains one epoch
     main = study_module.load_plan(str(files("clipcid").joinpath("configs", "study.json")), demo_base)
     length = study_module.load_plan(str(files("clipcid").joinpath("configs", "study_length.json")), demo_base)
-    assert sorted((v.series, v.x) for v in length.variants) == sorted(
-        (s, e) for s in ("CLIP only", "FD", "CID") for e in (1, 3, 9)
+    assert sorted((v.series, v.x) for v in length.variants if v.series) == sorted(
+        (s, e) for s in ("CLIP only", "FD", "CID", "ICL", "SimKD") for e in (1, 3, 9)
     )
     # The 1-epoch runs are the main study's: the same names with the same settings.
     for v in length.variants:
         if v.x == 1:
             same = next(m for m in main.variants if m.name == v.name)
-            assert {**main.base, **same.train} == {**length.base, **v.train} and same.data == v.data
+            assert same.tuned == v.tuned and same.train == v.train == {} and same.data == v.data
+        elif v.x is not None:
+            assert v.train == {"epochs": v.x} and v.tuned["plan"] == "study_tuning"
 
 
 def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
