@@ -32,7 +32,8 @@ from clipcid.util.fileio import output_folder
 log = logging.getLogger("clipcid")
 
 SHOWCASE = Path("showcase") / "showcase.json"  # the demo's showcase on names, written and read only here
-STUDY_PLANS = ("study.json", "study_teachers.json", "study_length.json")
+# The tuning plan first: the main and length plans run the settings it chooses on validation.
+STUDY_PLANS = ("study_tuning.json", "study.json", "study_teachers.json", "study_length.json")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class DemoConfig:
     recipe: str | None = option(None, "settings JSON (default: clipcid/configs/demo.json, or demo-quick.json)")
     study: bool = option(
         False,
-        "then run `clipcid study` with the shipped plans (study, study_teachers, study_length) into OUT/study, "
+        "then run `clipcid study` with the shipped plans (study_tuning, study, study_teachers, study_length) into OUT/study, "
         "and `clipcid paper` on it",
     )
 
