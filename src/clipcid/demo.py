@@ -45,8 +45,8 @@ class DemoConfig:
     recipe: str | None = option(None, "settings JSON (default: clipcid/configs/demo.json, or demo-quick.json)")
     study: bool = option(
         False,
-        "then run `clipcid study` with the shipped plans (study_tuning, study, study_teachers, study_length) into OUT/study, "
-        "and `clipcid paper` on it",
+        "then run `clipcid study` with the shipped plans (study_tuning, study, study_teachers, study_length) into "
+        "OUT/study, and `clipcid paper` on it",
     )
 
 
