@@ -78,3 +78,35 @@ def test_the_web_builder_records_its_copies_and_the_hold_out_keeps_each_picture_
     assert all(len(s) == 1 for s in by_group.values()) and {"validation", "test"} <= set(split.values())
     # Built again: finished, nothing redone.
     assert build_web_corpus(cfg)["rows"] == stats["rows"]
+
+
+def test_copy_detection_counts_a_removal_right_while_its_picture_keeps_a_row():
+    from clipcid.corpus.web import copy_detection
+
+    groups = ["a", "a", "a", "b", "c", "c"]  # a: two copies, b: none, c: one
+    found = copy_detection(groups, np.array([1, 1, 0, 1, 0, 0], dtype=bool))
+    assert found == {"removed": 3, "copies": 3, "right": 2, "precision": 2 / 3, "recall": 2 / 3, "pictures_lost": 1,
+                     "removed_without_copies": 1}  # fmt: skip
+    every_a = copy_detection(groups, np.array([1, 1, 1, 0, 0, 1], dtype=bool))
+    assert every_a["right"] == 3 and every_a["precision"] == 3 / 4 and every_a["pictures_lost"] == 1
+    assert copy_detection(groups, np.zeros(6, dtype=bool))["precision"] is None
+    with pytest.raises(ClipcidError, match="covers 2 rows, the corpus has 6"):
+        copy_detection(groups, np.zeros(2, dtype=bool))
+
+
+def test_web_check_measures_balance_and_random_removal_at_three_thresholds(tmp_path, tiny_checkpoint):
+    from clipcid.corpus.web import WebCheckConfig, check_web_balance
+    from clipcid.embed import EmbedConfig, embed
+
+    make_shards(tmp_path / "src", n_shards=1, per_shard=60, seed=2)
+    stats = build_web_corpus(BuildWebConfig(str(tmp_path / "src"), str(tmp_path / "web"), copy_share=0.4, workers=0))
+    embed(EmbedConfig(str(tmp_path / "web"), "clipcid-tiny", str(tmp_path / "emb"), str(tiny_checkpoint), workers=0))
+    result = check_web_balance(WebCheckConfig(str(tmp_path / "web"), str(tmp_path / "emb"), str(tmp_path / "check")))
+    assert [r["threshold"] for r in result["rows"]] == ["copy share", "0.07 l2", "0.07 sql2"]
+    first = result["rows"][0]
+    # The copy-share threshold removes about the copies' share; random removal takes exactly as many rows.
+    assert first["random"]["removed"] == first["balance"]["removed"] == pytest.approx(stats["copies"], rel=0.35)
+    assert first["balance"]["copies"] == stats["copies"] and 0 <= first["balance"]["precision"] <= 1
+    assert result["rows"][1]["cos_above"] == pytest.approx(1 - 0.07**2 / 2)
+    assert result["rows"][2]["cos_above"] == pytest.approx(0.965)
+    assert "| copy share |" in (tmp_path / "check" / "web_check.md").read_text()

@@ -120,6 +120,12 @@ COMMANDS: dict[str, Command] = {
         _lazy("clipcid.corpus.web", "build_web_corpus"),
         _print_stats("clipcid.corpus.web"),
     ),
+    "data web-check": Command(
+        "balance's precision and recall at finding a web-like corpus's copies, against random removal",
+        _lazy("clipcid.corpus.web", "WebCheckConfig"),
+        _lazy("clipcid.corpus.web", "check_web_balance"),
+        lambda result, cfg: print(_lazy("clipcid.corpus.web", "web_check_markdown")()(result)),
+    ),
     "data build-eval": Command(
         "render the held-out evaluation suite (CLIP_benchmark wds layout)",
         _lazy("clipcid.corpus.eval_suite", "BuildEvalConfig"),

@@ -252,3 +252,124 @@ def summary_text(stats: dict) -> str:
         f"{stats['rows']:,} rows; Zipf exponent {stats['zipf_exponent']:.3f}, at most {stats['most_copies']} copies "
         f"of one picture) in {stats['shards']} shards"
     )
+
+
+# -- how well a removal finds the copies ---------------------------------------------------------------
+
+
+def copy_groups(corpus: str | Path) -> list[str]:
+    """Each row's copy group, in the order every stage numbers the rows (a row without one is its own)."""
+    from clipcid.inputs.parts import discover_parts, iter_rows
+
+    return [
+        str((row.meta or {}).get(GROUP_FIELD, f"\x00{i}:{row.key}"))
+        for i, part in enumerate(discover_parts(str(corpus)))
+        for row in iter_rows(part, (GROUP_FIELD,))
+    ]
+
+
+def copy_detection(groups: list[str], removed: np.ndarray) -> dict:
+    """How well a removal finds the copies. The rows that may go are all but one of each picture's group
+    (its copies count); a removed row is right while its group keeps a row, so a group that lost every
+    row counts one mistake. Precision: right removals / removals; recall: right removals / rows that may
+    go. A removed row of a picture without copies is a mistake here even where it is a near-duplicate of
+    another source picture (an emoji's skin tones, one icon in two sets): the metadata cannot tell those
+    apart, so precision is a lower bound, and `removed_without_copies` says how many there were."""
+    removed = np.asarray(removed, dtype=bool)
+    if len(removed) != len(groups):
+        raise ClipcidError(f"the removal covers {len(removed)} rows, the corpus has {len(groups)}")
+    _, inverse, sizes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True, return_counts=True)
+    gone = np.bincount(inverse, weights=removed, minlength=len(sizes)).astype(np.int64)
+    right = int(np.minimum(gone, sizes - 1).sum())
+    may_go, n_removed = int((sizes - 1).sum()), int(removed.sum())
+    return {
+        "removed": n_removed,
+        "copies": may_go,
+        "right": right,
+        "precision": right / n_removed if n_removed else None,
+        "recall": right / may_go if may_go else None,
+        "pictures_lost": int(((gone == sizes) & (sizes > 0)).sum()),
+        "removed_without_copies": int(gone[sizes == 1].sum()),
+    }
+
+
+@dataclass
+class WebCheckConfig:
+    corpus: str = option(help="a web-like corpus (clipcid data build-web)")
+    emb: str = option(help="the teacher's embeddings of it (clipcid embed)")
+    out: str = option(help="folder for the balance runs, web_check.json and web_check.md")
+    seed: int = option(0, "seed of the random removals")
+    device: str = option("auto", "auto, cpu or cuda")
+
+
+# The paper's "Euclidean distance 0.07" read both ways (unit vectors): |a - b| < 0.07 is cos > 0.99755,
+# |a - b|^2 < 0.07 is cos > 0.965.
+PAPER_READINGS = (("l2", 0.07), ("sql2", 0.07))
+
+
+def check_web_balance(cfg: WebCheckConfig) -> dict:
+    """Balance's precision and recall at finding the copies, at three thresholds (the one that removes the
+    copy share, and 0.07 in both readings of the paper's distance), against random removal of the same
+    counts; written to OUT/web_check.json and .md."""
+    from clipcid.balance import BalanceConfig, balance
+    from clipcid.balance.artifact import BalanceResult
+    from clipcid.balance.run import to_similarity
+    from clipcid.embed.artifact import Embeddings
+
+    validate(cfg)
+    built = read_web_summary(cfg.corpus)
+    if built is None:
+        raise ClipcidError(f"--corpus {cfg.corpus} is not a finished web-like corpus: run `clipcid data build-web`")
+    groups = copy_groups(cfg.corpus)
+    embeddings = Embeddings.open(cfg.emb)
+    sizes = embeddings.sizes
+    if sum(sizes) != len(groups):
+        raise ClipcidError(f"--emb {cfg.emb} has {sum(sizes)} rows, --corpus {len(groups)}: embed this corpus")
+    out = Path(cfg.out)
+    settings = {
+        "copy share": {"target_removal": built["copy_share"]},
+        **{f"0.07 {metric}": {"threshold": t, "metric": metric} for metric, t in PAPER_READINGS},
+    }
+    rows = []
+    for name, spec in settings.items():
+        folder = out / f"balance-{name.replace(' ', '-')}"
+        stats = balance(BalanceConfig(emb=cfg.emb, out=str(folder), seed=cfg.seed, device=cfg.device, **spec))
+        removed = ~BalanceResult.open(folder, embeddings).keep_mask()
+        share = float(removed.mean())
+        random_folder = out / f"random-{name.replace(' ', '-')}"
+        balance(BalanceConfig(emb=cfg.emb, out=str(random_folder), random_removal=share, seed=cfg.seed))
+        random_removed = ~BalanceResult.open(random_folder, embeddings).keep_mask()
+        metric = spec.get("metric", "l2")
+        rows.append(
+            {
+                "threshold": name,
+                "cos_above": to_similarity(stats.get("threshold", spec.get("threshold")), metric),
+                "balance": copy_detection(groups, removed),
+                "random": copy_detection(groups, random_removed),
+            }
+        )
+    result = {"corpus": built, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    save_json_atomic(out / "web_check.json", result)
+    (out / "web_check.md").write_text(web_check_markdown(result), encoding="utf-8")
+    return result
+
+
+def web_check_markdown(result: dict) -> str:
+    c = result["corpus"]
+    lines = [
+        f"Copies found on a web-like corpus of {c['rows']:,} rows ({c['originals']:,} pictures, "
+        f"{c['copies']:,} copies: {100 * c['copy_share']:.1f} %):",
+        "",
+        "| threshold | cos above | removed | balance precision | balance recall | random precision | random recall |"
+        " removed without copies (balance) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        b, x = r["balance"], r["random"]
+        lines.append(
+            f"| {r['threshold']} | {r['cos_above']:.4f} | {b['removed']:,} | {100 * (b['precision'] or 0):.1f} | "
+            f"{100 * (b['recall'] or 0):.1f} | {100 * (x['precision'] or 0):.1f} | {100 * (x['recall'] or 0):.1f} | "
+            f"{b['removed_without_copies']:,} |"
+        )
+    return "\n".join(lines) + "\n"
