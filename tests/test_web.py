@@ -110,3 +110,22 @@ def test_web_check_measures_balance_and_random_removal_at_three_thresholds(tmp_p
     assert result["rows"][1]["cos_above"] == pytest.approx(1 - 0.07**2 / 2)
     assert result["rows"][2]["cos_above"] == pytest.approx(0.965)
     assert "| copy share |" in (tmp_path / "check" / "web_check.md").read_text()
+
+
+def test_rows_a_balance_left_out_of_balancing_are_not_copied(tmp_path):
+    """With the demo's balance: its held-out pictures' near-duplicates (group -1) stay out, as they stay
+    out of the demo's own training data."""
+    from clipcid.balance.artifact import groups_path
+    from clipcid.util.fileio import save_npy_atomic
+
+    keys = make_shards(tmp_path / "src", n_shards=1, per_shard=30, seed=3)[0]
+    groups = np.arange(30)
+    groups[[2, 5, 7]] = -1
+    groups_path(tmp_path / "bal", 0).parent.mkdir(parents=True)
+    save_npy_atomic(groups_path(tmp_path / "bal", 0), groups)
+    cfg = BuildWebConfig(str(tmp_path / "src"), str(tmp_path / "web"), exclude_unbalanced=str(tmp_path / "bal"),
+                         workers=0)  # fmt: skip
+    build_web_corpus(cfg)
+    rows = [row for part in discover_parts(str(tmp_path / "web")) for row in iter_rows(part)]
+    originals = {r.meta[GROUP_FIELD] for r in rows}
+    assert originals == set(keys) - {keys[2], keys[5], keys[7]}

@@ -42,6 +42,12 @@ def write_masks(out: Path, store: EmbeddingStore, global_rows: np.ndarray, label
         save_npy_atomic(keep_path(out, i), keep_rows[lo:hi])
 
 
+def balanced_rows(folder: str | Path, i: int) -> np.ndarray:
+    """Rows of part i that took part in balancing (a group of their own or a merged one): not the
+    held-out rows, their near-duplicates, or rows without a valid embedding (group -1)."""
+    return np.load(groups_path(Path(folder), i)) >= 0
+
+
 def identity_of(folder: str | Path) -> str | None:
     """The fingerprint of the settings a balance folder was made with (None: masks made elsewhere)."""
     return identity(Path(folder) / SETTINGS_FILE)

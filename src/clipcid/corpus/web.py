@@ -15,7 +15,10 @@ Each row's JSON metadata is its source row's plus "copy_group" (the source key o
 for the original and every copy of it) and, for a copy, "copy_of" (that key) and "edit" (what was done).
 `clipcid holdout --group-by copy_group` holds out a picture with all its copies (their bytes differ,
 so their hashes do too). --exclude-holdout leaves out the source's held-out rows, so that a suite built
-from that hold-out (the demo's seen tasks) stays unseen by anything trained on this corpus.
+from that hold-out (the demo's seen tasks) stays unseen by anything trained on this corpus, and
+--exclude-unbalanced a balance of the source made with that hold-out also leaves out the near-copies
+of held-out pictures it kept out of balancing (the same emoji in other styles), as the demo's own
+training data do.
 
 Layout as build-demo writes it (img2dataset): OUT/00000.tar (KEY.png or KEY.jpg, KEY.txt, KEY.json),
 OUT/00000_stats.json, and OUT/web.json (settings, counts and the exponent, by stage.py's rule).
@@ -58,6 +61,11 @@ class BuildWebConfig:
     max_copies: int = option(50, "most copies of one picture (where the Zipf tail is cut)", at_least=1)
     limit: int | None = option(None, "originals: the first N rows of the source (after --exclude-holdout)", at_least=1)
     exclude_holdout: str | None = option(None, "a hold-out of --source: its rows are left out of this corpus")
+    exclude_unbalanced: str | None = option(
+        None,
+        "a balance of --source made with that hold-out: the rows it left out of balancing (held-out pictures "
+        "and their near-duplicates, e.g. the same emoji in other styles) are left out too",
+    )
     shard_size: int = option(1000, "samples per shard", at_least=1, at_most=10000)
     seed: int = option(0, "seed of the copies and of the order")
     workers: int = option(help="processes making copies", default_factory=default_workers, at_least=0)
@@ -162,6 +170,7 @@ def _shard_done(out: Path, shard: int) -> bool:
 
 def build_web_corpus(cfg: BuildWebConfig) -> dict:
     """Build (or finish building) the web-like corpus; returns its counts."""
+    from clipcid.balance.artifact import identity_of as balance_identity
     from clipcid.holdout import HoldOut
     from clipcid.inputs.parts import discover_parts, fingerprint
 
@@ -174,6 +183,7 @@ def build_web_corpus(cfg: BuildWebConfig) -> dict:
     settings = {
         "source": [fingerprint(p) for p in parts],
         "exclude_holdout": holdout.identity if holdout else None,
+        "exclude_unbalanced": balance_identity(cfg.exclude_unbalanced) if cfg.exclude_unbalanced else None,
         **{k: getattr(cfg, k) for k in ("copy_share", "max_copies", "limit", "shard_size", "seed")},
     }
     out = Path(cfg.out)
@@ -182,7 +192,7 @@ def build_web_corpus(cfg: BuildWebConfig) -> dict:
     if done is not None:
         return done
     with folder:
-        originals = _originals(parts, holdout, cfg.limit)
+        originals = _originals(parts, holdout, cfg.exclude_unbalanced, cfg.limit)
         rng = np.random.default_rng(cfg.seed)
         n_copies = rng.choice(len(law), size=len(originals), p=law)
         rows = [(i, None) for i in range(len(originals))]
@@ -218,14 +228,23 @@ def build_web_corpus(cfg: BuildWebConfig) -> dict:
         return folder.finish(summary)
 
 
-def _originals(parts, holdout, limit: int | None) -> list[dict]:
-    """The source's rows with an image and a caption (less its held-out rows), up to `limit`."""
+def _originals(parts, holdout, unbalanced: str | None, limit: int | None) -> list[dict]:
+    """The source's rows with an image and a caption (less its held-out rows, and those a balance left
+    out of balancing), up to `limit`."""
+    from clipcid.balance.artifact import balanced_rows
     from clipcid.inputs.parts import iter_rows
 
     found = []
     for i, part in enumerate(parts):
         rows = list(iter_rows(part))
         mask = holdout.mask(i, len(rows)) if holdout is not None else np.zeros(len(rows), dtype=bool)
+        if unbalanced:
+            balanced = balanced_rows(unbalanced, i)
+            if len(balanced) != len(rows):
+                raise ClipcidError(
+                    f"--exclude-unbalanced {unbalanced}: part {i} has {len(balanced)} rows, the source {len(rows)}"
+                )
+            mask = mask | ~balanced
         for r, row in enumerate(rows):
             if mask[r] or row.image is None or not (row.caption or "").strip():
                 continue
