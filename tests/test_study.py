@@ -171,6 +171,7 @@ TUNING = {
     "variants": [
         {"name": "lr_small", "series": "clip", "x": 1, "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0, "lr": 1e-4}},
         {"name": "lr_big", "series": "clip", "x": 4, "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0, "lr": 4e-4}},
+        {"name": "other", "series": "other", "x": 1, "train": {"w_cls": 0, "w_kl": 0, "w_ins": 0, "lr": 2e-4}},
     ],
 }
 
@@ -201,16 +202,23 @@ def test_a_tuning_plan_chooses_on_validation_and_the_main_plan_runs_its_choice_o
     ):
         run_study(_config(artifacts, out, main, "main"))
     tuned = run_study(_config(artifacts, out, TUNING, "tuning"))
-    assert {split for _, split in evaluated} == {"validation"} and len(evaluated) == 4
+    assert {split for _, split in evaluated} == {"validation"} and len(evaluated) == 6
     choice = tuned["choices"]["clip"]
     assert choice["complete"] and choice["chosen"] == "lr_big" and choice["settings"]["lr"] == 4e-4
     assert choice["criterion"]["lr_big"] > choice["criterion"]["lr_small"] and tuned["split"] == "validation"
     assert "## Choices (on validation figures" in (out / "tuning.md").read_text()
-    main = {**main, "seeds": [0, 1], "variants": [chosen_clip, floor]}
+    best = {
+        "name": "best",
+        "label": "the best of clip and other",
+        "tuned": {"plan": "tuning", "best_of": ["other", "clip"]},
+    }
+    main = {**main, "seeds": [0, 1], "variants": [chosen_clip, floor, best]}
     result = run_study(replace(_config(artifacts, out, main, "main"), seeds=[0, 1]))
     runs = {(r["variant"], r["seed"]): r for r in result["runs"]}
     assert runs["clip", 0]["settings"]["lr"] == 4e-4 and runs["clip", 0]["trained_as"] == "lr_big"
     assert runs["clip", 1]["trained_as"] == "lr_big" and runs["clip", 0]["split"] == "test"
+    # best_of: the series whose chosen setting scored highest (clip's lr_big, 0.6 against other's 0.5).
+    assert runs["best", 0]["settings"]["lr"] == 4e-4 and result["tuned"]["best"]["series"] == "clip"
     assert (out / "runs" / "clip" / "seed0" / "train").is_symlink() and ("clip", "test") in evaluated
     # The floor: students that never trained, a random initialisation per seed, evaluated like the rest.
     assert runs["floor", 0]["steps"] == 0 and runs["floor", 0]["settings"] == {"model": "clipcid-tiny", "seed": 0,

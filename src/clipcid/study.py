@@ -73,6 +73,7 @@ class StudyConfig:
     holdout: str | None = option(None, "hold-out folder (clipcid holdout): never trained on")
     workers: int = option(2, "data loading processes of each run (it sets the data order: keep it fixed)", at_least=0)
     overwrite: bool = option(False, "redo a run whose settings the plan has changed")
+    tuned_from: str | None = option(None, "the study folder holding the tuning plans' choices (default: --out)")
 
 
 @dataclass
@@ -232,8 +233,15 @@ def load_plan(path: str, base_train: dict) -> Plan:
 def _check_tuned(tuned, where: str) -> dict | None:
     if tuned is None:
         return None
-    if not (isinstance(tuned, dict) and set(tuned) == {"plan", "series"}):
-        raise ClipcidError(f'{where}: "tuned" is {{"plan": TUNING_PLAN_NAME, "series": SERIES}}')
+    ok = isinstance(tuned, dict) and (
+        set(tuned) == {"plan", "series"}
+        or (set(tuned) == {"plan", "best_of"} and isinstance(tuned["best_of"], list) and tuned["best_of"])
+    )
+    if not ok:
+        raise ClipcidError(
+            f'{where}: "tuned" is {{"plan": TUNING_PLAN_NAME, "series": SERIES}} or {{"plan": ..., "best_of": '
+            "[SERIES, ...]} (the series whose chosen setting scored highest)"
+        )
     return tuned
 
 
@@ -512,20 +520,29 @@ class Study:
             train["train_num_samples"] = reference["steps"] // probe.epochs * per_step
         return {**train, **paths}
 
+    def tuned_choice(self, variant: Variant) -> tuple[str, dict]:
+        """(series, choice) the variant's tuning plan made, from that plan's results (OUT/PLAN.json, or
+        --tuned-from's); with "best_of", the series whose chosen setting scored highest on its criterion.
+        Refused until every setting of the series has every seed."""
+        plan_name = variant.tuned["plan"]
+        folder = self.cfg.tuned_from or self.out
+        results = read_study(folder, plan_name)
+        choices = {}
+        for series in variant.tuned.get("best_of") or [variant.tuned["series"]]:
+            choice = (results or {}).get("choices", {}).get(series)
+            if not choice or not choice.get("complete"):
+                done = f" ({choice['runs']} of {choice['planned']} runs done)" if choice else ""
+                plan_file = Path(self.cfg.plan).with_name(f"{plan_name}.json")
+                raise ClipcidError(
+                    f"variant {variant.name} runs the setting plan {plan_name} chooses for {series}, which it has "
+                    f"not chosen yet{done}: run `clipcid study --plan {plan_file} --out {folder}` first"
+                )
+            choices[series] = choice
+        best = max(choices, key=lambda s: choices[s]["criterion"][choices[s]["chosen"]])
+        return best, choices[best]
+
     def tuned_settings(self, variant: Variant) -> dict:
-        """The training settings the variant's tuning plan chose for its series, from that plan's results in
-        this study folder (OUT/PLAN.json); refused until every setting of the series has every seed."""
-        plan_name, series = variant.tuned["plan"], variant.tuned["series"]
-        results = read_study(self.out, plan_name)
-        choice = (results or {}).get("choices", {}).get(series)
-        if not choice or not choice.get("complete"):
-            done = f" ({choice['runs']} of {choice['planned']} runs done)" if choice else ""
-            plan_file = Path(self.cfg.plan).with_name(f"{plan_name}.json")
-            raise ClipcidError(
-                f"variant {variant.name} runs the setting plan {plan_name} chooses for {series}, which it has not "
-                f"chosen yet{done}: run `clipcid study --plan {plan_file}` with this --out first"
-            )
-        return choice["settings"]
+        return self.tuned_choice(variant)[1]["settings"]
 
     def run(self, variant: Variant, seed: int) -> dict:
         """Train one (variant, seed) unless trained, evaluate it at the plan's split unless evaluated;
@@ -682,6 +699,18 @@ class Study:
         }
         return {**evaluated, "summary": summary}
 
+    def tuned_record(self) -> dict[str, dict]:
+        """Each tuned variant's series and chosen setting (those whose choice is made)."""
+        out = {}
+        for v in self.plan.variants:
+            if v.tuned:
+                try:
+                    series, choice = self.tuned_choice(v)
+                except ClipcidError:
+                    continue
+                out[v.name] = {"series": series, "chosen": choice["chosen"], "criterion": choice["criterion"]}
+        return out
+
     def records(self) -> list[dict]:
         """Every run of the plan trained and evaluated at its split (an evaluation of another suite, or of
         a student since retrained, does not count)."""
@@ -712,6 +741,7 @@ class Study:
             "purpose": self.plan.purpose,
             "select_by": self.plan.select_by,
             "choices": chosen,
+            "tuned": self.tuned_record(),
             "coarse_tasks": self.coarse_kept,
             "reference": self.plan.reference,
             "seeds": self.finished_seeds(),
