@@ -243,6 +243,7 @@ def test_the_shipped_plans_load_with_known_settings():
         "study_settings.json",
         "study_teachers.json",
         "study_tuning.json",
+        "study_web.json",
     ]
     tuning = study_module.load_plan(str(files("clipcid").joinpath("configs", "study_tuning.json")), {"model": "m"})
     assert tuning.purpose == "tuning" and tuning.split == "validation" and tuning.seeds == [0, 1]
@@ -251,6 +252,12 @@ def test_the_shipped_plans_load_with_known_settings():
         series.setdefault(v.series, []).append(v.x)
     # The same budget for every method: five settings, x4 apart, around the paper's own (x = 1).
     assert len(series) == 6 and all(xs == [1 / 16, 1 / 4, 1, 4, 16] for xs in series.values())
+    web = study_module.load_plan(str(files("clipcid").joinpath("configs", "study_web.json")), {"model": "m"})
+    # Three tuned methods on four data sets each; the same-steps control takes the balanced run's steps.
+    assert len(web.variants) == 12 and all(v.tuned for v in web.variants)
+    assert {v.same_steps_as for v in web.variants if v.same_steps_as} == {
+        f"web_{m}_balance" for m in ("clip", "base", "cid")
+    }
     for name in plans:
         plan = study_module.load_plan(str(files("clipcid").joinpath("configs", name)), {"model": "clipcid-tiny"})
         assert plan.reference in {v.name for v in plan.variants} and plan.seeds
