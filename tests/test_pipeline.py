@@ -284,6 +284,10 @@ def test_flags_win_over_the_recipe_and_every_section_is_checked(inputs):
     old.write_text(json.dumps({"run": {"data": "elsewhere", "teacher_emb": "old_emb", "baseline": True}}))
     recipe, _ = resolve_recipe(RunConfig(out="x", data="d", recipe=str(old)))
     assert recipe["run"] == {"data": "d", "teacher_emb": None, "baseline": True}
+    # The default hold-out fits small data (up to 10 %); a fraction asked for is kept (or refused).
+    assert recipe["holdout"]["fraction"] == 0.01 and recipe["holdout"]["fit_up_to"] == 0.1
+    asked, _ = resolve_recipe(RunConfig(out="x", data="d", holdout=0.05))
+    assert asked["holdout"]["fraction"] == 0.05 and asked["holdout"]["fit_up_to"] == 0.0
     with pytest.raises(ClipcidError, match="--k must be|no setting"):
         resolve_recipe(RunConfig(out="x", set=["cluster.kk=3"]))
     with pytest.raises(ClipcidError, match="--search must be one of exact, ivf, not x"):
