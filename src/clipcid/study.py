@@ -71,6 +71,8 @@ class StudyConfig:
     seeds: list[int] | None = option(None, "seeds to run (default: the plan's)")
     only: list[str] | None = option(None, "run only these variants (and those they take their steps from)")
     holdout: str | None = option(None, "hold-out folder (clipcid holdout): never trained on")
+    teacher_model: str | None = option(None, "the teacher's architecture, to evaluate it (default: the demo's)")
+    teacher_weights: str | None = option(None, "the teacher's weights (with --teacher-model)")
     workers: int = option(2, "data loading processes of each run (it sets the data order: keep it fixed)", at_least=0)
     overwrite: bool = option(False, "redo a run whose settings the plan has changed")
     tuned_from: str | None = option(None, "the study folder holding the tuning plans' choices (default: --out)")
