@@ -1256,6 +1256,7 @@ CURVE_METRICS = (
     ("seen_zeroshot_mean_acc1", "seen distribution: zero-shot mean acc1"),
     ("seen_retrieval_mean_recall@5", "seen distribution: retrieval mean R@5"),
     ("linear_probe_mean_acc1", "linear-probe mean acc1"),
+    ("seen_coarse_zeroshot_mean_per_class_recall", "seen distribution: coarse zero-shot per-class recall"),
 )
 
 
@@ -1292,8 +1293,11 @@ def curves_plot(tables: dict, plan: Plan, path: Path) -> None:
 
 
 def _axis_name(plan: Plan) -> str:
+    if plan.purpose == TUNING:
+        return "× the papers' setting"
     trained = [v for v in plan.variants if v.x is not None]
-    return "epochs" if trained and all(v.train.get("epochs") == v.x for v in trained) else "x"
+    epochs = [v.train.get("epochs", plan.base.get("epochs", 1)) for v in trained]
+    return "epochs" if trained and all(e == v.x for e, v in zip(epochs, trained, strict=True)) else "x"
 
 
 def run_study(cfg: StudyConfig) -> dict:
