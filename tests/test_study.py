@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_shards
+from scipy import stats
 
 import clipcid.study as study_module
 from clipcid.balance import BalanceConfig, balance
@@ -125,7 +126,8 @@ def test_paired_difference_interval_equals_a_hand_computation():
     assert d["n"] == 3
     assert d["mean"] == pytest.approx(1 / 6)
     assert d["low"] == pytest.approx(1 / 6 - half, abs=1e-6) and d["high"] == pytest.approx(1 / 6 + half, abs=1e-6)
-    assert paired_interval({0: 0.5}, {0: 0.25}) == {"n": 1, "mean": 0.25, "low": None, "high": None}
+    assert d["p"] == pytest.approx(stats.ttest_1samp([0.1, 0.2, 0.2], 0).pvalue)  # the paired t test's
+    assert paired_interval({0: 0.5}, {0: 0.25}) == {"n": 1, "mean": 0.25, "low": None, "high": None, "p": None}
     assert paired_interval({0: 0.5}, {1: 0.25}) is None
 
 
@@ -368,7 +370,8 @@ def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
     )
     (claim,) = judged["claims"]
     assert claim["metrics"]["linear_probe_mean_acc1"]["n"] == 1  # scratch_own ran seed 0 only
-    assert claim["metrics"]["weights/image/change/std"]["verdict"] == "unresolved"  # no weights of scratch_own
+    assert claim["metrics"]["weights/image/change/std"]["verdict"] == "secondary"  # not the primary metric
+    assert claim["metrics"]["weights/image/change/std"]["n"] == 0  # and no weights of scratch_own
 
 
 def test_each_teacher_is_checked_once_per_study(tmp_path, monkeypatch):
