@@ -83,6 +83,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                 cfg.workers,
                 corpus=str(corpus_dir),
                 holdout=str(holdout_dir),
+                # A suite made by an earlier clipcid (before the validation split, the coarse tasks) is
+                # rebuilt: it is derived from the sources and the hold-out, and so are the evaluations
+                # beside it, which the run then makes again.
+                overwrite=True,
             )
         ),
         lambda: identity(suite_dir / "suite.json"),
