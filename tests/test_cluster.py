@@ -10,7 +10,8 @@ from conftest import run_two_gloo_processes
 from sklearn.metrics import adjusted_rand_score
 from test_balance import unit, write_embeddings
 
-from clipcid.cluster.run import ClusterConfig, cluster, proportional_split, resolve_k
+from clipcid.cluster.kmeans import proportional_split
+from clipcid.cluster.run import ClusterConfig, cluster, resolve_k
 from clipcid.errors import ClipcidError
 
 

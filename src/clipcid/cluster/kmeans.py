@@ -281,8 +281,6 @@ def _train_flat(env, store, sample, x, t: Training, k: int, stage: str, assign) 
 
 def _train_fine_cells(env, store, sample, x, t: Training, coarse: torch.Tensor, make_assigner) -> torch.Tensor:
     """Every fine cell trained by its owner on its own rows; the fine centroids gathered, in cell order."""
-    from clipcid.cluster.run import proportional_split
-
     k1 = len(coarse)
     labels, _ = make_assigner(coarse, None).assign_tensor(x)
     artifact.write_share_cells(t.folder, env.rank, labels.cpu().numpy())
@@ -315,3 +313,20 @@ def _train_fine_cells(env, store, sample, x, t: Training, coarse: torch.Tensor, 
     barrier(env)
     gathered = [np.load(artifact.fine_cell_path(t.folder, c)) for c in range(k1) if per_cell[c] > 0]
     return torch.from_numpy(np.concatenate(gathered)).to(env.device)
+
+
+def proportional_split(k: int, sizes: np.ndarray) -> np.ndarray:
+    """Integers summing to k, proportional to sizes (largest remainder), at least 1 and at most the
+    cell's size for every non-empty cell."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    share = k * sizes / sizes.sum()
+    out = np.floor(share).astype(np.int64)
+    out = np.minimum(np.maximum(out, (sizes > 0).astype(np.int64)), sizes.astype(np.int64))
+    while out.sum() < k:
+        room = (out < sizes) & (sizes > 0)
+        gap = np.where(room, share - out, -np.inf)
+        out[int(np.argmax(gap))] += 1
+    while out.sum() > k:
+        over = np.where(out > 1, out - share, -np.inf)
+        out[int(np.argmax(over))] -= 1
+    return out

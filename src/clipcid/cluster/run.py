@@ -104,23 +104,6 @@ def resolve_k(k: int | str, n_kept: int, images_per_cluster: float = PAPER_IMAGE
     return k
 
 
-def proportional_split(k: int, sizes: np.ndarray) -> np.ndarray:
-    """Integers summing to k, proportional to sizes (largest remainder), at least 1 and at most the
-    cell's size for every non-empty cell."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    share = k * sizes / sizes.sum()
-    out = np.floor(share).astype(np.int64)
-    out = np.minimum(np.maximum(out, (sizes > 0).astype(np.int64)), sizes.astype(np.int64))
-    while out.sum() < k:
-        room = (out < sizes) & (sizes > 0)
-        gap = np.where(room, share - out, -np.inf)
-        out[int(np.argmax(gap))] += 1
-    while out.sum() > k:
-        over = np.where(out > 1, out - share, -np.inf)
-        out[int(np.argmax(over))] -= 1
-    return out
-
-
 class Assigner:
     """Nearest centroid by inner product, as matrix products in torch on the stage's device.
 
