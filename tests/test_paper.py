@@ -276,7 +276,7 @@ def test_bad_inputs_give_one_line_errors(folder, tmp_path, capsys):
     study, layout = folder
     layout.write_text("{not json")
     assert main(["paper", "--study", str(study), "--layout", str(layout)]) == 2
-    assert "is not JSON" in capsys.readouterr().err
+    assert "is not valid JSON" in capsys.readouterr().err
     assert main(["paper", "--study", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     empty = tmp_path / "empty"

@@ -33,7 +33,7 @@ from clipcid.config import option
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import AVERAGES
 from clipcid.study import GIVEN, describe_teacher, html_table, markdown_table, mean_sd, paired_interval, read_study
-from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
+from clipcid.util.fileio import atomic_path, output_folder, read_user_json, save_json_atomic
 
 LAYOUT = Path(__file__).parent / "configs" / "paper.json"
 VERDICTS = ("holds", "reversed", "unresolved")
@@ -74,12 +74,7 @@ class Section:
 
 
 def load_layout(path: str | Path) -> list[Section]:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ClipcidError(f"--layout {path}: cannot read it ({e.strerror})") from None
-    except ValueError as e:
-        raise ClipcidError(f"--layout {path} is not JSON ({e}): fix it or pass the shipped one") from None
+    raw = read_user_json(path, "--layout")
     sections = []
     for i, s in enumerate(raw.get("sections", []) if isinstance(raw, dict) else []):
         where = f"--layout {path}, section {i + 1}"

@@ -62,7 +62,7 @@ from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.models import check_model_spec
 from clipcid.stage import DistEnv, RunFolder, barrier, digest, distributed, identity, settings_difference
 from clipcid.util import allocator
-from clipcid.util.fileio import output_folder, save_json_atomic
+from clipcid.util.fileio import output_folder, read_user_json, save_json_atomic
 
 log = logging.getLogger("clipcid")
 
@@ -225,15 +225,7 @@ def resolve_recipe(cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict[str,
     recipe = {name: section_defaults(name) for name in SECTIONS}
     sources: dict[str, dict[str, str]] = {name: {} for name in SECTIONS}
     if cfg.recipe:
-        path = Path(cfg.recipe)
-        if not path.is_file():
-            raise ClipcidError(f"--recipe {cfg.recipe}: file not found")
-        try:
-            given = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ClipcidError(f"--recipe {cfg.recipe} is not valid JSON: {e}") from e
-        if not isinstance(given, dict):
-            raise ClipcidError(f"--recipe {cfg.recipe}: expected an object of sections")
+        given = read_user_json(cfg.recipe, "--recipe")
         for section, values in given.items():
             if section.startswith("_") or section in OTHER_SECTIONS:
                 continue  # comments, and the demo's sections

@@ -3,10 +3,10 @@ recipe.json plus the demo's own sections (corpus, lit): read by the demo, and by
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from clipcid.errors import ClipcidError
+from clipcid.util.fileio import read_user_json
 
 CONFIGS = Path(__file__).parent / "configs"
 RECIPE = CONFIGS / "demo.json"
@@ -20,12 +20,7 @@ def recipe_path(quick: bool = False, path: str | None = None) -> Path:
 def load_recipe(quick: bool = False, path: str | None = None) -> dict:
     """The full recipe (what `make demo` runs), the quick one, or the file at `path`."""
     file = recipe_path(quick, path)
-    if not file.is_file():
-        raise ClipcidError(f"demo recipe not found: {file}")
-    try:
-        recipe = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ClipcidError(f"demo recipe {file} is not valid JSON: {e}") from e
+    recipe = read_user_json(file, "demo recipe")
     missing = [s for s in ("corpus", "lit", "distill") if s not in recipe]
     if missing:
         raise ClipcidError(f"demo recipe {file} has no section {', '.join(missing)} (see clipcid/configs/demo.json)")

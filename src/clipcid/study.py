@@ -46,7 +46,7 @@ from clipcid.config import option
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import AVERAGES, EvalSuiteConfig, run_eval_suite, task_figures
-from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
+from clipcid.util.fileio import atomic_path, output_folder, read_user_json, save_json_atomic
 from clipcid.util.plots import new_figure, save_png
 
 log = logging.getLogger("clipcid")
@@ -144,13 +144,7 @@ def _check_teacher(teacher, where: str) -> None:
 
 
 def load_plan(path: str, base_train: dict) -> Plan:
-    p = Path(path)
-    if not p.is_file():
-        raise ClipcidError(f"study plan not found: {path}")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ClipcidError(f"study plan {path} is not valid JSON: {e}") from e
+    raw = read_user_json(path, "study plan")
     known = {f.name for f in fields(DistillConfig)}
     variants = []
     for item in raw.get("variants", []):

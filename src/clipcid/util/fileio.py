@@ -40,6 +40,25 @@ def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     return folder
 
 
+def read_user_json(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in a file a user hands in (`what` names it in the error: "--recipe", "study plan",
+    ...), or one line saying what is wrong: not found, unreadable, not JSON, not an object."""
+    from clipcid.errors import ClipcidError
+
+    file = Path(path)
+    if not file.is_file():
+        raise ClipcidError(f"{what} {path}: file not found")
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ClipcidError(f"{what} {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ClipcidError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ClipcidError(f"{what} {path}: expected a JSON object, found a {type(value).__name__}")
+    return value
+
+
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
