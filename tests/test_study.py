@@ -426,3 +426,16 @@ def test_every_data_variant_keeps_the_main_balance_s_rows_away_from_the_held_out
     # Without a hold-out, no balance is no folder, as before.
     plain = study_module.DataCache(tmp_path / "s2", {**given, "holdout": None, "balance": str(tmp_path / "main")}, 0)
     assert plain.held_out_guard() == {} and plain.balance(None, seed=0) is None
+
+
+def test_a_run_that_raises_leaves_no_lock_behind(artifacts, tmp_path, monkeypatch):
+    def broken(cfg):
+        raise RuntimeError("the machine fell over")
+
+    monkeypatch.setattr(study_module, "distill", broken)
+    out = tmp_path / "study"
+    plan = {**PLAN, "seeds": [0], "variants": PLAN["variants"][:1], "comparisons": []}
+    with pytest.raises(RuntimeError, match="fell over"):
+        run_study(_config(artifacts, out, plan))
+    folder = out / "runs" / "clip_only" / "seed0"
+    assert (folder / "run.json").is_file() and not (folder / ".lock").exists()

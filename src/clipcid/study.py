@@ -573,32 +573,33 @@ class Study:
             raise ClipcidError(
                 f"{e} (the plan now gives variant {variant.name} other settings: rename the variant, or --overwrite)"
             ) from None
-        if settings.get("untrained"):
-            write_untrained_student(folder / "train", settings["model"], seed)
-            record = {"variant": variant.name, "seed": seed, "steps": 0, "train_seconds": 0.0}
-            run.finish(record)
-            run.release()
-            return record
-        lender = self._lend_student(folder, settings, seed)
-        log.info("study: %s, seed %d%s", variant.name, seed, f" (trained as {lender['variant']})" if lender else "")
         start = time.monotonic()
-        result = distill(
-            DistillConfig(
-                out=str(folder / "train"),
-                workers=self.cfg.workers,
-                resume="latest",
-                save_every_n_steps=50,
-                log_every_n_steps=20,
-                **settings,
+        try:  # the lock goes with this process, whether the run ends or raises
+            if settings.get("untrained"):
+                write_untrained_student(folder / "train", settings["model"], seed)
+                record = {"variant": variant.name, "seed": seed, "steps": 0, "train_seconds": 0.0}
+                run.finish(record)
+                return record
+            lender = self._lend_student(folder, settings, seed)
+            log.info("study: %s, seed %d%s", variant.name, seed, f" (trained as {lender['variant']})" if lender else "")
+            result = distill(
+                DistillConfig(
+                    out=str(folder / "train"),
+                    workers=self.cfg.workers,
+                    resume="latest",
+                    save_every_n_steps=50,
+                    log_every_n_steps=20,
+                    **settings,
+                )
             )
-        )
-        record = {"variant": variant.name, "seed": seed, "steps": result["steps"]}
-        if lender:
-            record.update(train_seconds=lender.get("train_seconds"), trained_as=lender["variant"])
-        else:
-            record["train_seconds"] = time.monotonic() - start
-        run.finish(record)  # written last: marks the run trained
-        run.release()
+            record = {"variant": variant.name, "seed": seed, "steps": result["steps"]}
+            if lender:
+                record.update(train_seconds=lender.get("train_seconds"), trained_as=lender["variant"])
+            else:
+                record["train_seconds"] = time.monotonic() - start
+            run.finish(record)  # written last: marks the run trained
+        finally:
+            run.release()
         # The student is kept; resume points are not needed any more (and a study of many runs would fill
         # the disk with them).
         discard_checkpoints(folder / "train")
