@@ -342,7 +342,8 @@ def test_group_seeds_other_teachers_and_curves(artifacts, tmp_path):
     # The weights of the named variants over their seeds, each computed once and kept in its run folder.
     weights = result["weights"]["clip_only"]
     assert sorted(weights["seeds"]) == [0, 1] and weights["over_seeds"]["image"]["change"]["std"]["n"] == 2
-    assert (tmp_path / "s" / "runs" / "clip_only" / "seed1" / "weights.json").is_file()
+    cached = json.loads((tmp_path / "s" / "runs" / "clip_only" / "seed1" / "weights.json").read_text())
+    assert cached["report"] == weights["seeds"][1] and set(cached["settings"]) == {"student"}  # made from what
     assert "last block's last linear layer" in md
 
     # `clipcid paper` on these results: the plan's teachers (the given one without an evaluation), the

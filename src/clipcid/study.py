@@ -785,6 +785,7 @@ class Study:
         and their mean and sd over seeds."""
         from clipcid.distill.checkpoint import student_path
         from clipcid.evaluation.inside import Student, weight_report
+        from clipcid.stage import digest, record_matches, write_record
 
         out: dict[str, dict] = {}
         for name in self.plan.weights:
@@ -794,15 +795,17 @@ class Study:
                 record = _finished(folder)
                 if record is None:
                     continue
-                cache = folder / "weights.json"
-                if not cache.is_file():
+                # Computed once per student: the cache names the settings it was made from, so a run
+                # trained again (--overwrite) is not summarised from its predecessor's weights.
+                cache, made_from = folder / "weights.json", {"student": digest(record["settings"])}
+                if not record_matches(cache, made_from):
                     settings = record["settings"]
                     student = Student(
                         name, name, settings["model"], str(student_path(folder / "train")), settings.get("pretrained"),
                         seed, None,
                     )  # fmt: skip
-                    save_json_atomic(cache, weight_report([student])[0][name])
-                per_seed[seed] = json.loads(cache.read_text())
+                    write_record(cache, made_from, report=weight_report([student])[0][name])
+                per_seed[seed] = json.loads(cache.read_text())["report"]
             if per_seed:
                 out[name] = {"seeds": per_seed, "over_seeds": _weights_over_seeds(list(per_seed.values()))}
         return out
