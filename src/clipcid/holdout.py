@@ -314,7 +314,7 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
     out = Path(cfg.out)
     fraction, fitted = cfg.fraction, None
     for attempt in range(FIT_TRIES + 1):
-        rows, index = _mask_parts(cfg, env, parts, out, fraction)
+        rows, index, cuts = _mask_parts(cfg, env, parts, out, fraction)
         n_usable = sum(int(x["usable"].sum()) for x in index)
         if not (cfg.fraction > 0 and n_usable < cfg.min_pairs and fraction < cfg.fit_up_to and attempt < FIT_TRIES):
             break
@@ -348,7 +348,7 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
             "or --holdout 0 to hold out nothing"
         )
     if cfg.stratify_by and env.is_main:
-        _count_strata(out, len(parts), _cuts(cfg, out, len(parts), fraction), cfg.stratify_by)
+        _count_strata(out, len(parts), cuts, cfg.stratify_by)
     if env.is_main and not (out / PAIRS / PAIRS_INDEX).is_file():
         _write_gallery(out, index, cfg.eval_pairs)
     barrier(env)
@@ -377,15 +377,17 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
     return folder.finish(summary)
 
 
-def _mask_parts(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path, fraction: float) -> tuple[int, list]:
+def _mask_parts(
+    cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path, fraction: float
+) -> tuple[int, list, dict[str, int] | int]:
     """Mask, index and stage every part at `fraction` (parts already masked are kept: a resumed run);
-    returns the rows and each part's index."""
+    returns the rows, each part's index and the cut (per stratum, when stratified)."""
     for sub in ("mask", "index", "staging"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     cuts: dict[str, int] | int = cut_of(fraction)
     if cfg.stratify_by:
         _hash_strata(cfg, env, parts, out)
-        cuts = _cuts(cfg, out, len(parts), fraction)
+        cuts = stratum_cuts((_read_strata(out, i) for i in range(len(parts))), fraction, cfg.min_per_stratum)
     mine = [i for i in parts_of_rank(range(len(parts)), env) if not mask_path(out, i).is_file()]
     with progress_bar(len(mine), f"hold out (rank {env.rank})", "part", env.is_main) as bar:
         for i in mine:
@@ -393,7 +395,7 @@ def _mask_parts(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path, 
             bar.update(1)
     barrier(env)
     rows = sum(len(np.load(mask_path(out, i), mmap_mode="r")) for i in range(len(parts)))
-    return rows, [np.load(index_path(out, i)) for i in range(len(parts))]
+    return rows, [np.load(index_path(out, i)) for i in range(len(parts))], cuts
 
 
 def _hash_strata(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path) -> None:
@@ -405,11 +407,6 @@ def _hash_strata(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path)
             _hash_part(out, i, parts[i], cfg.stratify_by, cfg.group_by)
             bar.update(1)
     barrier(env)
-
-
-def _cuts(cfg: HoldoutConfig, out: Path, n_parts: int, fraction: float) -> dict[str, int]:
-    """The cut of every stratum at `fraction`, from the first pass."""
-    return stratum_cuts((_read_strata(out, i) for i in range(n_parts)), fraction, cfg.min_per_stratum)
 
 
 def _count_strata(out: Path, n_parts: int, cuts: dict[str, int], field: str) -> None:

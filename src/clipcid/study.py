@@ -395,11 +395,17 @@ def evaluation_folder(folder: Path, split: str) -> Path:
     return folder / f"eval-{split}"
 
 
-def _evaluation_settings(student: dict, suite_root: str, split: str) -> dict:
-    from clipcid.evaluation.datasets import suite_identity
-    from clipcid.stage import digest
+EVAL_KEYS = ("split", "summary", "tasks", "eval_seconds")
 
-    return {"split": split, "suite": suite_identity(suite_root), "student": digest(student)}
+
+def _evaluation_folder(folder: Path, student: dict, suite_root: str, split: str):
+    """The evaluation's run folder, its settings naming what its figures follow from: the split, the
+    suite (its datasets and their splits) and the student."""
+    from clipcid.evaluation.datasets import suite_identity
+    from clipcid.stage import RunFolder, digest
+
+    settings = {"split": split, "suite": suite_identity(suite_root), "student": digest(student)}
+    return RunFolder(folder, EVAL_FILE, settings, overwrite=True)  # a stale evaluation is redone
 
 
 def evaluate_at(folder: Path, model: str, weights: str, suite_root: str, split: str, workers: int,
@@ -407,13 +413,10 @@ def evaluate_at(folder: Path, model: str, weights: str, suite_root: str, split: 
     """A model's suite evaluation at `split` in `folder`, done once per (suite, split, student): a suite
     rebuilt (new tasks, the validation split) or a student retrained means evaluating again, never
     training again. Returns {"split", "summary", "tasks", "eval_seconds"}."""
-    from clipcid.stage import RunFolder
-
-    settings = _evaluation_settings(student or {"model": model, "weights": weights}, suite_root, split)
-    run = RunFolder(folder, EVAL_FILE, settings, overwrite=True)  # a stale evaluation is redone
+    run = _evaluation_folder(folder, student or {"model": model, "weights": weights}, suite_root, split)
     done = run.finished_run(lambda: (folder / "summary.json").is_file())
     if done is not None:
-        return {k: done[k] for k in ("split", "summary", "tasks", "eval_seconds")}
+        return {k: done[k] for k in EVAL_KEYS}
     start = time.monotonic()
     with run:
         suite = EvalSuiteConfig(model, str(folder), weights, suite_root, workers=workers, split=split)
@@ -439,14 +442,8 @@ def evaluate_run(folder: Path, settings: dict, suite_root: str, split: str, work
 
 def read_evaluation(folder: Path, settings: dict, suite_root: str, split: str) -> dict | None:
     """A study run's finished evaluation at `split` of this suite and this student, or None."""
-    from clipcid.stage import read_record
-
-    record = read_record(evaluation_folder(folder, split) / EVAL_FILE)
-    if not (record and record.get("complete")):
-        return None
-    if record["settings"] != _evaluation_settings(settings, suite_root, split):
-        return None
-    return {k: record[k] for k in ("split", "summary", "tasks", "eval_seconds")}
+    done = _evaluation_folder(evaluation_folder(folder, split), settings, suite_root, split).finished_run()
+    return None if done is None else {k: done[k] for k in EVAL_KEYS}
 
 
 def _finished(folder: Path) -> dict | None:
@@ -490,6 +487,7 @@ class Study:
         # Seconds of each run trained in this sitting, for the time-left estimate: runs finished in an
         # earlier sitting return at once and would make it far too hopeful.
         self.run_seconds: list[float] = []
+        self._tuning: dict[tuple[str, str], dict | None] = {}
 
     def settings(self, variant: Variant, seed: int) -> dict:
         """The distill settings of one run: base (or the setting a tuning plan chose), the variant's
@@ -522,7 +520,7 @@ class Study:
         Refused until every setting of the series has every seed."""
         plan_name = variant.tuned["plan"]
         folder = self.cfg.tuned_from or self.out
-        results = read_study(folder, plan_name)
+        results = self._tuning_results(str(folder), plan_name)
         choices = {}
         for series in variant.tuned.get("best_of") or [variant.tuned["series"]]:
             choice = (results or {}).get("choices", {}).get(series)
@@ -537,6 +535,13 @@ class Study:
         best = max(choices, key=lambda s: choices[s]["criterion"][choices[s]["chosen"]])
         return best, choices[best]
 
+    def _tuning_results(self, folder: str, plan_name: str) -> dict | None:
+        """A tuning plan's results, read once per study (every run's settings ask for them, and another
+        plan's results do not change while this one runs)."""
+        if (folder, plan_name) not in self._tuning:
+            self._tuning[folder, plan_name] = read_study(folder, plan_name)
+        return self._tuning[folder, plan_name]
+
     def tuned_settings(self, variant: Variant) -> dict:
         return self.tuned_choice(variant)[1]["settings"]
 
@@ -545,15 +550,13 @@ class Study:
         returns its record."""
         folder = run_folder(self.out, variant.name, seed)
         settings = self.settings(variant, seed)
-        trained = self.train(variant, seed, folder, settings)
         suite, split = self.artifacts["suite_root"], self.plan.split
+        finished = _finished(folder) is not None and read_evaluation(folder, settings, suite, split) is not None
         start = time.monotonic()
-        evaluated = read_evaluation(folder, settings, suite, split)
-        if evaluated is None:
-            evaluated = evaluate_run(folder, settings, suite, split, self.cfg.workers)
-            self.run_seconds.append(trained.pop("_seconds_now", 0.0) + time.monotonic() - start)
-        elif "_seconds_now" in trained:
-            self.run_seconds.append(trained.pop("_seconds_now"))
+        trained = self.train(variant, seed, folder, settings)
+        evaluated = evaluate_run(folder, settings, suite, split, self.cfg.workers)
+        if not finished:  # the time-left estimate counts the runs that did work in this sitting
+            self.run_seconds.append(time.monotonic() - start)
         return {**trained, **evaluated, "settings": settings}
 
     def train(self, variant: Variant, seed: int, folder: Path, settings: dict) -> dict:
@@ -603,7 +606,7 @@ class Study:
         # The student is kept; resume points are not needed any more (and a study of many runs would fill
         # the disk with them).
         discard_checkpoints(folder / "train")
-        return {**record, "_seconds_now": time.monotonic() - start}
+        return record
 
     def _lend_student(self, folder: Path, settings: dict, seed: int) -> dict | None:
         """Link folder/train to the student of a finished run of another variant with the same settings

@@ -319,9 +319,10 @@ def summarise(
     ones (their definitions from before the seen tasks existed), zero-shot acc1, the same over the
     name-level datasets alone, linear-probe acc1 and retrieval recall@5."""
     coarse = set(SEEN_COARSE if coarse is None else coarse)
+    seen_names = {r["dataset"].removeprefix("wds/") for r in records if group_of(r["dataset"]) == SEEN} - set(
+        SEEN_COARSE
+    )  # the seen tasks but the coarse ones, which have a mean of their own
 
-    # In the seen group, the name-level mean (only=None) leaves the coarse tasks out, the coarse mean
-    # (only=coarse) takes nothing else.
     def mean(task: str, group: str | None = "other", only: set[str] | None = None, metric=None) -> float | None:
         values = [
             main_metric(r)[1] if metric is None else r["metrics"][metric]
@@ -329,12 +330,11 @@ def summarise(
             if r["task"] == task
             and (only is None or r["dataset"].removeprefix("wds/") in only)
             and (group_of(r["dataset"]) == group if group != "other" else group_of(r["dataset"]) != SEEN)
-            and (group != SEEN or (r["dataset"].removeprefix("wds/") in SEEN_COARSE) == (only is not None))
         ]
         return float(np.mean(values)) if values else None
 
     return {
-        "seen_zeroshot_mean_acc1": mean("zeroshot_classification", SEEN),
+        "seen_zeroshot_mean_acc1": mean("zeroshot_classification", SEEN, seen_names),
         "seen_retrieval_mean_recall@5": mean("zeroshot_retrieval", SEEN),
         "seen_coarse_zeroshot_mean_per_class_recall": mean(
             "zeroshot_classification", SEEN, coarse, "mean_per_class_recall"
