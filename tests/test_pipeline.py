@@ -118,10 +118,12 @@ def test_the_same_line_again_redoes_nothing(finished, inputs):
                finished / "eval" / "student" / "eval.json", finished / "models" / "models.json"]  # fmt: skip
     before = [p.stat().st_mtime_ns for p in watched]
     stages = json.loads((finished / "run.json").read_text())["stages"]
-    # A run made before a stage gained a setting (here balance's held_out_threshold, at its default) is
-    # still finished with the same settings.
+    # A run made before a stage gained a setting (balance's held_out_threshold, at its default; the
+    # hold-out's fit_up_to, which an explicit --holdout sets to the stage's own default) is still finished
+    # with the same settings.
     recipe = json.loads((finished / "recipe.json").read_text())
     del recipe["balance"]["held_out_threshold"]
+    del recipe["holdout"]["fit_up_to"]
     (finished / "recipe.json").write_text(json.dumps(recipe))
     assert main(args(inputs, finished)) == 0
     assert [p.stat().st_mtime_ns for p in watched] == before

@@ -292,13 +292,13 @@ def _comparable(recipe: dict, section: str) -> dict:
 
 
 def _at_stage_default(section: str, key: str, value) -> bool:
-    """Whether a setting is its stage's default: a setting added to a stage since a run finished, left at
-    its default, is not a change of that run's settings."""
+    """Whether a setting is at a default: a setting added to a stage since a run finished, left at the
+    pipeline's default or at the stage's own (which is how the stage behaved before it had the setting,
+    e.g. holdout.fit_up_to 0 under an explicit --holdout), is not a change of that run's settings."""
     overrides = dict(SECTIONS[section].defaults)
     for f in dataclasses.fields(SECTIONS[section].config):
         if f.name == key:
-            default = overrides.get(key, f.default)
-            return default is not dataclasses.MISSING and default == value
+            return value in [d for d in (overrides.get(key, f.default), f.default) if d is not dataclasses.MISSING]
     return False
 
 
