@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import ModelEvalConfig, evaluate_model, read_results, read_suite_results
 from clipcid.holdout import HoldOut
 from clipcid.pipeline import RunConfig, read_models, resolve_recipe, run_pipeline
+from clipcid.report import wall_total
 
 RECIPE = {
     "holdout": {"min_pairs": 20},
@@ -57,7 +59,9 @@ def args(inputs: Path, out: Path, *more: str) -> list[str]:
 @pytest.fixture(scope="module")
 def finished(inputs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(args(inputs, out)) == 0
+    # Two threads to share, as on a 2-core machine outside pytest-xdist: the students train side by side.
+    with mock.patch.object(torch, "get_num_threads", return_value=2):
+        assert main(args(inputs, out)) == 0
     return out
 
 
@@ -107,6 +111,15 @@ def test_one_command_runs_every_stage_on_img2dataset_shards(finished, inputs, tm
     assert "| student − baseline (too short to judge: " in table[0] and len(table) == 2 + 6
     assert "fewer than the 100 a comparison of students needs; --epochs" in student["too_short_to_judge"]
     assert not any(row.endswith("] ** |") for row in table)  # no difference of it is marked as a finding
+
+    # On a CPU with two threads, the students trained side by side, one process each; the report's total
+    # counts them once, as the longer of the two.
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert stages["student"]["side_by_side"] == ["baseline"] and stages["baseline"]["side_by_side"] == ["student"]
+    assert stages["student"]["seconds"] > 0 and stages["student"]["user_seconds"] > 0
+    assert "student (side by side with baseline)" in page
+    both = {"student": {"side_by_side": ["baseline"]}, "baseline": {"side_by_side": ["student"]}}
+    assert wall_total({"cluster": 1.0, "student": 5.0, "baseline": 4.0}, both) == 6.0
 
     # Both students trained on the same rows for the same steps.
     logs = [(out / "runs" / n / "train_log.jsonl").read_text().splitlines() for n in ("student", "baseline")]
@@ -166,14 +179,18 @@ def test_a_full_disk_then_a_kill_and_the_same_line_resumes_to_the_same_results(f
     assert main(args(inputs, out)) == 2
     assert (out / "clusters" / "labels" / "labels_1.npy").is_file() and not list(out.rglob("*.tmp"))
     monkeypatch.undo()
-    # Killed by SIGKILL as soon as the CID student has saved a checkpoint, then the same line again.
-    assert run_and_kill_when(_clipcid(*args(inputs, out)), out / "runs" / "student" / "checkpoints", "step_*")
+    # Killed by SIGKILL as soon as the CID student has saved a checkpoint, then the same line again; this
+    # time the students train in turn, in the command's own process.
+    in_turn = (*args(inputs, out), "--set", "run.side_by_side=false")
+    assert run_and_kill_when(_clipcid(*in_turn), out / "runs" / "student" / "checkpoints", "step_*")
     assert not (out / "runs" / "student" / "student.pt").exists()
-    run_ok(_clipcid(*args(inputs, out)))
+    run_ok(_clipcid(*in_turn))
+    assert "side_by_side" not in json.loads((out / "run.json").read_text())["stages"]["student"]
     same_files(finished / "holdout", out / "holdout")
     same_files(finished / "clusters", out / "clusters")
-    # The reference trained in this process (2 threads), the resumed run in one of a single thread: the sums
-    # differ in their last bits (3e-6 seen). A batch skipped or repeated on resume moves weights by 1e-2.
+    # The reference trained side by side, each student in a process of one thread; these in turn, resumed,
+    # on this process's threads: the sums differ in their last bits (3e-6 seen). A batch skipped or repeated
+    # on resume moves weights by 1e-2.
     for name in ("student", "baseline"):
         a = torch.load(finished / "runs" / name / "student.pt", weights_only=True)["state_dict"]
         b = torch.load(out / "runs" / name / "student.pt", weights_only=True)["state_dict"]
@@ -285,7 +302,7 @@ def test_flags_win_over_the_recipe_and_every_section_is_checked(inputs):
     old = inputs / "old_run_recipe.json"
     old.write_text(json.dumps({"run": {"data": "elsewhere", "teacher_emb": "old_emb", "baseline": True}}))
     recipe, _ = resolve_recipe(RunConfig(out="x", data="d", recipe=str(old)))
-    assert recipe["run"] == {"data": "d", "teacher_emb": None, "baseline": True}
+    assert recipe["run"] == {"data": "d", "teacher_emb": None, "baseline": True, "side_by_side": True}
     # The default hold-out fits small data (up to 10 %); a fraction asked for is kept (or refused).
     assert recipe["holdout"]["fraction"] == 0.01 and recipe["holdout"]["fit_up_to"] == 0.1
     asked, _ = resolve_recipe(RunConfig(out="x", data="d", holdout=0.05))

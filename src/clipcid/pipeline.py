@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import json
 import logging
-import resource
 import textwrap
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from clipcid.config import default_workers, option, validate
 from clipcid.distill.checkpoint import identity_of as run_identity
 from clipcid.distill.checkpoint import student_path
 from clipcid.distill.train import RUNTIME_FIELDS as DISTILL_RUNTIME
-from clipcid.distill.train import DistillConfig, distill
+from clipcid.distill.train import DistillConfig, distill, finished_training
 from clipcid.embed.artifact import Embeddings
 from clipcid.embed.run import RUNTIME_FIELDS as EMBED_RUNTIME
 from clipcid.embed.run import EmbedConfig, embed
@@ -53,6 +52,7 @@ from clipcid.evaluation.run import (
     RESULTS_FILE,
     ModelEvalConfig,
     evaluate_model,
+    finished_evaluation,
     read_model_evaluation,
     read_suite_results,
     write_results,
@@ -60,9 +60,19 @@ from clipcid.evaluation.run import (
 from clipcid.holdout import HoldOut, HoldoutConfig, hold_out
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.models import check_model_spec
-from clipcid.stage import DistEnv, RunFolder, barrier, digest, distributed, identity, settings_difference
+from clipcid.stage import (
+    DistEnv,
+    RunFolder,
+    barrier,
+    digest,
+    distributed,
+    identity,
+    pick_device,
+    settings_difference,
+)
 from clipcid.util import allocator
 from clipcid.util.fileio import output_folder, read_user_json, save_json_atomic
+from clipcid.util.side_by_side import Job, own_usage, processes_for, run_side_by_side, usage_since
 
 log = logging.getLogger("clipcid")
 
@@ -83,6 +93,9 @@ class RunSection:
     data: str | None = option(None, "training shards")
     teacher_emb: str | None = option(None, "teacher embeddings already made (then embed does not run)")
     baseline: bool = option(False, "also train a CLIP-loss-only student on the same rows, steps and seed")
+    side_by_side: bool = option(
+        True, "on a CPU, train the students and evaluate the models in parallel processes, the cores split"
+    )
 
 
 @dataclass
@@ -402,18 +415,6 @@ def _check_pairs(parts, look_at: int = 64) -> None:
 # -- when each stage ran ----------------------------------------------------------------------------
 
 
-def cpu_used() -> dict[str, float]:
-    """CPU seconds and minor page faults so far of this process and of its children it has waited for
-    (loader workers and rendering pools end within their stage, so a stage's delta holds theirs)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {
-        "user_seconds": own.ru_utime + children.ru_utime,
-        "system_seconds": own.ru_stime + children.ru_stime,
-        "minor_faults": own.ru_minflt + children.ru_minflt,
-        "peak_rss_mb": max(own.ru_maxrss, children.ru_maxrss) / 1024,  # Linux counts kB; the largest process so far
-    }
-
-
 class StageTimes:
     """OUT/run.json: per stage, the wall seconds it took when it last did its work, the CPU seconds (user,
     system) and minor page faults of this process and its children meanwhile, and what it made (its
@@ -448,16 +449,13 @@ class StageTimes:
         records (`record`) announces the stage."""
         if record:
             log.info("== %s", name)
-        start, before = time.monotonic(), cpu_used()
+        start, before = time.monotonic(), own_usage()
         result = work()
         if wait is not None:
             wait()
         allocator.release()  # what this stage kept for its batches is not held through the next
         if record:
-            after = cpu_used()
-            cpu = {k: after[k] - before[k] for k in after if k != "peak_rss_mb"}
-            cpu["peak_rss_mb"] = after["peak_rss_mb"]  # a high-water mark: the largest up to this stage's end
-            self.record(name, time.monotonic() - start, made() if made else None, cpu)
+            self.record(name, time.monotonic() - start, made() if made else None, usage_since(before))
         return result
 
     def complete(self, world_size: int) -> None:
@@ -509,10 +507,7 @@ class Pipeline:
             holdout=self.holdout_dir, overwrite="cluster" in self.overwrite,
         )  # fmt: skip
         self.stage("cluster", lambda: cluster(cluster_cfg), lambda: clusters_identity(self.clusters_dir))
-        for name in self.students:
-            self.stage(
-                name, lambda n=name: distill(self.distill_config(n)), lambda n=name: run_identity(self.run_dir(n))
-            )
+        self.train_students()
         self.stage("eval", self.evaluate, self.evaluations_identity)
         if self.env.is_main:
             self.stage_rank0("inside", self.look_inside, lambda: identity(self.out / "inside" / "inside.json"))
@@ -524,6 +519,23 @@ class Pipeline:
             log.info("report: %s", report)
         barrier(self.env)
         return {"report": str(self.out / "report.html"), "timings": self.times.seconds()}
+
+    def train_students(self) -> None:
+        """The students (CID, and the CLIP-only baseline when asked): in turn, or side by side on a CPU
+        (util/side_by_side.py), each then recorded in run.json with its own time."""
+        configs = {name: self.distill_config(name) for name in self.students}
+        pending = [name for name in self.students if finished_training(configs[name]) is None]
+        device = pick_device(configs[self.students[0]].device).type
+        processes = processes_for(len(pending), device, self.env.world_size, self.recipe["run"]["side_by_side"])
+        if processes > 1:
+            log.info("== %s", ", ".join(pending))
+            for done in run_side_by_side([Job(name, distill, configs[name]) for name in pending], processes):
+                others = [name for name in pending if name != done.name]
+                self.times.record(
+                    done.name, done.seconds, run_identity(self.run_dir(done.name)), {**done.cpu, "side_by_side": others}
+                )
+        for name in self.students:  # in turn; a student trained side by side is found finished
+            self.stage(name, lambda n=name: distill(configs[n]), lambda n=name: run_identity(self.run_dir(n)))
 
     def stage_rank0(self, name: str, work, made) -> None:
         self.times.timed(name, work, made)
@@ -596,30 +608,42 @@ class Pipeline:
 
         return digest([identity(self.eval_dir(m["name"]) / MODEL_EVAL_FILE) for m in self.models()])
 
-    def evaluate(self) -> None:
+    def eval_configs(self) -> dict[str, ModelEvalConfig]:
+        """The evaluations of this rank: each model on one rank (models are independent)."""
         ev = self.recipe["eval"]
-        for i, m in enumerate(self.models()):
-            if i % self.env.world_size != self.env.rank:
-                continue
-            evaluate_model(
-                ModelEvalConfig(
-                    out=str(self.eval_dir(m["name"])),
-                    model=m["model"],
-                    pretrained=m["pretrained"],
-                    model_identity=m["identity"],
-                    holdout=self.holdout_dir,
-                    teacher_emb=self.emb_dir if m["name"] == "teacher" else None,
-                    datasets=ev["datasets"],
-                    dataset_root=ev["dataset_root"],
-                    suite_root=ev["suite_root"] if m["model"] else None,
-                    batch_size=ev["batch_size"],
-                    workers=ev["workers"],
-                    device=_device_of_rank(ev["device"], self.env),
-                    precision=ev["precision"],
-                    queries=ev["queries"],
-                    overwrite="eval" in self.overwrite,
-                )
+        device = _device_of_rank(ev["device"], self.env)
+        return {
+            m["name"]: ModelEvalConfig(
+                out=str(self.eval_dir(m["name"])),
+                model=m["model"],
+                pretrained=m["pretrained"],
+                model_identity=m["identity"],
+                holdout=self.holdout_dir,
+                teacher_emb=self.emb_dir if m["name"] == "teacher" else None,
+                datasets=ev["datasets"],
+                dataset_root=ev["dataset_root"],
+                suite_root=ev["suite_root"] if m["model"] else None,
+                batch_size=ev["batch_size"],
+                workers=ev["workers"],
+                device=device,
+                precision=ev["precision"],
+                queries=ev["queries"],
+                overwrite="eval" in self.overwrite,
             )
+            for i, m in enumerate(self.models())
+            if i % self.env.world_size == self.env.rank
+        }
+
+    def evaluate(self) -> None:
+        configs = self.eval_configs()
+        pending = [name for name, cfg in configs.items() if finished_evaluation(cfg) is None]
+        device = pick_device(next(iter(configs.values())).device).type if configs else "cpu"
+        processes = processes_for(len(pending), device, self.env.world_size, self.recipe["run"]["side_by_side"])
+        if processes > 1:
+            run_side_by_side([Job(name, evaluate_model, configs[name]) for name in pending], processes)
+        else:
+            for name in pending:
+                evaluate_model(configs[name])
         barrier(self.env)
         if self.env.is_main:
             from clipcid.distill.checkpoint import too_short

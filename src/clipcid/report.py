@@ -327,6 +327,16 @@ def inside_html(out: Path) -> str:
     )
 
 
+def wall_total(timings: dict[str, float], stages: dict[str, dict]) -> float:
+    """The wall seconds of the stages in all: stages that ran side by side (run.json names them) count once,
+    as the longest of them."""
+    groups: dict[frozenset, float] = {}
+    for name, seconds in timings.items():
+        together = frozenset([name, *stages.get(name, {}).get("side_by_side", [])])
+        groups[together] = max(groups.get(together, 0.0), seconds)
+    return sum(groups.values())
+
+
 def write_report(out: Path, extras: Extras | None = None) -> Path:
     """OUT/report.html and OUT/results.md of a finished run."""
     out = Path(out)
@@ -365,8 +375,12 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
             f"<td>{stage['minor_faults'] / 1e6:.2f}</td>"
         )
 
+    def stage_label(name: str) -> str:
+        beside = run_state["stages"].get(name, {}).get("side_by_side")
+        return f"{name} (side by side with {', '.join(beside)})" if beside else name
+
     timing_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td>{cpu_cells(run_state['stages'].get(k, {}))}</tr>"
+        f"<tr><td>{html.escape(stage_label(k))}</td><td>{v:.1f}</td>{cpu_cells(run_state['stages'].get(k, {}))}</tr>"
         for k, v in timings.items()
     )
     cpu_total = [s for s in run_state["stages"].values() if "user_seconds" in s]
@@ -375,6 +389,7 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
         f"<td><b>{sum(s['system_seconds'] for s in cpu_total):.1f}</b></td>"
         f"<td><b>{sum(s['minor_faults'] for s in cpu_total) / 1e6:.2f}</b></td>"
     )
+    wall = wall_total(timings, run_state["stages"])
     world = run_state.get("world_size", 1)
     if run_state.get("allocator"):
         machine += f"; memory allocator: {run_state['allocator']}"
@@ -402,7 +417,7 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
 <p>{html.escape(machine)}; {world} process(es). Seconds per stage, when it last did its work (installs not
 included); the settings follow (OUT/recipe.json).</p>
 <table><tr><th>stage</th><th>seconds</th><th>user CPU s</th><th>system CPU s</th><th>minor faults (M)</th></tr>
-{timing_rows}<tr><td><b>total</b></td><td><b>{sum(timings.values()):.1f}</b></td>{total_cells}</tr></table>
+{timing_rows}<tr><td><b>total</b></td><td><b>{wall:.1f}</b></td>{total_cells}</tr></table>
 <pre>{html.escape(json.dumps(recipe, indent=2))}</pre>
 <h2>Image Semantic Balance</h2>
 <p>threshold {balance_stats["threshold"]:.4g} ({html.escape(balance_stats["metric"])}; l2 {t["l2"]:.4g}, cosine

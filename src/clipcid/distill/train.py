@@ -510,13 +510,20 @@ def run_settings(cfg: DistillConfig) -> dict:
     }
 
 
-def distill(cfg: DistillConfig) -> dict:
+def finished_training(cfg: DistillConfig) -> dict | None:
+    """What a run finished with these settings returned, or None: a file read, before any data or model
+    loads."""
     validate(cfg)
     folder = TrainingRun.folder(cfg.out, run_settings(cfg), cfg.overwrite)
-    # Before the data and the model load: a finished run costs a file read.
     done = folder.finished_run(lambda: student_path(cfg.out).is_file())
+    return None if done is None else {"steps": done["steps"], "last": done.get("last", {})}
+
+
+def distill(cfg: DistillConfig) -> dict:
+    done = finished_training(cfg)
     if done is not None:
-        return {"steps": done["steps"], "last": done.get("last", {})}
+        return done
+    folder = TrainingRun.folder(cfg.out, run_settings(cfg), cfg.overwrite)
     with distributed(cfg.device) as env:
         if env.world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // env.world_size))

@@ -522,9 +522,7 @@ def holdout_showcase(image_feats: np.ndarray, text_feats: np.ndarray, queries: i
     return {"queries": chosen, "retrieved": np.argsort(-scores, axis=1, kind="stable")[:, :top].tolist()}
 
 
-def evaluate_model(cfg: ModelEvalConfig) -> dict:
-    """One model's records in cfg.out (one JSON per task, the held-out ranks and showcase, summary.json,
-    eval.json with its size and speed); a finished evaluation with the same settings is returned as it is."""
+def _evaluation_folder(cfg: ModelEvalConfig):
     from clipcid.stage import RunFolder
 
     settings = {
@@ -534,11 +532,21 @@ def evaluate_model(cfg: ModelEvalConfig) -> dict:
         from clipcid.holdout import HoldOut
 
         settings["holdout"] = HoldOut.open(cfg.holdout).identity
-    folder = RunFolder(cfg.out, MODEL_EVAL_FILE, settings, cfg.overwrite)
-    out = Path(cfg.out)
-    done = folder.finished_run(lambda: (out / SUMMARY_FILE).is_file())
+    return RunFolder(cfg.out, MODEL_EVAL_FILE, settings, cfg.overwrite)
+
+
+def finished_evaluation(cfg: ModelEvalConfig) -> dict | None:
+    """What an evaluation finished with these settings recorded, or None (a file read)."""
+    return _evaluation_folder(cfg).finished_run(lambda: (Path(cfg.out) / SUMMARY_FILE).is_file())
+
+
+def evaluate_model(cfg: ModelEvalConfig) -> dict:
+    """One model's records in cfg.out (one JSON per task, the held-out ranks and showcase, summary.json,
+    eval.json with its size and speed); a finished evaluation with the same settings is returned as it is."""
+    done = finished_evaluation(cfg)
     if done is not None:
         return done
+    folder, out = _evaluation_folder(cfg), Path(cfg.out)
     with folder:
         encoder = load_encoder(cfg.model, cfg.pretrained, cfg.device, cfg.precision) if cfg.model else None
         records, extra = [], []

@@ -12,6 +12,13 @@ from tqdm import tqdm
 
 T = TypeVar("T")
 log = logging.getLogger("clipcid")
+_bars_allowed = True
+
+
+def log_lines_only() -> None:
+    """Progress as log lines even on a terminal: for processes that share one (util/side_by_side.py)."""
+    global _bars_allowed
+    _bars_allowed = False
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -53,7 +60,7 @@ class LogProgress:
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> tqdm | LogProgress:
-    if enabled and sys.stderr.isatty():
+    if enabled and _bars_allowed and sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
     return LogProgress(total, desc, unit, interval=30.0 if enabled else float("inf"))
 
