@@ -9,7 +9,9 @@ import torch
 from conftest import NPM_ROOT, needs_sources, plain_open_clip
 
 from clipcid.demo import DemoConfig, run_demo
-from clipcid.evaluation.run import read_results, read_suite_results
+from clipcid.evaluation.datasets import build_dataset
+from clipcid.evaluation.run import load_encoder, read_names_showcase, read_results, read_suite_results
+from clipcid.evaluation.showcase import names_showcase
 from clipcid.holdout import HoldOut
 from clipcid.models import load_model
 from clipcid.pipeline import read_models
@@ -106,6 +108,13 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert table[8].startswith("| **seen distribution: zero-shot mean acc1** |")
     assert table[16].startswith("| heldout_names_emoji zero-shot (") and "chance" in table[16]
     assert set(result["timings"]) >= {"corpus", "teacher", "holdout", "balance", "cluster", "student", "showcase"}
+    # The showcase is each model's evaluation's own answers (made from the features it had computed), and
+    # they equal what a fresh encoder gives.
+    shown = json.loads((out / "showcase" / "showcase.json").read_text())["shown"]
+    assert shown == {name: read_names_showcase(out / "eval" / name) for name in models}
+    fresh = names_showcase(load_encoder("clipcid-tiny", models["student"]["pretrained"]),
+                           build_dataset(shown["student"]["dataset"], str(out / "eval")))  # fmt: skip
+    assert fresh == shown["student"]
 
     # Run again: every stage is found done and skipped; its outputs are not written again (the recorded
     # timings alone would not tell: they keep the time of the real work either way).

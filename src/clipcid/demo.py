@@ -161,9 +161,9 @@ def _showcase(out: Path, suite_root: str) -> dict:
     """Each model's top-3 answers on held-out pictures of the name-level emoji task, and its top-5
     pictures for a few text queries (OUT/showcase/showcase.json)."""
     from clipcid.evaluation.datasets import build_dataset, suite_datasets
-    from clipcid.evaluation.run import load_encoder
-    from clipcid.evaluation.showcase import pick_examples, pick_queries, showcase
-    from clipcid.pipeline import read_models
+    from clipcid.evaluation.run import load_encoder, read_names_showcase
+    from clipcid.evaluation.showcase import names_showcase
+    from clipcid.pipeline import eval_folder, read_models
 
     models = {name: (m["model"], m["pretrained"]) for name, m in read_models(out).items() if m["model"]}
     names = [d["name"] for d in suite_datasets(suite_root) if d.get("name_level")]
@@ -174,12 +174,13 @@ def _showcase(out: Path, suite_root: str) -> dict:
         return done or {}
     with folder:
         dataset = build_dataset(names[0], suite_root)
-        n_images = sum(1 for _ in dataset.iter_split("test"))
-        examples, queries = pick_examples(n_images, 12), pick_queries(dataset.classnames, 4)
-        shown = {
-            name: showcase(load_encoder(arch, ckpt), dataset, examples, queries)
-            for name, (arch, ckpt) in models.items()
-        }
+        shown = {}
+        for name, (arch, ckpt) in models.items():
+            # Each model's evaluation wrote its answers from the features it had computed; an evaluation
+            # made before it did is asked again here.
+            made = read_names_showcase(eval_folder(out, name))
+            ok = made is not None and made["dataset"] == dataset.name
+            shown[name] = made if ok else names_showcase(load_encoder(arch, ckpt), dataset)
         return folder.finish({"dataset": dataset.name, "shown": shown})
 
 

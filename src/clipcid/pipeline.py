@@ -51,6 +51,7 @@ from clipcid.evaluation.features import weights_fingerprint
 from clipcid.evaluation.run import (
     RESULTS_FILE,
     ModelEvalConfig,
+    add_speed,
     evaluate_model,
     finished_evaluation,
     read_model_evaluation,
@@ -601,7 +602,7 @@ class Pipeline:
         return out
 
     def eval_dir(self, name: str) -> Path:
-        return self.out / "eval" / name
+        return eval_folder(self.out, name)
 
     def evaluations_identity(self) -> str:
         from clipcid.evaluation.run import MODEL_EVAL_FILE
@@ -640,7 +641,10 @@ class Pipeline:
         device = pick_device(next(iter(configs.values())).device).type if configs else "cpu"
         processes = processes_for(len(pending), device, self.env.world_size, self.recipe["run"]["side_by_side"])
         if processes > 1:
-            run_side_by_side([Job(name, evaluate_model, configs[name]) for name in pending], processes)
+            jobs = [Job(name, evaluate_model, dataclasses.replace(configs[name], speed=False)) for name in pending]
+            run_side_by_side(jobs, processes)
+            for cfg in configs.values():  # each model's speed timed alone, on every thread
+                add_speed(cfg)
         else:
             for name in pending:
                 evaluate_model(configs[name])
@@ -707,6 +711,11 @@ class Pipeline:
             f"{d['batch_size']} x {self.env.world_size} process(es), lr {d['lr']:g}, seed {d['seed']}, on the pairs of "
             f"`{self.data}` that Image Semantic Balance kept, none of the held-out pairs among them."
         )
+
+
+def eval_folder(out: Path, name: str) -> Path:
+    """Where a run keeps the evaluation of its model NAME (teacher, baseline, student)."""
+    return Path(out) / "eval" / name
 
 
 def _device_of_rank(device: str, env: DistEnv) -> str:

@@ -488,6 +488,13 @@ class ModelEvalConfig:
     precision: str = "fp32"
     queries: int = 4
     overwrite: bool = False
+    # Time the image tower here (off when evaluations run side by side: a process sharing the cores would
+    # time itself slow; add_speed then times it alone).
+    speed: bool = True
+
+
+RUNTIME_FIELDS = ("out", "batch_size", "workers", "device", "overwrite", "speed")
+NAMES_SHOWCASE_FILE = "names_showcase.json"
 
 
 def _holdout_features(cfg: ModelEvalConfig, encoder: Encoder | None) -> tuple[np.ndarray, np.ndarray, list]:
@@ -525,9 +532,7 @@ def holdout_showcase(image_feats: np.ndarray, text_feats: np.ndarray, queries: i
 def _evaluation_folder(cfg: ModelEvalConfig):
     from clipcid.stage import RunFolder
 
-    settings = {
-        k: v for k, v in cfg.__dict__.items() if k not in ("out", "batch_size", "workers", "device", "overwrite")
-    }
+    settings = {k: v for k, v in cfg.__dict__.items() if k not in RUNTIME_FIELDS}
     if cfg.holdout:
         from clipcid.holdout import HoldOut
 
@@ -590,19 +595,42 @@ def evaluate_model(cfg: ModelEvalConfig) -> dict:
                 )
                 extra += run_eval_suite(suite_cfg, encoder)["records"]
         name_level = (
-            {e["name"] for e in suite_datasets(cfg.suite_root) if e.get("name_level")} if cfg.suite_root else set()
+            [e["name"] for e in suite_datasets(cfg.suite_root) if e.get("name_level")] if cfg.suite_root else []
         )
-        summary = summarise(extra, name_level)
+        if name_level:  # the report's "models at work" on the first name task, from features already computed
+            from clipcid.evaluation.showcase import names_showcase
+
+            shown = names_showcase(encoder, build_dataset(name_level[0], cfg.suite_root))
+            save_json_atomic(out / NAMES_SHOWCASE_FILE, shown)
+        summary = summarise(extra, set(name_level))
         for record in records + extra:
             save_json_atomic(task_file(out, record["dataset"], record["task"]), record)
         if records:
             summary["holdout_retrieval"] = records[0]["metrics"]
         save_json_atomic(out / SUMMARY_FILE, {"model": cfg.model, "pretrained": cfg.pretrained, **summary})
-        measured = model_size_and_speed(encoder, cfg.batch_size) if encoder is not None else {}
+        measured = model_size_and_speed(encoder, cfg.batch_size) if encoder is not None and cfg.speed else {}
         result = folder.finish({"records": len(records) + len(extra), "summary": summary, **measured})
     del encoder
     allocator.release()  # the next model's evaluation does not sit on this one's kept activations
     return result
+
+
+def add_speed(cfg: ModelEvalConfig) -> None:
+    """Time the image tower of a finished evaluation that was made without (`speed` off) and add its size
+    and speed to the record; a record that has them, or a model known only by embeddings, is left."""
+    folder = _evaluation_folder(cfg)
+    record = folder.recorded()
+    if not cfg.model or finished_evaluation(cfg) is None or "images_per_second" in record:
+        return
+    measured = model_size_and_speed(load_encoder(cfg.model, cfg.pretrained, cfg.device, cfg.precision), cfg.batch_size)
+    folder.finish({**{k: v for k, v in record.items() if k not in ("settings", "complete")}, **measured})
+
+
+def read_names_showcase(folder: str | Path) -> dict | None:
+    """A model's answers on the first name task of its suite (evaluation/showcase.py), or None."""
+    from clipcid.stage import read_record
+
+    return read_record(Path(folder) / NAMES_SHOWCASE_FILE)
 
 
 HOLDOUT_DATASET = "holdout_pairs"

@@ -48,6 +48,12 @@ def showcase(encoder: Encoder, dataset: EvalDataset, examples: list[int], querie
     }
 
 
+def names_showcase(encoder: Encoder, dataset: EvalDataset, examples: int = 12, queries: int = 4) -> dict:
+    """`showcase` on evenly spread pictures and the preferred queries: the same choice for every model."""
+    n_images = sum(1 for _ in dataset.iter_split("test"))
+    return showcase(encoder, dataset, pick_examples(n_images, examples), pick_queries(dataset.classnames, queries))
+
+
 def pictures(dataset: EvalDataset, indices: set[int]) -> dict[int, bytes]:
     """The image bytes of the test split's pictures at these positions (the order features follow)."""
     out = {}
