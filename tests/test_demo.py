@@ -13,6 +13,7 @@ from clipcid.evaluation.datasets import build_dataset
 from clipcid.evaluation.run import load_encoder, read_names_showcase, read_results, read_suite_results
 from clipcid.evaluation.showcase import names_showcase
 from clipcid.holdout import HoldOut
+from clipcid.layout import RunLayout
 from clipcid.models import load_model
 from clipcid.pipeline import read_models
 
@@ -41,40 +42,40 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     result = run_demo(DemoConfig(out=str(out), quick=True, workers=1, npm_root=str(NPM_ROOT), recipe=str(recipe)))
 
     # Every artifact exists and agrees with the others; the held-out rows are in none of the training sets.
-    n_rows = sum(pq.read_table(f).num_rows for f in sorted((out / "teacher_emb" / "metadata").glob("*.parquet")))
+    n_rows = sum(pq.read_table(f).num_rows for f in sorted((RunLayout(out).teacher_emb / "metadata").glob("*.parquet")))
     assert n_rows == 240
-    held = HoldOut.open(out / "holdout").masks([240])
-    keep = np.load(out / "balance" / "keep" / "keep_0.npy")
-    labels = np.load(out / "clusters" / "labels" / "labels_0.npy")
+    held = HoldOut.open(RunLayout(out).holdout).masks([240])
+    keep = np.load(RunLayout(out).balance / "keep" / "keep_0.npy")
+    labels = np.load(RunLayout(out).clusters / "labels" / "labels_0.npy")
     assert len(keep) == len(labels) == 240 and ((labels >= 0) == keep).all()
     assert held.sum() >= 20 and not (keep & held).any()
-    assert np.load(out / "clusters" / "centroids.npy").shape[0] == 8
+    assert np.load(RunLayout(out).clusters / "centroids.npy").shape[0] == 8
     models = read_models(out)
     assert {n: m["model"] for n, m in models.items()} == {
         "teacher": "clipcid-lit-efficientnet-lite0",
         "baseline": "clipcid-tiny",
         "student": "clipcid-tiny",
     }
-    assert np.load(out / "teacher_emb" / "text_emb" / "text_emb_0.npy").shape == (240, 512)
-    assert np.load(out / "teacher_emb" / "img_emb" / "img_emb_0.npy").shape == (240, 512)
-    teacher_weights = str(out / "runs" / "teacher" / "model.pt")
+    assert np.load(RunLayout(out).teacher_emb / "text_emb" / "text_emb_0.npy").shape == (240, 512)
+    assert np.load(RunLayout(out).teacher_emb / "img_emb" / "img_emb_0.npy").shape == (240, 512)
+    teacher_weights = str(RunLayout(out).run("teacher") / "model.pt")
     trained = load_model("clipcid-lit-efficientnet-lite0", teacher_weights).model.state_dict()
     fresh = load_model("clipcid-lit-efficientnet-lite0").model.state_dict()  # ImageNet trunk, pretrained MiniLM
     locked = [k for k in fresh if k.startswith(("visual.trunk.", "text.transformer."))]
     assert locked and all(torch.equal(trained[k], fresh[k]) for k in locked)  # both towers stayed locked
     for name, m in models.items():
         load_model(m["model"], m["pretrained"])
-        plain_open_clip(out / "models" / name, tmp_path)  # each also a folder plain open_clip loads
-        assert "## Held-out results" in (out / "models" / name / "README.md").read_text()
-        summary, _ = read_suite_results(out / "eval" / name)
+        plain_open_clip(RunLayout(out).model(name), tmp_path)  # each also a folder plain open_clip loads
+        assert "## Held-out results" in (RunLayout(out).model(name) / "README.md").read_text()
+        summary, _ = read_suite_results(RunLayout(out).evaluation(name))
         assert summary["linear_probe_mean_acc1"] is not None and summary["holdout_retrieval"]
         assert None not in (summary["seen_zeroshot_mean_acc1"], summary["seen_retrieval_mean_recall@5"])
         # The robustness mean is over its tasks alone; the older means leave the seen tasks out.
-        _, records = read_suite_results(out / "eval" / name)
+        _, records = read_suite_results(RunLayout(out).evaluation(name))
         robust = [records[f"{d}_zeroshot_classification"]["metrics"]["acc1"] for d in SUITE[:3]]
         assert summary["robustness_zeroshot_mean_acc1"] == summary["zeroshot_mean_acc1"] == np.mean(robust)
-    student_log = (out / "runs" / "student" / "train_log.jsonl").read_text().splitlines()
-    baseline_log = (out / "runs" / "baseline" / "train_log.jsonl").read_text().splitlines()
+    student_log = (RunLayout(out).run("student") / "train_log.jsonl").read_text().splitlines()
+    baseline_log = (RunLayout(out).run("baseline") / "train_log.jsonl").read_text().splitlines()
     assert len(student_log) == len(baseline_log)  # same data, same steps
     assert {"cls", "kl", "ins"} <= set(json.loads(student_log[-1]))
     page = (out / "report.html").read_text()
@@ -89,9 +90,9 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
         "before and after balance (the paper's Fig. 2(d))",
     ):
         assert heading in page
-    weights = json.loads((out / "inside" / "weights.json").read_text())
+    weights = json.loads((RunLayout(out).inside / "weights.json").read_text())
     assert set(weights) == {"baseline", "student"} and weights["student"]["image"]["change"]["std"] > 0
-    spread = json.loads((out / "clusters" / "stats.json").read_text())["before_and_after_balance"]
+    spread = json.loads((RunLayout(out).clusters / "stats.json").read_text())["before_and_after_balance"]
     assert spread["before"]["rows"] == 240 - held.sum() and spread["after"]["rows"] == keep.sum()
     records = read_results(out / "results.json")
     assert {r["role"] for r in records} == {"teacher", "baseline", "student"}
@@ -110,18 +111,21 @@ def test_demo_end_to_end_on_a_tiny_slice(tmp_path, monkeypatch):
     assert set(result["timings"]) >= {"corpus", "teacher", "holdout", "balance", "cluster", "student", "showcase"}
     # The showcase is each model's evaluation's own answers (made from the features it had computed), and
     # they equal what a fresh encoder gives.
-    shown = json.loads((out / "showcase" / "showcase.json").read_text())["shown"]
-    assert shown == {name: read_names_showcase(out / "eval" / name) for name in models}
+    shown = json.loads((RunLayout(out).showcase / "showcase.json").read_text())["shown"]
+    assert shown == {name: read_names_showcase(RunLayout(out).evaluation(name)) for name in models}
     fresh = names_showcase(load_encoder("clipcid-tiny", models["student"]["pretrained"]),
-                           build_dataset(shown["student"]["dataset"], str(out / "eval")))  # fmt: skip
+                           build_dataset(shown["student"]["dataset"], str(RunLayout(out).suite)))  # fmt: skip
     assert fresh == shown["student"]
 
     # Run again: every stage is found done and skipped; its outputs are not written again (the recorded
     # timings alone would not tell: they keep the time of the real work either way).
-    watched = [out / f for f in ("corpus/00000.tar", "holdout/holdout.json", "eval/suite.json",
-               "runs/teacher/model.pt", "teacher_emb/embed.json", "balance/stats.json", "clusters/centroids.npy",
-               "runs/student/student.pt", "runs/baseline/student.pt", "eval/student/eval.json",
-               "models/models.json", "showcase/showcase.json")]  # fmt: skip
+    made = RunLayout(out)
+    assert made.suite == out / "suite" and (made.suite / "suite.json").is_file()  # a folder of its own
+    watched = [made.corpus / "00000.tar", made.holdout / "holdout.json", made.suite / "suite.json",
+               made.run("teacher") / "model.pt", made.teacher_emb / "embed.json", made.balance / "stats.json",
+               made.clusters / "centroids.npy", made.run("student") / "student.pt",
+               made.run("baseline") / "student.pt", made.evaluation("student") / "eval.json",
+               made.models / "models.json", made.showcase / "showcase.json"]  # fmt: skip
     before = [p.stat().st_mtime_ns for p in watched]
     again = run_demo(DemoConfig(out=str(out), quick=True, workers=1, npm_root=str(NPM_ROOT), recipe=str(recipe)))
     assert [p.stat().st_mtime_ns for p in watched] == before

@@ -76,7 +76,7 @@ def test_look_inside_writes_the_numbers_the_figures_and_skips_when_finished(tmp_
     loads = []
     real_load = clipcid.models.load_model
     monkeypatch.setattr(clipcid.models, "load_model", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
-    record = look_inside(tmp_path / "run", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
+    record = look_inside(tmp_path / "run" / "inside", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
     # Each student loaded once trained (weights and patches) and once as it started (w0).
     assert sorted(map(str, loads)) == sorted([str(same), str(tiny_checkpoint), "None", "None"])
     numbers = json.loads((tmp_path / "run" / "inside" / "weights.json").read_text())
@@ -86,10 +86,12 @@ def test_look_inside_writes_the_numbers_the_figures_and_skips_when_finished(tmp_
     assert [p["student"] for p in record["patches"]] == ["baseline", "student"]
     for name in ("weights.png", "patches.png"):
         assert (tmp_path / "run" / "inside" / name).stat().st_size > 1000
-    assert read_inside(tmp_path / "run")["complete"]
+    assert read_inside(tmp_path / "run" / "inside")["complete"]
     for name in ("weights.png", "patches.png"):  # a figure deleted since is drawn again
         (tmp_path / "run" / "inside" / name).unlink()
-        look_inside(tmp_path / "run", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
+        look_inside(tmp_path / "run" / "inside", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
         assert (tmp_path / "run" / "inside" / name).stat().st_size > 1000
     monkeypatch.setattr("clipcid.evaluation.inside.weight_report", lambda *a: pytest.fail("done again"))
-    assert look_inside(tmp_path / "run", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)["complete"]
+    assert look_inside(tmp_path / "run" / "inside", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)[
+        "complete"
+    ]

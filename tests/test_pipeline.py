@@ -27,6 +27,7 @@ from clipcid.cli import main
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import ModelEvalConfig, evaluate_model, read_results, read_suite_results
 from clipcid.holdout import HoldOut
+from clipcid.layout import RunLayout
 from clipcid.pipeline import RunConfig, read_models, resolve_recipe, run_pipeline
 from clipcid.report import wall_total
 
@@ -69,18 +70,18 @@ def test_one_command_runs_every_stage_on_img2dataset_shards(finished, inputs, tm
     out = finished
     for folder in ("holdout", "teacher_emb", "balance", "clusters", "runs/student", "runs/baseline", "models"):
         assert (out / folder).is_dir(), folder
-    recipe = json.loads((out / "recipe.json").read_text())
+    recipe = json.loads(RunLayout(out).recipe.read_text())
     assert set(recipe) == {"run", "holdout", "embed", "balance", "cluster", "distill", "eval"}
     assert recipe["embed"]["model"] == "clipcid-tiny" and recipe["distill"]["batch_size"] == 16  # flag, then file
     assert recipe["holdout"]["fraction"] == 0.15 and recipe["cluster"]["k"] == "6"
     assert recipe["distill"]["lr"] == 5e-4 and recipe["balance"]["metric"] == "l2"  # the stages' defaults
 
     # The held-out rows: chosen by hash, trained on by no stage, near-duplicates dropped too.
-    held = HoldOut.open(out / "holdout").masks([60] * 4)
-    keep = np.concatenate([np.load(out / "balance" / "keep" / f"keep_{i}.npy") for i in range(4)])
-    labels = np.concatenate([np.load(out / "clusters" / "labels" / f"labels_{i}.npy") for i in range(4)])
+    held = HoldOut.open(RunLayout(out).holdout).masks([60] * 4)
+    keep = np.concatenate([np.load(RunLayout(out).balance / "keep" / f"keep_{i}.npy") for i in range(4)])
+    labels = np.concatenate([np.load(RunLayout(out).clusters / "labels" / f"labels_{i}.npy") for i in range(4)])
     assert 20 <= held.sum() < 60 and not (keep & held).any() and (labels[held] == -1).all()
-    stats = json.loads((out / "balance" / "stats.json").read_text())
+    stats = json.loads((RunLayout(out).balance / "stats.json").read_text())
     assert stats["held_out"] == held.sum() and stats["balanced"] == 240 - held.sum() - stats["near_held_out"]
 
     # Results: every record in CLIP_benchmark's schema with a role; held-out recall with its interval.
@@ -102,7 +103,7 @@ def test_one_command_runs_every_stage_on_img2dataset_shards(finished, inputs, tm
     models = read_models(out)
     assert set(models) == {"teacher", "baseline", "student"} and all(m["folder"] for m in models.values())
     assert models["student"]["parameters"]["total"] > 0 and models["student"]["images_per_second"] > 0
-    plain_open_clip(out / "models" / "student", tmp_path)
+    plain_open_clip(RunLayout(out).model("student"), tmp_path)
     page = (out / "report.html").read_text()
     for heading in ("Results (%)", "The models at work on held-out pairs", "Models: size and speed", "What ran",
                     "Hold-out", "Image Semantic Balance", "Clusters", "Training curves"):  # fmt: skip
@@ -114,7 +115,7 @@ def test_one_command_runs_every_stage_on_img2dataset_shards(finished, inputs, tm
 
     # On a CPU with two threads, the students trained side by side, one process each; the report's total
     # counts them once, as the longer of the two.
-    stages = json.loads((out / "run.json").read_text())["stages"]
+    stages = json.loads(RunLayout(out).run_record.read_text())["stages"]
     assert stages["student"]["side_by_side"] == ["baseline"] and stages["baseline"]["side_by_side"] == ["student"]
     assert stages["student"]["seconds"] > 0 and stages["student"]["user_seconds"] > 0
     assert "student (side by side with baseline)" in page
@@ -122,46 +123,51 @@ def test_one_command_runs_every_stage_on_img2dataset_shards(finished, inputs, tm
     assert wall_total({"cluster": 1.0, "student": 5.0, "baseline": 4.0}, both) == 6.0
 
     # Both students trained on the same rows for the same steps.
-    logs = [(out / "runs" / n / "train_log.jsonl").read_text().splitlines() for n in ("student", "baseline")]
+    logs = [(RunLayout(out).run(n) / "train_log.jsonl").read_text().splitlines() for n in ("student", "baseline")]
     assert len(logs[0]) == len(logs[1]) and json.loads(logs[0][-1])["step"] == json.loads(logs[1][-1])["step"]
 
 
 def test_the_same_line_again_redoes_nothing(finished, inputs):
-    watched = [finished / "runs" / "student" / "student.pt", finished / "teacher_emb" / "embed.json",
-               finished / "eval" / "student" / "eval.json", finished / "models" / "models.json"]  # fmt: skip
+    done = RunLayout(finished)
+    watched = [done.run("student") / "student.pt", done.teacher_emb / "embed.json",
+               done.evaluation("student") / "eval.json", done.models / "models.json"]  # fmt: skip
     before = [p.stat().st_mtime_ns for p in watched]
-    stages = json.loads((finished / "run.json").read_text())["stages"]
+    stages = json.loads(RunLayout(finished).run_record.read_text())["stages"]
     # A run made before a stage gained a setting (balance's held_out_threshold, at its default; the
     # hold-out's fit_up_to, which an explicit --holdout sets to the stage's own default) is still finished
     # with the same settings.
-    recipe = json.loads((finished / "recipe.json").read_text())
+    recipe = json.loads(RunLayout(finished).recipe.read_text())
     del recipe["balance"]["held_out_threshold"]
     del recipe["holdout"]["fit_up_to"]
-    (finished / "recipe.json").write_text(json.dumps(recipe))
+    (RunLayout(finished).recipe).write_text(json.dumps(recipe))
     assert main(args(inputs, finished)) == 0
     assert [p.stat().st_mtime_ns for p in watched] == before
-    assert json.loads((finished / "run.json").read_text())["stages"] == stages  # the times of the real work
+    assert json.loads(RunLayout(finished).run_record.read_text())["stages"] == stages  # the times of the real work
 
 
 def test_a_changed_setting_is_named_and_overwrite_redoes_that_stage_and_the_later_ones(finished, inputs, capsys):
     out = finished.parent / "changed"
     shutil.copytree(finished.parent / "out", out, symlinks=True)
     # A copy has other paths in its settings; so the check names the first stage whose recipe changed.
-    recipe = json.loads((out / "recipe.json").read_text())
+    recipe = json.loads(RunLayout(out).recipe.read_text())
     recipe["distill"]["lr"] = 0.002
-    (out / "recipe.json").write_text(json.dumps(recipe))
+    (RunLayout(out).recipe).write_text(json.dumps(recipe))
     assert main(args(inputs, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "student finished with other settings" in err[0] and "lr: 0.002 -> 0.0005" in err[0]
     assert "--overwrite" in err[0]
     # --overwrite redoes the student and what follows it; the stages before it are kept as they are.
-    kept = [out / "holdout" / "holdout.json", out / "teacher_emb" / "embed.json", out / "clusters" / "stats.json"]
+    kept = [
+        RunLayout(out).holdout / "holdout.json",
+        RunLayout(out).teacher_emb / "embed.json",
+        RunLayout(out).clusters / "stats.json",
+    ]
     before = [p.stat().st_mtime_ns for p in kept]
-    trained = (out / "runs" / "student" / "student.pt").stat().st_mtime_ns
+    trained = (RunLayout(out).run("student") / "student.pt").stat().st_mtime_ns
     assert main([*args(inputs, out), "--overwrite"]) == 0
     assert [p.stat().st_mtime_ns for p in kept] == before
-    assert (out / "runs" / "student" / "student.pt").stat().st_mtime_ns != trained
-    assert json.loads((out / "recipe.json").read_text())["distill"]["lr"] == 0.0005
+    assert (RunLayout(out).run("student") / "student.pt").stat().st_mtime_ns != trained
+    assert json.loads(RunLayout(out).recipe.read_text())["distill"]["lr"] == 0.0005
 
 
 def test_a_full_disk_then_a_kill_and_the_same_line_resumes_to_the_same_results(finished, inputs, tmp_path, monkeypatch):
@@ -177,23 +183,23 @@ def test_a_full_disk_then_a_kill_and_the_same_line_resumes_to_the_same_results(f
 
     monkeypatch.setattr(cluster_artifact, "save_npy_atomic", disk_full)
     assert main(args(inputs, out)) == 2
-    assert (out / "clusters" / "labels" / "labels_1.npy").is_file() and not list(out.rglob("*.tmp"))
+    assert (RunLayout(out).clusters / "labels" / "labels_1.npy").is_file() and not list(out.rglob("*.tmp"))
     monkeypatch.undo()
     # Killed by SIGKILL as soon as the CID student has saved a checkpoint, then the same line again; this
     # time the students train in turn, in the command's own process.
     in_turn = (*args(inputs, out), "--set", "run.side_by_side=false")
-    assert run_and_kill_when(_clipcid(*in_turn), out / "runs" / "student" / "checkpoints", "step_*")
-    assert not (out / "runs" / "student" / "student.pt").exists()
+    assert run_and_kill_when(_clipcid(*in_turn), RunLayout(out).run("student") / "checkpoints", "step_*")
+    assert not (RunLayout(out).run("student") / "student.pt").exists()
     run_ok(_clipcid(*in_turn))
-    assert "side_by_side" not in json.loads((out / "run.json").read_text())["stages"]["student"]
-    same_files(finished / "holdout", out / "holdout")
-    same_files(finished / "clusters", out / "clusters")
+    assert "side_by_side" not in json.loads(RunLayout(out).run_record.read_text())["stages"]["student"]
+    same_files(RunLayout(finished).holdout, RunLayout(out).holdout)
+    same_files(RunLayout(finished).clusters, RunLayout(out).clusters)
     # The reference trained side by side, each student in a process of one thread; these in turn, resumed,
     # on this process's threads: the sums differ in their last bits (3e-6 seen). A batch skipped or repeated
     # on resume moves weights by 1e-2.
     for name in ("student", "baseline"):
-        a = torch.load(finished / "runs" / name / "student.pt", weights_only=True)["state_dict"]
-        b = torch.load(out / "runs" / name / "student.pt", weights_only=True)["state_dict"]
+        a = torch.load(RunLayout(finished).run(name) / "student.pt", weights_only=True)["state_dict"]
+        b = torch.load(RunLayout(out).run(name) / "student.pt", weights_only=True)["state_dict"]
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4) for k in a), name
     metrics = {r["role"]: r["metrics"] for r in read_results(out / "results.json")}
     expected = {r["role"]: r["metrics"] for r in read_results(finished / "results.json")}
@@ -205,18 +211,19 @@ def test_two_gloo_ranks_write_what_one_process_writes(finished, inputs, tmp_path
     run_two_gloo_processes(["-m", "clipcid", *args(inputs, two)], timeout=900)
     for stage in ("holdout", "teacher_emb", "balance"):
         same_files(finished / stage, two / stage)
-    same_clustering(finished / "clusters", two / "clusters")  # k-means sums all-reduced: float rounding
+    same_clustering(RunLayout(finished).clusters, RunLayout(two).clusters)  # k-means sums all-reduced: float rounding
     teacher = [r for r in read_results(two / "results.json") if r["role"] == "teacher"]
     assert teacher == [r for r in read_results(finished / "results.json") if r["role"] == "teacher"]
     # Distill equals a run at the same world size: `clipcid distill` under 2 ranks, on the same inputs.
-    recipe = json.loads((two / "recipe.json").read_text())["distill"]
+    recipe = json.loads(RunLayout(two).recipe.read_text())["distill"]
     direct = tmp_path / "direct"
-    distill = ["distill", "--data", str(inputs / "shards"), "--teacher-emb", str(two / "teacher_emb"),
-               "--balance", str(two / "balance"), "--clusters", str(two / "clusters"),
-               "--holdout", str(two / "holdout"), "--model", "clipcid-tiny", "--batch-size", str(recipe["batch_size"]),
+    made = RunLayout(two)
+    distill = ["distill", "--data", str(inputs / "shards"), "--teacher-emb", str(made.teacher_emb),
+               "--balance", str(made.balance), "--clusters", str(made.clusters),
+               "--holdout", str(made.holdout), "--model", "clipcid-tiny", "--batch-size", str(recipe["batch_size"]),
                "--warmup", str(recipe["warmup"]), "--workers", "0", "--out", str(direct)]  # fmt: skip
     run_two_gloo_processes(["-m", "clipcid", *distill])
-    a = torch.load(two / "runs" / "student" / "student.pt", weights_only=True)["state_dict"]
+    a = torch.load(RunLayout(two).run("student") / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(direct / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
     # Each model was evaluated on one rank; one process evaluating the same student gives the same records.
@@ -224,18 +231,18 @@ def test_two_gloo_ranks_write_what_one_process_writes(finished, inputs, tmp_path
         ModelEvalConfig(
             str(tmp_path / "alone"),
             "clipcid-tiny",
-            str(two / "runs" / "student" / "student.pt"),
+            str(RunLayout(two).run("student") / "student.pt"),
             None,
-            holdout=str(two / "holdout"),
+            holdout=str(RunLayout(two).holdout),
             workers=0,
             batch_size=64,
         )  # fmt: skip
     )
-    _, records = read_suite_results(two / "eval" / "student")
+    _, records = read_suite_results(RunLayout(two).evaluation("student"))
     assert alone["summary"]["holdout_retrieval"] == pytest.approx(
         records["holdout_pairs_zeroshot_retrieval"]["metrics"]
     )
-    assert (two / "report.html").is_file() and json.loads((two / "run.json").read_text())["world_size"] == 2
+    assert (two / "report.html").is_file() and json.loads(RunLayout(two).run_record.read_text())["world_size"] == 2
 
 
 def _error_of(argv: list[str], capsys) -> str:
@@ -271,14 +278,14 @@ def test_bad_inputs_are_refused_before_any_stage_starts(inputs, tmp_path, capsys
             else:
                 argv += change[i : i + 2]
         assert expected in _error_of(argv, capsys), expected
-        assert not (out / "teacher_emb").exists() and not (out / "holdout").exists(), expected
+        assert not (RunLayout(out).teacher_emb).exists() and not (RunLayout(out).holdout).exists(), expected
     # A hold-out too small to measure: the masks are a cheap first pass; nothing else runs, and the line
     # says which --holdout would do. Then the same line with that --holdout is not refused for the change.
     argv = args(inputs, out)
     argv[argv.index("--holdout") + 1] = "0.01"
     line = _error_of(argv, capsys)
     assert "fewer than the 20 needed" in line and "use --holdout" in line
-    assert not (out / "teacher_emb").exists()
+    assert not (RunLayout(out).teacher_emb).exists()
     suggested = float(line.split("use --holdout ")[1].split()[0])
     assert 0.05 < suggested < 0.5
 

@@ -65,6 +65,13 @@ def test_feature_cache_round_trip(tmp_path):
     second = image_features(Exploding(), ds, "test", workers=0, feature_root=str(tmp_path / "cache"))
     np.testing.assert_array_equal(first[0], second[0])
     assert first[1] == second[1] == [label for _, label in TEST_ITEMS]
+    # The dataset rebuilt under its name with other pictures: the cache is not taken for it.
+    items = TEST_ITEMS[:-1]
+    root = write_classification_wds(tmp_path / "colours", {"test": items}, ["red", "green", "blue"], ["{c}"])
+    third = image_features(
+        StubEncoder(), build_dataset(str(root)), "test", workers=0, feature_root=str(tmp_path / "cache")
+    )
+    assert third[1] == [label for _, label in items]  # encoded again (the cache held three)
 
 
 def test_features_come_in_the_splits_order_whatever_the_workers(tmp_path):

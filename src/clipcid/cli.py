@@ -45,6 +45,15 @@ def _lazy(module: str, name: str) -> Callable[[], object]:
     return load
 
 
+def _print_written(module: str, file_constant: str, folder: Callable) -> Callable:
+    """A printer of the Markdown file a command wrote: the file's name is its owner module's constant."""
+
+    def show(result, cfg) -> None:
+        print((Path(folder(result, cfg)) / _lazy(module, file_constant)()).read_text())
+
+    return show
+
+
 def _print_corpus(summary, cfg) -> None:
     from clipcid.corpus.build import summary_table
 
@@ -178,7 +187,7 @@ COMMANDS: dict[str, Command] = {
         "every task of the held-out suite, with summary.md and summary.csv",
         _lazy("clipcid.evaluation.run", "EvalSuiteConfig"),
         _lazy("clipcid.evaluation.run", "run_eval_suite"),
-        lambda result, cfg: print((Path(cfg.out) / "summary.md").read_text()),
+        _print_written("clipcid.evaluation.run", "SUMMARY_MARKDOWN", lambda result, cfg: cfg.out),
     ),
     "study": Command(
         "student variants x seeds on one set of artifacts, with error bars",
@@ -190,7 +199,7 @@ COMMANDS: dict[str, Command] = {
         "the paper's tables in its order, with a verdict on each of its claims, from a study folder",
         _lazy("clipcid.paper", "PaperConfig"),
         _lazy("clipcid.paper", "write_paper"),
-        lambda result, cfg: print((Path(cfg.out or cfg.study) / "paper.md").read_text()),
+        _print_written("clipcid.paper", "PAPER_MARKDOWN", lambda result, cfg: cfg.out or cfg.study),
     ),
     "demo": Command(
         "run the pipeline end to end on the embedded offline corpus",

@@ -20,9 +20,14 @@ from pathlib import Path
 
 from clipcid.config import default_workers, option, validate
 from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, summary_table
+from clipcid.corpus.build import identity_of as corpus_identity
 from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
+from clipcid.evaluation.datasets import SUITE_INDEX
 from clipcid.holdout import HoldoutConfig, hold_out
-from clipcid.lit import LitConfig, lit, read_history
+from clipcid.holdout import identity_of as holdout_identity
+from clipcid.layout import TEACHER, RunLayout
+from clipcid.lit import LitConfig, lit, model_path, read_history
+from clipcid.lit import identity_of as lit_identity
 from clipcid.pipeline import RunConfig, StageTimes, run_pipeline
 from clipcid.recipe import load_recipe, recipe_path
 from clipcid.report import MODELS, Extras
@@ -31,9 +36,9 @@ from clipcid.util.fileio import output_folder
 
 log = logging.getLogger("clipcid")
 
-SHOWCASE = Path("showcase") / "showcase.json"  # the demo's showcase on names, written and read only here
+SHOWCASE_FILE = "showcase.json"  # the demo's showcase on names (OUT/showcase), written and read only here
 # The tuning plan first: the main and length plans run the settings it chooses on validation.
-STUDY_PLANS = ("study_tuning.json", "study.json", "study_teachers.json", "study_length.json")
+STUDY_PLANS = ("study_tuning", "study", "study_teachers", "study_length")
 
 
 @dataclass
@@ -55,23 +60,24 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = output_folder(cfg.out)
     recipe = load_recipe(cfg.quick, cfg.recipe)
     times = StageTimes(out)
-    corpus_dir, suite_dir, teacher_run = out / "corpus", out / "eval", out / "runs" / "teacher"
+    layout = RunLayout(out)
+    corpus_dir, suite_dir, teacher_run = layout.corpus, layout.suite, layout.run(TEACHER)
     corpus = times.timed(
         "corpus",
         lambda: build_demo_corpus(
             BuildDemoConfig(out=str(corpus_dir), workers=cfg.workers, npm_root=cfg.npm_root, **recipe["corpus"])
         ),
-        lambda: identity(corpus_dir / "build.json"),
+        lambda: corpus_identity(corpus_dir),
     )
     print(summary_table(corpus))
     # The pipeline's own hold-out (stratified by style), made first: the teacher must not train on it
     # either, and the suite's seen-distribution tasks are made of it. The pipeline then finds it finished
     # with the same settings.
-    holdout_dir = out / "holdout"
+    holdout_dir = layout.holdout
     times.timed(
         "holdout",
         lambda: hold_out(HoldoutConfig(data=str(corpus_dir), out=str(holdout_dir), **recipe["holdout"])),
-        lambda: identity(holdout_dir / "holdout.json"),
+        lambda: holdout_identity(holdout_dir),
     )
     times.timed(
         "eval_suite",
@@ -89,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 overwrite=True,
             )
         ),
-        lambda: identity(suite_dir / "suite.json"),
+        lambda: identity(suite_dir / SUITE_INDEX),
     )
     teacher = recipe["lit"]
     times.timed(
@@ -99,16 +105,18 @@ def run_demo(cfg: DemoConfig) -> dict:
                 data=str(corpus_dir),
                 out=str(teacher_run),
                 workers=cfg.workers,
-                emb_out=str(out / "teacher_emb"),
+                emb_out=str(layout.teacher_emb),
                 holdout=str(holdout_dir),
                 **teacher,
             )
         ),
-        lambda: identity(teacher_run / "params.json"),
+        lambda: lit_identity(teacher_run),
     )
 
     def extras() -> Extras:
-        times.timed("showcase", lambda: _showcase(out, str(suite_dir)), lambda: identity(out / SHOWCASE))
+        times.timed(
+            "showcase", lambda: _showcase(out, str(suite_dir)), lambda: identity(layout.showcase / SHOWCASE_FILE)
+        )
         return Extras(
             title="clipcid demo",
             intro=INTRO,
@@ -121,8 +129,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             out=str(out),
             data=str(corpus_dir),
             teacher=teacher["model"],
-            teacher_pretrained=str(teacher_run / "model.pt"),
-            teacher_emb=str(out / "teacher_emb"),
+            teacher_pretrained=str(model_path(teacher_run)),
+            teacher_emb=str(layout.teacher_emb),
             recipe=str(recipe_path(cfg.quick, cfg.recipe)),
             eval_suite=str(suite_dir),
             workers=cfg.workers,
@@ -132,13 +140,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.study:
         from clipcid.paper import PaperConfig, write_paper
         from clipcid.report import write_report
-        from clipcid.study import PLAN, StudyConfig, run_study
+        from clipcid.study import StudyConfig, bundled_plan, run_study
 
         for plan in STUDY_PLANS:  # one folder: the plans share the runs they have in common
             run_study(
-                StudyConfig(out=str(out / "study"), plan=str(PLAN.with_name(plan)), demo=str(out), workers=cfg.workers)
+                StudyConfig(out=str(layout.study), plan=str(bundled_plan(plan)), demo=str(out), workers=cfg.workers)
             )
-        write_paper(PaperConfig(study=str(out / "study")))  # the paper's tables in its order, with verdicts
+        write_paper(PaperConfig(study=str(layout.study)))  # the paper's tables in its order, with verdicts
         write_report(out, extras())  # again, now with the study
     return {"report": result["report"], "timings": times.seconds()}
 
@@ -163,12 +171,12 @@ def _showcase(out: Path, suite_root: str) -> dict:
     from clipcid.evaluation.datasets import build_dataset, suite_datasets
     from clipcid.evaluation.run import load_encoder, read_names_showcase
     from clipcid.evaluation.showcase import names_showcase
-    from clipcid.pipeline import eval_folder, read_models
+    from clipcid.pipeline import read_models
 
     models = {name: (m["model"], m["pretrained"]) for name, m in read_models(out).items() if m["model"]}
     names = [d["name"] for d in suite_datasets(suite_root) if d.get("name_level")]
     settings = {"models": {n: read_models(out)[n].get("identity") for n in models}, "datasets": names}
-    folder = RunFolder(out / SHOWCASE.parent, SHOWCASE.name, settings)
+    folder = RunFolder(RunLayout(out).showcase, SHOWCASE_FILE, settings)
     done = folder.finished_run()
     if done is not None or not names:
         return done or {}
@@ -178,7 +186,7 @@ def _showcase(out: Path, suite_root: str) -> dict:
         for name, (arch, ckpt) in models.items():
             # Each model's evaluation wrote its answers from the features it had computed; an evaluation
             # made before it did is asked again here.
-            made = read_names_showcase(eval_folder(out, name))
+            made = read_names_showcase(RunLayout(out).evaluation(name))
             ok = made is not None and made["dataset"] == dataset.name
             shown[name] = made if ok else names_showcase(load_encoder(arch, ckpt), dataset)
         return folder.finish({"dataset": dataset.name, "shown": shown})
@@ -195,7 +203,7 @@ def showcase_html(out: Path, suite_root: Path) -> str:
     pictures per query."""
     from clipcid.stage import read_record
 
-    record = read_record(out / SHOWCASE)
+    record = read_record(RunLayout(out).showcase / SHOWCASE_FILE)
     if not record or not record.get("complete") or "shown" not in record:
         return ""
     from clipcid.evaluation.datasets import build_dataset
@@ -246,20 +254,20 @@ def study_html(out: Path) -> str:
     """The tables and plots of each plan OUT/study holds results of."""
     from clipcid.paper import paper_html, read_paper
     from clipcid.report import _file_img
-    from clipcid.study import read_study, study_names, study_tables_html
+    from clipcid.study import read_study, study_figures, study_names, study_tables_html
 
-    folder = out / "study"
+    folder = RunLayout(out).study
     paper = read_paper(folder) if folder.is_dir() else None
     parts = [paper_html(paper)] if paper else []
     for name in study_names(folder) if folder.is_dir() else []:
         study = read_study(folder, name)
-        curves = folder / f"{name}_curves.png"
+        figures = study_figures(folder, name)
         parts.append(
             f"<h2>Study <code>{html.escape(name)}</code>: {len(study['runs'])} runs</h2><p>From <code>clipcid study"
             f"</code> on this demo's artifacts (<code>{html.escape(str(folder))}</code>; {html.escape(name)}.md holds "
             "every task). Mean ± standard deviation over seeds; differences against the reference are paired by "
             f"seed, with 95 % t intervals (bold: the interval excludes zero).</p>{study_tables_html(study)}"
-            + _file_img(folder / f"{name}.png", name)
-            + (_file_img(curves, f"{name} curves") if curves.is_file() else "")
+            + _file_img(figures["means"], name)
+            + (_file_img(figures["curves"], f"{name} curves") if figures["curves"].is_file() else "")
         )
     return "".join(parts)

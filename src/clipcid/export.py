@@ -26,15 +26,24 @@ import torch
 
 from clipcid.config import option
 from clipcid.errors import ClipcidError
-from clipcid.models import count_parameters, embedding_dim, load_model, quiet_model_creation, register_model_configs
+from clipcid.models import (
+    HF_CONFIG,
+    OPEN_CLIP_CONFIG,
+    count_parameters,
+    embedding_dim,
+    load_model,
+    quiet_model_creation,
+    register_model_configs,
+)
 from clipcid.util.fileio import output_folder
+from clipcid.util.tables import markdown_table
 
 log = logging.getLogger("clipcid")
 
-CONFIG_FILE = "open_clip_config.json"
+CONFIG_FILE = OPEN_CLIP_CONFIG
 WEIGHTS_FILE = "open_clip_model.safetensors"
 # What a Hugging Face text tower needs besides its weights (which are in WEIGHTS_FILE).
-HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+HF_FILES = (HF_CONFIG, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 @dataclass
@@ -110,14 +119,13 @@ def _results_table(folder: Path) -> str:
     summary, records = read_suite_results(folder)
     if summary is None and not records:
         return "(not given)"
-    lines = ["| held-out result (%) | value |", "|---|---:|"]
-    lines += [
-        f"| **{label}** | {100 * summary[key]:.2f} |" for key, label in AVERAGES if (summary or {}).get(key) is not None
+    rows = [
+        [f"**{label}**", f"{100 * summary[key]:.2f}"] for key, label in AVERAGES if (summary or {}).get(key) is not None
     ]
     for record in records.values():
         metric, value = main_metric(record)
-        lines.append(f"| {record['dataset']} {record['task']} ({metric}) | {100 * value:.2f} |")
-    return "\n".join(lines)
+        rows.append([f"{record['dataset']} {record['task']} ({metric})", f"{100 * value:.2f}"])
+    return "\n".join(markdown_table(["held-out result (%)", "value"], rows))
 
 
 def model_card(cfg: ExportConfig, loaded, model_cfg: dict, preprocess: dict) -> str:

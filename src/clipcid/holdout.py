@@ -47,6 +47,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipcid.config import option, validate
 from clipcid.errors import ClipcidError
+from clipcid.evaluation.datasets import write_wds_description, write_wds_shard_count
 from clipcid.inputs.parts import IMAGE_EXTENSIONS, Part, discover_parts, fingerprint, iter_rows
 from clipcid.inputs.shards import DamagedShard, iter_tar_samples, write_tar_atomic
 from clipcid.stage import DistEnv, RunFolder, barrier, distributed, identity, parts_of_rank, read_finished
@@ -445,8 +446,8 @@ def _write_gallery(out: Path, index: list, eval_pairs: int) -> None:
         lo, hi = len(samples) * shard // n_shards, len(samples) * (shard + 1) // n_shards
         chunk = [{k: v for k, v in s.items() if k != "__meta__"} for s in samples[lo:hi]]
         write_tar_atomic(tmp / "test" / f"{shard}.tar", chunk)
-    (tmp / "test" / "nshards.txt").write_text(f"{n_shards}\n")
-    (tmp / "dataset_type.txt").write_text("retrieval\n")
+    write_wds_shard_count(tmp / "test", n_shards)
+    write_wds_description(tmp, "retrieval")
     table = pa.table(
         {
             "part": pa.array([s["__meta__"]["part"] for s in samples], pa.int64()),
@@ -460,11 +461,21 @@ def _write_gallery(out: Path, index: list, eval_pairs: int) -> None:
     tmp.rename(out / PAIRS)
 
 
+def identity_of(folder: str | Path) -> str | None:
+    """What a hold-out folder was made from and with (None before it was made)."""
+    return identity(Path(folder) / SETTINGS_FILE)
+
+
 class HoldOut:
     """A finished hold-out folder: the mask of each part, and the gallery of held-out pairs."""
 
     def __init__(self, folder: Path, record: dict):
         self.folder, self.record = folder, record
+
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        """Whether the folder holds a hold-out (finished or not)."""
+        return (Path(folder) / SETTINGS_FILE).is_file()
 
     @classmethod
     def open(cls, folder: str | Path) -> HoldOut:

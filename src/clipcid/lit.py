@@ -33,7 +33,7 @@ from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.holdout import HoldOut
 from clipcid.models import LoadedModel, load_model, pretrained_trunk_of
-from clipcid.stage import RunFolder, pick_device
+from clipcid.stage import RunFolder, identity, pick_device
 from clipcid.util.fileio import atomic_path
 from clipcid.util.optim import adamw
 from clipcid.util.schedule import cosine_with_warmup
@@ -161,6 +161,19 @@ def train_projections(model: torch.nn.Module, img: torch.Tensor, txt: torch.Tens
     return history
 
 
+SETTINGS_FILE = "params.json"
+
+
+def identity_of(run: str | Path) -> str | None:
+    """What a `clipcid lit` run was made from and with, for run.json; None before it ran."""
+    return identity(Path(run) / SETTINGS_FILE)
+
+
+def model_path(run: str | Path) -> Path:
+    """The trained teacher of a `clipcid lit` run (an open_clip checkpoint of the whole model)."""
+    return Path(run) / "model.pt"
+
+
 def lit(cfg: LitConfig) -> dict:
     """Features of the locked towers (computed once, resumable), then the projections; writes RUN/model.pt."""
     out = Path(cfg.out)
@@ -169,8 +182,8 @@ def lit(cfg: LitConfig) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     if cfg.holdout:
         settings["holdout"] = HoldOut.open(cfg.holdout).identity
-    with RunFolder(out, "params.json", settings, cfg.overwrite) as folder:
-        if folder.is_complete() and (out / "model.pt").is_file():
+    with RunFolder(out, SETTINGS_FILE, settings, cfg.overwrite) as folder:
+        if folder.is_complete() and model_path(out).is_file():
             log.info("%s: LiT teacher already trained with these settings", out)
             return _write_embeddings(cfg, {**settings, **folder.recorded()})
         embed(
@@ -191,7 +204,7 @@ def lit(cfg: LitConfig) -> dict:
         check_lit_architecture(cfg.model, loaded.model)
         start = time.monotonic()
         history = train_projections(loaded.model, img, txt, cfg, out)
-        with atomic_path(out / "model.pt") as tmp:
+        with atomic_path(model_path(out)) as tmp:
             torch.save({"state_dict": loaded.model.state_dict()}, tmp)
         result = folder.finish(
             {
@@ -214,13 +227,13 @@ def _write_embeddings(cfg: LitConfig, result: dict) -> dict:
     if not cfg.emb_out:
         return result
     out = Path(cfg.out)
-    loaded = load_model(cfg.model, str(out / "model.pt"), "cpu", cfg.seed)
+    loaded = load_model(cfg.model, str(model_path(out)), "cpu", cfg.seed)
     summary = project_embeddings(
         out / "features",
         cfg.emb_out,
         loaded.model.visual.head,
         loaded.model.text.proj,
-        {"model": cfg.model, "pretrained": str(out / "model.pt")},
+        {"model": cfg.model, "pretrained": str(model_path(out))},
         cfg.overwrite,
     )
     return {**result, "embeddings": {k: summary[k] for k in ("rows", "invalid", "dim")}}

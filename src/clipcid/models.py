@@ -21,6 +21,8 @@ from clipcid.errors import ClipcidError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 LIT_MODEL = "clipcid-lit-medium"
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # a model folder's config, as open_clip's local-dir: loads it
+HF_CONFIG = "config.json"  # a Hugging Face model folder's config
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _registered = False
 
@@ -82,7 +84,7 @@ def minilm_folder() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return folder if (folder / "config.json").is_file() else None
+    return folder if (folder / HF_CONFIG).is_file() else None
 
 
 def minilm_text_cfg(minilm: Path) -> dict:
@@ -296,9 +298,9 @@ def _check_model_name(name: str, flag: str = "--model") -> None:
     register_model_configs()
     if name.startswith("local-dir:"):
         folder = Path(name.removeprefix("local-dir:"))
-        if not (folder / "open_clip_config.json").is_file():
+        if not (folder / OPEN_CLIP_CONFIG).is_file():
             raise ClipcidError(
-                f"{flag} {name}: {folder} is not a model folder (no open_clip_config.json; `clipcid export` writes one)"
+                f"{flag} {name}: {folder} is not a model folder (no {OPEN_CLIP_CONFIG}; `clipcid export` writes one)"
             )
         return
     known = open_clip.list_models()

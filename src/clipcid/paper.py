@@ -32,8 +32,9 @@ from pathlib import Path
 from clipcid.config import option
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import AVERAGES
-from clipcid.study import GIVEN, describe_teacher, html_table, markdown_table, mean_sd, paired_interval, read_study
+from clipcid.study import GIVEN, describe_teacher, html_table, mean_sd, paired_interval, read_study
 from clipcid.util.fileio import atomic_path, output_folder, read_user_json, save_json_atomic
+from clipcid.util.tables import markdown_table
 
 LAYOUT = Path(__file__).parent / "configs" / "paper.json"
 VERDICTS = ("holds", "reversed", "unresolved")
@@ -41,6 +42,7 @@ SECONDARY = "secondary"  # a claim on a section's other metrics: its raw interva
 FAMILY_LEVEL = 0.05
 GAIN_VERDICTS = {"holds": "larger", "reversed": "smaller", "unresolved": "unresolved"}
 NOT_RUN = "not run"
+PAPER_MARKDOWN = "paper.md"  # the study folder's paper tables (with paper.json, its record)
 WEIGHT_STATS = {"std": "sd", "kurtosis": "kurtosis", "near_zero": "near zero"}
 WEIGHT_WHAT = {"w": "w", "change": "w − w₀"}
 
@@ -473,6 +475,6 @@ def write_paper(cfg: PaperConfig) -> dict:
     }
     out = output_folder(cfg.out or folder)
     save_json_atomic(out / "paper.json", result)
-    with atomic_path(out / "paper.md") as tmp:
+    with atomic_path(out / PAPER_MARKDOWN) as tmp:
         tmp.write_text(paper_markdown(result), encoding="utf-8")
     return result

@@ -48,6 +48,7 @@ from clipcid.embed.run import RUNTIME_FIELDS as EMBED_RUNTIME
 from clipcid.embed.run import EmbedConfig, embed
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.features import weights_fingerprint
+from clipcid.evaluation.inside import identity_of as inside_identity
 from clipcid.evaluation.run import (
     RESULTS_FILE,
     ModelEvalConfig,
@@ -60,6 +61,7 @@ from clipcid.evaluation.run import (
 )
 from clipcid.holdout import HoldOut, HoldoutConfig, hold_out
 from clipcid.inputs.parts import discover_parts, iter_rows
+from clipcid.layout import BASELINE, STUDENT, RunLayout
 from clipcid.models import check_model_spec
 from clipcid.stage import (
     DistEnv,
@@ -83,6 +85,7 @@ ROLES = {"teacher": "teacher", "baseline": "baseline", "student": "student"}
 COPY_TEACHER_BELOW_BYTES = 2 * 1024**3
 # Sections a recipe may hold for stages `clipcid run` does not run (the demo's own).
 OTHER_SECTIONS = ("corpus", "lit")
+MODELS_INDEX = "models.json"  # models/: each model's role, folder, size and speed (written by export here)
 # What a run was made from: recorded in recipe.json's "run" section, taken from the command line only.
 INPUTS = ("data", "teacher_emb")
 
@@ -330,10 +333,9 @@ STAGES = (
 
 def first_changed_stage(out: Path, recipe: dict) -> tuple[str, str] | None:
     """(stage, what differs) for the first stage that finished in OUT with other settings than `recipe`."""
-    old_recipe = out / "recipe.json"
-    if not old_recipe.is_file():
+    old = RunLayout(out).read_recipe()
+    if old is None:
         return None
-    old = json.loads(old_recipe.read_text())
     finished = StageTimes(out).finished()
     if old.get("run", {}).get("data") != recipe["run"]["data"] and finished:
         return "holdout", settings_difference({"data": old.get("run", {}).get("data")}, {"data": recipe["run"]["data"]})
@@ -422,10 +424,11 @@ class StageTimes:
     output's identity). A stage found finished keeps the figures of the run that made it."""
 
     def __init__(self, out: Path):
-        self.path = Path(out) / "run.json"
+        self.layout = RunLayout(out)
+        self.path = self.layout.run_record
 
     def read(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        return self.layout.read_run_record()
 
     def finished(self) -> set[str]:
         return set(self.read().get("stages", {}))
@@ -474,15 +477,16 @@ class StageTimes:
 class Pipeline:
     def __init__(self, out: Path, recipe: dict, env: DistEnv, overwrite_from: str | None, extras=None):
         self.out, self.recipe, self.env, self.extras = out, recipe, env, extras
+        self.layout = RunLayout(out)
         self.times = StageTimes(out)
         names = [s for s, _ in STAGES] + ["export"]
         self.overwrite = set(names[names.index(overwrite_from) :]) if overwrite_from else set()
         run = recipe["run"]
         self.data = run["data"]
-        self.holdout_dir = str(out / "holdout") if recipe["holdout"]["fraction"] > 0 else None
-        self.emb_dir = run["teacher_emb"] or str(out / "teacher_emb")
-        self.balance_dir, self.clusters_dir = str(out / "balance"), str(out / "clusters")
-        self.students = ["student"] + (["baseline"] if run["baseline"] else [])
+        self.holdout_dir = str(self.layout.holdout) if recipe["holdout"]["fraction"] > 0 else None
+        self.emb_dir = run["teacher_emb"] or str(self.layout.teacher_emb)
+        self.balance_dir, self.clusters_dir = str(self.layout.balance), str(self.layout.clusters)
+        self.students = [STUDENT] + ([BASELINE] if run["baseline"] else [])
 
     def stage(self, name: str, work, made=None):
         """Run one stage on every rank; rank 0 records how long it took and what it made."""
@@ -511,15 +515,17 @@ class Pipeline:
         self.train_students()
         self.stage("eval", self.evaluate, self.evaluations_identity)
         if self.env.is_main:
-            self.stage_rank0("inside", self.look_inside, lambda: identity(self.out / "inside" / "inside.json"))
-            self.stage_rank0("export", self.export, lambda: identity(self.out / "models" / "models.json"))
+            self.stage_rank0("inside", self.look_inside, lambda: inside_identity(self.layout.inside))
+            self.stage_rank0("export", self.export, lambda: identity(self.layout.models / MODELS_INDEX))
             from clipcid.report import write_report
 
             report = write_report(self.out, self.extras() if self.extras else None)
             self.times.complete(self.env.world_size)
             log.info("report: %s", report)
         barrier(self.env)
-        return {"report": str(self.out / "report.html"), "timings": self.times.seconds()}
+        from clipcid.report import report_path
+
+        return {"report": str(report_path(self.out)), "timings": self.times.seconds()}
 
     def train_students(self) -> None:
         """The students (CID, and the CLIP-only baseline when asked): in turn, or side by side on a CPU
@@ -542,7 +548,7 @@ class Pipeline:
         self.times.timed(name, work, made)
 
     def run_dir(self, name: str) -> Path:
-        return self.out / "runs" / name
+        return self.layout.run(name)
 
     def look_inside(self) -> None:
         """The students' weights and patch features (evaluation/inside.py)."""
@@ -559,7 +565,7 @@ class Pipeline:
             if m["name"] != "teacher"
         ]
         gallery = HoldOut.open(self.holdout_dir).gallery if self.holdout_dir else None
-        look_inside(self.out, students, gallery)
+        look_inside(self.layout.inside, students, gallery)
 
     def distill_config(self, name: str) -> DistillConfig:
         paths = {
@@ -602,7 +608,7 @@ class Pipeline:
         return out
 
     def eval_dir(self, name: str) -> Path:
-        return eval_folder(self.out, name)
+        return self.layout.evaluation(name)
 
     def evaluations_identity(self) -> str:
         from clipcid.evaluation.run import MODEL_EVAL_FILE
@@ -668,7 +674,7 @@ class Pipeline:
 
         models = self.models()
         settings = {m["name"]: m["identity"] for m in models}
-        folder = RunFolder(self.out / "models", "models.json", settings, overwrite=True)
+        folder = RunFolder(self.layout.models, MODELS_INDEX, settings, overwrite=True)
         if folder.finished_run() is not None:
             return
         index = {}
@@ -678,7 +684,7 @@ class Pipeline:
                 if m["name"] == "teacher" and not _small_local_checkpoint(m["pretrained"]):
                     entry["referenced"] = True  # a tag, a local-dir folder or a big file: not copied
                 elif m["model"]:
-                    target = self.out / "models" / m["name"]
+                    target = self.layout.model(m["name"])
                     export_model(
                         ExportConfig(
                             m["model"],
@@ -713,11 +719,6 @@ class Pipeline:
         )
 
 
-def eval_folder(out: Path, name: str) -> Path:
-    """Where a run keeps the evaluation of its model NAME (teacher, baseline, student)."""
-    return Path(out) / "eval" / name
-
-
 def _device_of_rank(device: str, env: DistEnv) -> str:
     from clipcid.stage import pick_device
 
@@ -735,7 +736,7 @@ def read_models(out: str | Path) -> dict[str, dict]:
     when referenced), size and speed, and the identity of what made it."""
     from clipcid.stage import read_finished
 
-    record = read_finished(Path(out) / "models" / "models.json", "run")
+    record = read_finished(RunLayout(out).models / MODELS_INDEX, "run")
     return {name: {**entry, "identity": record["settings"].get(name)} for name, entry in record["models"].items()}
 
 
@@ -756,7 +757,7 @@ def run_pipeline(cfg: RunConfig, extras=None) -> dict:
     with distributed(recipe["distill"]["device"]) as env:
         if env.is_main:
             print(describe(recipe, sources), flush=True)
-            save_json_atomic(out / "recipe.json", recipe)
+            save_json_atomic(RunLayout(out).recipe, recipe)
         barrier(env)
         return Pipeline(out, recipe, env, changed[0] if changed else None, extras).run()
 

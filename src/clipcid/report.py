@@ -34,10 +34,12 @@ from clipcid.evaluation.run import (
     task_label,
 )
 from clipcid.holdout import HoldOut
+from clipcid.layout import BASELINE, STUDENT, RunLayout
 from clipcid.util.fileio import atomic_path
 from clipcid.util.html import page, png_src
 from clipcid.util.machine import cpu_name
 from clipcid.util.plots import new_figure, save_png
+from clipcid.util.tables import markdown_table
 
 # The models of a run, in the order tables show them: (name, label).
 MODELS = (("teacher", "teacher"), ("baseline", "baseline (CLIP loss only)"), ("student", "student (CLIP-CID)"))
@@ -97,13 +99,14 @@ class Table:
 
 def results_table(out: Path) -> Table:
     out = Path(out)
-    present = [(n, label) for n, label in MODELS if (out / "eval" / n).is_dir()]
-    results = {n: read_suite_results(out / "eval" / n) for n, _ in present}
+    layout = RunLayout(out)
+    present = [(n, label) for n, label in MODELS if layout.evaluation(n).is_dir()]
+    results = {n: read_suite_results(layout.evaluation(n)) for n, _ in present}
     compare = "baseline" in results and "student" in results
     rows: list[tuple[str, bool, list[str], str]] = []
     holdout = {n: r[1].get(f"{HOLDOUT_DATASET}_zeroshot_retrieval") for n, r in results.items()}
     if any(holdout.values()):
-        ranks = {n: read_ranks(out / "eval" / n, HOLDOUT_DATASET) for n, _ in present}
+        ranks = {n: read_ranks(layout.evaluation(n), HOLDOUT_DATASET) for n, _ in present}
         n_pairs = next(len(r.image_rank) for r in ranks.values() if r is not None)
         for key, label in HOLDOUT_ROWS:
             cells = []
@@ -138,7 +141,7 @@ def results_table(out: Path) -> Table:
             diff = _pct(values[-1] - values[-2], True)
         rows.append((task_label(next(r for r in records if r)), False, [_pct(v) for v in values], diff))
     difference = "student − baseline" if compare else None
-    short = [reason for n in ("student", "baseline") if compare and (reason := too_short(out / "runs" / n))]
+    short = [reason for n in (STUDENT, BASELINE) if compare and (reason := too_short(layout.run(n)))]
     if short:  # no difference of such a run is a finding: say so in the column and mark none
         difference = f"student − baseline (too short to judge: {short[0]})"
         rows = [(task, head, cells, diff.removesuffix(" **")) for task, head, cells, diff in rows]
@@ -167,11 +170,11 @@ def results_html(table: Table) -> str:
 def results_markdown(table: Table) -> str:
     """The results table in Markdown, as docs/results.md shows it."""
     labels = table.labels + ([table.difference] if table.difference else [])
-    lines = ["| task (%) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    for task, headline, cells, diff in table.rows:
-        name = f"**{task}**" if headline else task
-        lines.append(f"| {name} | " + " | ".join(cells + ([diff] if table.difference else [])) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [
+        [f"**{task}**" if headline else task, *cells, *([diff] if table.difference else [])]
+        for task, headline, cells, diff in table.rows
+    ]
+    return "\n".join(markdown_table(["task (%)", *labels], rows)) + "\n"
 
 
 def _thumb(image: bytes, frame: str = "#ddd", size: int = 64) -> str:
@@ -180,13 +183,14 @@ def _thumb(image: bytes, frame: str = "#ddd", size: int = 64) -> str:
 
 def holdout_showcase_html(out: Path) -> str:
     """Held-out captions with each model's five best held-out pictures (the pair's own framed green)."""
-    shown = {n: read_showcase(out / "eval" / n) for n, _ in MODELS}
+    layout = RunLayout(out)
+    shown = {n: read_showcase(layout.evaluation(n)) for n, _ in MODELS}
     shown = {n: s for n, s in shown.items() if s and s["queries"]}
     if not shown:
         return ""
     from clipcid.evaluation.datasets import build_dataset
 
-    holdout = HoldOut.open(out / "holdout")
+    holdout = HoldOut.open(layout.holdout)
     captions = holdout.pairs().column("caption").to_pylist()
     first = next(iter(shown.values()))
     wanted = set(first["queries"]) | {i for s in shown.values() for row in s["retrieved"] for i in row}
@@ -214,7 +218,7 @@ def models_html(out: Path) -> str:
     """Each model's size and speed (measured in its evaluation, on its device)."""
     rows = []
     for n, label in MODELS:
-        record = read_model_evaluation(out / "eval" / n)
+        record = read_model_evaluation(RunLayout(out).evaluation(n))
         if record is None or "parameters" not in record:
             continue
         p = record["parameters"]
@@ -232,13 +236,13 @@ def models_html(out: Path) -> str:
 
 
 def holdout_html(out: Path) -> str:
-    folder = out / "holdout"
-    if not (folder / "holdout.json").is_file():
+    layout = RunLayout(out)
+    if not HoldOut.exists(layout.holdout):
         return "<h2>Hold-out</h2><p>No pairs were held out (--holdout 0).</p>"
-    h = HoldOut.open(folder)
+    h = HoldOut.open(layout.holdout)
     s = h.stats
     settings = h.record["settings"]
-    balance = balance_artifact.read_stats(out / "balance")
+    balance = balance_artifact.read_stats(layout.balance)
     return (
         f"<h2>Hold-out</h2><p>{s['held_out']:,} of {s['rows']:,} pairs ({100 * s['held_out_fraction']:.2f}%, "
         f"--holdout {settings['fraction']:g}) were set aside before any model ran, chosen by a hash of the image "
@@ -268,7 +272,7 @@ def cluster_balance_html(folder: Path, stats: dict) -> str:
         f"(Gini {spread['before']['gini']:.3f} → {spread['after']['gini']:.3f}).</p><table><tr><th>rows</th>"
         "<th>images</th><th>entropy (bits) of its maximum</th><th>normalised entropy</th><th>Gini</th>"
         f"<th>largest cluster (%)</th></tr>{rows}</table>"
-        + _file_img(folder / "cluster_balance.png", "cluster sizes before and after balance")
+        + _file_img(cluster_artifact.plot_paths(folder)["balance"], "cluster sizes before and after balance")
     )
 
 
@@ -280,10 +284,11 @@ def inside_html(out: Path) -> str:
     """The students' last-layer weights (the paper's Fig. 4) and patch features (its Fig. 5)."""
     from clipcid.evaluation.inside import SMALL, inside_paths, read_inside
 
-    record = read_inside(out)
+    folder = RunLayout(out).inside
+    record = read_inside(folder)
     if record is None:
         return ""
-    numbers, paths = record["weights"], inside_paths(out)
+    numbers, paths = record["weights"], inside_paths(folder)
     labels = dict(MODELS)
     rows = []
     for name, towers in numbers.items():
@@ -337,19 +342,28 @@ def wall_total(timings: dict[str, float], stages: dict[str, dict]) -> float:
     return sum(groups.values())
 
 
+RESULTS_MARKDOWN = "results.md"
+
+
+def report_path(out: str | Path) -> Path:
+    """Where a run's page is: OUT/report.html."""
+    return Path(out) / "report.html"
+
+
 def write_report(out: Path, extras: Extras | None = None) -> Path:
     """OUT/report.html and OUT/results.md of a finished run."""
     out = Path(out)
     extras = extras or Extras()
-    recipe_file = out / "recipe.json"
-    if not recipe_file.is_file():
-        raise ClipcidError(f"{out} holds no run (no recipe.json); run `clipcid run` first")
-    recipe = json.loads(recipe_file.read_text())
+    layout = RunLayout(out)
+    recipe = layout.read_recipe()
+    if recipe is None:
+        raise ClipcidError(f"{out} holds no run (no {layout.recipe.name}); run `clipcid run` first")
     table = results_table(out)
-    balance_stats = balance_artifact.read_stats(out / "balance")
-    cluster_stats = cluster_artifact.read_stats(out / "clusters")
-    emb = recipe["run"]["teacher_emb"] or str(out / "teacher_emb")
-    groups, _ = groups_html(str(out / "balance"), recipe["run"]["data"], emb, top=8, per_group=10)
+    balance_stats = balance_artifact.read_stats(layout.balance)
+    balance_plots = balance_artifact.plot_paths(layout.balance)
+    cluster_stats = cluster_artifact.read_stats(layout.clusters)
+    emb = recipe["run"]["teacher_emb"] or str(layout.teacher_emb)
+    groups, _ = groups_html(str(layout.balance), recipe["run"]["data"], emb, top=8, per_group=10)
     t = balance_stats["threshold_all_metrics"]
     largest_share = balance_stats["largest_group"] / max(balance_stats["balanced"], 1)
     chaining = (
@@ -364,7 +378,7 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
         + f", torch {torch.__version__}; report written {time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
-    run_state = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {"stages": {}}
+    run_state = layout.read_run_record()
     timings = {**extras.timings, **{k: v["seconds"] for k, v in run_state["stages"].items()}}
 
     def cpu_cells(stage: dict) -> str:
@@ -395,9 +409,9 @@ def write_report(out: Path, extras: Extras | None = None) -> Path:
         machine += f"; memory allocator: {run_state['allocator']}"
     curves = "".join(_loss_curves(rows, title) for rows, title in extras.curves)
     curves += "".join(
-        _loss_curves(read_train_log(out / "runs" / name), title)
+        _loss_curves(read_train_log(layout.run(name)), title)
         for name, title in (("baseline", "baseline, CLIP loss only"), ("student", "student, CLIP-CID: every term"))
-        if (out / "runs" / name).is_dir()
+        if layout.run(name).is_dir()
     )
     teacher = recipe["embed"]["model"] or "(embeddings only)"
     intro = extras.intro or (
@@ -424,15 +438,15 @@ included); the settings follow (OUT/recipe.json).</p>
 distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["balanced"]:,} images, removed
 {100 * balance_stats["removed_fraction"]:.2f}%; {balance_stats["merged_groups"]:,} merged groups, the largest
 {balance_stats["largest_group"]:,}.{chaining} The curve shows what other thresholds would remove.</p>
-{_file_img(out / "balance" / "group_sizes.png", "group sizes")}
-{_file_img(out / "balance" / "removal_curve.png", "removed fraction against threshold")}
+{_file_img(balance_plots["group_sizes"], "group sizes")}
+{_file_img(balance_plots["removal_curve"], "removed fraction against threshold")}
 <h3>Largest merged groups (kept image framed green)</h3>{groups}
 <h2>Clusters</h2>
 <p>k = {cluster_stats["k"]:,} over {cluster_stats["assigned"]:,} kept images; sizes min
 {cluster_stats["cluster_size"]["min"]}, median {cluster_stats["cluster_size"]["median"]:.0f}, max
 {cluster_stats["cluster_size"]["max"]}; {cluster_stats["empty_clusters"]} empty.</p>
-{_file_img(out / "clusters" / "cluster_sizes.png", "cluster sizes")}
-{cluster_balance_html(out / "clusters", cluster_stats)}
+{_file_img(cluster_artifact.plot_paths(layout.clusters)["sizes"], "cluster sizes")}
+{cluster_balance_html(layout.clusters, cluster_stats)}
 <h2>Training curves</h2>{curves}
 """
     style = (
@@ -441,9 +455,9 @@ distance {t["cosine"]:.4g}): kept {balance_stats["kept"]:,} of {balance_stats["b
         "margin:4px}pre{background:#f6f6f6;padding:8px;font-size:12px}b.right{color:#181}td.left{text-align:left}"
         "table.show td{text-align:left;vertical-align:top;font-size:13px}img.thumb{margin:1px;vertical-align:middle}"
     )
-    with atomic_path(out / "results.md") as tmp:
+    with atomic_path(out / RESULTS_MARKDOWN) as tmp:
         tmp.write_text(results_markdown(table), encoding="utf-8")
-    path = out / "report.html"
+    path = report_path(out)
     with atomic_path(path) as tmp:
         tmp.write_text(page(f"{extras.title} report", body, style), encoding="utf-8")
     return path

@@ -45,13 +45,20 @@ from clipcid.cluster import ClusterConfig, cluster
 from clipcid.config import option
 from clipcid.distill.train import DistillConfig, distill
 from clipcid.errors import ClipcidError
-from clipcid.evaluation.run import AVERAGES, EvalSuiteConfig, run_eval_suite, task_figures
+from clipcid.evaluation.run import AVERAGES, SUMMARY_FILE, EvalSuiteConfig, run_eval_suite, task_figures
 from clipcid.util.fileio import atomic_path, output_folder, read_user_json, save_json_atomic
 from clipcid.util.plots import new_figure, save_png
+from clipcid.util.tables import markdown_table
 
 log = logging.getLogger("clipcid")
 
-PLAN = Path(__file__).parent / "configs" / "study.json"
+
+def bundled_plan(name: str) -> Path:
+    """A plan shipped in the package (src/clipcid/configs/NAME.json)."""
+    return Path(__file__).parent / "configs" / f"{name}.json"
+
+
+PLAN = bundled_plan("study")
 GIVEN = "given"
 TEST, VALIDATION = "test", "validation"
 TUNING = "tuning"
@@ -283,7 +290,7 @@ class DataCache:
     def _make_teacher(self, spec: dict, folder: Path) -> tuple[str, str]:
         from clipcid.distill.checkpoint import student_path
         from clipcid.embed import EmbedConfig, embed
-        from clipcid.lit import LitConfig, lit
+        from clipcid.lit import LitConfig, lit, model_path
 
         data, holdout = self.artifacts["data"], self.artifacts.get("holdout")
         if "lit" in spec:
@@ -292,7 +299,7 @@ class DataCache:
                 **spec["lit"],
             )  # fmt: skip
             lit(cfg)
-            return cfg.model, str(folder / "run" / "model.pt")
+            return cfg.model, str(model_path(folder / "run"))
         train = DistillConfig(
             data=data, out=str(folder / "run"), holdout=holdout, workers=self.workers, resume="latest", **spec["clip"]
         )
@@ -414,7 +421,7 @@ def evaluate_at(folder: Path, model: str, weights: str, suite_root: str, split: 
     rebuilt (new tasks, the validation split) or a student retrained means evaluating again, never
     training again. Returns {"split", "summary", "tasks", "eval_seconds"}."""
     run = _evaluation_folder(folder, student or {"model": model, "weights": weights}, suite_root, split)
-    done = run.finished_run(lambda: (folder / "summary.json").is_file())
+    done = run.finished_run(lambda: (folder / SUMMARY_FILE).is_file())
     if done is not None:
         return {k: done[k] for k in EVAL_KEYS}
     start = time.monotonic()
@@ -451,6 +458,11 @@ def _finished(folder: Path) -> dict | None:
 
     record = read_record(folder / RUN_FILE)
     return record if finished(record) else None
+
+
+def study_figures(folder: str | Path, name: str) -> dict[str, Path]:
+    """A plan's figures in the study folder: the means per variant, and the curves over a plan's axis."""
+    return {"means": Path(folder) / f"{name}.png", "curves": Path(folder) / f"{name}_curves.png"}
 
 
 def read_study(folder: str | Path, name: str = "study") -> dict | None:
@@ -762,9 +774,10 @@ class Study:
         with atomic_path(self.out / f"{self.name}.csv") as tmp:
             tmp.write_text(study_csv(tables, self.plan.reference, compared), encoding="utf-8")
         if records:
-            study_plot(tables, self.plan, self.out / f"{self.name}.png")
+            figures = study_figures(self.out, self.name)
+            study_plot(tables, self.plan, figures["means"])
             if any(v.x is not None for v in self.plan.variants):
-                curves_plot(tables, self.plan, self.out / f"{self.name}_curves.png")
+                curves_plot(tables, self.plan, figures["curves"])
         return payload
 
     def task_about(self, records: list[dict]) -> dict[str, tuple[str, str]]:
@@ -839,23 +852,26 @@ def resolve_artifacts(cfg: StudyConfig) -> tuple[dict, dict]:
     artifacts: dict[str, str | None] = {k: None for k in keys}
     base: dict = {}
     if cfg.demo:
+        from clipcid.cluster.artifact import identity_of as clusters_identity
         from clipcid.distill.train import RUNTIME_FIELDS
+        from clipcid.holdout import HoldOut
+        from clipcid.layout import TEACHER, RunLayout
+        from clipcid.lit import model_path
 
-        demo = Path(cfg.demo)
-        recipe_file = demo / "recipe.json"
-        if not (demo / "clusters" / "stats.json").is_file() or not recipe_file.is_file():
-            raise ClipcidError(f"{demo} is not a finished demo (no clusters/ or recipe.json): run `clipcid demo`")
-        used = json.loads(recipe_file.read_text())
+        demo = RunLayout(cfg.demo)
+        used = demo.read_recipe()
+        if clusters_identity(demo.clusters) is None or used is None:
+            raise ClipcidError(f"{cfg.demo} is not a finished demo (no clusters or recipe): run `clipcid demo`")
         artifacts.update(
-            data=str(demo / "corpus"),
-            teacher_emb=str(demo / "teacher_emb"),
-            balance=str(demo / "balance"),
-            clusters=str(demo / "clusters"),
-            suite_root=str(demo / "eval"),
-            holdout=str(demo / "holdout") if (demo / "holdout" / "holdout.json").is_file() else None,
+            data=str(demo.corpus),
+            teacher_emb=str(demo.teacher_emb),
+            balance=str(demo.balance),
+            clusters=str(demo.clusters),
+            suite_root=str(demo.suite),
+            holdout=str(demo.holdout) if HoldOut.exists(demo.holdout) else None,
         )
-        # The demo's teacher (a LiT run of its own, runs/teacher/model.pt), evaluated at each plan's split.
-        weights = demo / "runs" / "teacher" / "model.pt"
+        # The demo's teacher (a LiT run of its own), evaluated at each plan's split.
+        weights = model_path(demo.run(TEACHER))
         if weights.is_file() and used.get("embed", {}).get("model"):
             artifacts.update(teacher_model=used["embed"]["model"], teacher_weights=str(weights))
         # The student's training settings as the demo's run resolved them, not where or how often it saves
@@ -1061,11 +1077,6 @@ def comparison_rows(compared: list[dict], plan: Plan) -> tuple[list[str], list[l
         for c in compared
     ]
     return head, rows
-
-
-def markdown_table(head: list[str], rows: list[list[str]], left: int) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _weights_over_seeds(runs: list[dict]) -> dict:

@@ -48,6 +48,11 @@ def balanced_rows(folder: str | Path, i: int) -> np.ndarray:
     return np.load(groups_path(Path(folder), i)) >= 0
 
 
+def plot_paths(folder: str | Path) -> dict[str, Path]:
+    """The stage's figures: group sizes, and the removed fraction against the threshold."""
+    return {"group_sizes": Path(folder) / "group_sizes.png", "removal_curve": Path(folder) / "removal_curve.png"}
+
+
 def identity_of(folder: str | Path) -> str | None:
     """The fingerprint of the settings a balance folder was made with (None: masks made elsewhere)."""
     return identity(Path(folder) / SETTINGS_FILE)

@@ -39,7 +39,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
-from clipcid.balance.artifact import SETTINGS_FILE, keep_path, write_masks
+from clipcid.balance.artifact import SETTINGS_FILE, keep_path, plot_paths, write_masks
 from clipcid.config import option, validate
 from clipcid.embed.artifact import Embeddings, EmbeddingStore
 from clipcid.errors import ClipcidError
@@ -783,14 +783,14 @@ def _plots(out: Path, sizes: np.ndarray, curve, metric: str, threshold: float) -
         ylabel="groups",
         title="Image Semantic Balance: group sizes",
     )
-    save_png(fig, out / "group_sizes.png")
+    save_png(fig, plot_paths(out)["group_sizes"])
 
     fig, ax = new_figure()
     ax.plot([t for t, _ in curve], [100 * f for _, f in curve], marker="o")
     ax.axvline(threshold, color="tab:red", linestyle="--", label=f"chosen {threshold:.4g}")
     ax.set(xlabel=f"threshold ({metric})", ylabel="removed (%)", title="Removed fraction against threshold")
     ax.legend()
-    save_png(fig, out / "removal_curve.png")
+    save_png(fig, plot_paths(out)["removal_curve"])
 
 
 def summary_text(stats: dict) -> str:

@@ -31,6 +31,11 @@ SETTINGS_FILE = "stats.json"
 TRAINING_FILE = "training.json"
 
 
+def plot_paths(folder: str | Path) -> dict[str, Path]:
+    """The stage's figures: cluster sizes, and the sorted sizes before and after balance."""
+    return {"sizes": Path(folder) / "cluster_sizes.png", "balance": Path(folder) / "cluster_balance.png"}
+
+
 def labels_path(folder: Path, i: int) -> Path:
     return Path(folder) / "labels" / f"labels_{i}.npy"
 

@@ -356,14 +356,14 @@ def _plot_balance(out: Path, before: np.ndarray, after: np.ndarray) -> None:
         title=f"images per cluster (k = {len(before):,})",
     )
     ax.legend(fontsize=8)
-    save_png(fig, out / "cluster_balance.png")
+    save_png(fig, artifact.plot_paths(out)["balance"])
 
 
 def _plot_sizes(out: Path, sizes: np.ndarray) -> None:
     fig, ax = new_figure()
     ax.hist(sizes, bins=min(60, max(10, len(sizes) // 5)))
     ax.set(xlabel="images in cluster", ylabel="clusters", title=f"cluster sizes (k = {len(sizes):,})")
-    save_png(fig, out / "cluster_sizes.png")
+    save_png(fig, artifact.plot_paths(out)["sizes"])
 
 
 def summary_text(stats: dict) -> str:

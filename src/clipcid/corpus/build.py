@@ -23,10 +23,11 @@ from clipcid.corpus import sources as S
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
-from clipcid.stage import RunFolder
+from clipcid.stage import RunFolder, identity
 from clipcid.util.fileio import atomic_path, save_json_atomic
 from clipcid.util.tables import format_table, run_pool
 
+SETTINGS_FILE = "build.json"  # the corpus's settings and summary, written last
 log = logging.getLogger("clipcid")
 
 DEFAULT_NPM_ROOT = "node_modules"
@@ -175,13 +176,20 @@ def _render_training_shard(args: tuple[str, int, int, list[tuple[str, S.Artwork]
         "failed_by_style": dict(failed),
     }
     # The stats file is written last: its presence marks the shard as finished.
-    save_json_atomic(f"{base}_stats.json", stats)
+    save_json_atomic(shard_stats_path(out, shard), stats)
     return stats
+
+
+def shard_stats_path(out: str | Path, shard: int) -> Path:
+    """img2dataset's per-shard statistics beside the shard (NNNNN_stats.json), written last: the shard is whole."""
+    return Path(out) / f"{_shard_name(shard)}_stats.json"
 
 
 def _shard_done(out: Path, shard: int) -> bool:
     base = out / _shard_name(shard)
-    return all(Path(f"{base}{ext}").is_file() for ext in (".tar", ".parquet", "_stats.json"))
+    return (
+        Path(f"{base}.tar").is_file() and Path(f"{base}.parquet").is_file() and shard_stats_path(out, shard).is_file()
+    )
 
 
 def plan_training_corpus(items: list[S.Artwork], limit: int | None, seed: int) -> list[S.Artwork]:
@@ -203,7 +211,7 @@ def build_demo_corpus(cfg: BuildDemoConfig) -> dict:
         "shard_size": cfg.shard_size,
         "seed": cfg.seed,
     }
-    folder = RunFolder(out, "build.json", settings, cfg.overwrite)
+    folder = RunFolder(out, SETTINGS_FILE, settings, cfg.overwrite)
 
     def whole() -> bool:  # a shard deleted or left unfinished since is built again
         shards = (folder.recorded() or {}).get("shards", 0)
@@ -252,7 +260,7 @@ def _build(cfg: BuildDemoConfig, out: Path, folder: RunFolder) -> dict:
     for art in planned:
         status[(art.source, art.style)].planned += 1
     for shard in range(n_shards):
-        stats = json.loads((out / f"{_shard_name(shard)}_stats.json").read_text())
+        stats = json.loads(shard_stats_path(out, shard).read_text())
         for field_name, attr in (("written_by_style", "written"), ("failed_by_style", "failed")):
             for key, n in stats[field_name].items():
                 source, style = key.split("|", 1)
@@ -267,6 +275,11 @@ def _build(cfg: BuildDemoConfig, out: Path, folder: RunFolder) -> dict:
     save_json_atomic(out / "sources.json", summary)
     folder.finish({k: summary[k] for k in ("shards", "planned", "written", "failed")})
     return summary
+
+
+def identity_of(folder: str | Path) -> str | None:
+    """What a built corpus was made with, for run.json; None before it was built."""
+    return identity(Path(folder) / SETTINGS_FILE)
 
 
 def summary_table(summary: dict) -> str:

@@ -30,7 +30,13 @@ from clipcid.corpus import sources as S
 from clipcid.corpus.build import DEFAULT_NPM_ROOT, clean_name
 from clipcid.corpus.render import RenderError, render_png
 from clipcid.errors import ClipcidError
-from clipcid.evaluation.datasets import SEEN_COARSE, SEEN_PREFIX
+from clipcid.evaluation.datasets import (
+    SEEN_COARSE,
+    SEEN_PREFIX,
+    SUITE_INDEX,
+    write_wds_description,
+    write_wds_shard_count,
+)
 from clipcid.inputs.shards import write_tar_atomic
 from clipcid.stage import RunFolder
 from clipcid.util.fileio import save_json_atomic
@@ -245,17 +251,14 @@ def write_wds_dataset(ds: SuiteDataset, out: Path, image_size: int, workers: int
         (tmp / split).mkdir(parents=True)
         # CLIP_benchmark hands a wds split's shards to its 4 loader workers: each must get at least one.
         n_shards = min(max(MIN_SHARDS, (len(entries) + SHARD_SIZE - 1) // SHARD_SIZE), max(1, len(entries)))
-        (tmp / split / "nshards.txt").write_text(f"{n_shards}\n")
+        write_wds_shard_count(tmp / split, n_shards)
         for shard in range(n_shards):
             lo, hi = len(entries) * shard // n_shards, len(entries) * (shard + 1) // n_shards
             chunk = entries[lo:hi]  # contiguous and never empty: the split's order is kept
             jobs.append((str(tmp / split), ds.dataset_type, shard, image_size, chunk))
             total += len(chunk)
     results = list(run_pool(_render_eval_shard, jobs, workers, ds.name, "img", total))
-    (tmp / "dataset_type.txt").write_text(ds.dataset_type + "\n")
-    if ds.classnames:
-        (tmp / "classnames.txt").write_text("\n".join(ds.classnames) + "\n")
-        (tmp / "zeroshot_classification_templates.txt").write_text("\n".join(ds.templates) + "\n")
+    write_wds_description(tmp, ds.dataset_type, ds.classnames, ds.templates)
     info = {
         "name": ds.name,
         "tasks": ds.tasks,
@@ -431,7 +434,7 @@ def build_eval_suite(cfg: BuildEvalConfig) -> list[dict]:
         builders = {name: build for name, build in builders.items() if name in cfg.only}
     # stage.py's rule: the suite folder holds datasets of one image size; each dataset is whole once its
     # info.json is there (written last), and suite.json lists those present.
-    folder = RunFolder(out_dir, "suite.json", settings, cfg.overwrite)
+    folder = RunFolder(out_dir, SUITE_INDEX, settings, cfg.overwrite)
     done = folder.finished_run(lambda: all((out_dir / name / "info.json").is_file() for name in builders))
     if done is not None:
         return [info for info in done["datasets"] if info["name"] in builders]

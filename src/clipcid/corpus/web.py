@@ -37,12 +37,12 @@ from PIL import Image, ImageDraw, ImageOps
 
 from clipcid.config import default_workers, option, validate
 from clipcid.corpus import sources as S
-from clipcid.corpus.build import caption_options, clean_name
+from clipcid.corpus.build import caption_options, clean_name, shard_stats_path
 from clipcid.errors import ClipcidError
 from clipcid.inputs.shards import write_tar_atomic
 from clipcid.stage import RunFolder
 from clipcid.util.fileio import save_json_atomic
-from clipcid.util.tables import run_pool
+from clipcid.util.tables import markdown_table, run_pool
 
 log = logging.getLogger("clipcid")
 
@@ -160,12 +160,12 @@ def _write_shard(job: tuple[str, int, list[tuple[str, dict]]]) -> dict:
         samples.append({"__key__": key, ext: image, "txt": caption, "json": meta})
     write_tar_atomic(Path(out) / f"{shard:05d}.tar", samples)
     stats = {"count": len(planned), "successes": len(samples), "copies": copies}
-    save_json_atomic(Path(out) / f"{shard:05d}_stats.json", stats)  # last: the shard is whole
+    save_json_atomic(shard_stats_path(out, shard), stats)  # last: the shard is whole
     return stats
 
 
 def _shard_done(out: Path, shard: int) -> bool:
-    return (out / f"{shard:05d}.tar").is_file() and (out / f"{shard:05d}_stats.json").is_file()
+    return (out / f"{shard:05d}.tar").is_file() and shard_stats_path(out, shard).is_file()
 
 
 def build_web_corpus(cfg: BuildWebConfig) -> dict:
@@ -380,15 +380,15 @@ def web_check_markdown(result: dict) -> str:
         f"Copies found on a web-like corpus of {c['rows']:,} rows ({c['originals']:,} pictures, "
         f"{c['copies']:,} copies: {100 * c['copy_share']:.1f} %):",
         "",
-        "| threshold | cos above | removed | balance precision | balance recall | random precision | random recall |"
-        " removed without copies (balance) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    head = ["threshold", "cos above", "removed", "balance precision", "balance recall", "random precision",
+            "random recall", "removed without copies (balance)"]  # fmt: skip
+    rows = []
     for r in result["rows"]:
         b, x = r["balance"], r["random"]
-        lines.append(
-            f"| {r['threshold']} | {r['cos_above']:.4f} | {b['removed']:,} | {100 * (b['precision'] or 0):.1f} | "
-            f"{100 * (b['recall'] or 0):.1f} | {100 * (x['precision'] or 0):.1f} | {100 * (x['recall'] or 0):.1f} | "
-            f"{b['removed_without_copies']:,} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([
+            str(r["threshold"]), f"{r['cos_above']:.4f}", f"{b['removed']:,}", f"{100 * (b['precision'] or 0):.1f}",
+            f"{100 * (b['recall'] or 0):.1f}", f"{100 * (x['precision'] or 0):.1f}", f"{100 * (x['recall'] or 0):.1f}",
+            f"{b['removed_without_copies']:,}",
+        ])  # fmt: skip
+    return "\n".join(lines + markdown_table(head, rows)) + "\n"

@@ -30,6 +30,7 @@ from clipcid.util.fileio import atomic_path
 PARAMS_FILE = "params.json"
 STUDENT_FILE = "student.pt"
 TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "results.jsonl"  # --eval-every: the suite's summary at each evaluated step
 
 log = logging.getLogger("clipcid")
 
@@ -239,7 +240,7 @@ class TrainingRun:
 
     def truncate_logs(self, step: int) -> None:
         """Drop log rows of steps after the checkpoint: they are trained again, and logged again."""
-        for name in (TRAIN_LOG, "results.jsonl"):
+        for name in (TRAIN_LOG, EVAL_LOG):
             path = self.out / name
             if path.is_file():
                 rows = [line for line in path.read_text().splitlines() if line.strip()]

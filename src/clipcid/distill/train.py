@@ -21,7 +21,7 @@ from torch import nn
 
 from clipcid.config import option
 from clipcid.config import validate as check_bounds
-from clipcid.distill.checkpoint import TRAIN_LOG, TrainingRun, student_path
+from clipcid.distill.checkpoint import EVAL_LOG, TRAIN_LOG, TrainingRun, student_path
 from clipcid.distill.data import (
     TrainBatches,
     TrainRows,
@@ -484,7 +484,7 @@ class Trainer:
         for name, value in result["summary"].items():
             if value is not None:
                 self.writer.add_scalar(f"eval/{name}", value, self.step)
-        self.run_folder.append("results.jsonl", {"step": self.step, **result["summary"]})
+        self.run_folder.append(EVAL_LOG, {"step": self.step, **result["summary"]})
         log.info("eval at step %d: %s", self.step, result["summary"])
         barrier(self.env)
 

@@ -16,7 +16,7 @@ from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import IMAGE_EXTENSIONS
 from clipcid.inputs.shards import iter_tar_samples
 
-DEFAULT_SUITE_ROOT = "demo/eval"
+DEFAULT_SUITE_ROOT = "demo/suite"  # where `make demo` builds it (layout.py); demo/eval in demos made before
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 
 # The suite's groups. "seen": tasks on held-out pictures of the training corpus's own sources (the
@@ -103,17 +103,38 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# CLIP_benchmark's webdataset layout: ROOT/dataset_type.txt, ROOT/classnames.txt, ROOT/zeroshot_
+# classification_templates.txt, ROOT/SPLIT/nshards.txt and the split's .tar shards.
+WDS_TYPE, WDS_CLASSNAMES, WDS_TEMPLATES, WDS_NSHARDS = (
+    "dataset_type.txt", "classnames.txt", "zeroshot_classification_templates.txt", "nshards.txt",
+)  # fmt: skip
+
+
+def write_wds_description(
+    root: Path, kind: str, classnames: list[str] | None = None, templates: list[str] | None = None
+) -> None:
+    """What a wds dataset folder says of itself, as CLIP_benchmark reads it."""
+    (root / WDS_TYPE).write_text(kind + "\n")
+    if classnames:
+        (root / WDS_CLASSNAMES).write_text("\n".join(classnames) + "\n")
+        (root / WDS_TEMPLATES).write_text("\n".join(templates or []) + "\n")
+
+
+def write_wds_shard_count(split_folder: Path, n_shards: int) -> None:
+    (split_folder / WDS_NSHARDS).write_text(f"{n_shards}\n")
+
+
 def load_wds(root: Path, name: str) -> EvalDataset:
-    kind_file = root / "dataset_type.txt"
+    kind_file = root / WDS_TYPE
     kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"
     if kind not in ("classification", "retrieval"):
         raise ClipcidError(f"{root}: dataset type '{kind}' is not supported (classification or retrieval)")
     splits = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.tar")))
     ds = EvalDataset(name, kind, root, "wds", splits)
     if kind == "classification":
-        if (root / "classnames.txt").is_file():
-            ds.classnames = _read_lines(root / "classnames.txt")
-        templates = root / "zeroshot_classification_templates.txt"
+        if (root / WDS_CLASSNAMES).is_file():
+            ds.classnames = _read_lines(root / WDS_CLASSNAMES)
+        templates = root / WDS_TEMPLATES
         ds.templates = _read_lines(templates) if templates.is_file() else list(DEFAULT_TEMPLATES)
     return ds
 
@@ -127,10 +148,12 @@ def load_imagefolder(root: Path, name: str) -> EvalDataset:
     classes = sorted({c.name for s in splits for c in (root / s).iterdir() if c.is_dir()})
     ds = EvalDataset(name, "classification", root, "imagefolder", splits)
     ds._folder_classes = classes
-    if (root / "classnames.txt").is_file():
-        ds.classnames = _read_lines(root / "classnames.txt")
+    if (root / WDS_CLASSNAMES).is_file():
+        ds.classnames = _read_lines(root / WDS_CLASSNAMES)
         if len(ds.classnames) != len(classes):
-            raise ClipcidError(f"{root}/classnames.txt has {len(ds.classnames)} names for {len(classes)} class folders")
+            raise ClipcidError(
+                f"{root}/{WDS_CLASSNAMES} has {len(ds.classnames)} names for {len(classes)} class folders"
+            )
     else:
         ds.classnames = [c.replace("_", " ") for c in classes]
     templates = root / "templates.txt"
@@ -138,11 +161,20 @@ def load_imagefolder(root: Path, name: str) -> EvalDataset:
     return ds
 
 
+SUITE_INDEX = "suite.json"  # a built suite's index of datasets (corpus/eval_suite.py writes it, last)
+
+
+def is_suite(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / SUITE_INDEX).is_file()
+
+
 def suite_datasets(suite_root: str | os.PathLike) -> list[dict]:
-    suite_file = Path(suite_root) / "suite.json"
+    suite_file = Path(suite_root) / SUITE_INDEX
     if not suite_file.is_file():
+        earlier = Path(suite_root).parent / "eval"
+        hint = f" (a demo made before keeps it in {earlier}: --suite-root {earlier})" if is_suite(earlier) else ""
         raise ClipcidError(
-            f"no evaluation suite at {suite_root}; build it with `clipcid data build-eval --out {suite_root}`"
+            f"no evaluation suite at {suite_root}{hint}; build it with `clipcid data build-eval --out {suite_root}`"
         )
     return json.loads(suite_file.read_text())["datasets"]
 
@@ -152,7 +184,7 @@ def suite_identity(suite_root: str | os.PathLike) -> str:
     dataset added or rebuilt with other splits changes it, so evaluations made before are redone)."""
     from clipcid.stage import digest
 
-    suite_file = Path(suite_root) / "suite.json"
+    suite_file = Path(suite_root) / SUITE_INDEX
     record = json.loads(suite_file.read_text()) if suite_file.is_file() else {}
     datasets = sorted(
         (d["name"], sorted(d.get("splits", {}).items()), d.get("tasks")) for d in record.get("datasets", [])
@@ -190,7 +222,7 @@ def build_dataset(
     if suite_path.is_dir():
         return load_wds(suite_path, spec)
     known = []
-    if (Path(suite_root) / "suite.json").is_file():
+    if is_suite(suite_root):
         known = [d["name"] for d in suite_datasets(suite_root)]
     hint = f"; suite datasets: {', '.join(known)}" if known else f" (no suite built at {suite_root})"
     raise ClipcidError(f"unknown dataset '{spec}': not a folder, wds:PATH or imagefolder:PATH{hint}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,8 +16,9 @@ from PIL import Image
 
 from clipcid.evaluation.datasets import EvalDataset
 from clipcid.models import by_length
+from clipcid.stage import read_record, record_matches, write_record
 from clipcid.util import precision
-from clipcid.util.fileio import atomic_path, save_json_atomic
+from clipcid.util.fileio import atomic_path
 from clipcid.util.progress import progress_bar
 
 
@@ -126,6 +126,11 @@ def _encode_batch(encoder: Encoder, batch: dict, memo: dict) -> np.ndarray:
     return np.stack([memo[d] for d in batch["digests"]])
 
 
+def _size(source: Path) -> int:
+    """A shard's bytes; a class folder's number of files."""
+    return len(os.listdir(source)) if source.is_dir() else source.stat().st_size
+
+
 def image_features(
     encoder: Encoder,
     dataset: EvalDataset,
@@ -138,8 +143,10 @@ def image_features(
     by shard, row by row) whatever the number of loader workers; read from the cache if there."""
     dataset.require_split(split)
     cache = Path(feature_root) / encoder.cache_id / dataset.name if feature_root else None
-    if cache is not None and (cache / f"{split}.json").is_file():
-        return np.load(cache / f"{split}.npy"), json.loads((cache / f"{split}.json").read_text())["targets"]
+    # The cache holds what these very shards gave: a dataset rebuilt under its name is encoded again.
+    made_from = {"sources": [[p.name, _size(p)] for p in dataset.sources(split)]}
+    if cache is not None and record_matches(cache / f"{split}.json", made_from):
+        return np.load(cache / f"{split}.npy"), read_record(cache / f"{split}.json")["targets"]
     n_sources = len(dataset.sources(split))
     memo = getattr(encoder, "image_memo", None)
     memo = {} if memo is None else memo
@@ -166,7 +173,7 @@ def image_features(
     if cache is not None:
         with atomic_path(cache / f"{split}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, features)
-        save_json_atomic(cache / f"{split}.json", {"targets": targets})  # written last: marks the entry done
+        write_record(cache / f"{split}.json", made_from, targets=targets)  # written last: marks the entry done
     return features, targets
 
 

@@ -207,15 +207,16 @@ def held_out_pictures(gallery: Path, count: int) -> list[bytes]:
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pictures: int = 8) -> dict:
-    """OUT/inside: the weight statistics and histograms of every student, and the patch-feature PCA of
-    each ViT student on `n_pictures` held-out pictures; returns the record (finished runs are kept)."""
+def look_inside(folder_path: Path, students: list[Student], gallery: Path | None, n_pictures: int = 8) -> dict:
+    """The folder (a run's inside/): the weight statistics and histograms of every student, and the
+    patch-feature PCA of each ViT student on `n_pictures` held-out pictures; returns the record (finished
+    runs are kept)."""
     from clipcid.models import load_model
 
-    folder_path = Path(out) / "inside"
+    folder_path = Path(folder_path)
     settings = {"students": [[s.name, s.identity] for s in students], "gallery": str(gallery), "pictures": n_pictures}
     folder = RunFolder(folder_path, SETTINGS_FILE, settings, overwrite=True)  # derived and cheap: redone on change
-    paths = inside_paths(out)
+    paths = inside_paths(folder_path)
     wanted = [paths["numbers"], paths["weights"]]  # patches.png only where a ViT student had pictures
     done = folder.finished_run(lambda: all(p.is_file() for p in wanted))
     if done is not None and (not done.get("patches") or paths["patches"].is_file()):
@@ -240,12 +241,19 @@ def look_inside(out: Path, students: list[Student], gallery: Path | None, n_pict
         return folder.finish(summary)
 
 
-def read_inside(out: Path) -> dict | None:
-    """The finished record of OUT/inside, or None."""
-    record = read_record(Path(out) / "inside" / SETTINGS_FILE)
+def read_inside(folder: Path) -> dict | None:
+    """The finished record of the folder look_inside wrote, or None."""
+    record = read_record(Path(folder) / SETTINGS_FILE)
     return record if record and record.get("complete") else None
 
 
-def inside_paths(out: Path) -> dict[str, Path]:
-    folder = Path(out) / "inside"
+def identity_of(folder: Path) -> str | None:
+    """What the folder holds (its record's digest), for run.json; None when nothing was written."""
+    from clipcid.stage import identity
+
+    return identity(Path(folder) / SETTINGS_FILE)
+
+
+def inside_paths(folder: Path) -> dict[str, Path]:
+    folder = Path(folder)
     return {"weights": folder / "weights.png", "patches": folder / "patches.png", "numbers": folder / WEIGHTS_FILE}

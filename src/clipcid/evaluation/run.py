@@ -42,6 +42,7 @@ from clipcid.evaluation.features import (
 )
 from clipcid.util import allocator
 from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
+from clipcid.util.tables import markdown_table
 
 log = logging.getLogger("clipcid")
 
@@ -363,15 +364,13 @@ def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> 
         writer.writerow(["average", key, key, "" if value is None else f"{value:.4f}"])
     with atomic_path(out / "summary.csv") as tmp:
         tmp.write_text(buf.getvalue())
-    head = "| dataset | task | metric | value | pictures | chance |"
-    lines = [f"# {title}", "", head, "|---|---|---|---:|---:|---:|"]
-    lines += [
-        f"| {d} | {t} | {m} | {v * 100:.2f} | {n or '–'} | {'–' if c is None else f'{c * 100:.2g}'} |"
-        for d, t, m, v, n, c in rows
+    cells = [
+        [d, t, m, f"{v * 100:.2f}", str(n or "–"), "–" if c is None else f"{c * 100:.2g}"] for d, t, m, v, n, c in rows
     ]
-    lines += ["", "| average | value |", "|---|---:|"]
-    lines += [f"| {k} | {'–' if v is None else f'{v * 100:.2f}'} |" for k, v in summary.items()]
-    with atomic_path(out / "summary.md") as tmp:
+    lines = [f"# {title}", "", *markdown_table(["dataset", "task", "metric", "value", "pictures", "chance"], cells, 3)]
+    averages = [[k, "–" if v is None else f"{v * 100:.2f}"] for k, v in summary.items()]
+    lines += ["", *markdown_table(["average", "value"], averages)]
+    with atomic_path(out / SUMMARY_MARKDOWN) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
 
@@ -419,6 +418,7 @@ def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict
 # -- result files, read and written only here ------------------------------------------------------
 
 SUMMARY_FILE = "summary.json"
+SUMMARY_MARKDOWN = "summary.md"
 RESULTS_FILE = "results.json"
 MODEL_EVAL_FILE = "eval.json"
 

@@ -1,10 +1,17 @@
-"""Text tables for the terminal, and a process pool with a progress bar (the corpus builders)."""
+"""Tables: Markdown (every .md the package writes), text for the terminal; and a process pool with a
+progress bar (the corpus builders)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 
 from clipcid.util.progress import progress_bar
+
+
+def markdown_table(head: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """A Markdown table's lines: the first `left` columns aligned left, the others right (numbers)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
