@@ -21,8 +21,8 @@ SHARED = {
     "params.json": {"distill/checkpoint.py", "lit.py"},
     "model.pt": {"distill/checkpoint.py", "lit.py"},  # a checkpoint's student; a LiT teacher
     "train_log.jsonl": {"distill/checkpoint.py", "lit.py"},
-    "run.json": {"layout.py", "study.py"},  # the run folder's stage times; a study run's record
-    "weights.json": {"evaluation/inside.py", "study.py"},  # a run's students; a study's cache of them
+    "run.json": {"layout.py", "study/runner.py"},  # the run folder's stage times; a study run's record
+    "weights.json": {"evaluation/inside.py", "study/runner.py"},  # a run's students; a study's cache of them
     "showcase.json": {"evaluation/run.py", "demo.py"},  # held-out pairs per model; the demo's names
     "info.json": {"corpus/eval_suite.py", "corpus/sources.py"},  # a suite dataset's; an npm set's
 }

@@ -14,6 +14,8 @@ from conftest import make_shards
 from scipy import stats
 
 import clipcid.study as study_module
+import clipcid.study.data as study_data
+import clipcid.study.runner as study_runner
 from clipcid.balance import BalanceConfig, balance
 from clipcid.cluster import ClusterConfig, cluster
 from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
@@ -64,7 +66,7 @@ def _config(artifacts, out, plan, name: str = "study") -> StudyConfig:
 
 def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatch, caplog):
     out = tmp_path / "study"
-    with caplog.at_level(logging.INFO, logger=study_module.log.name):
+    with caplog.at_level(logging.INFO, logger=study_runner.log.name):
         result = run_study(_config(artifacts, out, PLAN))
     progress = [m for m in caplog.messages if m.startswith("study: ") and "runs done" in m]
     assert len(progress) == 4 and progress[-1] == "study: 4/4 runs done"
@@ -99,10 +101,10 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
     assert (out / "study.png").stat().st_size > 1000
 
     # Started again: every finished run is skipped, nothing is trained or evaluated.
-    monkeypatch.setattr(study_module, "distill", lambda cfg: pytest.fail("a finished run was trained again"))
-    monkeypatch.setattr(study_module, "run_eval_suite", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(study_runner, "distill", lambda cfg: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(study_data, "run_eval_suite", lambda *a, **k: pytest.fail("evaluated again"))
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger=study_module.log.name):
+    with caplog.at_level(logging.INFO, logger=study_runner.log.name):
         again = run_study(_config(artifacts, out, PLAN))
     assert "min left" not in caplog.text  # nothing was trained in this sitting: no estimate to give
     assert again["aggregate"] == result["aggregate"]
@@ -194,7 +196,7 @@ def test_a_tuning_plan_chooses_on_validation_and_the_main_plan_runs_its_choice_o
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary))
         return {"records": [record], "summary": summary}
 
-    monkeypatch.setattr(study_module, "run_eval_suite", fake_suite)
+    monkeypatch.setattr(study_data, "run_eval_suite", fake_suite)
     out = tmp_path / "study"
     chosen_clip = {"name": "clip", "label": "CLIP only, tuned", "tuned": {"plan": "tuning", "series": "clip"}}
     floor = {"name": "floor", "label": "random initialisation", "untrained": True}
@@ -384,7 +386,7 @@ def test_each_teacher_is_checked_once_per_study(tmp_path, monkeypatch):
     assert (
         cache.teacher(one)
         == cache.teacher(dict(one))
-        == str(tmp_path / "data" / f"teacher-{study_module._key(one)}" / "emb")
+        == str(tmp_path / "data" / f"teacher-{study_data._key(one)}" / "emb")
     )
     cache.teacher(other)
     assert made == [one, other]
@@ -433,7 +435,7 @@ def test_a_run_that_raises_leaves_no_lock_behind(artifacts, tmp_path, monkeypatc
     def broken(cfg):
         raise RuntimeError("the machine fell over")
 
-    monkeypatch.setattr(study_module, "distill", broken)
+    monkeypatch.setattr(study_runner, "distill", broken)
     out = tmp_path / "study"
     plan = {**PLAN, "seeds": [0], "variants": PLAN["variants"][:1], "comparisons": []}
     with pytest.raises(RuntimeError, match="fell over"):
