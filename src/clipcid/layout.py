@@ -17,7 +17,7 @@
       suite/             the held-out evaluation suite (corpus/eval_suite.py); in eval/ for a demo made
                          before it had a folder of its own, and found there
       showcase/          the models at work on names (demo.py)
-      study/             the studies (study.py, paper.py)
+      study/             the studies (the study package, paper.py)
 
 What is inside each stage's folder is its owner module's to spell.
 """
