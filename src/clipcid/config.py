@@ -32,6 +32,11 @@ def option(
     )
 
 
+def default_of(config: type, name: str) -> Any:
+    """A config class's default for one field: help text elsewhere reads it rather than restating it."""
+    return next(f.default for f in dataclasses.fields(config) if f.name == name)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

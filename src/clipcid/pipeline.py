@@ -38,7 +38,7 @@ from clipcid.balance.run import RUNTIME_FIELDS as BALANCE_RUNTIME
 from clipcid.balance.run import BalanceConfig, balance
 from clipcid.cluster.artifact import identity_of as clusters_identity
 from clipcid.cluster.run import ClusterConfig, cluster
-from clipcid.config import default_workers, option, validate
+from clipcid.config import default_of, default_workers, option, validate
 from clipcid.distill.checkpoint import identity_of as run_identity
 from clipcid.distill.checkpoint import student_path
 from clipcid.distill.train import RUNTIME_FIELDS as DISTILL_RUNTIME
@@ -177,10 +177,20 @@ class RunConfig:
     student: str | None = option(None, "student architecture (open_clip or clipcid, e.g. ViT-B-32, clipcid-tiny)")
     student_pretrained: str | None = option(None, "start the student from this tag or checkpoint")
     recipe: str | None = option(None, "settings JSON (the schema of OUT/recipe.json); flags given here win")
-    holdout: float | None = option(None, "share of pairs held out by image hash (default 0.01)", at_least=0, below=1)
-    threshold: float | None = option(None, "balance: merge distance (default 0.07, l2)", above=0)
+    holdout: float | None = option(
+        None,
+        f"share of pairs held out by image hash (default {default_of(HoldoutConfig, 'fraction')})",
+        at_least=0,
+        below=1,
+    )
+    threshold: float | None = option(
+        None,
+        f"balance: merge distance (default {default_of(BalanceConfig, 'threshold')}, "
+        f"{default_of(BalanceConfig, 'metric')})",
+        above=0,
+    )
     target_removal: float | None = option(None, "balance: pick the threshold removing this share", above=0, below=1)
-    k: str | None = option(None, "clusters, or auto (kept rows / 225)")
+    k: str | None = option(None, f"clusters, or auto (kept rows / {default_of(ClusterConfig, 'images_per_cluster'):g})")
     epochs: int | None = option(None, "student: passes over the data", at_least=1)
     batch_size: int | None = option(None, "student: pairs per step and process", at_least=1)
     lr: float | None = option(None, "student: peak learning rate", above=0)
