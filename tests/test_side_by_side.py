@@ -32,7 +32,8 @@ def two_threads():
 
 
 def test_jobs_run_in_their_own_processes_on_their_share_of_the_threads(two_threads, tmp_path):
-    jobs = [Job(name, probe, {"name": name, "mark": str(tmp_path / name)}) for name in ("a", "b", "c")]
+    # Each job lasts long enough that the second process, still starting, takes one.
+    jobs = [Job(name, probe, {"name": name, "sleep": 2.0, "mark": str(tmp_path / name)}) for name in ("a", "b", "c")]
     done = run_side_by_side(jobs, processes=2)
     assert [d.name for d in done] == ["a", "b", "c"]
     assert all((tmp_path / name).read_text() == "done" for name in "abc")
