@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -205,6 +206,16 @@ def test_a_validation_evaluation_reads_no_test_image(tmp_path, monkeypatch):
     assert probe["n_images"] == 6 and probe["lp_acc1"] == 1.0
     assert got["wds/heldout_colours", "zeroshot_classification"]["metrics"]["acc1"] == pytest.approx(2 / 3)
     assert json.loads((tmp_path / "val" / "summary.json").read_text())["split"] == "validation"
+    # Done once per settings: the same evaluation again reads nothing and returns what it wrote; other
+    # weights are refused, naming the difference, or replace it under overwrite.
+    read.clear()
+    again = run_eval_suite(cfg, encoder=StubEncoder())
+    assert read == [] and again["summary"] == result["summary"] and again["tasks"] == result["tasks"]
+    assert sorted(r["dataset"] for r in again["records"]) == sorted(r["dataset"] for r in result["records"])
+    with pytest.raises(ClipcidError, match="other settings .*student"):
+        run_eval_suite(dataclasses.replace(cfg, weights_identity="other"), encoder=StubEncoder())
+    run_eval_suite(dataclasses.replace(cfg, weights_identity="other", overwrite=True), encoder=StubEncoder())
+    assert set(read) == {"train", "validation"}
     # At test, every task reads its test split, the held-out one its test half.
     result = run_eval_suite(EvalSuiteConfig("stub", None, None, str(suite), workers=0), encoder=StubEncoder())
     got = {(r["dataset"], r["task"]): r["metrics"] for r in result["records"]}

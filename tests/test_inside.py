@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 import torch
 from conftest import make_img2dataset_shards
 
+from clipcid.errors import ClipcidError
 from clipcid.evaluation.inside import (
+    InsideConfig,
     Student,
     last_layer_weights,
     look_inside,
@@ -76,7 +79,9 @@ def test_look_inside_writes_the_numbers_the_figures_and_skips_when_finished(tmp_
     loads = []
     real_load = clipcid.models.load_model
     monkeypatch.setattr(clipcid.models, "load_model", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
-    record = look_inside(tmp_path / "run" / "inside", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
+    gallery = str(HoldOut.open(tmp_path / "ho").gallery)
+    cfg = InsideConfig(str(tmp_path / "run" / "inside"), gallery, pictures=4)
+    record = look_inside(cfg, students)
     # Each student loaded once trained (weights and patches) and once as it started (w0).
     assert sorted(map(str, loads)) == sorted([str(same), str(tiny_checkpoint), "None", "None"])
     numbers = json.loads((tmp_path / "run" / "inside" / "weights.json").read_text())
@@ -89,9 +94,12 @@ def test_look_inside_writes_the_numbers_the_figures_and_skips_when_finished(tmp_
     assert read_inside(tmp_path / "run" / "inside")["complete"]
     for name in ("weights.png", "patches.png"):  # a figure deleted since is drawn again
         (tmp_path / "run" / "inside" / name).unlink()
-        look_inside(tmp_path / "run" / "inside", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)
+        look_inside(cfg, students)
         assert (tmp_path / "run" / "inside" / name).stat().st_size > 1000
     monkeypatch.setattr("clipcid.evaluation.inside.weight_report", lambda *a: pytest.fail("done again"))
-    assert look_inside(tmp_path / "run" / "inside", students, HoldOut.open(tmp_path / "ho").gallery, n_pictures=4)[
-        "complete"
-    ]
+    assert look_inside(cfg, students)["complete"]
+    # Other settings are refused with what differs, or replaced under overwrite.
+    with pytest.raises(ClipcidError, match="other settings .*pictures: 4 -> 2"):
+        look_inside(dataclasses.replace(cfg, pictures=2), students)
+    monkeypatch.undo()
+    assert look_inside(dataclasses.replace(cfg, pictures=2, overwrite=True), students)["pictures"] == 2

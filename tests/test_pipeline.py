@@ -71,7 +71,7 @@ def test_one_command_runs_every_stage_on_img2dataset_shards(finished, inputs, tm
     for folder in ("holdout", "teacher_emb", "balance", "clusters", "runs/student", "runs/baseline", "models"):
         assert (out / folder).is_dir(), folder
     recipe = json.loads(RunLayout(out).recipe.read_text())
-    assert set(recipe) == {"run", "holdout", "embed", "balance", "cluster", "distill", "eval"}
+    assert set(recipe) == {"run", "holdout", "embed", "balance", "cluster", "distill", "eval", "inside"}
     assert recipe["embed"]["model"] == "clipcid-tiny" and recipe["distill"]["batch_size"] == 16  # flag, then file
     assert recipe["holdout"]["fraction"] == 0.15 and recipe["cluster"]["k"] == "6"
     assert recipe["distill"]["lr"] == 5e-4 and recipe["balance"]["metric"] == "l2"  # the stages' defaults
@@ -133,13 +133,6 @@ def test_the_same_line_again_redoes_nothing(finished, inputs):
                done.evaluation("student") / "eval.json", done.models / "models.json"]  # fmt: skip
     before = [p.stat().st_mtime_ns for p in watched]
     stages = json.loads(RunLayout(finished).run_record.read_text())["stages"]
-    # A run made before a stage gained a setting (balance's held_out_threshold, at its default; the
-    # hold-out's fit_up_to, which an explicit --holdout sets to the stage's own default) is still finished
-    # with the same settings.
-    recipe = json.loads(RunLayout(finished).recipe.read_text())
-    del recipe["balance"]["held_out_threshold"]
-    del recipe["holdout"]["fit_up_to"]
-    (RunLayout(finished).recipe).write_text(json.dumps(recipe))
     assert main(args(inputs, finished)) == 0
     assert [p.stat().st_mtime_ns for p in watched] == before
     assert json.loads(RunLayout(finished).run_record.read_text())["stages"] == stages  # the times of the real work
@@ -148,26 +141,22 @@ def test_the_same_line_again_redoes_nothing(finished, inputs):
 def test_a_changed_setting_is_named_and_overwrite_redoes_that_stage_and_the_later_ones(finished, inputs, capsys):
     out = finished.parent / "changed"
     shutil.copytree(finished.parent / "out", out, symlinks=True)
-    # A copy has other paths in its settings; so the check names the first stage whose recipe changed.
-    recipe = json.loads(RunLayout(out).recipe.read_text())
-    recipe["distill"]["lr"] = 0.002
-    (RunLayout(out).recipe).write_text(json.dumps(recipe))
-    assert main(args(inputs, out)) == 2
+    # The stage whose settings changed refuses, naming the setting, before anything is redone.
+    layout = RunLayout(out)
+    kept = [layout.holdout / "holdout.json", layout.teacher_emb / "embed.json", layout.balance / "stats.json"]
+    redone = [layout.clusters / "stats.json", layout.run("student") / "student.pt"]
+    before = [p.stat().st_mtime_ns for p in kept + redone]
+    assert main([*args(inputs, out), "--k", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "student finished with other settings" in err[0] and "lr: 0.002 -> 0.0005" in err[0]
+    assert len(err) == 1 and f"{layout.clusters} holds a run with other settings (k: 6 -> 5)" in err[0], err
     assert "--overwrite" in err[0]
-    # --overwrite redoes the student and what follows it; the stages before it are kept as they are.
-    kept = [
-        RunLayout(out).holdout / "holdout.json",
-        RunLayout(out).teacher_emb / "embed.json",
-        RunLayout(out).clusters / "stats.json",
-    ]
-    before = [p.stat().st_mtime_ns for p in kept]
-    trained = (RunLayout(out).run("student") / "student.pt").stat().st_mtime_ns
-    assert main([*args(inputs, out), "--overwrite"]) == 0
-    assert [p.stat().st_mtime_ns for p in kept] == before
-    assert (RunLayout(out).run("student") / "student.pt").stat().st_mtime_ns != trained
-    assert json.loads(RunLayout(out).recipe.read_text())["distill"]["lr"] == 0.0005
+    assert [p.stat().st_mtime_ns for p in kept + redone] == before and not (layout.clusters / ".lock").exists()
+    # --overwrite redoes the clusters and what reads them; the stages before are kept as they are.
+    assert main([*args(inputs, out), "--k", "5", "--overwrite"]) == 0
+    assert [p.stat().st_mtime_ns for p in kept] == before[: len(kept)]
+    assert all(p.stat().st_mtime_ns != t for p, t in zip(redone, before[len(kept) :], strict=True))
+    assert json.loads(layout.clusters.joinpath("stats.json").read_text())["settings"]["k"] == 5
+    assert json.loads(layout.recipe.read_text())["cluster"]["k"] == "5"
 
 
 def test_a_full_disk_then_a_kill_and_the_same_line_resumes_to_the_same_results(finished, inputs, tmp_path, monkeypatch):
@@ -336,3 +325,44 @@ def test_run_under_the_python_api_returns_the_timings(finished, inputs):
     )
     assert {"holdout", "embed", "balance", "cluster", "student", "baseline", "eval", "export"} <= set(result["timings"])
     assert Path(result["report"]).is_file()
+
+
+def test_the_stages_are_declared_once_and_everything_follows_from_the_list(monkeypatch, tmp_path):
+    import dataclasses
+
+    from clipcid import pipeline
+
+    names = [s.name for s in pipeline.STAGES]
+    assert len(set(names)) == len(names)
+    for i, stage in enumerate(pipeline.STAGES):
+        assert set(stage.inputs) <= set(names[:i]), f"{stage.name} reads a stage declared after it"
+        fields = {f.name for f in dataclasses.fields(stage.config)} if stage.config else set()
+        assert set(stage.filled) <= fields and set(stage.runtime) <= fields | {"out", "overwrite"}, stage.name
+        assert set(dict(stage.defaults)) <= fields, stage.name
+    # The recipe's sections are the pipeline's own and each stage's with settings, in the stages' order.
+    recipe, sources = resolve_recipe(RunConfig(out="x", data="d"))
+    assert list(recipe) == ["run", *[s.name for s in pipeline.STAGES if s.config]]
+    assert recipe["inside"] == {"pictures": 8}
+    # Runtime settings are printed apart from those that decide what a stage writes.
+    text = pipeline.describe(recipe, sources)
+    embed = text.split("[embed]")[1].split("[balance]")[0]
+    assert embed.index("model=null") < embed.index(" | ") < embed.index("batch_size=")
+    # A flag is typed, bounded and helped by the field it sets: a stage's default changed there shows in
+    # the help; a flag naming a field that does not exist fails at once.
+    flags = {f.name: f for f in dataclasses.fields(RunConfig)}
+    assert flags["lr"].type == "float | None" and flags["lr"].metadata["above"] == 0
+    assert "(default 0.0005)" in flags["lr"].metadata["help"]
+    monkeypatch.setattr(pipeline.DistillConfig.__dataclass_fields__["lr"], "default", 0.003)
+    assert "(default 0.003)" in pipeline._run_config().__dataclass_fields__["lr"].metadata["help"]
+    monkeypatch.setattr(pipeline, "RUN_FLAGS", (*pipeline.RUN_FLAGS, pipeline.RunFlag("x", ("distill.no_such",))))
+    with pytest.raises(ValueError, match="distill has no field no_such"):
+        pipeline._run_config()
+    # A stage added to the list is run, timed and recorded like the others (here: a trivial one).
+    ran = []
+    extra = pipeline.Stage(name="extra", config=None, run=lambda p: ran.append(p.layout.out), made=lambda p: "made")
+    monkeypatch.setattr(pipeline, "STAGES", (extra,))
+    monkeypatch.setattr("clipcid.report.write_report", lambda out, extras=None: out / "report.html")
+    with pipeline.distributed("cpu") as env:
+        result = pipeline.Pipeline(tmp_path, recipe, env).run()
+    assert ran == [tmp_path] and set(result["timings"]) == {"extra"}
+    assert RunLayout(tmp_path).read_run_record()["stages"]["extra"]["identity"] == "made"

@@ -13,6 +13,7 @@ import pytest
 from conftest import make_shards
 from scipy import stats
 
+import clipcid.evaluation.run as eval_run
 import clipcid.study as study_module
 import clipcid.study.data as study_data
 import clipcid.study.runner as study_runner
@@ -21,6 +22,7 @@ from clipcid.cluster import ClusterConfig, cluster
 from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
 from clipcid.embed import EmbedConfig, embed
 from clipcid.errors import ClipcidError
+from clipcid.evaluation.run import suite_evaluation_folder
 from clipcid.study import StudyConfig, paired_interval, run_study
 
 PLAN = {
@@ -102,7 +104,7 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
 
     # Started again: every finished run is skipped, nothing is trained or evaluated.
     monkeypatch.setattr(study_runner, "distill", lambda cfg: pytest.fail("a finished run was trained again"))
-    monkeypatch.setattr(study_data, "run_eval_suite", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(eval_run, "_suite_records", lambda *a, **k: pytest.fail("evaluated again"))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=study_runner.log.name):
         again = run_study(_config(artifacts, out, PLAN))
@@ -117,6 +119,16 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
     changed["variants"][0]["train"]["lr"] = 5e-4
     with pytest.raises(ClipcidError, match="other settings.*rename the variant"):
         run_study(_config(artifacts, out, changed))
+    # A run that raises lets go of its folder: the next sitting is not told that it is in use.
+    changed["variants"][0]["name"] = "renamed"
+
+    def broken(cfg):
+        raise RuntimeError("the student's training failed")
+
+    monkeypatch.setattr(study_runner, "distill", broken)
+    with pytest.raises(RuntimeError, match="training failed"):
+        run_study(replace(_config(artifacts, out, changed), seeds=[0]))
+    assert (out / "runs" / "renamed" / "seed0").is_dir() and not (out / "runs" / "renamed" / "seed0" / ".lock").exists()
 
 
 def test_paired_difference_interval_equals_a_hand_computation():
@@ -188,13 +200,15 @@ def test_a_tuning_plan_chooses_on_validation_and_the_main_plan_runs_its_choice_o
     evaluated = []
 
     def fake_suite(cfg):  # the criterion known in advance: the larger learning rate wins on validation
+        folder = suite_evaluation_folder(cfg)  # the real one: done once per settings
+        if folder.finished_run() is not None:
+            return folder.finished_run()
         evaluated.append((Path(cfg.pretrained).parts[-4], cfg.split))
         lp = (0.6 if "lr_big" in cfg.pretrained else 0.5) + 0.01 * len(evaluated)
-        summary = {"linear_probe_mean_acc1": lp}
         record = {"dataset": "wds/digits", "task": "linear_probe", "metrics": {"lp_acc1": lp}}
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary))
-        return {"records": [record], "summary": summary}
+        with folder:
+            made = {"split": cfg.split, "summary": {"linear_probe_mean_acc1": lp}, "tasks": {}, "eval_seconds": 0.0}
+            return {"records": [record], **folder.finish(made)}
 
     monkeypatch.setattr(study_data, "run_eval_suite", fake_suite)
     out = tmp_path / "study"

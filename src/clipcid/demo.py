@@ -13,7 +13,6 @@ recipe schema, plus the sections corpus and lit).
 
 from __future__ import annotations
 
-import html
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +22,17 @@ from clipcid.corpus.build import BuildDemoConfig, build_demo_corpus, summary_tab
 from clipcid.corpus.build import identity_of as corpus_identity
 from clipcid.corpus.eval_suite import BuildEvalConfig, build_eval_suite
 from clipcid.evaluation.datasets import SUITE_INDEX
-from clipcid.holdout import HoldoutConfig, hold_out
+from clipcid.holdout import hold_out
 from clipcid.holdout import identity_of as holdout_identity
 from clipcid.layout import TEACHER, RunLayout
 from clipcid.lit import LitConfig, lit, model_path, read_history
 from clipcid.lit import identity_of as lit_identity
-from clipcid.pipeline import RunConfig, StageTimes, run_pipeline
+from clipcid.pipeline import RunConfig, StageTimes, resolve_recipe, run_pipeline, stage_config
 from clipcid.recipe import load_recipe, recipe_path
 from clipcid.report import MODELS, Extras
 from clipcid.stage import RunFolder, identity
 from clipcid.util.fileio import output_folder
+from clipcid.util.templates import render
 
 log = logging.getLogger("clipcid")
 
@@ -72,13 +72,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(summary_table(corpus))
     # The pipeline's own hold-out (stratified by style), made first: the teacher must not train on it
     # either, and the suite's seen-distribution tasks are made of it. The pipeline then finds it finished
-    # with the same settings.
+    # with the same settings: its config is the pipeline's own, from the same command.
     holdout_dir = layout.holdout
-    times.timed(
-        "holdout",
-        lambda: hold_out(HoldoutConfig(data=str(corpus_dir), out=str(holdout_dir), **recipe["holdout"])),
-        lambda: holdout_identity(holdout_dir),
+    teacher = recipe["lit"]
+    run_cfg = RunConfig(
+        out=str(out),
+        data=str(corpus_dir),
+        teacher=teacher["model"],
+        teacher_pretrained=str(model_path(teacher_run)),
+        teacher_emb=str(layout.teacher_emb),
+        recipe=str(recipe_path(cfg.quick, cfg.recipe)),
+        eval_suite=str(suite_dir),
+        workers=cfg.workers,
     )
+    run_recipe, _ = resolve_recipe(run_cfg)
+    holdout_cfg = stage_config(run_recipe, "holdout", data=str(corpus_dir), out=str(holdout_dir), overwrite=False)
+    times.timed("holdout", lambda: hold_out(holdout_cfg), lambda: holdout_identity(holdout_dir))
     times.timed(
         "eval_suite",
         lambda: build_eval_suite(
@@ -97,7 +106,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         ),
         lambda: identity(suite_dir / SUITE_INDEX),
     )
-    teacher = recipe["lit"]
     times.timed(
         "teacher",
         lambda: lit(
@@ -119,24 +127,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         )
         return Extras(
             title="clipcid demo",
-            intro=INTRO,
+            intro=render("demo_intro.html.j2"),
             after_results=[showcase_html(out, suite_dir), study_html(out)],
             curves=[(read_history(teacher_run), "teacher (LiT: CLIP loss on the projections, per epoch)")],
         )
 
-    result = run_pipeline(
-        RunConfig(
-            out=str(out),
-            data=str(corpus_dir),
-            teacher=teacher["model"],
-            teacher_pretrained=str(model_path(teacher_run)),
-            teacher_emb=str(layout.teacher_emb),
-            recipe=str(recipe_path(cfg.quick, cfg.recipe)),
-            eval_suite=str(suite_dir),
-            workers=cfg.workers,
-        ),
-        extras=extras,
-    )
+    result = run_pipeline(run_cfg, extras=extras)
     if cfg.study:
         from clipcid.paper import PaperConfig, write_paper
         from clipcid.report import write_report
@@ -149,17 +145,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         write_paper(PaperConfig(study=str(layout.study)))  # the paper's tables in its order, with verdicts
         write_report(out, extras())  # again, now with the study
     return {"report": result["report"], "timings": times.seconds()}
-
-
-INTRO = """<p>CLIP-CID distillation (Yang et al., AAAI 2025) on the offline emoji, flag and icon corpus: a
-teacher made here LiT-style from two pretrained networks (an ImageNet EfficientNet-Lite0 and the MiniLM
-sentence encoder, both locked; only their projections learned the corpus), then two small students of
-one architecture trained on the same balanced data for the same steps, the baseline with the CLIP loss
-alone, the student with CLIP-CID's cluster- and instance-level distillation. The held-out pairs and the
-seen-distribution tasks (<code>heldout_*</code>: names and captions of pictures of the corpus's own
-sources, held out by style before any model ran) are the paper's Table 1 setting; the robustness tasks
-name the same kinds of things in styles the corpus does not contain (its Table 3 setting); the other
-tasks are categories, linear probes and retrieval on those unseen styles.</p>"""
 
 
 # -- the demo's showcase: names of held-out styles -------------------------------------------------
@@ -192,12 +177,6 @@ def _showcase(out: Path, suite_root: str) -> dict:
         return folder.finish({"dataset": dataset.name, "shown": shown})
 
 
-def _thumb(png: bytes, frame: str = "#ddd", size: int = 64) -> str:
-    from clipcid.util.html import png_src
-
-    return f'<img class=thumb style="border:3px solid {frame};width:{size}px" src="{png_src(png)}">'
-
-
 def showcase_html(out: Path, suite_root: Path) -> str:
     """The models at work on names: top-3 zero-shot answers beside pictures of a held-out style, top-5
     pictures per query."""
@@ -216,58 +195,59 @@ def showcase_html(out: Path, suite_root: Path) -> str:
     names = dataset.classnames
     wanted = set(first["examples"]) | {i for n, _ in models for row in shown[n]["retrieved"] for i in row}
     images = pictures(dataset, wanted)
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in models)
-    rows = []
-    for k, index in enumerate(first["examples"]):
-        truth = first["targets"][k]
-        cells = []
-        for n, _ in models:
-            answers = []
-            for c in shown[n]["top3"][k]:
-                name = html.escape(names[c])
-                answers.append(f"<b class=right>{name} ✓</b>" if c == truth else name)
-            cells.append("<td>" + "<br>".join(answers) + "</td>")
-        picture = f"<td>{_thumb(images[index])}<br><small>{html.escape(names[truth])}</small></td>"
-        rows.append(f"<tr>{picture}{''.join(cells)}</tr>")
-    queries = []
-    for q, query in enumerate(first["queries"]):
-        want = first["query_targets"][q]
-        lines = []
-        for n, label in models:
-            thumbs = "".join(
-                _thumb(images[i], "#2a2" if t == want else "#ccc", 48)
-                for i, t in zip(shown[n]["retrieved"][q], shown[n]["retrieved_targets"][q], strict=True)
-            )
-            lines.append(f"<tr><td>{html.escape(label)}</td><td class=left>{thumbs}</td></tr>")
-        queries.append(f"<h4>“{html.escape(query)}”</h4><table>{''.join(lines)}</table>")
-    return (
-        f"<h2>The models at work on unseen styles</h2><p>Pictures of <code>{html.escape(dataset.name)}</code> "
-        f"({len(names):,} classes: zero-shot by name in a style the corpus does not contain). Each model's three "
-        "best names per picture, the right one marked ✓:</p>"
-        f"<table class=show><tr><th>picture (true name)</th>{head}</tr>{''.join(rows)}</table>"
-        f"<p>Text queries against the same {len(names):,} pictures: each model's five best, framed green when "
-        f"right.</p>{''.join(queries)}"
+    examples = [
+        {
+            "picture": images[index],
+            "truth": names[first["targets"][k]],
+            "answers": [[(names[c], c == first["targets"][k]) for c in shown[n]["top3"][k]] for n, _ in models],
+        }
+        for k, index in enumerate(first["examples"])
+    ]
+    queries = [
+        {
+            "text": query,
+            "lines": [
+                {
+                    "label": label,
+                    "pictures": [
+                        (images[i], t == first["query_targets"][q])
+                        for i, t in zip(shown[n]["retrieved"][q], shown[n]["retrieved_targets"][q], strict=True)
+                    ],
+                }
+                for n, label in models
+            ],
+        }
+        for q, query in enumerate(first["queries"])
+    ]
+    return render(
+        "demo_showcase.html.j2",
+        dataset=dataset.name,
+        classes=len(names),
+        labels=[label for _, label in models],
+        examples=examples,
+        queries=queries,
     )
 
 
 def study_html(out: Path) -> str:
     """The tables and plots of each plan OUT/study holds results of."""
     from clipcid.paper import paper_html, read_paper
-    from clipcid.report import _file_img
+    from clipcid.report import png_of
     from clipcid.study import read_study, study_figures, study_names, study_tables_html
 
     folder = RunLayout(out).study
     paper = read_paper(folder) if folder.is_dir() else None
-    parts = [paper_html(paper)] if paper else []
+    plans = []
     for name in study_names(folder) if folder.is_dir() else []:
         study = read_study(folder, name)
         figures = study_figures(folder, name)
-        parts.append(
-            f"<h2>Study <code>{html.escape(name)}</code>: {len(study['runs'])} runs</h2><p>From <code>clipcid study"
-            f"</code> on this demo's artifacts (<code>{html.escape(str(folder))}</code>; {html.escape(name)}.md holds "
-            "every task). Mean ± standard deviation over seeds; differences against the reference are paired by "
-            f"seed, with 95 % t intervals (bold: the interval excludes zero).</p>{study_tables_html(study)}"
-            + _file_img(figures["means"], name)
-            + (_file_img(figures["curves"], f"{name} curves") if figures["curves"].is_file() else "")
+        plans.append(
+            {
+                "name": name,
+                "runs": len(study["runs"]),
+                "tables": study_tables_html(study),
+                "means": png_of(figures["means"]),
+                "curves": png_of(figures["curves"]),
+            }
         )
-    return "".join(parts)
+    return render("demo_study.html.j2", paper=paper_html(paper) if paper else None, plans=plans, folder=str(folder))

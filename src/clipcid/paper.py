@@ -32,7 +32,7 @@ from pathlib import Path
 from clipcid.config import option
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.run import AVERAGES
-from clipcid.study import GIVEN, describe_teacher, html_table, mean_sd, paired_interval, read_study
+from clipcid.study import GIVEN, describe_teacher, mean_sd, paired_interval, read_study
 from clipcid.util.fileio import atomic_path, output_folder, read_user_json, save_json_atomic
 from clipcid.util.tables import markdown_table
 
@@ -410,18 +410,12 @@ def paper_markdown(result: dict) -> str:
 
 def paper_html(result: dict) -> str:
     """The claims and their verdicts, one table per section (the demo report; paper.md has the rows)."""
-    import html
+    from clipcid.util.templates import render
 
-    parts = [
-        "<h2>The paper's claims at this scale</h2><p>From <code>clipcid paper</code> (paper.md beside the study "
-        "holds every row): each claim of the paper, first minus second paired by seed, mean [95 % interval] "
-        "and, on each section's primary metric, the verdict after Holm's adjustment over the section's claims "
-        "(bold: it holds or is reversed). " + html.escape(_counts_text(result)) + ".</p>"
-    ]
+    sections = []
     for s in result["sections"]:
         if not s["claims"]:
             continue
-        labels = [_metric_format(m)[0] for m in s["metrics"]]
         rows = []
         for c in s["claims"]:
             cells = []
@@ -431,11 +425,9 @@ def paper_html(result: dict) -> str:
                 decisive = d and d["verdict"] not in ("unresolved", NOT_RUN, SECONDARY)
                 cells.append(text + (" **" if decisive else ""))
             rows.append([claim_label(c).replace("`", ""), *cells])
-        parts.append(
-            f"<h3>{html.escape(s['title'])}</h3><p><i>The paper:</i> {html.escape(s['paper'])}</p>"
-            + html_table(["claim", *labels], rows)
-        )
-    return "".join(parts)
+        head = ["claim", *[_metric_format(m)[0] for m in s["metrics"]]]
+        sections.append({"title": s["title"], "paper": s["paper"], "head": head, "rows": rows})
+    return render("paper.html.j2", counts=_counts_text(result), sections=sections)
 
 
 def read_paper(folder: str | Path) -> dict | None:

@@ -1,25 +1,26 @@
 """`clipcid run`: the whole method on the user's own shards, in one command.
 
     holdout -> embed -> balance -> cluster -> distill (student, and with --baseline a CLIP-only
-    student on the same rows, steps and seed) -> eval -> export -> report
+    student on the same rows, steps and seed) -> eval -> inside -> export -> report
+
+The stages are declared once, in STAGES at the end of this module: name, settings (the config class
+whose fields make the recipe's section), the fields the pipeline fills, the settings that do not
+change what it writes, the stages it reads, and its run function. The recipe's sections, the printed
+settings, `--set`, --overwrite, the order, the timing and OUT/run.json all come from that list.
 
 Every stage writes its own folder under OUT through the stage's owner module and decides alone, by
-stage.py's one rule, whether it finished with these settings: running the same line again redoes
-nothing that finished and resumes what did not. The settings of every stage come from the stage's
-own defaults, then a recipe file (--recipe, the schema of OUT/recipe.json: one section per stage
-holding that stage's config fields), then the command line (its named flags, and --set
-SECTION.FIELD=VALUE for any field); the result is printed at the start and written to OUT/recipe.json.
-A stage that finished with other settings is named with the setting that differs, and --overwrite
-redoes it and every stage after it.
+stage.py's one rule (RunFolder), whether it finished with these settings: running the same line again
+redoes nothing that finished and resumes what did not; a stage that finished with other settings is
+refused with the setting that differs, and --overwrite redoes it (and so the stages that read it,
+whose inputs' identities then change). The settings of every stage come from the stage's own
+defaults, then a recipe file (--recipe, the schema of OUT/recipe.json: one section per stage holding
+that stage's config fields), then the command line (its named flags, and --set SECTION.FIELD=VALUE for
+any field); the result is printed at the start and written to OUT/recipe.json.
 
 Under torchrun every stage uses every rank (parts, query blocks, DDP, models split across ranks for
 evaluation); rank 0 alone writes the recipe, the models folder and the report.
 
-OUT/holdout/  OUT/teacher_emb/ (unless --teacher-emb)  OUT/balance/  OUT/clusters/  OUT/runs/{student,
-baseline}/  OUT/eval/{teacher,baseline,student}/  OUT/models/ (each student as a folder plain open_clip
-loads; the teacher too when it is a small local checkpoint, else referenced)  OUT/results.json (every
-record in CLIP_benchmark's schema with its role)  OUT/report.html  OUT/recipe.json  OUT/run.json (when
-each stage ran and for how long)
+The folders: layout.py (RunLayout), the one place a run folder's paths are spelled.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import logging
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from clipcid.balance.run import RUNTIME_FIELDS as BALANCE_RUNTIME
 from clipcid.balance.run import BalanceConfig, balance
 from clipcid.cluster.artifact import identity_of as clusters_identity
 from clipcid.cluster.run import ClusterConfig, cluster
-from clipcid.config import default_of, default_workers, option, validate
+from clipcid.config import default_workers, option, validate
 from clipcid.distill.checkpoint import identity_of as run_identity
 from clipcid.distill.checkpoint import student_path
 from clipcid.distill.train import RUNTIME_FIELDS as DISTILL_RUNTIME
@@ -48,6 +50,7 @@ from clipcid.embed.run import RUNTIME_FIELDS as EMBED_RUNTIME
 from clipcid.embed.run import EmbedConfig, embed
 from clipcid.errors import ClipcidError
 from clipcid.evaluation.features import weights_fingerprint
+from clipcid.evaluation.inside import InsideConfig
 from clipcid.evaluation.inside import identity_of as inside_identity
 from clipcid.evaluation.run import (
     RESULTS_FILE,
@@ -59,20 +62,12 @@ from clipcid.evaluation.run import (
     read_suite_results,
     write_results,
 )
+from clipcid.holdout import RUNTIME_FIELDS as HOLDOUT_RUNTIME
 from clipcid.holdout import HoldOut, HoldoutConfig, hold_out
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.layout import BASELINE, STUDENT, RunLayout
 from clipcid.models import check_model_spec
-from clipcid.stage import (
-    DistEnv,
-    RunFolder,
-    barrier,
-    digest,
-    distributed,
-    identity,
-    pick_device,
-    settings_difference,
-)
+from clipcid.stage import DistEnv, RunFolder, barrier, digest, distributed, identity, pick_device
 from clipcid.util import allocator
 from clipcid.util.fileio import output_folder, read_user_json, save_json_atomic
 from clipcid.util.side_by_side import Job, own_usage, processes_for, run_side_by_side, usage_since
@@ -88,14 +83,16 @@ OTHER_SECTIONS = ("corpus", "lit")
 MODELS_INDEX = "models.json"  # models/: each model's role, folder, size and speed (written by export here)
 # What a run was made from: recorded in recipe.json's "run" section, taken from the command line only.
 INPUTS = ("data", "teacher_emb")
+# The hold-out reads the shards as embed does: these settings of the embed section are the hold-out's too.
+TABLE_FIELDS = ("rows_per_part", "image_column", "caption_column")
 
 
 @dataclass
 class RunSection:
     """The pipeline's own settings (section "run" of a recipe)."""
 
-    data: str | None = option(None, "training shards")
-    teacher_emb: str | None = option(None, "teacher embeddings already made (then embed does not run)")
+    data: str | None = option(None, "shards: a folder, brace pattern or glob; img2dataset's webdataset or files output")
+    teacher_emb: str | None = option(None, "teacher embeddings already made (clipcid embed, clip-retrieval layout)")
     baseline: bool = option(False, "also train a CLIP-loss-only student on the same rows, steps and seed")
     side_by_side: bool = option(
         True, "on a CPU, train the students and evaluate the models in parallel processes, the cores split"
@@ -106,9 +103,9 @@ class RunSection:
 class EvalSection:
     """How every model is evaluated (section "eval" of a recipe)."""
 
-    datasets: list[str] | None = option(None, "datasets as `clipcid eval --dataset` takes them")
+    datasets: list[str] | None = option(None, "more datasets, as `clipcid eval --dataset` takes them")
     dataset_root: str | None = option(None, "with wds/NAME datasets: their folder, may use {dataset}")
-    suite_root: str | None = option(None, "a suite of `clipcid data build-eval` (every task of it)")
+    suite_root: str | None = option(None, "a suite of `clipcid data build-eval`: every task of it")
     batch_size: int = option(256, "images per forward pass", at_least=1)
     workers: int = option(help="data loading processes", default_factory=default_workers, at_least=0)
     device: str = option("auto", "auto, cpu or cuda")
@@ -116,101 +113,114 @@ class EvalSection:
     queries: int = option(4, "held-out captions the report shows with each model's best pictures", at_least=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Section:
-    config: type
-    filled: tuple[str, ...]  # fields the pipeline fills (paths between stages), not recipe settings
-    runtime: tuple[str, ...] = ()  # fields that do not change what the stage writes
+    """A section of the recipe: a config class, less the fields the pipeline fills."""
+
+    config: type | None  # None: a stage without settings
+    filled: tuple[str, ...] = ()  # fields the pipeline fills (paths between stages), not recipe settings
+    runtime: tuple[str, ...] = ()  # settings that do not change what the stage writes (printed apart)
     defaults: tuple[tuple[str, object], ...] = ()  # the pipeline's defaults where they differ from the stage's
 
 
-TABLE_FIELDS = ("rows_per_part", "image_column", "caption_column")
-SECTIONS: dict[str, Section] = {
-    "run": Section(RunSection, ()),
-    # Small data are fitted: the default 1 % rises to what gives --min-pairs usable pairs, up to 10 %.
-    "holdout": Section(HoldoutConfig, ("data", "out", "overwrite", *TABLE_FIELDS), (), (("fit_up_to", 0.1),)),
-    "embed": Section(EmbedConfig, ("data", "out", "overwrite"), EMBED_RUNTIME),
-    "balance": Section(BalanceConfig, ("emb", "out", "holdout", "overwrite"), BALANCE_RUNTIME),
-    "cluster": Section(ClusterConfig, ("emb", "out", "balance", "holdout", "overwrite"), ("plots",)),
-    "distill": Section(
-        DistillConfig,
-        ("data", "out", "teacher_emb", "balance", "clusters", "holdout", "resume", "overwrite"),
-        DISTILL_RUNTIME,
-        (("save_every_n_steps", 200), ("log_every_n_steps", 20)),  # resumable mid-epoch
-    ),
-    "eval": Section(EvalSection, (), ("batch_size", "workers", "device")),
-}
+@dataclass(frozen=True, kw_only=True)
+class Stage(Section):
+    """One stage of `clipcid run`, declared once (STAGES)."""
 
-# Command-line flags of `clipcid run` -> the recipe fields they set.
-FLAG_TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
-    "data": (("run", "data"),),
-    "teacher_emb": (("run", "teacher_emb"),),
-    "baseline": (("run", "baseline"),),
-    "teacher": (("embed", "model"),),
-    "teacher_pretrained": (("embed", "pretrained"),),
-    "student": (("distill", "model"),),
-    "student_pretrained": (("distill", "pretrained"),),
-    "holdout": (("holdout", "fraction"),),
-    "threshold": (("balance", "threshold"),),
-    "target_removal": (("balance", "target_removal"),),
-    "k": (("cluster", "k"),),
-    "epochs": (("distill", "epochs"),),
-    "batch_size": (("distill", "batch_size"),),
-    "lr": (("distill", "lr"),),
-    "seed": (("distill", "seed"),),
-    "eval": (("eval", "datasets"),),
-    "dataset_root": (("eval", "dataset_root"),),
-    "eval_suite": (("eval", "suite_root"),),
-    "workers": (("embed", "workers"), ("distill", "workers"), ("eval", "workers")),
-    "device": (("embed", "device"), ("balance", "device"), ("distill", "device"), ("eval", "device")),
-    "precision": (("embed", "precision"), ("distill", "precision"), ("eval", "precision")),
-}
+    name: str  # its recipe section, its run.json entry, its log line, its folder's owner
+    run: Callable[[Pipeline], None]  # the work: builds its config (`Pipeline.config`) and calls its module
+    made: Callable[[Pipeline], str | None] | None  # what it wrote, as one fingerprint (run.json); None:
+    # the stage notes its parts in run.json itself (the students, each with its own time)
+    inputs: tuple[str, ...] = ()  # the stages whose outputs it reads: they come before it
+    main_only: bool = False  # rank 0 alone (it writes small files from what every rank made)
+    applies: Callable[[dict], bool] = lambda recipe: True  # whether it runs with these settings
 
 
-@dataclass
-class RunConfig:
-    out: str = option(help="output folder: every stage's folder, results.json, report.html, recipe.json")
-    data: str | None = option(None, "shards: a folder, brace pattern or glob; img2dataset's webdataset or files output")
-    teacher: str | None = option(None, "teacher: an open_clip architecture, or local-dir:FOLDER (`clipcid export`)")
-    teacher_pretrained: str | None = option(None, "the teacher's open_clip tag or checkpoint path")
-    teacher_emb: str | None = option(None, "teacher embeddings already made (clipcid embed, clip-retrieval layout)")
-    student: str | None = option(None, "student architecture (open_clip or clipcid, e.g. ViT-B-32, clipcid-tiny)")
-    student_pretrained: str | None = option(None, "start the student from this tag or checkpoint")
-    recipe: str | None = option(None, "settings JSON (the schema of OUT/recipe.json); flags given here win")
-    holdout: float | None = option(
-        None,
-        f"share of pairs held out by image hash (default {default_of(HoldoutConfig, 'fraction')})",
-        at_least=0,
-        below=1,
-    )
-    threshold: float | None = option(
-        None,
-        f"balance: merge distance (default {default_of(BalanceConfig, 'threshold')}, "
-        f"{default_of(BalanceConfig, 'metric')})",
-        above=0,
-    )
-    target_removal: float | None = option(None, "balance: pick the threshold removing this share", above=0, below=1)
-    k: str | None = option(None, f"clusters, or auto (kept rows / {default_of(ClusterConfig, 'images_per_cluster'):g})")
-    epochs: int | None = option(None, "student: passes over the data", at_least=1)
-    batch_size: int | None = option(None, "student: pairs per step and process", at_least=1)
-    lr: float | None = option(None, "student: peak learning rate", above=0)
-    seed: int | None = option(None, "student: seed of its init and data order")
-    baseline: bool | None = option(None, "also train a CLIP-loss-only student (same rows, steps, seed)")
-    eval: list[str] | None = option(None, "more datasets, as `clipcid eval --dataset` takes them")
-    dataset_root: str | None = option(None, "with --eval wds/NAME: the datasets' folder, may use {dataset}")
-    eval_suite: str | None = option(None, "a suite of `clipcid data build-eval`: every task of it")
-    workers: int | None = option(None, "data loading processes (embed, distill, eval)", at_least=0)
-    device: str | None = option(None, "auto, cpu or cuda")
-    precision: str | None = option(None, "fp32, bf16, fp16, amp_bf16 or amp")
-    set: list[str] | None = option(None, "any setting: SECTION.FIELD=VALUE (e.g. distill.warmup=500)")
-    overwrite: bool = option(False, "redo a stage made with other settings, and the stages after it")
+RUN_SECTION = Section(config=RunSection)
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFlag:
+    """A named flag of `clipcid run`: the recipe fields it sets (SECTION.FIELD); its type, bounds and
+    help come from the first of them, so that a stage's default is stated in one place."""
+
+    name: str
+    targets: tuple[str, ...]
+    role: str = ""  # what the field is in the run's terms ("teacher", "student"), before the field's own help
+
+
+RUN_FLAGS = (
+    RunFlag("data", ("run.data",)),
+    RunFlag("teacher", ("embed.model",), "teacher"),
+    RunFlag("teacher_pretrained", ("embed.pretrained",), "teacher"),
+    RunFlag("teacher_emb", ("run.teacher_emb",)),
+    RunFlag("student", ("distill.model",)),
+    RunFlag("student_pretrained", ("distill.pretrained",)),
+    RunFlag("holdout", ("holdout.fraction",)),
+    RunFlag("threshold", ("balance.threshold",), "balance"),
+    RunFlag("target_removal", ("balance.target_removal",), "balance"),
+    RunFlag("k", ("cluster.k",), "cluster"),
+    RunFlag("epochs", ("distill.epochs",), "student"),
+    RunFlag("batch_size", ("distill.batch_size",), "student"),
+    RunFlag("lr", ("distill.lr",), "student"),
+    RunFlag("seed", ("distill.seed",), "student"),
+    RunFlag("baseline", ("run.baseline",)),
+    RunFlag("eval", ("eval.datasets",)),
+    RunFlag("dataset_root", ("eval.dataset_root",)),
+    RunFlag("eval_suite", ("eval.suite_root",)),
+    RunFlag("workers", ("embed.workers", "distill.workers", "eval.workers")),
+    RunFlag("device", ("embed.device", "balance.device", "distill.device", "eval.device")),
+    RunFlag("precision", ("embed.precision", "distill.precision", "eval.precision")),
+)
+
+
+def _field(section: str, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(sections()[section].config):
+        if f.name == name:
+            return f
+    raise ValueError(f"RUN_FLAGS: {section} has no field {name}")
+
+
+def _flag_field(flag: RunFlag) -> tuple[str, str, dataclasses.Field]:
+    """The RunConfig field of a flag: optional (None: the recipe or the stage decides), typed, bounded
+    and helped by its first target, whose default it names."""
+    section, name = flag.targets[0].split(".")
+    target = _field(section, name)
+    meta = dict(target.metadata)
+    where = ", ".join(t.split(".")[0] for t in flag.targets) if len(flag.targets) > 1 else ""
+    default = section_defaults(section)[name]
+    said = "" if default is None or default is False or where else f" (default {json.dumps(default)})"
+    role = f"{flag.role}: " if flag.role else ""
+    meta["help"] = f"{role}{meta['help']}{f' ({where})' if where else ''}{said}"
+    kind = str(target.type).removesuffix(" | None")
+    return flag.name, f"{kind} | None", dataclasses.field(default=None, metadata=meta)
+
+
+def _run_config() -> type:
+    own = [
+        ("out", "str", option(help="output folder: every stage's folder, results.json, report.html, recipe.json")),
+        *[_flag_field(f) for f in RUN_FLAGS],
+        ("recipe", "str | None", option(None, "settings JSON (the schema of OUT/recipe.json); flags given here win")),
+        ("set", "list[str] | None", option(None, "any setting: SECTION.FIELD=VALUE (e.g. distill.warmup=500)")),
+        ("overwrite", "bool", option(False, "redo a stage made with other settings (and so the stages after it)")),
+    ]
+    doc = "`clipcid run`'s settings: RUN_FLAGS and its own."
+    return dataclasses.make_dataclass("RunConfig", own, namespace={"__doc__": doc, "__module__": __name__})
 
 
 # -- the recipe ------------------------------------------------------------------------------------
 
 
+def sections() -> dict[str, Section]:
+    """The recipe's sections: the pipeline's own ("run"), then each declared stage's that has settings."""
+    return {"run": RUN_SECTION, **{s.name: s for s in STAGES if s.config is not None}}
+
+
 def section_fields(name: str) -> list[dataclasses.Field]:
-    section = SECTIONS[name]
+    section = sections()[name]
     return [f for f in dataclasses.fields(section.config) if f.name not in section.filled]
 
 
@@ -223,7 +233,7 @@ def section_defaults(name: str) -> dict:
             out[f.name] = f.default_factory()
         else:
             out[f.name] = None  # a required field (e.g. the student's model) that the recipe must give
-    out.update(dict(SECTIONS[name].defaults))
+    out.update(dict(sections()[name].defaults))
     return out
 
 
@@ -235,8 +245,8 @@ def _parse_value(text: str):
 
 
 def _set(recipe: dict, sources: dict, section: str, name: str, value, source: str) -> None:
-    if section not in SECTIONS:
-        raise ClipcidError(f"{source}: no section '{section}' (sections: {', '.join(SECTIONS)})")
+    if section not in recipe:
+        raise ClipcidError(f"{source}: no section '{section}' (sections: {', '.join(recipe)})")
     known = {f.name for f in section_fields(section)}
     if name not in known:
         raise ClipcidError(
@@ -246,11 +256,11 @@ def _set(recipe: dict, sources: dict, section: str, name: str, value, source: st
     sources[section][name] = source
 
 
-def resolve_recipe(cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict[str, str]]]:
+def resolve_recipe(cfg) -> tuple[dict[str, dict], dict[str, dict[str, str]]]:
     """The settings of every stage (stage defaults < recipe file < command line) and where each came
     from ("recipe" or "flag"; a default is absent from the sources)."""
-    recipe = {name: section_defaults(name) for name in SECTIONS}
-    sources: dict[str, dict[str, str]] = {name: {} for name in SECTIONS}
+    recipe = {name: section_defaults(name) for name in sections()}
+    sources: dict[str, dict[str, str]] = {name: {} for name in recipe}
     if cfg.recipe:
         given = read_user_json(cfg.recipe, "--recipe")
         for section, values in given.items():
@@ -262,10 +272,11 @@ def resolve_recipe(cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict[str,
                 if section == "run" and name in INPUTS:
                     continue  # a recipe is settings: the data and embeddings of another run are not taken
                 _set(recipe, sources, section, name, value, f"--recipe {cfg.recipe}")
-    for flag_name, targets in FLAG_TARGETS.items():
-        value = getattr(cfg, flag_name)
+    for flag in RUN_FLAGS:
+        value = getattr(cfg, flag.name)
         if value is not None:
-            for section, name in targets:
+            for target in flag.targets:
+                section, name = target.split(".")
                 recipe[section][name] = value
                 sources[section][name] = "flag"
     if sources["holdout"].get("fraction") and "fit_up_to" not in sources["holdout"]:
@@ -276,7 +287,7 @@ def resolve_recipe(cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict[str,
         if not (sep and dot):
             raise ClipcidError(f"--set {item}: expected SECTION.FIELD=VALUE, e.g. distill.warmup=500")
         _set(recipe, sources, section, name, _parse_value(text), f"--set {item}")
-    for section in SECTIONS:
+    for section in recipe:
         validate(stage_config(recipe, section))
     return recipe, sources
 
@@ -284,7 +295,7 @@ def resolve_recipe(cfg: RunConfig) -> tuple[dict[str, dict], dict[str, dict[str,
 def stage_config(recipe: dict, section: str, **filled):
     """The stage's config from its recipe section plus the fields the pipeline fills (placeholders when
     not given: the config is then only good for validation)."""
-    spec = SECTIONS[section]
+    spec = sections()[section]
     values = {**recipe[section], **filled}
     for name in spec.filled:
         values.setdefault(name, "" if name in ("data", "out", "emb") else None)
@@ -299,68 +310,21 @@ def stage_config(recipe: dict, section: str, **filled):
 
 
 def describe(recipe: dict, sources: dict) -> str:
-    """The settings, one section per paragraph; * from the recipe file, ! from the command line."""
+    """The settings, one section per paragraph, those that do not change what a stage writes after a |;
+    * from the recipe file, ! from the command line."""
     marks = {"flag": "!"}
-    lines = ["settings (* from --recipe, ! from the command line, the rest defaults):"]
+    lines = ["settings (* from --recipe, ! from the command line, the rest defaults; after |: runtime only):"]
     for section, values in recipe.items():
-        items = []
+        runtime = sections()[section].runtime
+        items: dict[bool, list[str]] = {False: [], True: []}
         for name, value in values.items():
             source = sources[section].get(name)
             mark = marks.get(source, "*" if source else "")
-            items.append(f"{name}={json.dumps(value)}{mark}")
-        body = textwrap.fill(", ".join(items), width=116, initial_indent="  ", subsequent_indent="    ")
+            items[name in runtime].append(f"{name}={json.dumps(value)}{mark}")
+        text = ", ".join(items[False]) + (" | " + ", ".join(items[True]) if items[True] else "")
+        body = textwrap.fill(text, width=116, initial_indent="  ", subsequent_indent="    ")
         lines.append(f"  [{section}]\n{body}")
     return "\n".join(lines)
-
-
-def _comparable(recipe: dict, section: str) -> dict:
-    runtime = set(SECTIONS[section].runtime)
-    return {k: v for k, v in recipe.get(section, {}).items() if k not in runtime}
-
-
-def _at_stage_default(section: str, key: str, value) -> bool:
-    """Whether a setting is at a default: a setting added to a stage since a run finished, left at the
-    pipeline's default or at the stage's own (which is how the stage behaved before it had the setting,
-    e.g. holdout.fit_up_to 0 under an explicit --holdout), is not a change of that run's settings."""
-    overrides = dict(SECTIONS[section].defaults)
-    for f in dataclasses.fields(SECTIONS[section].config):
-        if f.name == key:
-            return value in [d for d in (overrides.get(key, f.default), f.default) if d is not dataclasses.MISSING]
-    return False
-
-
-# Each stage of the pipeline, the recipe sections its output follows from, in order.
-STAGES = (
-    ("holdout", ("holdout",)),
-    ("embed", ("embed",)),
-    ("balance", ("balance",)),
-    ("cluster", ("cluster",)),
-    ("student", ("distill",)),
-    ("baseline", ("distill",)),
-    ("eval", ("eval",)),
-)
-
-
-def first_changed_stage(out: Path, recipe: dict) -> tuple[str, str] | None:
-    """(stage, what differs) for the first stage that finished in OUT with other settings than `recipe`."""
-    old = RunLayout(out).read_recipe()
-    if old is None:
-        return None
-    finished = StageTimes(out).finished()
-    if old.get("run", {}).get("data") != recipe["run"]["data"] and finished:
-        return "holdout", settings_difference({"data": old.get("run", {}).get("data")}, {"data": recipe["run"]["data"]})
-    for stage, sections in STAGES:
-        if stage not in finished:
-            continue
-        for section in sections:
-            before, now = _comparable(old, section), _comparable(recipe, section)
-            if section == "embed" and (old.get("run", {}).get("teacher_emb") or recipe["run"]["teacher_emb"]):
-                before = {"teacher_emb": old.get("run", {}).get("teacher_emb")}
-                now = {"teacher_emb": recipe["run"]["teacher_emb"]}
-            now = {k: v for k, v in now.items() if k in before or not _at_stage_default(section, k, v)}
-            if before != now:
-                return stage, f"{section}: {settings_difference(before, now)}"
-    return None
 
 
 # -- checks before any stage starts ----------------------------------------------------------------
@@ -440,9 +404,6 @@ class StageTimes:
     def read(self) -> dict:
         return self.layout.read_run_record()
 
-    def finished(self) -> set[str]:
-        return set(self.read().get("stages", {}))
-
     def record(self, name: str, seconds: float, made: str | None, cpu: dict | None = None) -> None:
         state = self.read()
         old = state["stages"].get(name)
@@ -485,12 +446,10 @@ class StageTimes:
 
 
 class Pipeline:
-    def __init__(self, out: Path, recipe: dict, env: DistEnv, overwrite_from: str | None, extras=None):
-        self.out, self.recipe, self.env, self.extras = out, recipe, env, extras
+    def __init__(self, out: Path, recipe: dict, env: DistEnv, overwrite: bool = False, extras=None):
+        self.out, self.recipe, self.env, self.overwrite, self.extras = out, recipe, env, overwrite, extras
         self.layout = RunLayout(out)
         self.times = StageTimes(out)
-        names = [s for s, _ in STAGES] + ["export"]
-        self.overwrite = set(names[names.index(overwrite_from) :]) if overwrite_from else set()
         run = recipe["run"]
         self.data = run["data"]
         self.holdout_dir = str(self.layout.holdout) if recipe["holdout"]["fraction"] > 0 else None
@@ -498,35 +457,25 @@ class Pipeline:
         self.balance_dir, self.clusters_dir = str(self.layout.balance), str(self.layout.clusters)
         self.students = [STUDENT] + ([BASELINE] if run["baseline"] else [])
 
-    def stage(self, name: str, work, made=None):
-        """Run one stage on every rank; rank 0 records how long it took and what it made."""
-        return self.times.timed(name, work, made, wait=lambda: barrier(self.env), record=self.env.is_main)
+    def config(self, stage: str, **filled):
+        """A declared stage's config: its recipe section, the paths given here, and --overwrite."""
+        return stage_config(self.recipe, stage, overwrite=self.overwrite, **filled)
 
     def run(self) -> dict:
-        r = self.recipe
-        if self.holdout_dir:
-            cfg = stage_config(
-                r, "holdout", data=self.data, out=self.holdout_dir, overwrite="holdout" in self.overwrite
+        for stage in STAGES:
+            if not stage.applies(self.recipe) or (stage.main_only and not self.env.is_main):
+                continue
+            if stage.made is None:
+                stage.run(self)
+                continue
+            self.times.timed(
+                stage.name,
+                lambda s=stage: s.run(self),
+                lambda s=stage: s.made(self),
+                wait=None if stage.main_only else lambda: barrier(self.env),
+                record=self.env.is_main,
             )
-            self.stage("holdout", lambda: hold_out(cfg), lambda: HoldOut.open(self.holdout_dir).identity)
-        if not r["run"]["teacher_emb"]:
-            cfg = stage_config(r, "embed", data=self.data, out=self.emb_dir, overwrite="embed" in self.overwrite)
-            self.stage("embed", lambda: embed(cfg), lambda: Embeddings.open(self.emb_dir).identity)
-        balance_cfg = stage_config(
-            r, "balance", emb=self.emb_dir, out=self.balance_dir, holdout=self.holdout_dir,
-            overwrite="balance" in self.overwrite,
-        )  # fmt: skip
-        self.stage("balance", lambda: balance(balance_cfg), lambda: balance_identity(self.balance_dir))
-        cluster_cfg = stage_config(
-            r, "cluster", emb=self.emb_dir, out=self.clusters_dir, balance=self.balance_dir,
-            holdout=self.holdout_dir, overwrite="cluster" in self.overwrite,
-        )  # fmt: skip
-        self.stage("cluster", lambda: cluster(cluster_cfg), lambda: clusters_identity(self.clusters_dir))
-        self.train_students()
-        self.stage("eval", self.evaluate, self.evaluations_identity)
         if self.env.is_main:
-            self.stage_rank0("inside", self.look_inside, lambda: inside_identity(self.layout.inside))
-            self.stage_rank0("export", self.export, lambda: identity(self.layout.models / MODELS_INDEX))
             from clipcid.report import write_report
 
             report = write_report(self.out, self.extras() if self.extras else None)
@@ -537,9 +486,27 @@ class Pipeline:
 
         return {"report": str(report_path(self.out)), "timings": self.times.seconds()}
 
+    # -- the stages' work (each declared in STAGES below)
+
+    def hold_out(self) -> None:
+        hold_out(self.config("holdout", data=self.data, out=self.holdout_dir))
+
+    def embed(self) -> None:
+        embed(self.config("embed", data=self.data, out=self.emb_dir))
+
+    def balance(self) -> None:
+        balance(self.config("balance", emb=self.emb_dir, out=self.balance_dir, holdout=self.holdout_dir))
+
+    def cluster(self) -> None:
+        cluster(
+            self.config(
+                "cluster", emb=self.emb_dir, out=self.clusters_dir, balance=self.balance_dir, holdout=self.holdout_dir
+            )
+        )
+
     def train_students(self) -> None:
         """The students (CID, and the CLIP-only baseline when asked): in turn, or side by side on a CPU
-        (util/side_by_side.py), each then recorded in run.json with its own time."""
+        (util/side_by_side.py), each recorded in run.json with its own time."""
         configs = {name: self.distill_config(name) for name in self.students}
         pending = [name for name in self.students if finished_training(configs[name]) is None]
         device = pick_device(configs[self.students[0]].device).type
@@ -552,10 +519,13 @@ class Pipeline:
                     done.name, done.seconds, run_identity(self.run_dir(done.name)), {**done.cpu, "side_by_side": others}
                 )
         for name in self.students:  # in turn; a student trained side by side is found finished
-            self.stage(name, lambda n=name: distill(configs[n]), lambda n=name: run_identity(self.run_dir(n)))
-
-    def stage_rank0(self, name: str, work, made) -> None:
-        self.times.timed(name, work, made)
+            self.times.timed(
+                name,
+                lambda n=name: distill(configs[n]),
+                lambda n=name: run_identity(self.run_dir(n)),
+                wait=lambda: barrier(self.env),
+                record=self.env.is_main,
+            )
 
     def run_dir(self, name: str) -> Path:
         return self.layout.run(name)
@@ -575,21 +545,20 @@ class Pipeline:
             if m["name"] != "teacher"
         ]
         gallery = HoldOut.open(self.holdout_dir).gallery if self.holdout_dir else None
-        look_inside(self.layout.inside, students, gallery)
+        look_inside(self.config("inside", out=str(self.layout.inside), gallery=gallery and str(gallery)), students)
 
     def distill_config(self, name: str) -> DistillConfig:
-        paths = {
-            "data": self.data,
-            "out": str(self.run_dir(name)),
-            "teacher_emb": self.emb_dir,
-            "balance": self.balance_dir,
-            "clusters": self.clusters_dir if name == "student" else None,
-            "holdout": self.holdout_dir,
-            "resume": "latest",
-            "overwrite": name in self.overwrite,
-        }
-        cfg = stage_config(self.recipe, "distill", **paths)
-        if name == "baseline":
+        cfg = self.config(
+            "distill",
+            data=self.data,
+            out=str(self.run_dir(name)),
+            teacher_emb=self.emb_dir,
+            balance=self.balance_dir,
+            clusters=self.clusters_dir if name == STUDENT else None,
+            holdout=self.holdout_dir,
+            resume="latest",
+        )
+        if name == BASELINE:
             cfg = dataclasses.replace(cfg, **CLIP_ONLY)
         return cfg
 
@@ -645,7 +614,7 @@ class Pipeline:
                 device=device,
                 precision=ev["precision"],
                 queries=ev["queries"],
-                overwrite="eval" in self.overwrite,
+                overwrite=self.overwrite,
             )
             for i, m in enumerate(self.models())
             if i % self.env.world_size == self.env.rank
@@ -729,6 +698,87 @@ class Pipeline:
         )
 
 
+# -- the stages, declared once ----------------------------------------------------------------------
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="holdout",
+        config=HoldoutConfig,
+        filled=("data", "out", "overwrite", *TABLE_FIELDS),
+        runtime=HOLDOUT_RUNTIME,
+        # Small data are fitted: the default 1 % rises to what gives --min-pairs usable pairs, up to 10 %.
+        defaults=(("fit_up_to", 0.1),),
+        run=Pipeline.hold_out,
+        made=lambda p: HoldOut.open(p.holdout_dir).identity,
+        applies=lambda recipe: recipe["holdout"]["fraction"] > 0,
+    ),
+    Stage(
+        name="embed",
+        config=EmbedConfig,
+        filled=("data", "out", "overwrite"),
+        runtime=EMBED_RUNTIME,
+        run=Pipeline.embed,
+        made=lambda p: Embeddings.open(p.emb_dir).identity,
+        applies=lambda recipe: not recipe["run"]["teacher_emb"],
+    ),
+    Stage(
+        name="balance",
+        config=BalanceConfig,
+        filled=("emb", "out", "holdout", "overwrite"),
+        runtime=BALANCE_RUNTIME,
+        inputs=("holdout", "embed"),
+        run=Pipeline.balance,
+        made=lambda p: balance_identity(p.balance_dir),
+    ),
+    Stage(
+        name="cluster",
+        config=ClusterConfig,
+        filled=("emb", "out", "balance", "holdout", "overwrite"),
+        runtime=("plots",),
+        inputs=("holdout", "embed", "balance"),
+        run=Pipeline.cluster,
+        made=lambda p: clusters_identity(p.clusters_dir),
+    ),
+    Stage(
+        name="distill",
+        config=DistillConfig,
+        filled=("data", "out", "teacher_emb", "balance", "clusters", "holdout", "resume", "overwrite"),
+        runtime=DISTILL_RUNTIME,
+        defaults=(("save_every_n_steps", 200), ("log_every_n_steps", 20)),  # resumable mid-epoch
+        inputs=("holdout", "embed", "balance", "cluster"),
+        run=Pipeline.train_students,
+        made=None,  # each student its own entry in run.json
+    ),
+    Stage(
+        name="eval",
+        config=EvalSection,
+        runtime=("batch_size", "workers", "device"),
+        inputs=("holdout", "embed", "distill"),
+        run=Pipeline.evaluate,
+        made=Pipeline.evaluations_identity,
+    ),
+    Stage(
+        name="inside",
+        config=InsideConfig,
+        filled=("out", "gallery", "overwrite"),
+        inputs=("holdout", "distill"),
+        run=Pipeline.look_inside,
+        made=lambda p: inside_identity(p.layout.inside),
+        main_only=True,
+    ),
+    Stage(
+        name="export",
+        config=None,
+        inputs=("distill", "eval"),
+        run=Pipeline.export,
+        made=lambda p: identity(p.layout.models / MODELS_INDEX),
+        main_only=True,
+    ),
+)
+
+RunConfig = _run_config()
+
+
 def _device_of_rank(device: str, env: DistEnv) -> str:
     from clipcid.stage import pick_device
 
@@ -750,26 +800,19 @@ def read_models(out: str | Path) -> dict[str, dict]:
     return {name: {**entry, "identity": record["settings"].get(name)} for name, entry in record["models"].items()}
 
 
-def run_pipeline(cfg: RunConfig, extras=None) -> dict:
+def run_pipeline(cfg, extras=None) -> dict:
     """`clipcid run`: check everything that can be checked, print and write the settings, run the stages.
     `extras` (Python only: the demo's) is called before the report is written and returns report.Extras."""
     validate(cfg)
     recipe, sources = resolve_recipe(cfg)
     out = output_folder(cfg.out)
     check_inputs(recipe)
-    changed = first_changed_stage(out, recipe)
-    if changed and not cfg.overwrite:
-        stage, what = changed
-        raise ClipcidError(
-            f"{out}: {stage} finished with other settings ({what}); use --overwrite to redo {stage} and the stages "
-            "after it, or another --out"
-        )
     with distributed(recipe["distill"]["device"]) as env:
         if env.is_main:
             print(describe(recipe, sources), flush=True)
             save_json_atomic(RunLayout(out).recipe, recipe)
         barrier(env)
-        return Pipeline(out, recipe, env, changed[0] if changed else None, extras).run()
+        return Pipeline(out, recipe, env, cfg.overwrite, extras).run()
 
 
 def summary_text(result: dict) -> str:

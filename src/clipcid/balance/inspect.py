@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +12,7 @@ from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.inputs.parts import discover_parts, iter_rows
 from clipcid.util.fileio import atomic_path
-from clipcid.util.html import page, png_src
+from clipcid.util.templates import Markup, render
 
 
 def largest_groups(result: BalanceResult, top: int, per_group: int) -> list[list[tuple[int, int, bool]]]:
@@ -35,7 +34,9 @@ def largest_groups(result: BalanceResult, top: int, per_group: int) -> list[list
     return out
 
 
-def groups_html(balance: str, data: str, emb: str | None = None, top: int = 24, per_group: int = 12) -> tuple[str, int]:
+def groups_html(
+    balance: str, data: str, emb: str | None = None, top: int = 24, per_group: int = 12
+) -> tuple[Markup, int]:
     """HTML sections, one per large merged group, images inline; and the number of groups shown."""
     stats = read_stats(balance)
     embeddings = Embeddings.open(emb or stats["config"]["emb"])
@@ -48,7 +49,7 @@ def groups_html(balance: str, data: str, emb: str | None = None, top: int = 24, 
     for members in groups:
         for part, row, _ in members:
             wanted.setdefault(part, set()).add(row)
-    images: dict[tuple[int, int], tuple[str, bytes | None, str]] = {}
+    images: dict[tuple[int, int], dict] = {}
     for part, rows in wanted.items():
         keys = embeddings.keys(part)
         for row, sample in enumerate(iter_rows(parts[part])):
@@ -58,8 +59,9 @@ def groups_html(balance: str, data: str, emb: str | None = None, top: int = 24, 
                         f"shard {parts[part].name} row {row} has key {sample.key}, but the "
                         f"embeddings say {keys[row]}: --data is not the embedded data"
                     )
-                images[(part, row)] = (sample.key, sample.image, sample.caption or "")
-    return _sections(groups, images), len(groups)
+                images[(part, row)] = {"key": sample.key, "image": sample.image, "caption": sample.caption or ""}
+    shown = [[{**images[(part, row)], "kept": kept} for part, row, kept in members] for members in groups]
+    return render("balance_groups.html.j2", groups=shown), len(groups)
 
 
 @dataclass
@@ -75,35 +77,7 @@ class InspectConfig:
 def inspect_balance(cfg: InspectConfig) -> int:
     validate(cfg)
     sections, n = groups_html(cfg.balance, cfg.data, cfg.emb, cfg.top, cfg.per_group)
-    stats = read_stats(cfg.balance)
-    out = cfg.out
-    t = stats["threshold_all_metrics"]
-    head = (
-        f"<h1>Image Semantic Balance: largest merged groups</h1><p>threshold {stats['threshold']:.5g} "
-        f"({html.escape(stats['metric'])}; l2 {t['l2']:.4g}, cosine distance {t['cosine']:.4g}); "
-        f"removed {100 * stats['removed_fraction']:.2f}% of {stats['valid']:,} images; "
-        f"{stats['merged_groups']:,} merged groups, largest {stats['largest_group']:,}. "
-        "The kept image of each group has a green frame.</p>"
-    )
-    text = page("clipcid balance", head + sections)
-    with atomic_path(out) as tmp:
+    text = render("balance_inspect.html.j2", title="clipcid balance", stats=read_stats(cfg.balance), groups=sections)
+    with atomic_path(cfg.out) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return n
-
-
-def _sections(groups, images) -> str:
-    body = []
-    for n, members in enumerate(groups, 1):
-        cells = []
-        for part, row, kept in members:
-            key, image, caption = images[(part, row)]
-            src = png_src(image) if image else ""
-            cls = "kept" if kept else "dropped"
-            cells.append(
-                f'<figure class="{cls}"><img src="{src}" alt="{html.escape(key)}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
-        body.append(
-            f"<section><h3>group {n} ({len(members)} shown)</h3><div class=grid>{''.join(cells)}</div></section>"
-        )
-    return "".join(body)

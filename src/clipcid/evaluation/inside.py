@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipcid.config import option
 from clipcid.stage import RunFolder, read_record
 from clipcid.util.fileio import save_json_atomic
 from clipcid.util.plots import new_figure, save_png
@@ -36,6 +37,16 @@ log = logging.getLogger("clipcid")
 SETTINGS_FILE = "inside.json"
 WEIGHTS_FILE = "weights.json"
 SMALL = 1e-3  # |w| below this counts as near zero (the paper's observation: fewer after distillation)
+
+
+@dataclass
+class InsideConfig:
+    """The stage's settings (section "inside" of `clipcid run`'s recipe); the pipeline fills the paths."""
+
+    out: str = option(help="output folder (a run's inside/)")
+    gallery: str | None = option(None, "held-out pictures for the patch features (a hold-out's gallery)")
+    pictures: int = option(8, "held-out pictures whose patch features are drawn", at_least=1)
+    overwrite: bool = option(False, "replace a look inside made with other settings")
 
 
 @dataclass
@@ -207,16 +218,16 @@ def held_out_pictures(gallery: Path, count: int) -> list[bytes]:
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def look_inside(folder_path: Path, students: list[Student], gallery: Path | None, n_pictures: int = 8) -> dict:
+def look_inside(cfg: InsideConfig, students: list[Student]) -> dict:
     """The folder (a run's inside/): the weight statistics and histograms of every student, and the
-    patch-feature PCA of each ViT student on `n_pictures` held-out pictures; returns the record (finished
-    runs are kept)."""
+    patch-feature PCA of each ViT student on `cfg.pictures` held-out pictures; returns the record
+    (finished runs are kept)."""
     from clipcid.models import load_model
 
-    folder_path = Path(folder_path)
-    settings = {"students": [[s.name, s.identity] for s in students], "gallery": str(gallery), "pictures": n_pictures}
-    folder = RunFolder(folder_path, SETTINGS_FILE, settings, overwrite=True)  # derived and cheap: redone on change
-    paths = inside_paths(folder_path)
+    gallery = Path(cfg.gallery) if cfg.gallery else None
+    settings = {"students": [[s.name, s.identity] for s in students], "gallery": str(gallery), "pictures": cfg.pictures}
+    folder = RunFolder(cfg.out, SETTINGS_FILE, settings, cfg.overwrite)
+    paths = inside_paths(Path(cfg.out))
     wanted = [paths["numbers"], paths["weights"]]  # patches.png only where a ViT student had pictures
     done = folder.finished_run(lambda: all(p.is_file() for p in wanted))
     if done is not None and (not done.get("patches") or paths["patches"].is_file()):
@@ -228,7 +239,7 @@ def look_inside(folder_path: Path, students: list[Student], gallery: Path | None
         plot_weights(students, arrays, paths["weights"])
         summary: dict = {"weights": numbers, "patches": []}
         if gallery is not None:
-            pictures = held_out_pictures(gallery, n_pictures)
+            pictures = held_out_pictures(gallery, cfg.pictures)
             rows = []
             for s in students:
                 tokens = patch_tokens(loaded[s.name].model, loaded[s.name].preprocess, pictures)

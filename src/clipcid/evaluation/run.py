@@ -7,6 +7,7 @@ with its role). Everything else reads them through the functions here."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -41,7 +42,7 @@ from clipcid.evaluation.features import (
     text_features,
 )
 from clipcid.util import allocator
-from clipcid.util.fileio import atomic_path, output_folder, save_json_atomic
+from clipcid.util.fileio import atomic_path, save_json_atomic
 from clipcid.util.tables import markdown_table
 
 log = logging.getLogger("clipcid")
@@ -102,6 +103,10 @@ class EvalSuiteConfig:
         "validation split and each linear probe on a validation fold of its train split; no test image is read)",
         ("test", "validation"),
     )
+    weights_identity: str | None = option(
+        None, "what the weights are, for the settings (default: the checkpoint's name, size and time)"
+    )
+    overwrite: bool = option(False, "replace an evaluation made with other settings (a stale one is not kept)")
 
 
 def load_encoder(model: str, pretrained: str | None, device: str = "auto", precision: str = "fp32") -> Encoder:
@@ -374,18 +379,57 @@ def write_summary(records: list[dict], summary: dict, out: Path, title: str) -> 
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict:
-    """Every task of the held-out suite; one JSON per task plus summary.md and summary.csv in cfg.out."""
-    validate(cfg)
-    model, pretrained, suite_root = cfg.model, cfg.pretrained, cfg.suite_root
-    out_dir = output_folder(cfg.out) if cfg.out else None
-    entries = suite_datasets(suite_root)
+def suite_evaluation_folder(cfg: EvalSuiteConfig):
+    """The run folder of a suite evaluation (cfg.out), its settings naming what its figures follow from:
+    the split, the suite (its datasets and their splits), the weights, and the datasets when not all."""
+    from clipcid.evaluation.datasets import suite_identity
+    from clipcid.stage import RunFolder
+
+    weights = cfg.weights_identity or checkpoint_cache_id(cfg.model, cfg.pretrained)
+    # "student": the key the study's evaluations were first recorded with (a finished one stays finished).
+    settings = {"split": cfg.split, "suite": suite_identity(cfg.suite_root), "student": weights}
     if cfg.only:
-        entries = [e for e in entries if e["name"] in cfg.only]
+        settings["only"] = sorted(cfg.only)
+    return RunFolder(cfg.out, SUITE_EVAL_FILE, settings, cfg.overwrite)
+
+
+def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict:
+    """Every task of the held-out suite; with cfg.out, one JSON per task plus summary.md, summary.csv and
+    summary.json there, done once per settings (a finished evaluation is read back). Returns {"records",
+    "summary", "split", "tasks" (each task's main figure), "eval_seconds"}."""
+    validate(cfg)
+    folder = suite_evaluation_folder(cfg) if cfg.out else None
+    if folder is not None:
+        done = folder.finished_run(lambda: (Path(cfg.out) / SUMMARY_FILE).is_file())
+        if done is not None:
+            return {"records": list(read_suite_results(cfg.out)[1].values()), **{k: done[k] for k in SUITE_EVAL_KEYS}}
+    start = time.monotonic()
+    with folder if folder is not None else contextlib.nullcontext():
+        records = _suite_records(cfg, encoder)
+        summary = summarise(records, {e["name"] for e in _suite_entries(cfg) if e.get("name_level")})
+        made = {"split": cfg.split, "summary": summary, "tasks": task_figures(records)}
+        made["eval_seconds"] = time.monotonic() - start
+        if folder is not None:
+            out_dir = Path(cfg.out)
+            write_summary(records, summary, out_dir, f"{cfg.model} ({cfg.pretrained or 'random init'})")
+            about = {"model": cfg.model, "pretrained": cfg.pretrained, "split": cfg.split}
+            save_json_atomic(out_dir / SUMMARY_FILE, {**about, **summary})
+            folder.finish(made)
+    return {"records": records, **made}
+
+
+def _suite_entries(cfg: EvalSuiteConfig) -> list[dict]:
+    entries = suite_datasets(cfg.suite_root)
+    return [e for e in entries if e["name"] in cfg.only] if cfg.only else entries
+
+
+def _suite_records(cfg: EvalSuiteConfig, encoder: Encoder | None) -> list[dict]:
+    """Every task's record, each also written to cfg.out as it is made."""
+    model, pretrained, suite_root = cfg.model, cfg.pretrained, cfg.suite_root
     if encoder is None:
         encoder = load_encoder(model, pretrained, cfg.device, cfg.precision)
     records = []
-    for entry in entries:
+    for entry in _suite_entries(cfg):
         dataset = build_dataset(entry["name"], suite_root)
         tasks = tasks_of_split(entry["tasks"], dataset, cfg.split)
         if not tasks:
@@ -405,19 +449,16 @@ def run_eval_suite(cfg: EvalSuiteConfig, encoder: Encoder | None = None) -> dict
             record = result_record(dataset.benchmark_name, model, pretrained, task, runner.run(task))
             record["split"] = cfg.split
             records.append(record)
-            if out_dir:
-                save_json_atomic(out_dir / f"{dataset.name}_{task}.json", record)
-    summary = summarise(records, {e["name"] for e in entries if e.get("name_level")})
-    if out_dir:
-        write_summary(records, summary, out_dir, f"{model} ({pretrained or 'random init'})")
-        about = {"model": model, "pretrained": pretrained, "split": cfg.split}
-        save_json_atomic(out_dir / "summary.json", {**about, **summary})
-    return {"records": records, "summary": summary}
+            if cfg.out:
+                save_json_atomic(Path(cfg.out) / f"{dataset.name}_{task}.json", record)
+    return records
 
 
 # -- result files, read and written only here ------------------------------------------------------
 
 SUMMARY_FILE = "summary.json"
+SUITE_EVAL_FILE = "evaluation.json"  # a suite evaluation's settings and figures (RunFolder's record)
+SUITE_EVAL_KEYS = ("split", "summary", "tasks", "eval_seconds")
 SUMMARY_MARKDOWN = "summary.md"
 RESULTS_FILE = "results.json"
 MODEL_EVAL_FILE = "eval.json"

@@ -27,7 +27,7 @@ also drawn as curves, PLAN_curves.png.
 
 from clipcid.study.data import DataCache, evaluate_at, evaluation_folder, read_evaluation
 from clipcid.study.plan import GIVEN, PLAN, Plan, Variant, bundled_plan, describe_teacher, load_plan
-from clipcid.study.render import html_table, study_markdown, study_tables_html
+from clipcid.study.render import study_markdown, study_tables_html
 from clipcid.study.runner import (
     RUN_FILE,
     Study,
@@ -43,7 +43,7 @@ from clipcid.study.stats import aggregate, choices, comparisons, mean_sd, paired
 
 __all__ = [
     "GIVEN", "PLAN", "RUN_FILE", "DataCache", "Plan", "Study", "StudyConfig", "Variant", "aggregate", "bundled_plan",
-    "choices", "comparisons", "describe_teacher", "evaluate_at", "evaluation_folder", "html_table", "load_plan",
+    "choices", "comparisons", "describe_teacher", "evaluate_at", "evaluation_folder", "load_plan",
     "mean_sd", "paired_interval", "read_evaluation", "read_study", "resolve_artifacts", "run_folder", "run_study",
     "study_figures", "study_markdown", "study_names", "study_tables_html",
 ]  # fmt: skip

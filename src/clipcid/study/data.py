@@ -5,14 +5,19 @@ evaluations of runs and teachers at a split."""
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clipcid.balance import BalanceConfig, balance
 from clipcid.cluster import ClusterConfig, cluster
 from clipcid.distill.train import DistillConfig, distill
-from clipcid.evaluation.run import SUMMARY_FILE, EvalSuiteConfig, run_eval_suite, task_figures
+from clipcid.evaluation.run import (
+    SUITE_EVAL_KEYS,
+    EvalSuiteConfig,
+    run_eval_suite,
+    suite_evaluation_folder,
+)
+from clipcid.stage import digest
 from clipcid.study.plan import GIVEN, TEST, _key
 
 if TYPE_CHECKING:
@@ -145,47 +150,26 @@ class DataCache:
         )
 
 
-EVAL_FILE = "evaluation.json"
-
-
 def evaluation_folder(folder: Path, split: str) -> Path:
     return folder / f"eval-{split}"
 
 
-EVAL_KEYS = ("split", "summary", "tasks", "eval_seconds")
-
-
-def _evaluation_folder(folder: Path, student: dict, suite_root: str, split: str):
-    """The evaluation's run folder, its settings naming what its figures follow from: the split, the
-    suite (its datasets and their splits) and the student."""
-    from clipcid.evaluation.datasets import suite_identity
-    from clipcid.stage import RunFolder, digest
-
-    settings = {"split": split, "suite": suite_identity(suite_root), "student": digest(student)}
-    return RunFolder(folder, EVAL_FILE, settings, overwrite=True)  # a stale evaluation is redone
+def _suite_evaluation(folder: Path, model: str, weights: str | None, suite_root: str, split: str, workers: int,
+                      student: dict) -> EvalSuiteConfig:  # fmt: skip
+    """A student's suite evaluation at `split` in `folder`, named by the student's settings: a suite
+    rebuilt (new tasks, the validation split) or a student retrained means evaluating again (a stale
+    evaluation is replaced), never training again."""
+    return EvalSuiteConfig(model, str(folder), weights, suite_root, workers=workers, split=split,
+                           weights_identity=digest(student), overwrite=True)  # fmt: skip
 
 
 def evaluate_at(folder: Path, model: str, weights: str, suite_root: str, split: str, workers: int,
                 student: dict | None = None) -> dict:  # fmt: skip
-    """A model's suite evaluation at `split` in `folder`, done once per (suite, split, student): a suite
-    rebuilt (new tasks, the validation split) or a student retrained means evaluating again, never
-    training again. Returns {"split", "summary", "tasks", "eval_seconds"}."""
-    run = _evaluation_folder(folder, student or {"model": model, "weights": weights}, suite_root, split)
-    done = run.finished_run(lambda: (folder / SUMMARY_FILE).is_file())
-    if done is not None:
-        return {k: done[k] for k in EVAL_KEYS}
-    start = time.monotonic()
-    with run:
-        suite = EvalSuiteConfig(model, str(folder), weights, suite_root, workers=workers, split=split)
-        evaluation = run_eval_suite(suite)
-        record = {
-            "split": split,
-            "summary": evaluation["summary"],
-            "tasks": task_figures(evaluation["records"]),
-            "eval_seconds": time.monotonic() - start,
-        }
-        run.finish(record)
-    return record
+    """A model's suite evaluation at `split` in `folder`, done once per (suite, split, student). Returns
+    {"split", "summary", "tasks", "eval_seconds"}."""
+    student = student or {"model": model, "weights": weights}
+    result = run_eval_suite(_suite_evaluation(folder, model, weights, suite_root, split, workers, student))
+    return {k: result[k] for k in SUITE_EVAL_KEYS}
 
 
 def evaluate_run(folder: Path, settings: dict, suite_root: str, split: str, workers: int) -> dict:
@@ -199,5 +183,6 @@ def evaluate_run(folder: Path, settings: dict, suite_root: str, split: str, work
 
 def read_evaluation(folder: Path, settings: dict, suite_root: str, split: str) -> dict | None:
     """A study run's finished evaluation at `split` of this suite and this student, or None."""
-    done = _evaluation_folder(evaluation_folder(folder, split), settings, suite_root, split).finished_run()
-    return None if done is None else {k: done[k] for k in EVAL_KEYS}
+    cfg = _suite_evaluation(evaluation_folder(folder, split), settings["model"], None, suite_root, split, 0, settings)
+    done = suite_evaluation_folder(cfg).finished_run()
+    return None if done is None else {k: done[k] for k in SUITE_EVAL_KEYS}

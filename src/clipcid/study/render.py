@@ -180,43 +180,20 @@ def study_markdown(
     return "\n".join(lines) + "\n"
 
 
-def html_table(head: list[str], rows: list[list[str]]) -> str:
-    """A table of the demo report; a cell ending in " **" is bold (an interval that excludes zero)."""
-    import html
-
-    def cell(text: str) -> str:
-        bold = text.endswith(" **")
-        text = html.escape(text.removesuffix(" **"))
-        return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
-
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    return f"<table><tr>{header}</tr>" + "".join("<tr>" + "".join(map(cell, r)) + "</tr>" for r in rows) + "</table>"
-
-
 def study_tables_html(study: dict) -> str:
     """The averages and the differences, as HTML tables (the demo report), from a study.json."""
-    import html
+    from clipcid.util.templates import render
 
     plan = Plan(study["reference"], study["seeds"], study["base"], [Variant(**v) for v in study["variants"]])
     compared = study.get("comparisons") or []
-
-    ref = html.escape(plan.variant(plan.reference).label)
     teachers = study.get("teachers") or {}
-    return (
-        html_table(*summary_rows(study["aggregate"], plan))
-        + (
-            "<p>The teachers, each evaluated once on the suite:</p>" + html_table(*teacher_rows(teachers))
-            if teachers
-            else ""
-        )
-        + f"<p>Difference from {ref}, paired by seed [95 % interval]:</p>"
-        + html_table(*difference_rows(study["aggregate"], plan))
-        + (
-            "<p>The plan's other comparisons, first minus second, paired by seed [95 % interval]:</p>"
-            + html_table(*comparison_rows(compared, plan))
-            if compared
-            else ""
-        )
+    return render(
+        "study_tables.html.j2",
+        summary=summary_rows(study["aggregate"], plan),
+        teachers=teacher_rows(teachers) if teachers else None,
+        reference=plan.variant(plan.reference).label,
+        differences=difference_rows(study["aggregate"], plan),
+        comparisons=comparison_rows(compared, plan) if compared else None,
     )
 
 

@@ -3,6 +3,7 @@ folder; the results rewritten after every run."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -189,14 +190,15 @@ class Study:
         done = run.finished_run()
         if done is not None:
             return training_record(run.recorded())
-        try:
-            run.claim()
-        except ClipcidError as e:
-            raise ClipcidError(
-                f"{e} (the plan now gives variant {variant.name} other settings: rename the variant, or --overwrite)"
-            ) from None
-        start = time.monotonic()
-        try:  # the lock goes with this process, whether the run ends or raises
+        with contextlib.ExitStack() as claimed:  # the lock goes with this process, whether the run ends or raises
+            try:
+                claimed.enter_context(run)
+            except ClipcidError as e:
+                raise ClipcidError(
+                    f"{e} (the plan now gives variant {variant.name} other settings: rename the variant, or "
+                    "--overwrite)"
+                ) from None
+            start = time.monotonic()
             if settings.get("untrained"):
                 write_untrained_student(folder / "train", settings["model"], seed)
                 record = {"variant": variant.name, "seed": seed, "steps": 0, "train_seconds": 0.0}
@@ -220,8 +222,6 @@ class Study:
             else:
                 record["train_seconds"] = time.monotonic() - start
             run.finish(record)  # written last: marks the run trained
-        finally:
-            run.release()
         # The student is kept; resume points are not needed any more (and a study of many runs would fill
         # the disk with them).
         discard_checkpoints(folder / "train")
