@@ -282,7 +282,7 @@ def test_parts_are_named_and_described_as_clip_retrieval_writes_them(tmp_path, t
     assert a.part_ids == b.part_ids == list(range(12))
     for i in (2, 10, 11):
         np.testing.assert_array_equal(a.images.part(i), b.images.part(i))
-        assert list(a.keys(i)) == list(b.keys(i)) == [f"{i:05d}0000", f"{i:05d}0001"]
+        assert a.keys(i).to_pylist() == b.keys(i).to_pylist() == [f"{i:05d}0000", f"{i:05d}0001"]
 
 
 def test_validity_is_decided_when_a_part_is_written_and_read_without_the_vectors(tmp_path, monkeypatch):
@@ -310,3 +310,37 @@ def test_validity_is_decided_when_a_part_is_written_and_read_without_the_vectors
     monkeypatch.setattr(EmbeddingStore, "part", no_vector_reads)
     assert emb.validity_decided and emb.valid(0).tolist() == written["valid"]
     assert emb.non_finite_rows() == 2
+
+
+def test_a_vector_that_turned_non_finite_after_embed_is_refused_where_it_is_read(tmp_path, capsys):
+    """Validity is stored, never trusted blindly: rows embed recorded valid that are not finite now (the
+    file changed since) stop the stage that reads them, naming the part, instead of being trained on."""
+    import pyarrow as pa
+
+    from clipcid.cli import main
+    from clipcid.embed.artifact import VALIDITY, Embeddings, write_part
+    from clipcid.stage import RunFolder
+
+    rng = np.random.default_rng(0)
+    emb_dir = tmp_path / "emb"
+    with RunFolder(emb_dir, "embed.json", {"parts": 2}) as folder:
+        for i in range(2):
+            vectors = rng.normal(size=(20, 8)).astype(np.float16)
+            meta = {"key": pa.array([f"{i}-{r}" for r in range(20)]), "valid": pa.array([r != 5 for r in range(20)])}
+            write_part(emb_dir, i, 2, vectors, vectors.copy(), meta)
+        folder.finish({"validity": VALIDITY})
+    out = tmp_path / "balance"
+    assert main(["balance", "--emb", str(emb_dir), "--out", str(out), "--threshold", "0.5"]) == 0
+    part = np.load(emb_dir / "img_emb" / "img_emb_1.npy", mmap_mode="r+")
+    part[[2, 7, 11]] = np.nan  # three rows of one image part, written over after embed
+    part.flush()
+    del part
+    store = Embeddings.open(emb_dir).images
+    assert store.read(0).shape == (20, 8) and np.isfinite(store.read(1, np.array([0, 1, 3]))).all()
+    for read in (lambda: store.read(1), lambda: store.rows(np.array([3, 27])),
+                 lambda: store.pairs(np.array([0, 1]), np.array([4, 11]))):  # fmt: skip
+        with pytest.raises(ClipcidError, match=r"img_emb_1\.npy: .* recorded valid are not finite .* changed after"):
+            read()
+    assert main(["balance", "--emb", str(emb_dir), "--out", str(tmp_path / "again"), "--threshold", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "img_emb_1.npy: 3 row(s) that embed recorded valid are not finite (row 2 first)" in err[0]

@@ -120,15 +120,16 @@ def test_a_tiny_plan_runs_end_to_end_and_resumes(artifacts, tmp_path, monkeypatc
     with pytest.raises(ClipcidError, match="other settings.*rename the variant"):
         run_study(_config(artifacts, out, changed))
     # A run that raises lets go of its folder: the next sitting is not told that it is in use.
-    changed["variants"][0]["name"] = "renamed"
+    broken_plan = {**PLAN, "variants": [PLAN["variants"][0], {"name": "broken", "label": "broken", "train": {}}],
+                   "comparisons": [["clip_only", "broken"]]}  # fmt: skip
 
     def broken(cfg):
         raise RuntimeError("the student's training failed")
 
     monkeypatch.setattr(study_runner, "distill", broken)
     with pytest.raises(RuntimeError, match="training failed"):
-        run_study(replace(_config(artifacts, out, changed), seeds=[0]))
-    assert (out / "runs" / "renamed" / "seed0").is_dir() and not (out / "runs" / "renamed" / "seed0" / ".lock").exists()
+        run_study(replace(_config(artifacts, out, broken_plan), seeds=[0]))
+    assert (out / "runs" / "broken" / "seed0").is_dir() and not (out / "runs" / "broken" / "seed0" / ".lock").exists()
 
 
 def test_paired_difference_interval_equals_a_hand_computation():

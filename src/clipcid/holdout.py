@@ -315,8 +315,7 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
     out = Path(cfg.out)
     fraction, fitted = cfg.fraction, None
     for attempt in range(FIT_TRIES + 1):
-        rows, index, cuts = _mask_parts(cfg, env, parts, out, fraction)
-        n_usable = sum(int(x["usable"].sum()) for x in index)
+        rows, n_held, n_usable, chosen, cuts = _mask_parts(cfg, env, parts, out, fraction)
         if not (cfg.fraction > 0 and n_usable < cfg.min_pairs and fraction < cfg.fit_up_to and attempt < FIT_TRIES):
             break
         # Small data under the default: hold out more, up to --fit-up-to, rather than refuse.
@@ -331,7 +330,6 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
                 shutil.rmtree(out / sub, ignore_errors=True)
         barrier(env)
         fraction = wider
-    n_held = sum(len(x["row"]) for x in index)
     if cfg.fraction > 0 and n_usable < cfg.min_pairs:
         barrier(env)
         if env.is_main:
@@ -351,7 +349,7 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
     if cfg.stratify_by and env.is_main:
         _count_strata(out, len(parts), cuts, cfg.stratify_by)
     if env.is_main and not (out / PAIRS / PAIRS_INDEX).is_file():
-        _write_gallery(out, index, cfg.eval_pairs)
+        _write_gallery(out, chosen)
     barrier(env)
     if not env.is_main:
         return {}
@@ -380,23 +378,67 @@ def _hold_out(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], folder: RunFo
 
 def _mask_parts(
     cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path, fraction: float
-) -> tuple[int, list, dict[str, int] | int]:
-    """Mask, index and stage every part at `fraction` (parts already masked are kept: a resumed run);
-    returns the rows, each part's index and the cut (per stratum, when stratified)."""
+) -> tuple[int, int, int, np.ndarray, dict[str, int] | int]:
+    """Mask, index and stage every part at `fraction` (parts already masked are kept: a resumed run).
+    Returns the rows, the held-out rows, the usable ones, the gallery's pairs (the `eval_pairs` usable
+    held-out pairs of smallest hash, in hash order) and the cut (per stratum, when stratified). Each rank
+    reads only its own parts' index: the counts are summed across ranks, and each rank hands on only its
+    parts' `eval_pairs` best candidates, so no rank lists every held-out row."""
     for sub in ("mask", "index", "staging"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     cuts: dict[str, int] | int = cut_of(fraction)
     if cfg.stratify_by:
         _hash_strata(cfg, env, parts, out)
         cuts = stratum_cuts((_read_strata(out, i) for i in range(len(parts))), fraction, cfg.min_per_stratum)
-    mine = [i for i in parts_of_rank(range(len(parts)), env) if not mask_path(out, i).is_file()]
+    own = parts_of_rank(range(len(parts)), env)
+    mine = [i for i in own if not mask_path(out, i).is_file()]
     with progress_bar(len(mine), f"hold out (rank {env.rank})", "part", env.is_main) as bar:
         for i in mine:
             _hold_out_part(out, i, parts[i], cuts, cfg.stratify_by, cfg.group_by)
             bar.update(1)
+    counts = np.zeros(3, dtype=np.int64)  # rows, held out, usable
+    candidates = np.zeros(0, dtype=CANDIDATE)
+    for i in own:
+        index = np.load(index_path(out, i))
+        counts += [len(np.load(mask_path(out, i), mmap_mode="r")), len(index["row"]), int(index["usable"].sum())]
+        usable = index["usable"]
+        part = np.zeros(int(usable.sum()), dtype=CANDIDATE)
+        part["hash"], part["part"], part["row"] = index["hash"][usable], i, index["row"][usable]
+        candidates = _smallest(np.concatenate([candidates, part]), cfg.eval_pairs)
+    np.save(_candidates_path(out, env.rank), candidates)  # this rank's best: at most eval_pairs rows
+    counts = _summed(env, counts)
     barrier(env)
-    rows = sum(len(np.load(mask_path(out, i), mmap_mode="r")) for i in range(len(parts)))
-    return rows, [np.load(index_path(out, i)) for i in range(len(parts))], cuts
+    chosen = np.zeros(0, dtype=CANDIDATE)
+    if env.is_main:
+        for rank in range(env.world_size):
+            chosen = _smallest(np.concatenate([chosen, np.load(_candidates_path(out, rank))]), cfg.eval_pairs)
+    rows, held, usable = (int(c) for c in counts)
+    return rows, held, usable, chosen, cuts
+
+
+# A gallery candidate: a usable held-out pair, ordered by its hash (then part and row: the order is total).
+CANDIDATE = np.dtype([("hash", np.uint64), ("part", np.int64), ("row", np.int64)])
+
+
+def _smallest(candidates: np.ndarray, count: int) -> np.ndarray:
+    """The `count` candidates of smallest hash, in hash order."""
+    return np.sort(candidates, order=["hash", "part", "row"])[:count]
+
+
+def _candidates_path(folder: Path, rank: int) -> Path:
+    return Path(folder) / "staging" / f"candidates_rank{rank}.npy"
+
+
+def _summed(env: DistEnv, counts: np.ndarray) -> np.ndarray:
+    """Per-rank counts summed over the ranks (on the device: NCCL reduces device tensors only)."""
+    if env.world_size == 1:
+        return counts
+    import torch
+    import torch.distributed as dist
+
+    total = torch.from_numpy(counts).to(env.device)
+    dist.all_reduce(total)
+    return total.cpu().numpy()
 
 
 def _hash_strata(cfg: HoldoutConfig, env: DistEnv, parts: list[Part], out: Path) -> None:
@@ -420,15 +462,10 @@ def _count_strata(out: Path, n_parts: int, cuts: dict[str, int], field: str) -> 
     save_json_atomic(out / STRATA_FILE, {"field": field, "strata": dict(sorted(counts.items()))})
 
 
-def _write_gallery(out: Path, index: list, eval_pairs: int) -> None:
-    """The usable held-out pairs of smallest hash, in hash order, as a CLIP_benchmark retrieval dataset."""
-    candidates = [
-        (int(h), i, int(r))
-        for i, x in enumerate(index)
-        for r, h, ok in zip(x["row"], x["hash"], x["usable"], strict=True)
-        if ok
-    ]
-    chosen = sorted(candidates)[:eval_pairs]
+def _write_gallery(out: Path, chosen: np.ndarray) -> None:
+    """The chosen pairs (the usable held-out pairs of smallest hash, in hash order) as a CLIP_benchmark
+    retrieval dataset, read from the parts' staged samples."""
+    chosen = [(int(c["hash"]), int(c["part"]), int(c["row"])) for c in chosen]
     wanted = {(i, r): n for n, (_, i, r) in enumerate(chosen)}
     samples: list[dict | None] = [None] * len(chosen)
     for i in sorted({i for _, i, _ in chosen}):

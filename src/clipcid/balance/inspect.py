@@ -51,7 +51,7 @@ def groups_html(
             wanted.setdefault(part, set()).add(row)
     images: dict[tuple[int, int], dict] = {}
     for part, rows in wanted.items():
-        keys = embeddings.keys(part)
+        keys = embeddings.keys(part).to_pylist()  # a few parts, for a page
         for row, sample in enumerate(iter_rows(parts[part])):
             if row in rows:
                 if sample.key != keys[row]:

@@ -164,7 +164,7 @@ class ValidEmbeddings:
         self.n = len(self.global_rows)
         self._raw = None
         if self.n * store.dim * store.itemsize <= memory_gb * 1e9 / 2:
-            self._raw = np.concatenate([np.asarray(store.part(i))[store.valid(i)] for i in store.part_ids])
+            self._raw = np.concatenate([store.read(i, np.flatnonzero(store.valid(i))) for i in store.part_ids])
         self._on_device: torch.Tensor | None = None
 
     def device_block(self, start: int, stop: int, device: torch.device) -> torch.Tensor:

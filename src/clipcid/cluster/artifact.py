@@ -126,10 +126,11 @@ def write_labels(
     save_npy_atomic(labels_path(folder, i), labels)  # last: marks the part done
 
 
-def read_corpus_labels(folder: Path, part_ids: list[int]) -> np.ndarray | None:
-    """The whole corpus's labels (before balance), all parts; None when the clusters had no balance."""
-    paths = [corpus_labels_path(folder, i) for i in part_ids]
-    return np.concatenate([np.load(p) for p in paths]) if paths and all(p.is_file() for p in paths) else None
+def read_part_labels(folder: Path, i: int, with_corpus: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Part i's training labels, their similarities, and (`with_corpus`) the labels of the whole corpus
+    before balance."""
+    corpus = np.load(corpus_labels_path(folder, i)) if with_corpus else None
+    return np.load(labels_path(folder, i)), np.load(similarity_path(folder, i)), corpus
 
 
 def labels_done(folder: Path, i: int, corpus: bool = False) -> bool:

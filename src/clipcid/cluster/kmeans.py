@@ -8,7 +8,8 @@
   KMEANS_PP_BUDGET / (k · d) rows, the whole sample where `--init auto` chooses it), else k distinct
   sample rows drawn by the seed; `--nredo` restarts keep the best objective.
 - **A Lloyd iteration** is each rank's sums and counts over its share (matrix products in torch on the
-  stage's device), all-reduced: every rank then holds the same centroids. An empty cluster takes half of
+  stage's device), all-reduced: every rank then holds the same centroids. The sums are integers (fixed
+  point, 2^-32): the same bit for bit on any number of ranks, so the clustering is too. An empty cluster takes half of
   a large one (faiss's split: the centroid copied and both nudged apart), decided by the seed, the same
   on every rank.
 - **Two-level** (large k): √k coarse centroids trained that way; every sample row's coarse cell; each fine
@@ -35,13 +36,15 @@ import torch.nn.functional as F
 import clipcid.cluster.artifact as artifact
 from clipcid.embed.artifact import EmbeddingStore
 from clipcid.errors import ClipcidError
-from clipcid.stage import DistEnv, barrier, unit_rows
+from clipcid.stage import DistEnv, barrier, row_chunks, unit_rows
 from clipcid.util.progress import progress_bar
 
 log = logging.getLogger("clipcid")
 
 KMEANS_PP_BUDGET = 2e10  # n * k * d beyond which greedy k-means++ seeding costs more than it saves
 SPLIT_EPS = 1 / 1024  # how far apart an empty cluster and the one it splits are nudged (faiss's EPS)
+FIXED_POINT = 2.0**32  # the Lloyd sums' unit: a row's coordinate is kept to 2^-32
+FIXED_POINT_ROWS = 8192  # rows converted at once (8192 x 1,280 x 8 bytes: 84 MB)
 
 
 @dataclass
@@ -151,6 +154,18 @@ def split_empty(centroids: torch.Tensor, counts: torch.Tensor, seed: int, iterat
     return F.normalize(centroids, dim=1)
 
 
+def fixed_point_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Each cluster's sum of its rows, in integers (FIXED_POINT units): integer addition does not depend
+    on the order of the terms, so the sums, and so the centroids, are the same bit for bit whether one
+    process or many summed them and in whatever order the ranks' parts arrive (float sums differ in their
+    last bits, which k-means amplifies over the iterations). Rows are unit vectors: a sum stays below
+    2^63 up to 2^31 rows in one cluster."""
+    sums = torch.zeros(k, x.shape[1], dtype=torch.int64, device=x.device)
+    for s, e in row_chunks(len(x), FIXED_POINT_ROWS):
+        sums.index_add_(0, labels[s:e], torch.round(x[s:e] * FIXED_POINT).long())  # exact: a power of 2
+    return sums
+
+
 def _all_reduce(env: DistEnv, *tensors: torch.Tensor) -> None:
     if env.world_size > 1:
         for t in tensors:
@@ -178,11 +193,12 @@ def lloyd(
     objective = []
     for i in iterations:
         labels, sims = assign(x, centroids)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=len(centroids)).to(centroids.dtype)
+        sums = fixed_point_sums(x, labels, len(centroids))
+        counts = torch.bincount(labels, minlength=len(centroids))
         total = sims.double().sum().reshape(1)
         _all_reduce(env, sums, counts, total)
-        updated = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), centroids)
+        means = F.normalize(sums.double(), dim=1).to(centroids.dtype)
+        updated = torch.where(counts[:, None] > 0, means, centroids)
         centroids = split_empty(updated, counts, seed, i)
         objective.append(float(total))
         if after is not None:
@@ -284,7 +300,7 @@ def _train_fine_cells(env, store, sample, x, t: Training, coarse: torch.Tensor, 
     k1 = len(coarse)
     labels, _ = make_assigner(coarse, None).assign_tensor(x)
     artifact.write_share_cells(t.folder, env.rank, labels.cpu().numpy())
-    counts = torch.bincount(labels, minlength=k1).to(coarse.dtype)
+    counts = torch.bincount(labels, minlength=k1)
     _all_reduce(env, counts)
     per_cell = proportional_split(t.k, counts.cpu().numpy())
     barrier(env)

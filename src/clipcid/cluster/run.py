@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import clipcid.cluster.artifact as artifact
 from clipcid.balance.artifact import BalanceResult
@@ -276,48 +277,69 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
             every = np.full(store.sizes[i], -1, dtype=np.int64)
             sims = np.full(store.sizes[i], np.nan, dtype=np.float32)
             rows = np.flatnonzero(wanted)  # the kept rows are among them: one assignment serves both
-            part = store.part(i)
             for s, e in row_chunks(len(rows)):
                 chunk = rows[s:e]
-                every[chunk], sims[chunk] = assigner.assign(unit_rows(part[chunk]))
+                every[chunk], sims[chunk] = assigner.assign(unit_rows(store.read(i, chunk)))
             labels = np.where(local, every, -1)
             sims = np.where(local, sims, np.float32(np.nan))
             artifact.write_labels(out, i, labels, sims, None if corpus is None else every)
             bar.update(store.sizes[i])
     timings["assign_s"] = time.monotonic() - t0
     barrier(env)
+    summary = _part_summaries(out, store, k, env, corpus is not None)
     if not env.is_main:
         return {}
-    return _write_stats(cfg, out, store, k, training, timings, time.monotonic() - start)
+    return _write_stats(cfg, out, summary, k, training, timings, time.monotonic() - start)
 
 
-def _write_stats(cfg, out: Path, store: EmbeddingStore, k: int, training: dict, timings: dict, total_s: float):
-    labels = np.concatenate([np.load(artifact.labels_path(out, i)) for i in store.part_ids])
-    sims = np.concatenate([np.load(artifact.similarity_path(out, i)) for i in store.part_ids])
-    assigned = labels >= 0
-    sizes = np.bincount(labels[assigned], minlength=k)
+def _part_summaries(out: Path, store: EmbeddingStore, k: int, env: DistEnv, with_corpus: bool) -> dict:
+    """What the stats need, summed per part by the rank that owns the part and then reduced: no rank
+    holds every label. Cluster sizes are integer sums (exact in any order); the similarity sums stay per
+    part and are added in part order, so the stats do not depend on the number of ranks."""
+    n_parts = len(store.part_ids)
+    sizes = torch.zeros(k, dtype=torch.int64)
+    before = torch.zeros(k if with_corpus else 0, dtype=torch.int64)
+    per_part = torch.zeros(3, n_parts, dtype=torch.float64)  # rows, assigned rows, their summed similarity
+    for i in parts_of_rank(store.part_ids, env):
+        labels, sims, every = artifact.read_part_labels(out, i, with_corpus)
+        assigned = labels >= 0
+        sizes += torch.from_numpy(np.bincount(labels[assigned], minlength=k))
+        if every is not None:
+            before += torch.from_numpy(np.bincount(every[every >= 0], minlength=k))
+        per_part[:, i] = torch.tensor([len(labels), assigned.sum(), sims[assigned].sum(dtype=np.float64)])
+    if env.world_size > 1:
+        for t in (sizes, before, per_part):
+            on_device = t.to(env.device)  # NCCL reduces device tensors only
+            dist.all_reduce(on_device)  # each part's entries come from one rank: the others add zeros
+            t.copy_(on_device.cpu())
+    rows, assigned, similarity = (float(v) for v in per_part.sum(dim=1))
+    return {"sizes": sizes.numpy(), "before": before.numpy() if with_corpus else None, "rows": int(rows),
+            "assigned": int(assigned), "similarity": similarity}  # fmt: skip
+
+
+def _write_stats(cfg, out: Path, summary: dict, k: int, training: dict, timings: dict, total_s: float):
+    sizes, assigned = summary["sizes"], summary["assigned"]
     stats = {
         "k": k,
-        "rows": store.total,
-        "assigned": int(assigned.sum()),
-        "unassigned": int((~assigned).sum()),
-        "images_per_cluster": float(assigned.sum() / k),
+        "rows": summary["rows"],
+        "assigned": assigned,
+        "unassigned": summary["rows"] - assigned,
+        "images_per_cluster": float(assigned / k),
         "two_level": training["two_level"],
         "train_rows": training["train_rows"],
         "objective_per_iteration": training["objective"],
-        "mean_similarity_to_centroid": float(sims[assigned].mean()),
+        "mean_similarity_to_centroid": summary["similarity"] / assigned if assigned else float("nan"),
         "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
         "empty_clusters": int((sizes == 0).sum()),
         "timings": {"train_s": training["train_s"], **timings, "total_s": total_s},
         "config": {**asdict(cfg), "k": cfg.k},
     }
-    every = artifact.read_corpus_labels(out, store.part_ids)
-    if every is not None:
-        before = np.bincount(every[every >= 0], minlength=k)
+    before = summary["before"]
+    if before is not None:
         stats["before_and_after_balance"] = {"before": spread(before), "after": spread(sizes)}
     if cfg.plots:
         _plot_sizes(out, sizes)
-        if every is not None:
+        if before is not None:
             _plot_balance(out, before, sizes)
     return stats
 

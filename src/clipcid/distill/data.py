@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import Compose, Normalize, ToTensor
@@ -40,7 +41,7 @@ class TrainRows:
     parts: list[Part]
     rows: list[np.ndarray]  # per part: the row numbers used, in file order
     labels: list[np.ndarray]  # per part: cluster label of each used row (-1 without clusters)
-    keys: list[np.ndarray]  # per part: embedding-metadata key of each used row
+    keys: list[pa.StringArray]  # per part: embedding-metadata key of each used row (an offset table)
     store_img: EmbeddingStore | None  # None: training without a teacher (a CLIP-only run)
     store_txt: EmbeddingStore | None
     num_classes: int
@@ -80,9 +81,9 @@ def rows_without_teacher(parts: list[Part], holdout: HoldOut | None = None) -> t
             log.warning("%s", e)
             bad.shards.append(part.name)
         bad.rows += seen - len(usable) - (int(held[:seen].sum()) if held is not None else 0)
-        rows.append(np.array([r for r, _ in usable], dtype=np.int64))
-        keys.append(np.array([k for _, k in usable], dtype=object))
-    labels = [np.full(len(r), -1, dtype=np.int64) for r in rows]
+        rows.append(np.array([r for r, _ in usable], dtype=np.int32))
+        keys.append(pa.array([k for _, k in usable], pa.string()))
+    labels = [np.full(len(r), -1, dtype=np.int32) for r in rows]
     bad.total_rows = sum(len(r) for r in rows) + bad.rows
     return TrainRows(parts, rows, labels, keys, None, None, 0), bad
 
@@ -161,10 +162,10 @@ def load_train_rows(
         if labelled is not None:
             part_labels = labelled.labels(i)
             use &= part_labels >= 0
-        keep_rows = np.flatnonzero(use)
+        keep_rows = np.flatnonzero(use).astype(np.int32)  # a row within a part: int32 halves the table
         rows.append(keep_rows)
-        labels.append(part_labels[keep_rows])
-        keys.append(embeddings.keys(i)[keep_rows])
+        labels.append(part_labels[keep_rows].astype(np.int32))
+        keys.append(embeddings.keys(i).take(pa.array(keep_rows)))
     bad.check(max_bad_fraction)
     if sum(len(r) for r in rows) == 0:
         raise ClipcidError(f"no usable rows in {teacher_emb} (after balance and clusters): nothing to train on")
@@ -271,7 +272,7 @@ class TrainBatches(torch.utils.data.IterableDataset):
         for r, row in enumerate(iter_rows(self.train.parts[p])):
             if r != used[j]:
                 continue
-            key = str(self.train.keys[p][j])
+            key = self.train.keys[p][j].as_py()
             if row.key != key:
                 raise ClipcidError(
                     f"shard {self.train.parts[p].name} row {r} has key {row.key} but the teacher "
@@ -338,8 +339,8 @@ class TrainBatches(torch.utils.data.IterableDataset):
         if self.train.store_img is None:
             teacher_img = teacher_txt = np.zeros((len(items), 0), dtype=np.float32)
         else:
-            teacher_img = np.stack([self.train.store_img.part(p)[r] for p, r in zip(parts, rows, strict=True)])
-            teacher_txt = np.stack([self.train.store_txt.part(p)[r] for p, r in zip(parts, rows, strict=True)])
+            teacher_img = self.train.store_img.pairs(parts, rows)
+            teacher_txt = self.train.store_txt.pairs(parts, rows)
         return {
             "images": torch.stack(images),
             "tokens": self.tokenizer([it[4] for it in items]),

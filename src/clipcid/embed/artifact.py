@@ -152,13 +152,44 @@ class EmbeddingStore:
         return self.folder.valid_mask()
 
     def rows(self, global_rows: np.ndarray) -> np.ndarray:
-        """float32 vectors of sorted global rows, read part by part through the memmap."""
+        """float32 vectors of sorted global rows, read part by part through the memmap (checked: `read`)."""
         out = np.empty((len(global_rows), self.dim), dtype=np.float32)
         part_of = np.searchsorted(self.offsets, global_rows, side="right") - 1
         for p in np.unique(part_of):
             sel = np.flatnonzero(part_of == p)
-            out[sel] = self.part(int(p))[global_rows[sel] - self.offsets[p]]
+            out[sel] = self.read(int(p), global_rows[sel] - self.offsets[p])
         return out
+
+    def read(self, i: int, local_rows: np.ndarray | None = None) -> np.ndarray:
+        """Part i's vectors (its rows `local_rows`, or all) in the stored dtype, checked as they are read:
+        a row recorded valid whose vector is not finite means the file changed after embed wrote it, and is
+        refused in one line (one vectorised isfinite on the block read: no pass of its own)."""
+        block = np.asarray(self.part(i) if local_rows is None else self.part(i)[local_rows])
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite) if local_rows is None else np.asarray(local_rows)[~finite]
+            self.refuse_changed(i, rows)
+        return block
+
+    def pairs(self, parts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The vectors of (part, row) pairs in their order, checked as `read` checks them."""
+        block = np.stack([self.part(int(p))[r] for p, r in zip(parts, rows, strict=True)])
+        finite = np.isfinite(block).all(axis=1)
+        for p in np.unique(np.asarray(parts)[~finite]):
+            self.refuse_changed(int(p), np.asarray(rows)[~finite & (np.asarray(parts) == p)])
+        return block
+
+    def refuse_changed(self, i: int, rows: np.ndarray) -> None:
+        """Non-finite rows were read from part i: an error where embed recorded any of them valid (rows it
+        found non-finite are marked invalid and zeroed; another tool's folder had them found on open)."""
+        recorded_valid = self.valid(i)[rows] if self.folder is not None else np.ones(len(rows), bool)
+        if recorded_valid.any():
+            bad = np.asarray(rows)[recorded_valid]
+            raise ClipcidError(
+                f"{vectors_path(self.root, self.kind, i, len(self.part_ids))}: {len(bad)} row(s) that embed recorded "
+                f"valid are not finite (row {int(bad[0])} first): the file changed after embed wrote it; embed "
+                "again (another --out, or --overwrite)"
+            )
 
     def split_global(self, global_rows: np.ndarray) -> list[np.ndarray]:
         """Per part, the local row numbers of the given global rows."""
@@ -250,8 +281,10 @@ class Embeddings:
             raise ClipcidError(f"{self.root}: part {i} has no metadata ({path.name}); the folder is incomplete")
         return pq.read_table(path, columns=columns)
 
-    def keys(self, i: int) -> np.ndarray:
-        return np.asarray(self.metadata(i, ["key"]).column("key").to_pylist(), dtype=object)
+    def keys(self, i: int) -> pa.StringArray:
+        """Part i's sample keys as an Arrow string array: an offset table over one buffer (about 4 bytes a
+        row beside the keys themselves), not a Python object per row."""
+        return self.metadata(i, ["key"]).column("key").combine_chunks()
 
     def valid(self, i: int) -> np.ndarray:
         """Rows with a real pair of vectors: marked valid, and finite in both kinds (NaN/inf rows from a

@@ -348,8 +348,8 @@ def project_embeddings(
             if artifact.part_done(root, i, source.n_parts):
                 continue
             valid = torch.from_numpy(source.metadata(i, ["valid"]).column("valid").to_numpy(zero_copy_only=False))
-            img = torch.from_numpy(np.array(source.images.part(i), dtype=np.float32))
-            txt = torch.from_numpy(np.array(source.texts.part(i), dtype=np.float32))
+            img = torch.from_numpy(np.array(source.images.read(i), dtype=np.float32))
+            txt = torch.from_numpy(np.array(source.texts.read(i), dtype=np.float32))
             artifact.write_part(
                 root,
                 i,
