@@ -109,6 +109,12 @@ def test_two_level_mode_on_planted_data(tmp_path):
     assert stats["two_level"] and np.load(tmp_path / "cl" / "centroids.npy").shape == (64, 32)
     assert np.load(tmp_path / "cl" / "coarse_centroids.npy").shape == (8, 32)
     assert adjusted_rand_score(y, labels_of(tmp_path / "cl")) > 0.9
+    # Its 8 coarse cells, all probed (nprobe 8): every label is the exact nearest centroid, and the stats
+    # say so. On structureless data, probing one cell of 8 misses some.
+    assert stats["exact_agreement"] == {"rows": 6000, "nprobe": 8, "share": 1.0}
+    noise = write_embeddings(tmp_path / "noise", blobs(n=3000, k=3000, noise=0.0)[0])
+    one = cluster(ClusterConfig(emb=str(noise), out=str(tmp_path / "one"), k=64, two_level="on", assign_nprobe=1))
+    assert 0.3 < one["exact_agreement"]["share"] < 0.99
 
 
 def test_proportional_split():
@@ -238,3 +244,11 @@ def test_a_sample_that_cannot_fit_is_refused_before_anything_is_read(tmp_path, m
     monkeypatch.setattr(EmbeddingStore, "rows", lambda self, rows: pytest.fail("rows were read"))
     with pytest.raises(ClipcidError, match=r"more than --memory-gb 1e-05; raise --memory-gb, lower --max-points"):
         cluster(ClusterConfig(emb=str(emb), out=str(tmp_path / "cl"), k=3, memory_gb=1e-5))
+    # The k x D copies count: a sample that fits beside small k is refused at large k.
+    from clipcid.cluster.kmeans import check_memory
+    from clipcid.stage import DistEnv
+
+    one = DistEnv(0, 1, 0, "cpu")
+    check_memory(1_000_000, 1280, 1000, one, 40)  # a 5.1 GB share, k = 1,000: fits
+    with pytest.raises(ClipcidError, match=r"peak of 50\.7 GB per rank .* centroids' copies 25\.6 GB"):
+        check_memory(1_000_000, 1280, 1_000_000, one, 40)

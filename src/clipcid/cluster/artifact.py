@@ -23,7 +23,7 @@ import numpy as np
 from clipcid.embed.artifact import Embeddings
 from clipcid.errors import ClipcidError
 from clipcid.stage import finished, identity, read_finished, record_matches, write_record
-from clipcid.util.fileio import save_json_atomic, save_npy_atomic
+from clipcid.util.fileio import atomic_path, save_json_atomic, save_npy_atomic
 
 SETTINGS_FILE = "stats.json"
 
@@ -77,12 +77,21 @@ def read_kmeans_state(folder: Path, stage: str, redo: int = 0) -> tuple[int, np.
     return record["iteration"], np.load(_scratch(folder) / f"{stage}_{redo}.npy"), record["objective"]
 
 
-def write_share_cells(folder: Path, rank: int, cells: np.ndarray) -> None:
-    save_npy_atomic(_scratch(folder) / f"cells_rank{rank}.npy", cells)
+def _cells_path(folder: Path, source: int, owner: int) -> Path:
+    return _scratch(folder) / "cells" / f"from{source}_to{owner}.npz"
 
 
-def read_share_cells(folder: Path, rank: int) -> np.ndarray:
-    return np.load(_scratch(folder) / f"cells_rank{rank}.npy")
+def write_share_cells(folder: Path, source: int, owner: int, rows: np.ndarray, cells: np.ndarray) -> None:
+    """The sample rows of rank `source`'s share whose coarse cell rank `owner` trains, with their cells."""
+    path = _cells_path(folder, source, owner)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, rows=rows, cells=cells)
+
+
+def read_share_cells(folder: Path, source: int, owner: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(_cells_path(folder, source, owner)) as data:
+        return data["rows"], data["cells"]
 
 
 def fine_cell_path(folder: Path, cell: int) -> Path:

@@ -43,6 +43,9 @@ log = logging.getLogger("clipcid")
 
 KMEANS_PP_BUDGET = 2e10  # n * k * d beyond which greedy k-means++ seeding costs more than it saves
 SPLIT_EPS = 1 / 1024  # how far apart an empty cluster and the one it splits are nudged (faiss's EPS)
+# The k x D copies a Lloyd iteration holds, in bytes a number: the centroids, their int64 sums, the update
+# and the assignment's filed copy (4 + 8 + 4 + 4).
+CENTROID_COPY_BYTES = 20
 FIXED_POINT = 2.0**32  # the Lloyd sums' unit: a row's coordinate is kept to 2^-32
 FIXED_POINT_ROWS = 8192  # rows converted at once (8192 x 1,280 x 8 bytes: 84 MB)
 
@@ -75,14 +78,18 @@ def share_of(rows: np.ndarray, env: DistEnv) -> np.ndarray:
     return np.array_split(rows, env.world_size)[env.rank]
 
 
-def check_memory(n_sample: int, dim: int, env: DistEnv, memory_gb: float) -> None:
-    """One line, before anything is read, when this rank's share of the sample would not fit."""
+def check_memory(n_sample: int, dim: int, k: int, env: DistEnv, memory_gb: float) -> None:
+    """One line, before anything is read, when this rank's peak would not fit in --memory-gb: its share of
+    the sample, the k x D copies training holds (CENTROID_COPY_BYTES a number), and the score blocks, which
+    the assignment sizes to half the budget."""
     share = -(-n_sample // env.world_size) * dim * 4 / 1e9
-    if share > memory_gb:
+    copies = k * dim * CENTROID_COPY_BYTES / 1e9
+    if share + copies > memory_gb / 2:
         raise ClipcidError(
-            f"the k-means sample is {n_sample:,} rows x {dim}: {share:.1f} GB per rank on {env.world_size} "
-            f"rank(s), more than --memory-gb {memory_gb:g}; raise --memory-gb, lower --max-points-per-centroid, "
-            "or use more ranks"
+            f"k-means expects a peak of {share + copies + memory_gb / 2:.1f} GB per rank on {env.world_size} rank(s) "
+            f"(its share of the {n_sample:,} x {dim} sample {share:.1f} GB, k = {k:,} centroids' copies {copies:.1f} "
+            f"GB, score blocks {memory_gb / 2:g} GB), more than --memory-gb {memory_gb:g}; raise --memory-gb, lower "
+            "--max-points-per-centroid, or use more ranks"
         )
 
 
@@ -216,7 +223,7 @@ def train(
 ) -> tuple[np.ndarray, np.ndarray | None, list[float]]:
     """The centroids (and coarse centroids in two-level mode) trained by every rank on the sample; the
     objective per iteration (of the flat, or the coarse, training)."""
-    check_memory(len(sample), store.dim, env, t.memory_gb)
+    check_memory(len(sample), store.dim, t.k, env, t.memory_gb)
     mine = share_of(sample, env)
     x = read_rows(store, mine, env.device)
     log.info(
@@ -299,17 +306,25 @@ def _train_fine_cells(env, store, sample, x, t: Training, coarse: torch.Tensor, 
     """Every fine cell trained by its owner on its own rows; the fine centroids gathered, in cell order."""
     k1 = len(coarse)
     labels, _ = make_assigner(coarse, None).assign_tensor(x)
-    artifact.write_share_cells(t.folder, env.rank, labels.cpu().numpy())
     counts = torch.bincount(labels, minlength=k1)
     _all_reduce(env, counts)
     per_cell = proportional_split(t.k, counts.cpu().numpy())
+    # Each rank hands every other the rows of its share that fall in the cells that rank trains, so a
+    # rank holds the cell labels of its own cells' rows only (in sample order: the shares are contiguous).
+    mine, cells = share_of(sample, env), labels.cpu().numpy()
+    for owner in range(env.world_size):
+        to_owner = cells % env.world_size == owner
+        artifact.write_share_cells(t.folder, env.rank, owner, mine[to_owner], cells[to_owner])
     barrier(env)
-    cells = np.concatenate([artifact.read_share_cells(t.folder, r) for r in range(env.world_size)])
+    received = [artifact.read_share_cells(t.folder, source, env.rank) for source in range(env.world_size)]
+    rows_here = np.concatenate([r for r, _ in received])
+    cells_here = np.concatenate([c for _, c in received])
+    del received
     owned = [c for c in range(k1) if c % env.world_size == env.rank and per_cell[c] > 0]
     todo = [c for c in owned if not artifact.fine_cell_path(t.folder, c).is_file()]
     with progress_bar(len(todo), f"fine cells (rank {env.rank})", "cell", env.is_main) as bar:
         for c in todo:
-            members = sample[cells == c]
+            members = rows_here[cells_here == c]
             rows = unit_rows(store.rows(members))
             if per_cell[c] >= len(members):
                 fine = rows[: per_cell[c]]

@@ -53,6 +53,8 @@ log = logging.getLogger("clipcid")
 PAPER_IMAGES_PER_CLUSTER = 225  # 1M clusters for 225M images
 TWO_LEVEL_ABOVE_K = 65536
 ROWS_PER_PRODUCT = 65536  # centroids filed at once (a block of k x cells scores)
+AGREEMENT_ROWS = 10_000  # rows checked against the exact nearest centroid after a two-level assignment
+AGREEMENT_FLOP = 2 * 10**11  # and at most this many multiply-adds for it (k = 1M, D = 1,280: 156 rows)
 
 
 @dataclass
@@ -241,7 +243,7 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
     if not artifact.trained(out, settings):
         t0 = time.monotonic()
         sample = kmeans.draw_sample(kept_rows, k, cfg.max_points_per_centroid, cfg.seed)
-        kmeans.check_memory(len(sample), store.dim, env, cfg.memory_gb)
+        kmeans.check_memory(len(sample), store.dim, k, env, cfg.memory_gb)
         if env.is_main:
             artifact.begin_training(out, settings)
         barrier(env)
@@ -289,7 +291,23 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
     summary = _part_summaries(out, store, k, env, corpus is not None)
     if not env.is_main:
         return {}
+    if coarse is not None:  # two-level: how often a row's label is its exact nearest centroid
+        summary["exact_agreement"] = _exact_agreement(out, store, centroids, kept_rows, cfg, env.device)
     return _write_stats(cfg, out, summary, k, training, timings, time.monotonic() - start)
+
+
+def _exact_agreement(out: Path, store: EmbeddingStore, centroids: np.ndarray, kept_rows: np.ndarray, cfg,
+                     device) -> dict:  # fmt: skip
+    """The share of a seeded sample of labelled rows whose two-level label is the exact nearest centroid
+    (every centroid scored): what nprobe costs. The sample is bounded by its cost (rows x k x D)."""
+    size = int(min(len(kept_rows), AGREEMENT_ROWS, max(100, AGREEMENT_FLOP // max(len(centroids) * store.dim, 1))))
+    sample = np.sort(np.random.default_rng(cfg.seed).choice(kept_rows, size=size, replace=False))
+    exact, _ = Assigner(centroids, None, 1, device, cfg.memory_gb).assign(unit_rows(store.rows(sample)))
+    labels = np.concatenate(
+        [artifact.read_part_labels(out, i, False)[0][local] for i, local in zip(store.part_ids,
+         store.split_global(sample), strict=True) if len(local)]
+    )  # fmt: skip
+    return {"rows": size, "nprobe": cfg.assign_nprobe, "share": float((labels == exact).mean())}
 
 
 def _part_summaries(out: Path, store: EmbeddingStore, k: int, env: DistEnv, with_corpus: bool) -> dict:
@@ -329,6 +347,7 @@ def _write_stats(cfg, out: Path, summary: dict, k: int, training: dict, timings:
         "train_rows": training["train_rows"],
         "objective_per_iteration": training["objective"],
         "mean_similarity_to_centroid": summary["similarity"] / assigned if assigned else float("nan"),
+        **({"exact_agreement": summary["exact_agreement"]} if "exact_agreement" in summary else {}),
         "cluster_size": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
         "empty_clusters": int((sizes == 0).sum()),
         "timings": {"train_s": training["train_s"], **timings, "total_s": total_s},
