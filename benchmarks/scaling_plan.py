@@ -115,8 +115,8 @@ def main() -> None:
         totals[gpus]["balance"] += reads / (READ_BYTES_S_PER_NODE * gpus / 8)
     print(f"| balance: reading the image embeddings, {reads / 1e12:.1f} TB in all | – | – | "
           f"{human(reads / READ_BYTES_S_PER_NODE)} | {human(reads / (READ_BYTES_S_PER_NODE * 8))} |")  # fmt: skip
-    allreduce = 2 * K * D * 4 / NET_BYTES_S  # ring all-reduce: twice the 5.1 GB of sums per GPU
-    print(f"| k-means: all-reduce of k x D sums per refining iteration ({K * D * 4 / 1e9:.1f} GB) | – | – | "
+    allreduce = 2 * K * D * 8 / NET_BYTES_S  # ring all-reduce: twice the 10.2 GB of int64 sums per GPU
+    print(f"| k-means: all-reduce of k x D int64 sums per refining iteration ({K * D * 8 / 1e9:.1f} GB) | – | – | "
           f"{human(REFINE * allreduce)} | {human(REFINE * allreduce)} |")  # fmt: skip
     print()
     for gpus in (8, 64):

@@ -178,7 +178,7 @@ class Clusters:
             raise ClipcidError(
                 f"{folder} holds an unfinished clustering; run the same `clipcid cluster` again to finish it"
             )
-        centroids = np.load(folder / "centroids.npy")
+        centroids = np.load(folder / "centroids.npy", mmap_mode="r")  # a rank copies its classifier rows only
         if centroids.ndim != 2 or centroids.shape[1] != embeddings.images.dim:
             raise ClipcidError(
                 f"{folder}: centroids are {centroids.shape}, the embeddings {embeddings.images.dim}-dimensional"

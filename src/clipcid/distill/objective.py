@@ -87,7 +87,7 @@ class Objective:
                 else (0.1 if train.num_classes > 100_000 else 1.0)
             )
             self.pfc = PartialFC(
-                torch.from_numpy(train.centroids) if cfg.fc_init == "centroids" else None,
+                train.centroids if cfg.fc_init == "centroids" else None,
                 train.num_classes,
                 teacher_dim,
                 cfg.cls_scale,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,7 +51,7 @@ def _log_softmax_global(logits: torch.Tensor) -> torch.Tensor:
 class PartialFC(nn.Module):
     def __init__(
         self,
-        centroids: torch.Tensor | None,
+        centroids: torch.Tensor | np.ndarray | None,
         num_classes: int,
         dim: int,
         scale: float = 32.0,
@@ -68,7 +69,13 @@ class PartialFC(nn.Module):
         if centroids is not None:
             if tuple(centroids.shape) != (num_classes, dim):
                 raise ValueError(f"centroids are {tuple(centroids.shape)}, expected {(num_classes, dim)}")
-            local = centroids[self.start : self.end].float().clone()
+            # Only this rank's rows are copied: the k x D centroids may be a memory map (Clusters.open).
+            part = centroids[self.start : self.end]
+            local = (
+                part.float().clone()
+                if isinstance(part, torch.Tensor)
+                else torch.from_numpy(np.array(part, dtype=np.float32))
+            )
         else:  # --fc-init random: the ablation the paper says collapses
             generator = torch.Generator().manual_seed(seed + self.rank)
             local = F.normalize(torch.randn(self.end - self.start, dim, generator=generator), dim=1)
