@@ -53,6 +53,9 @@ log = logging.getLogger("clipcid")
 PAPER_IMAGES_PER_CLUSTER = 225  # 1M clusters for 225M images
 TWO_LEVEL_ABOVE_K = 65536
 ROWS_PER_PRODUCT = 65536  # centroids filed at once (a block of k x cells scores)
+# A CPU's score block: 4,096 rows x 1,000 centroids, 0.80 s per 256k rows where 65,536-row blocks took
+# 1.08 (AMD EPYC, 32 MB L3; docs/benchmarks.md).
+CPU_SCORE_BLOCK_BYTES = 16 * 2**20
 AGREEMENT_ROWS = 10_000  # rows checked against the exact nearest centroid after a two-level assignment
 AGREEMENT_FLOP = 2 * 10**11  # and at most this many multiply-adds for it (k = 1M, D = 1,280: 156 rows)
 
@@ -136,8 +139,12 @@ class Assigner:
             self.filed, self.filed_ids = self.centroids[order], order
             self.bounds = torch.cat([cell.new_zeros(1), torch.bincount(cell, minlength=len(coarse)).cumsum(0)]).tolist()
             width = len(coarse) + self.nprobe * int(torch.bincount(cell).max())
-        # Rows per call: the score block (rows x width floats) within half the budget.
-        self.rows_at_once = max(256, min(ROW_CHUNK, int(memory_gb * 1e9 / 2 / (4 * max(width, 1)))))
+        # Rows per call: the score block (rows x width floats) within half the budget, and on a CPU within
+        # the cache, where the max over a block read back from memory cost a quarter of the product.
+        rows = int(memory_gb * 1e9 / 2 / (4 * max(width, 1)))
+        if self.device.type == "cpu":
+            rows = min(rows, CPU_SCORE_BLOCK_BYTES // (4 * max(width, 1)))
+        self.rows_at_once = max(256, min(ROW_CHUNK, rows))
 
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         labels, sims = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
