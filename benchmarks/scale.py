@@ -10,6 +10,13 @@ each stage alone, each in a process of its own so that its peak memory is its ow
 - lloyd: one k-means iteration at k = 4,096 (flat: assign, sums, all-reduce);
 - assign: the two-level assignment of every row at k = 65,536 (256 cells, nprobe 8).
 
+With --memory it instead runs whole stages (balance with IVF search, cluster) on planted 8-d embeddings
+(so that the per-row bookkeeping, not the vectors, dominates) at two sizes on 1, 2 and 4 ranks, takes
+each rank's tracemalloc peak (numpy reports its arrays there), fits memory = a + b·N/ranks + c·N per stage
+for rank 0 and for the other ranks, and prints c, the bytes each rank holds per row of the whole corpus.
+
+    python benchmarks/scale.py --memory [--memory-sizes 250000 500000] [--memory-ranks 1 2 4]
+
 It prints a table per stage: rows, ranks, seconds, rows per second, peak resident memory per rank, and
 the exponent of time against rows fitted over the 256-d sizes (the anchor: exponent 1, the cost of
 reading each row once; the IVF join is expected near 1.5 by nlist = sqrt(N * nprobe)). With --json it
@@ -42,7 +49,7 @@ K_LLOYD, K_ASSIGN, CELLS, NPROBE_ASSIGN = 4096, 65536, 256, 8
 PART_ROWS = 250_000
 
 
-def write_data(root: Path, n: int, dim: int, seed: int = 0) -> Path:
+def write_data(root: Path, n: int, dim: int, seed: int = 0, part_rows: int = PART_ROWS) -> Path:
     """Parts of unit float16 rows around 20,000 centres, 60 % planted near-duplicates, with embed.json
     saying validity is decided (as `clipcid embed` writes it)."""
     from clipcid.embed.artifact import VALIDITY
@@ -52,9 +59,9 @@ def write_data(root: Path, n: int, dim: int, seed: int = 0) -> Path:
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     (root / "img_emb").mkdir(parents=True, exist_ok=True)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
-    n_parts = -(-n // PART_ROWS)
+    n_parts = -(-n // part_rows)
     for i in range(n_parts):
-        rows = min(PART_ROWS, n - i * PART_ROWS)
+        rows = min(part_rows, n - i * part_rows)
         x = centres[rng.integers(len(centres), size=rows)] + 0.5 * rng.standard_normal((rows, dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         dup = rng.choice(rows, size=rows * 6 // 10, replace=False)
@@ -131,9 +138,57 @@ def worker(stage: str, emb: str, out: str, device: str) -> None:
         Path(out, f"report_{env.rank}.json").write_text(json.dumps(report))
 
 
+MEMORY_STAGES = ("balance", "cluster")
+
+
+def memory_worker(stage: str, emb: str, out: str, device: str) -> None:
+    """One whole stage, as `clipcid STAGE` runs it, with tracemalloc tracing: its peak is what numpy (and
+    so every per-row array of the stage) held at most in this rank, beside torch's own allocations, which
+    it does not count (the resident size would hide the arrays behind torch's ~0.5 GB)."""
+    import tracemalloc
+
+    from clipcid.balance.run import BalanceConfig, balance
+    from clipcid.cluster.run import ClusterConfig, cluster
+    from clipcid.stage import distributed
+
+    with distributed(device) as env:
+        tracemalloc.start()
+        if stage == "balance":
+            balance(BalanceConfig(emb=emb, out=str(Path(out) / "balance"), search="ivf", device=device, plots=False))
+        else:
+            cluster(ClusterConfig(emb=emb, out=str(Path(out) / "clusters"), device=device, plots=False))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        report = {"stage": stage, "rank": env.rank, "ranks": env.world_size, "peak_bytes": peak}
+        Path(out, f"report_{env.rank}.json").write_text(json.dumps(report))
+
+
+def memory_model(results: list[dict]) -> None:
+    """Per stage, memory = a + b N / ranks + c N fitted by least squares, over every rank but rank 0 and
+    over rank 0 apart: c is what each rank holds per row of the whole corpus (replicated), b its share's
+    bytes per row. Then the GB per rank that gives at 400M rows on 8 and 64 ranks."""
+    print(
+        "\n| stage | ranks fitted | a (MB) | b: bytes per own row | c: bytes per corpus row (replicated) | "
+        "c x 400M (GB) | at 400M on 8 ranks (GB) | on 64 ranks (GB) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for stage in MEMORY_STAGES:
+        for who, pick in (("rank 0", lambda r: r["rank"] == 0), ("the others", lambda r: r["rank"] > 0)):
+            rows = [r for r in results if r["stage"] == stage and pick(r)]
+            if len({(r["rows"], r["ranks"]) for r in rows}) < 3:
+                continue
+            design = np.array([[1.0, r["rows"] / r["ranks"], r["rows"]] for r in rows])
+            (a, b, c), *_ = np.linalg.lstsq(design, np.array([r["peak_bytes"] for r in rows], float), rcond=None)
+            at = {g: (a + b * 400e6 / g + c * 400e6) / 1e9 for g in (8, 64)}
+            print(f"| {stage} | {who} | {a / 1e6:.1f} | {b:.1f} | {c:.1f} | {c * 400e6 / 1e9:.1f} | {at[8]:.1f} | "
+                  f"{at[64]:.1f} |")  # fmt: skip
+
+
 def measure(stage: str, emb: Path, ranks: int, device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="clipcid-scale-") as out:
         cmd = [sys.executable, __file__, "--worker", stage, "--emb", str(emb), "--out", out, "--device", device]
+        if stage in MEMORY_STAGES:
+            cmd[2] = "--memory-worker"
         if ranks > 1:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -144,6 +199,8 @@ def measure(stage: str, emb: Path, ranks: int, device: str) -> dict:
             cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
         )
         reports = [json.loads(p.read_text()) for p in sorted(Path(out).glob("report_*.json"))]
+    if stage in MEMORY_STAGES:
+        return {"per_rank": reports}
     measured = {"seconds": max(r["seconds"] for r in reports), "peak_gb": max(r["peak_gb"] for r in reports)}
     if "edges" in reports[0]:
         measured["edges"] = reports[0]["edges"]
@@ -180,12 +237,37 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--from-json", default=None, help="print the tables (and --plot) of an earlier --json")
+    p.add_argument("--memory", action="store_true", help="the per-rank memory model (tracemalloc) instead")
+    p.add_argument("--memory-sizes", type=int, nargs="+", default=[250_000, 500_000])
+    p.add_argument("--memory-dim", type=int, default=8, help="small, so that bookkeeping dominates")
+    p.add_argument("--memory-ranks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--memory-stages", nargs="+", default=list(MEMORY_STAGES), choices=MEMORY_STAGES)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--emb", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args.worker, args.emb, args.out, args.device)
+        return
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.emb, args.out, args.device)
+        return
+    if args.memory:
+        results = []
+        with tempfile.TemporaryDirectory(prefix="clipcid-scale-data-") as tmp:
+            for n in args.memory_sizes:
+                emb = write_data(Path(tmp) / f"{n}", n, args.memory_dim, part_rows=max(1, n // 20))
+                for ranks in args.memory_ranks:
+                    for stage in args.memory_stages:
+                        for r in measure(stage, emb, ranks, args.device)["per_rank"]:
+                            results.append({**r, "rows": n})
+                            print(f"{stage:<8} {n:>9,} rows, rank {r['rank']} of {ranks}: "
+                                  f"{r['peak_bytes'] / 1e6:8.1f} MB traced peak", flush=True)  # fmt: skip
+                shutil.rmtree(emb)
+        memory_model(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"memory": results}, indent=2))
         return
     if args.from_json:  # the tables and the plot of an earlier run (or of several merged)
         earlier = json.loads(Path(args.from_json).read_text())

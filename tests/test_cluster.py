@@ -252,3 +252,23 @@ def test_a_sample_that_cannot_fit_is_refused_before_anything_is_read(tmp_path, m
     check_memory(1_000_000, 1280, 1000, one, 40)  # a 5.1 GB share, k = 1,000: fits
     with pytest.raises(ClipcidError, match=r"peak of 50\.7 GB per rank .* centroids' copies 25\.6 GB"):
         check_memory(1_000_000, 1280, 1_000_000, one, 40)
+
+
+def test_the_sample_drawn_part_by_part_is_the_one_drawn_from_the_list_of_kept_rows():
+    """No rank lists every kept row: the sample and each rank's share come from the mask part by part, and
+    are exactly what choosing from the whole list (the earlier way) gave, for any number of ranks."""
+    from clipcid.cluster.kmeans import KeptRows, draw_sample
+    from clipcid.stage import DistEnv
+
+    rng = np.random.default_rng(4)
+    kept = rng.random(10_000) < 0.3
+    offsets = np.array([0, 1_000, 1_000, 4_500, 10_000])  # an empty part too
+    rows = np.flatnonzero(kept)
+    for k, points in ((4, 100), (50, 1_000)):  # a subsample, then every kept row
+        sample = draw_sample(KeptRows(kept, offsets), k, points, seed=7)
+        limit = k * points
+        expected = rows if len(rows) <= limit else np.sort(np.random.default_rng(7).choice(rows, limit, replace=False))
+        assert len(sample) == len(expected) and np.array_equal(sample[np.arange(len(sample))], expected)
+        for world in (1, 2, 3, 4):
+            shares = [sample.share(DistEnv(r, world, r, "cpu")) for r in range(world)]
+            assert all(np.array_equal(a, b) for a, b in zip(shares, np.array_split(expected, world), strict=True))

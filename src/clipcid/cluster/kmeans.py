@@ -66,16 +66,49 @@ class Training:
     settings: dict
 
 
-def draw_sample(kept_rows: np.ndarray, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray:
-    """The training sample's global rows, sorted: the same for any number of ranks."""
-    limit = k * max_points_per_centroid
-    if len(kept_rows) <= limit:
-        return kept_rows
-    return np.sort(np.random.default_rng(seed).choice(kept_rows, size=limit, replace=False))
+class KeptRows:
+    """The kept rows (a mask over the corpus, one byte a row) and a seeded choice of them, as positions in
+    the sequence of kept rows, turned into global rows part by part: no rank lists every kept row (8 bytes a
+    row of the corpus on every rank, 3.2 GB at 400M)."""
+
+    def __init__(self, kept: np.ndarray, offsets: np.ndarray, positions: np.ndarray | None = None):
+        self.kept, self.offsets, self.positions = kept, np.asarray(offsets), positions
+        per_part = [int(kept[a:b].sum()) for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+        self.kept_before = np.concatenate([[0], np.cumsum(per_part)]).astype(np.int64)
+        self.n_kept = int(self.kept_before[-1])
+
+    def __len__(self) -> int:
+        return self.n_kept if self.positions is None else len(self.positions)
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        """The global rows of the chosen rows at `index` (positions in the choice)."""
+        positions = np.asarray(index, dtype=np.int64) if self.positions is None else self.positions[index]
+        out = np.empty(len(positions), dtype=np.int64)
+        part_of = np.searchsorted(self.kept_before, positions, side="right") - 1
+        for p in np.unique(part_of):
+            sel = np.flatnonzero(part_of == p)
+            local = np.flatnonzero(self.kept[self.offsets[p] : self.offsets[p + 1]])
+            out[sel] = local[positions[sel] - self.kept_before[p]] + self.offsets[p]
+        return out
+
+    def choose(self, count: int, seed: int) -> KeptRows:
+        """`count` of the kept rows drawn by the seed (all of them when there are no more): the same rows as
+        choosing from the list of every kept row would give, whatever the number of ranks."""
+        if self.n_kept <= count:
+            return self
+        positions = np.sort(np.random.default_rng(seed).choice(self.n_kept, size=count, replace=False))
+        return KeptRows(self.kept, self.offsets, positions)
+
+    def share(self, env: DistEnv) -> np.ndarray:
+        """This rank's contiguous share of the chosen rows (np.array_split's split), as global rows."""
+        n, w = len(self), env.world_size
+        lo = env.rank * (n // w) + min(env.rank, n % w)
+        return self[np.arange(lo, lo + n // w + (env.rank < n % w))]
 
 
-def share_of(rows: np.ndarray, env: DistEnv) -> np.ndarray:
-    return np.array_split(rows, env.world_size)[env.rank]
+def draw_sample(kept: KeptRows, k: int, max_points_per_centroid: int, seed: int) -> KeptRows:
+    """The training sample: at most k x max_points_per_centroid kept rows, the same for any number of ranks."""
+    return kept.choose(k * max_points_per_centroid, seed)
 
 
 def check_memory(n_sample: int, dim: int, k: int, env: DistEnv, memory_gb: float) -> None:
@@ -218,7 +251,7 @@ def lloyd(
 def train(
     env: DistEnv,
     store: EmbeddingStore,
-    sample: np.ndarray,
+    sample: KeptRows,
     t: Training,
     two_level: bool,
     make_assigner: Callable,
@@ -226,7 +259,7 @@ def train(
     """The centroids (and coarse centroids in two-level mode) trained by every rank on the sample; the
     objective per iteration (of the flat, or the coarse, training)."""
     check_memory(len(sample), store.dim, t.k, env, t.memory_gb)
-    mine = share_of(sample, env)
+    mine = sample.share(env)
     x = read_rows(store, mine, env.device)
     log.info(
         "rank %d: training %s k-means, k=%d, on its %d of %d sample rows",
@@ -313,7 +346,7 @@ def _train_fine_cells(env, store, sample, x, t: Training, coarse: torch.Tensor, 
     per_cell = proportional_split(t.k, counts.cpu().numpy())
     # Each rank hands every other the rows of its share that fall in the cells that rank trains, so a
     # rank holds the cell labels of its own cells' rows only (in sample order: the shares are contiguous).
-    mine, cells = share_of(sample, env), labels.cpu().numpy()
+    mine, cells = sample.share(env), labels.cpu().numpy()
     for owner in range(env.world_size):
         to_owner = cells % env.world_size == owner
         artifact.write_share_cells(t.folder, env.rank, owner, mine[to_owner], cells[to_owner])

@@ -190,7 +190,7 @@ def cluster(cfg: ClusterConfig) -> dict:
     validate(cfg)
     embeddings = Embeddings.open(cfg.emb)
     kept = kept_mask(embeddings, cfg.balance, cfg.holdout)
-    kept_rows = np.flatnonzero(kept)
+    kept_rows = kmeans.KeptRows(kept, embeddings.images.offsets)
     if len(kept_rows) == 0:
         raise ClipcidError("no kept, valid rows to cluster")
     k = resolve_k(cfg.k, len(kept_rows), cfg.images_per_cluster)
@@ -303,12 +303,12 @@ def _cluster(cfg, env: DistEnv, embeddings: Embeddings, kept, kept_rows, k: int,
     return _write_stats(cfg, out, summary, k, training, timings, time.monotonic() - start)
 
 
-def _exact_agreement(out: Path, store: EmbeddingStore, centroids: np.ndarray, kept_rows: np.ndarray, cfg,
+def _exact_agreement(out: Path, store: EmbeddingStore, centroids: np.ndarray, kept_rows: kmeans.KeptRows, cfg,
                      device) -> dict:  # fmt: skip
     """The share of a seeded sample of labelled rows whose two-level label is the exact nearest centroid
     (every centroid scored): what nprobe costs. The sample is bounded by its cost (rows x k x D)."""
     size = int(min(len(kept_rows), AGREEMENT_ROWS, max(100, AGREEMENT_FLOP // max(len(centroids) * store.dim, 1))))
-    sample = np.sort(np.random.default_rng(cfg.seed).choice(kept_rows, size=size, replace=False))
+    sample = kept_rows.choose(size, cfg.seed)[np.arange(size)]
     exact, _ = Assigner(centroids, None, 1, device, cfg.memory_gb).assign(unit_rows(store.rows(sample)))
     labels = np.concatenate(
         [artifact.read_part_labels(out, i, False)[0][local] for i, local in zip(store.part_ids,
