@@ -229,3 +229,27 @@ def test_a_run_too_short_to_judge_says_so_and_its_warm_up_scales_with_it():
     assert too_short(188, 50, 188, 1) is None and too_short(188, 200, 188, 1).endswith(
         "--epochs 2 (or more data) would give 376"
     )
+
+
+def test_a_rank_holds_the_rows_of_the_parts_it_reads_not_of_the_corpus(pipeline, monkeypatch):
+    """Every part's count is known (the steps need them); a part's rows, labels and keys are read from the
+    artifacts when the part is read, by a selector a loader worker can take with it."""
+    import pickle
+
+    from clipcid.cluster.artifact import Clusters
+    from clipcid.distill.data import PartSelector, load_train_rows
+    from clipcid.embed.artifact import Embeddings
+
+    train = load_train_rows(str(pipeline / "shards"), str(pipeline / "emb"), None, str(pipeline / "clusters"))
+    assert isinstance(train.select, PartSelector) and not hasattr(train, "rows")
+    embeddings = Embeddings.open(pipeline / "emb")
+    clusters = Clusters.open(pipeline / "clusters", embeddings)
+    for p in range(4):
+        rows, labels, keys = train.part(p)
+        assert rows.dtype == np.int32 and labels.dtype == np.int32 and len(rows) == train.counts[p] == 24
+        assert np.array_equal(labels, clusters.labels(p)[rows])
+        assert keys.to_pylist() == [embeddings.keys(p)[int(r)].as_py() for r in rows]
+    # A worker's copy opens the artifacts itself (none travels with it) and selects the same rows.
+    copy = pickle.loads(pickle.dumps(train.select))
+    assert "_opened" not in copy.__dict__
+    assert all(np.array_equal(copy(p)[0], train.part(p)[0]) for p in range(4))

@@ -34,22 +34,79 @@ log = logging.getLogger("clipcid")
 SHUFFLE_WINDOW = 1000
 
 
+# Per part: the row numbers used (in file order), the cluster label of each (-1 without clusters), and
+# its embedding-metadata key (an Arrow string array: an offset table, not a Python object a row).
+PartRows = tuple[np.ndarray, np.ndarray, pa.StringArray]
+
+
 @dataclass
 class TrainRows:
-    """What every part contributes: the rows to train on, with their labels."""
+    """What every part contributes: how many rows (every rank knows every part's count, for the steps),
+    and the rows themselves, read when a part is read (`part`): a rank holds the rows of the parts it is
+    reading, not of the corpus."""
 
     parts: list[Part]
-    rows: list[np.ndarray]  # per part: the row numbers used, in file order
-    labels: list[np.ndarray]  # per part: cluster label of each used row (-1 without clusters)
-    keys: list[pa.StringArray]  # per part: embedding-metadata key of each used row (an offset table)
+    counts: np.ndarray  # per part: the rows used
+    select: Callable[[int], PartRows]  # per part: its rows, labels and keys
     store_img: EmbeddingStore | None  # None: training without a teacher (a CLIP-only run)
     store_txt: EmbeddingStore | None
     num_classes: int
-    centroids: np.ndarray | None = None  # k x D, the classifier's starting point
+    centroids: np.ndarray | None = None  # k x D (memory-mapped), the classifier's starting point
 
     @property
     def total(self) -> int:
-        return int(sum(len(r) for r in self.rows))
+        return int(self.counts.sum())
+
+    def part(self, p: int) -> PartRows:
+        return self.select(p)
+
+
+@dataclass
+class KnownRows:
+    """Rows chosen by a pass over the shards (a run without teacher embeddings: small data), kept."""
+
+    rows: list[PartRows]
+
+    def __call__(self, p: int) -> PartRows:
+        return self.rows[p]
+
+
+@dataclass
+class PartSelector:
+    """The rows of a part to train on: valid, kept by balance, not held out and (with clusters) labelled,
+    read from the artifacts when the part is read. Picklable: a loader worker opens the artifacts itself."""
+
+    teacher_emb: str
+    balance: str | None
+    clusters: str | None
+    holdout: str | None
+
+    def __call__(self, i: int) -> PartRows:
+        embeddings, kept, labelled, held_out = self._artifacts()
+        use = embeddings.valid(i).copy()
+        if kept is not None:
+            use &= kept.keep(i)
+        if held_out is not None:
+            use &= ~held_out.mask(i, embeddings.sizes[i])
+        labels = labelled.labels(i) if labelled is not None else np.full(embeddings.sizes[i], -1, dtype=np.int64)
+        if labelled is not None:
+            use &= labels >= 0
+        rows = np.flatnonzero(use).astype(np.int32)  # a row within a part: int32 halves the table
+        return rows, labels[rows].astype(np.int32), embeddings.keys(i).take(pa.array(rows))
+
+    def _artifacts(self):
+        if "_opened" not in self.__dict__:
+            embeddings = Embeddings.open(self.teacher_emb)
+            self._opened = (
+                embeddings,
+                BalanceResult.open(self.balance, embeddings) if self.balance else None,
+                Clusters.open(self.clusters, embeddings) if self.clusters else None,
+                HoldOut.open(self.holdout) if self.holdout else None,
+            )
+        return self._opened
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_opened"}
 
 
 def _decodes(image: bytes) -> bool:
@@ -83,9 +140,9 @@ def rows_without_teacher(parts: list[Part], holdout: HoldOut | None = None) -> t
         bad.rows += seen - len(usable) - (int(held[:seen].sum()) if held is not None else 0)
         rows.append(np.array([r for r, _ in usable], dtype=np.int32))
         keys.append(pa.array([k for _, k in usable], pa.string()))
-    labels = [np.full(len(r), -1, dtype=np.int32) for r in rows]
+    known = KnownRows([(r, np.full(len(r), -1, dtype=np.int32), k) for r, k in zip(rows, keys, strict=True)])
     bad.total_rows = sum(len(r) for r in rows) + bad.rows
-    return TrainRows(parts, rows, labels, keys, None, None, 0), bad
+    return TrainRows(parts, np.array([len(r) for r in rows], dtype=np.int64), known, None, None, 0), bad
 
 
 @dataclass
@@ -146,32 +203,23 @@ def load_train_rows(
     labelled = Clusters.open(clusters, embeddings) if clusters else None
     if held_out is not None:
         held_out.check_parts(len(parts))
-    rows, labels, keys = [], [], []
+    select = PartSelector(teacher_emb, balance, clusters, holdout)
+    select._opened = (embeddings, kept, labelled, held_out)  # this process opened them already
+    counts = np.zeros(len(parts), dtype=np.int64)
     bad = BadData(total_shards=len(parts))
-    for i in img.part_ids:
-        use = embeddings.valid(i).copy()
-        bad.rows += int((~use).sum())
-        bad.total_rows += len(use)
+    for i in img.part_ids:  # every part's count (each part's rows read, counted and let go)
+        valid = embeddings.valid(i)
+        bad.rows += int((~valid).sum())
+        bad.total_rows += len(valid)
         if embeddings.damage_of(i):
             bad.shards.append(parts[i].name)
-        if kept is not None:
-            use &= kept.keep(i)
-        if held_out is not None:
-            use &= ~held_out.mask(i, img.sizes[i])
-        part_labels = np.full(img.sizes[i], -1, dtype=np.int64)
-        if labelled is not None:
-            part_labels = labelled.labels(i)
-            use &= part_labels >= 0
-        keep_rows = np.flatnonzero(use).astype(np.int32)  # a row within a part: int32 halves the table
-        rows.append(keep_rows)
-        labels.append(part_labels[keep_rows].astype(np.int32))
-        keys.append(embeddings.keys(i).take(pa.array(keep_rows)))
+        counts[i] = len(select(i)[0])
     bad.check(max_bad_fraction)
-    if sum(len(r) for r in rows) == 0:
+    if counts.sum() == 0:
         raise ClipcidError(f"no usable rows in {teacher_emb} (after balance and clusters): nothing to train on")
     num_classes = labelled.num_classes if labelled is not None else 0
     centroids = labelled.centroids if labelled is not None else None
-    return TrainRows(parts, rows, labels, keys, img, txt, num_classes, centroids)
+    return TrainRows(parts, counts, select, img, txt, num_classes, centroids)
 
 
 def epoch_assignment(
@@ -186,7 +234,7 @@ def epoch_assignment(
 
 
 def batches_per_worker(train: TrainRows, assignment: list[list[int]], batch_size: int) -> list[int]:
-    return [sum(len(train.rows[p]) for p in parts) // batch_size for parts in assignment]
+    return [int(sum(train.counts[p] for p in parts)) // batch_size for parts in assignment]
 
 
 def interleave(counts: list[int]) -> list[int]:
@@ -265,20 +313,20 @@ class TrainBatches(torch.utils.data.IterableDataset):
 
     def _part_samples(self, p: int):
         """The used rows of part p in file order, read from the shard and checked against the key."""
-        used = self.train.rows[p]
+        used, labels, keys = self.train.part(p)
         if len(used) == 0:
             return
         j = 0
         for r, row in enumerate(iter_rows(self.train.parts[p])):
             if r != used[j]:
                 continue
-            key = self.train.keys[p][j].as_py()
+            key = keys[j].as_py()
             if row.key != key:
                 raise ClipcidError(
                     f"shard {self.train.parts[p].name} row {r} has key {row.key} but the teacher "
                     f"embeddings say {key}: --data and --teacher-emb are not the same shards"
                 )
-            yield p, r, int(self.train.labels[p][j]), row.image, row.caption or ""
+            yield p, r, int(labels[j]), row.image, row.caption or ""
             j += 1
             if j == len(used):
                 return
