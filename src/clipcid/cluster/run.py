@@ -311,7 +311,7 @@ def _exact_agreement(out: Path, store: EmbeddingStore, centroids: np.ndarray, ke
     sample = kept_rows.choose(size, cfg.seed)[np.arange(size)]
     exact, _ = Assigner(centroids, None, 1, device, cfg.memory_gb).assign(unit_rows(store.rows(sample)))
     labels = np.concatenate(
-        [artifact.read_part_labels(out, i, False)[0][local] for i, local in zip(store.part_ids,
+        [np.load(artifact.labels_path(out, i), mmap_mode="r")[local] for i, local in zip(store.part_ids,
          store.split_global(sample), strict=True) if len(local)]
     )  # fmt: skip
     return {"rows": size, "nprobe": cfg.assign_nprobe, "share": float((labels == exact).mean())}

@@ -82,6 +82,11 @@ class PartSelector:
     holdout: str | None
 
     def __call__(self, i: int) -> PartRows:
+        rows, labels = self.rows(i)
+        return rows, labels, self._artifacts()[0].keys(i).take(pa.array(rows))
+
+    def rows(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The part's rows to train on and their labels (without the keys: what counting needs)."""
         embeddings, kept, labelled, held_out = self._artifacts()
         use = embeddings.valid(i).copy()
         if kept is not None:
@@ -92,7 +97,7 @@ class PartSelector:
         if labelled is not None:
             use &= labels >= 0
         rows = np.flatnonzero(use).astype(np.int32)  # a row within a part: int32 halves the table
-        return rows, labels[rows].astype(np.int32), embeddings.keys(i).take(pa.array(rows))
+        return rows, labels[rows].astype(np.int32)
 
     def _artifacts(self):
         if "_opened" not in self.__dict__:
@@ -213,7 +218,7 @@ def load_train_rows(
         bad.total_rows += len(valid)
         if embeddings.damage_of(i):
             bad.shards.append(parts[i].name)
-        counts[i] = len(select(i)[0])
+        counts[i] = len(select.rows(i)[0])
     bad.check(max_bad_fraction)
     if counts.sum() == 0:
         raise ClipcidError(f"no usable rows in {teacher_emb} (after balance and clusters): nothing to train on")
